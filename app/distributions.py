@@ -1,0 +1,195 @@
+"""Latent densities p(z): standard normal, Gaussian mixture, von Mises-Fisher mixture.
+
+Plain tensor programs (like torch.distributions): they hold no parameters of their own, so the
+same objects serve training (parameters flow in with gradients) and scoring (frozen tensors).
+Mixtures have uniform weights, as in the VampPrior. Sampling uses torch's global generator, so
+`torch.manual_seed` makes it reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from app.geometry import sphere_tangent_basis
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class LatentDistribution(Protocol):
+    dim: int  # k, the ambient latent size
+
+    def log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B,)
+        ...
+
+    def rsample(self, n: int) -> Tensor:  # -> (n, k), differentiable in the parameters
+        ...
+
+
+class StandardNormal:
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+        self.dim, self.dtype, self.device = dim, dtype, device
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return -0.5 * (z * z).sum(-1) - 0.5 * self.dim * LOG_2PI
+
+    def rsample(self, n: int) -> Tensor:
+        return torch.randn(n, self.dim, dtype=self.dtype, device=self.device)
+
+
+class GaussianMixture:
+    """Uniform mixture of K diagonal Gaussians: means (K, k), scales (K, k) > 0."""
+
+    def __init__(self, means: Tensor, scales: Tensor) -> None:
+        if means.shape != scales.shape or means.ndim != 2:
+            raise ValueError(f"means and scales must both be (K, k), got {means.shape} and {scales.shape}")
+        self.means, self.scales = means, scales
+        self.dim = means.shape[1]
+
+    def component_log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B, K)
+        u = (z.unsqueeze(1) - self.means) / self.scales
+        return -0.5 * (u * u).sum(-1) - torch.log(self.scales).sum(-1) - 0.5 * self.dim * LOG_2PI
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.means.shape[0])
+
+    def rsample(self, n: int) -> Tensor:
+        c = torch.randint(self.means.shape[0], (n,), device=self.means.device)
+        return self.means[c] + self.scales[c] * torch.randn_like(self.means[c])
+
+
+# --- von Mises-Fisher -------------------------------------------------------------------------------
+
+# Below this concentration log I_v is summed from its power series; above it, the uniform asymptotic
+# (Debye) expansion with four correction terms is accurate to ~1e-9 relative, since its terms fall
+# as r^-j with r = sqrt(v^2 + kappa^2) >= 50.
+_SERIES_LIMIT = 50.0
+_SERIES_TERMS = 200  # the series' terms peak near m = kappa / 2 <= 25 and are negligible long before 200
+
+# Debye polynomials u_j(t) / t^j, coefficients in ascending powers of t^2 (Abramowitz & Stegun 9.3.9).
+_DEBYE = (
+    ((3.0, -5.0), 24.0),
+    ((81.0, -462.0, 385.0), 1152.0),
+    ((30375.0, -369603.0, 765765.0, -425425.0), 414720.0),
+    ((4465125.0, -94121676.0, 349922430.0, -446185740.0, 185910725.0), 39813120.0),
+)
+
+
+def log_bessel_iv_over_power(v: float, kappa: Tensor) -> Tensor:
+    """log(I_v(kappa) / kappa^v) for order v >= 0, elementwise, finite for kappa from 0 up.
+
+    Dividing by kappa^v keeps the small-kappa end free of cancellation: it tends to
+    -v log 2 - lgamma(v + 1) as kappa -> 0. Differentiable in kappa. Computed in float64.
+    """
+    kappa64 = kappa.to(torch.float64)
+    # Both branches are evaluated everywhere (torch.where); clamping keeps each one in its own domain
+    # so neither produces inf or NaN, which would poison the gradient of the other.
+    small = torch.clamp(kappa64, max=_SERIES_LIMIT)
+    m = torch.arange(_SERIES_TERMS, dtype=torch.float64, device=kappa.device)
+    log_half = torch.log(torch.clamp(small / 2, min=1e-300)).unsqueeze(-1)
+    terms = 2 * m * log_half - torch.lgamma(m + 1) - torch.lgamma(m + v + 1)
+    series = torch.logsumexp(terms, dim=-1) - v * math.log(2.0)
+
+    large = torch.clamp(kappa64, min=_SERIES_LIMIT)
+    r = torch.sqrt(v * v + large * large)
+    t2 = (v / r) ** 2
+    correction = torch.ones_like(r)
+    for j, (coefficients, denominator) in enumerate(_DEBYE, start=1):
+        poly = torch.zeros_like(r)
+        for c in reversed(coefficients):
+            poly = poly * t2 + c
+        correction = correction + poly / denominator / r**j
+    debye = (
+        r
+        + v * torch.log(large / (v + r))
+        - 0.5 * torch.log(2 * math.pi * r)
+        + torch.log(correction)
+        - v * torch.log(large)
+    )
+    return torch.where(kappa64 < _SERIES_LIMIT, series, debye).to(kappa.dtype)
+
+
+def log_bessel_iv(v: float, kappa: Tensor) -> Tensor:
+    """log I_v(kappa), kappa > 0."""
+    return log_bessel_iv_over_power(v, kappa) + v * torch.log(kappa)
+
+
+def vmf_log_normalizer(kappa: Tensor, dim: int) -> Tensor:
+    """log C_k(kappa) of the vMF density C_k(kappa) exp(kappa mu.z) on S^(k-1), k = dim.
+
+    C_k(kappa) = kappa^(k/2-1) / ((2 pi)^(k/2) I_(k/2-1)(kappa)); as kappa -> 0 it tends to
+    1 / area(S^(k-1)), the uniform density.
+    """
+    return -0.5 * dim * LOG_2PI - log_bessel_iv_over_power(0.5 * dim - 1, kappa)
+
+
+def vmf_mean_resultant_length(kappa: Tensor, dim: int) -> Tensor:
+    """A_k(kappa) = E[mu . z] = I_(k/2)(kappa) / I_(k/2-1)(kappa)."""
+    v = 0.5 * dim - 1
+    return torch.exp(log_bessel_iv(v + 1, kappa) - log_bessel_iv(v, kappa))
+
+
+def sample_vmf(mu: Tensor, kappa: Tensor) -> Tensor:
+    """One draw from vMF(mu_i, kappa_i) per row: mu (N, k) unit vectors, kappa (N,) -> (N, k).
+
+    Wood (1994): the component w = mu . z is drawn by rejection from a Beta proposal, the rest
+    uniformly on the tangent sphere. The rejection loop runs over the whole batch until every row
+    has accepted, never row by row. Gradients reach mu through the tangent basis and kappa through
+    w = h(eps, kappa) at the accepted proposal eps (the reparameterisation term of Davidson et al.,
+    2018, without its rejection correction).
+    """
+    n, k = mu.shape
+    m1 = float(k - 1)
+    kappa64 = kappa.to(torch.float64)
+    with torch.no_grad():
+        kd = kappa64.detach()
+        b = m1 / (2 * kd + torch.sqrt(4 * kd * kd + m1 * m1))
+        x0 = (1 - b) / (1 + b)
+        c = kd * x0 + m1 * torch.log1p(-x0 * x0)
+        beta = torch.distributions.Beta(
+            torch.tensor(m1 / 2, dtype=torch.float64, device=mu.device),
+            torch.tensor(m1 / 2, dtype=torch.float64, device=mu.device),
+        )
+        eps = torch.empty(n, dtype=torch.float64, device=mu.device)
+        todo = torch.ones(n, dtype=torch.bool, device=mu.device)
+        while bool(todo.any()):
+            idx = todo.nonzero().squeeze(-1)
+            e = beta.sample((idx.numel(),))
+            bi, x0i, ci, ki = b[idx], x0[idx], c[idx], kd[idx]
+            w = (1 - (1 + bi) * e) / (1 - (1 - bi) * e)
+            u = torch.rand(idx.numel(), dtype=torch.float64, device=mu.device)
+            accept = ki * w + m1 * torch.log1p(-x0i * w) - ci >= torch.log(u)
+            eps[idx[accept]] = e[accept]
+            todo[idx[accept]] = False
+    b = m1 / (2 * kappa64 + torch.sqrt(4 * kappa64 * kappa64 + m1 * m1))
+    w = ((1 - (1 + b) * eps) / (1 - (1 - b) * eps)).to(mu.dtype).clamp(-1.0, 1.0)
+    direction = torch.randn(n, k - 1, dtype=mu.dtype, device=mu.device)
+    direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
+    tangent = (sphere_tangent_basis(mu) @ direction.unsqueeze(-1)).squeeze(-1)
+    return w.unsqueeze(-1) * mu + torch.sqrt(1 - w * w).unsqueeze(-1) * tangent
+
+
+class VonMisesFisherMixture:
+    """Uniform mixture of K vMF densities on S^(k-1): directions (K, k) unit, kappa (K,) > 0."""
+
+    def __init__(self, directions: Tensor, kappa: Tensor) -> None:
+        if directions.ndim != 2 or kappa.shape != directions.shape[:1]:
+            raise ValueError(
+                f"directions must be (K, k) and kappa (K,), got {directions.shape}, {kappa.shape}"
+            )
+        self.directions, self.kappa = directions, kappa
+        self.dim = directions.shape[1]
+        self.log_normalizer = vmf_log_normalizer(kappa, self.dim)  # (K,)
+
+    def component_log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B, K)
+        return self.log_normalizer + self.kappa * (z @ self.directions.T)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.directions.shape[0])
+
+    def rsample(self, n: int) -> Tensor:
+        c = torch.randint(self.directions.shape[0], (n,), device=self.directions.device)
+        return sample_vmf(self.directions[c], self.kappa[c])

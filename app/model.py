@@ -1,0 +1,157 @@
+"""The generative model: encoder g, decoder f, learned prior p(z), noise variance sigma^2.
+
+`ManifoldModel` is the trainable nn.Module; `GenerativeModel` is the frozen view the score
+functions take, so they work equally with hand-written f and g (tests, a GAN generator without
+encoder). This module imports no training, bundle or web code.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from app.distributions import (
+    GaussianMixture,
+    LatentDistribution,
+    StandardNormal,
+    VonMisesFisherMixture,
+)
+from app.geometry import Geometry, intrinsic_dim
+from app.nn import Architecture, Decoder, Encoder
+
+
+class JacobianMap(Protocol):
+    """A batched map that can also return its Jacobian: (B, n) -> (B, m), (B, m, n)."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class FunctionMap:
+    """Any batched differentiable function as a `JacobianMap`, e.g. a GAN generator or a closed-form f.
+
+    Its Jacobian is exact, by forward-mode autodiff vectorised over the batch (torch.func).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        def one_row(row: Tensor) -> Tensor:
+            return self.fn(row.unsqueeze(0)).squeeze(0)
+
+        return self.fn(x), torch.func.vmap(torch.func.jacfwd(one_row))(x)
+
+
+@dataclass(frozen=True)
+class GenerativeModel:
+    """x = f(z) + e, z ~ p(z), with g an approximate inverse of f (optional)."""
+
+    decoder: JacobianMap  # f: R^k -> R^d
+    prior: LatentDistribution  # p(z) on R^k or on S^(k-1)
+    geometry: Geometry
+    sigma2: float = 1.0  # variance of each coordinate of e in the full residual
+    sigma2_normal: float | None = None  # the same, fitted to the residual normal to the manifold
+    encoder: JacobianMap | None = None  # g: R^d -> R^k
+
+    @property
+    def latent_dim(self) -> int:
+        return self.prior.dim
+
+    @property
+    def intrinsic_dim(self) -> int:
+        return intrinsic_dim(self.prior.dim, self.geometry)
+
+
+class Prior(nn.Module, ABC):
+    """Learnable parameters of p(z); `distribution` turns them into a density given the encoder."""
+
+    @abstractmethod
+    def distribution(self, encoder: Encoder) -> LatentDistribution: ...
+
+
+class NormalPrior(Prior):
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        # Carries dtype and device for the parameterless distribution.
+        self.register_buffer("anchor", torch.zeros(()))
+
+    def distribution(self, encoder: Encoder) -> LatentDistribution:
+        return StandardNormal(self.latent_dim, dtype=self.anchor.dtype, device=self.anchor.device)
+
+
+class VampGaussianPrior(Prior):
+    """Mixture of K diagonal Gaussians centred at the encodings of K learnable pseudo-inputs."""
+
+    def __init__(self, components: int, input_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.pseudo_inputs = nn.Parameter(torch.randn(components, input_dim))
+        self.log_scales = nn.Parameter(torch.zeros(components, latent_dim))
+
+    def distribution(self, encoder: Encoder) -> LatentDistribution:
+        return GaussianMixture(encoder(self.pseudo_inputs), torch.exp(self.log_scales))
+
+
+class VampVMFPrior(Prior):
+    """Mixture of K von Mises-Fisher densities whose directions are encoded pseudo-inputs.
+
+    kappa = softplus(raw): positive and unbounded, unlike the reference code's 100 * sigmoid.
+    """
+
+    def __init__(self, components: int, input_dim: int, initial_kappa: float = 10.0) -> None:
+        super().__init__()
+        self.pseudo_inputs = nn.Parameter(torch.randn(components, input_dim))
+        raw = math.log(math.expm1(initial_kappa))  # inverse softplus
+        self.kappa_raw = nn.Parameter(torch.full((components,), raw))
+
+    @property
+    def kappa(self) -> Tensor:
+        return nn.functional.softplus(self.kappa_raw)
+
+    def distribution(self, encoder: Encoder) -> LatentDistribution:
+        return VonMisesFisherMixture(encoder(self.pseudo_inputs), self.kappa)
+
+
+def build_prior(arch: Architecture) -> Prior:
+    if arch.prior == "normal":
+        return NormalPrior(arch.latent_dim)
+    if arch.prior == "vamp":
+        return VampGaussianPrior(arch.components, arch.input_dim, arch.latent_dim)
+    return VampVMFPrior(arch.components, arch.input_dim)
+
+
+class ManifoldModel(nn.Module):
+    """Encoder, decoder and prior rebuilt from an `Architecture` alone."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.decoder = Decoder(arch)
+        self.prior = build_prior(arch)
+        self.sigma2 = 1.0
+        self.sigma2_normal: float | None = None
+
+    def prior_distribution(self) -> LatentDistribution:
+        return self.prior.distribution(self.encoder)
+
+    def generative(self) -> GenerativeModel:
+        return GenerativeModel(
+            decoder=self.decoder,
+            prior=self.prior_distribution(),
+            geometry=self.arch.geometry,
+            sigma2=self.sigma2,
+            sigma2_normal=self.sigma2_normal,
+            encoder=self.encoder,
+        )

@@ -1,0 +1,136 @@
+"""Latent densities against scipy, torch.distributions and direct computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+from app.distributions import (
+    GaussianMixture,
+    StandardNormal,
+    VonMisesFisherMixture,
+    log_bessel_iv,
+    sample_vmf,
+    vmf_log_normalizer,
+    vmf_mean_resultant_length,
+)
+
+
+def _unit(rows, k, seed):
+    g = np.random.default_rng(seed)
+    v = g.standard_normal((rows, k))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_log_bessel_matches_scipy_over_the_whole_supported_range():
+    # concentrations 1e-3 .. 1e4 and latent sizes 2 .. 32: orders v = k/2 - 1 from 0 to 15
+    kappa = np.logspace(-3, 4, 141)
+    for k in range(2, 33):
+        v = k / 2 - 1
+        expected = np.log(special.ive(v, kappa)) + kappa
+        got = log_bessel_iv(v, torch.tensor(kappa, dtype=torch.float64)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_vmf_normalizer_tends_to_the_uniform_density_and_has_the_right_derivative():
+    for k in (2, 3, 5, 16, 32):
+        tiny = vmf_log_normalizer(torch.tensor([1e-12], dtype=torch.float64), k).item()
+        area = math.log(2) + (k / 2) * math.log(math.pi) - math.lgamma(k / 2)
+        assert tiny == pytest.approx(-area, abs=1e-9)
+        # d/dkappa log C_k(kappa) = -A_k(kappa), with A_k from scipy's Bessel ratio
+        kappa = torch.tensor([1e-3, 0.3, 7.0, 49.9, 50.1, 300.0, 1e4], dtype=torch.float64, requires_grad=True)
+        vmf_log_normalizer(kappa, k).sum().backward()
+        kd = kappa.detach().numpy()
+        ratio = special.ive(k / 2, kd) / special.ive(k / 2 - 1, kd)
+        np.testing.assert_allclose(kappa.grad.numpy(), -ratio, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 5, 16])
+@pytest.mark.parametrize("kappa", [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])
+def test_vmf_log_density_matches_scipy(k, kappa):
+    mu = _unit(1, k, seed=k)[0]
+    # points both near the mean direction and spread over the sphere
+    z = np.vstack([_unit(200, k, seed=1), mu + 0.01 * _unit(50, k, seed=2)])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = stats.vonmises_fisher(mu, kappa).logpdf(z)
+    mixture = VonMisesFisherMixture(torch.tensor(mu[None]), torch.tensor([kappa], dtype=torch.float64))
+    got = mixture.log_prob(torch.tensor(z)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-8)
+
+
+def test_vmf_mixture_log_prob_is_the_log_mean_of_its_components():
+    k, K = 5, 4
+    mus = _unit(K, k, seed=3)
+    kappas = np.array([0.5, 4.0, 40.0, 400.0])
+    z = _unit(300, k, seed=4)
+    dens = np.stack([stats.vonmises_fisher(m, c).logpdf(z) for m, c in zip(mus, kappas, strict=True)], 1)
+    expected = special.logsumexp(dens, axis=1) - math.log(K)
+    mixture = VonMisesFisherMixture(torch.tensor(mus), torch.tensor(kappas))
+    np.testing.assert_allclose(mixture.log_prob(torch.tensor(z)).numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 16])
+@pytest.mark.parametrize("kappa", [0.01, 1.0, 10.0, 1000.0])
+def test_wood_sampler_has_the_right_mean_resultant_length(k, kappa):
+    torch.manual_seed(k)
+    n = 40_000
+    mu = torch.tensor(_unit(1, k, seed=5), dtype=torch.float64).expand(n, -1)
+    samples = sample_vmf(mu, torch.full((n,), kappa, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.vector_norm(samples, dim=-1), torch.ones(n, dtype=torch.float64))
+    projection = samples @ mu[0]
+    expected = vmf_mean_resultant_length(torch.tensor(kappa, dtype=torch.float64), k).item()
+    expected_scipy = special.ive(k / 2, kappa) / special.ive(k / 2 - 1, kappa)
+    assert expected == pytest.approx(expected_scipy, rel=1e-9)
+    standard_error = projection.std().item() / math.sqrt(n)
+    assert abs(projection.mean().item() - expected) < 3 * standard_error
+    # the resultant vector points along mu: its component orthogonal to mu is noise only
+    orthogonal = samples.mean(0) - projection.mean() * mu[0]
+    assert torch.linalg.vector_norm(orthogonal).item() < 5 * math.sqrt((1 - expected**2) / n) + 1e-12
+
+
+def test_wood_sampler_matches_scipy_in_distribution():
+    torch.manual_seed(7)
+    k, kappa, n = 4, 3.0, 20_000
+    mu = _unit(1, k, seed=8)[0]
+    ours = sample_vmf(torch.tensor(mu).expand(n, -1), torch.full((n,), kappa, dtype=torch.float64))
+    theirs = stats.vonmises_fisher(mu, kappa).rvs(n, random_state=np.random.default_rng(9))
+    result = stats.ks_2samp(ours.numpy() @ mu, theirs @ mu)
+    assert result.pvalue > 1e-3
+
+
+def test_vmf_sampling_is_differentiable_in_direction_and_concentration():
+    torch.manual_seed(10)
+    mu = torch.tensor(_unit(4, 3, seed=11), requires_grad=True)
+    kappa = torch.tensor([1.0, 5.0, 20.0, 80.0], dtype=torch.float64, requires_grad=True)
+    mixture = VonMisesFisherMixture(mu, kappa)
+    mixture.rsample(256).sum().backward()
+    assert torch.isfinite(mu.grad).all() and mu.grad.abs().sum() > 0
+    assert torch.isfinite(kappa.grad).all() and kappa.grad.abs().sum() > 0
+
+
+def test_gaussian_mixture_matches_torch_mixture_same_family():
+    torch.manual_seed(12)
+    K, k = 5, 3
+    means = torch.randn(K, k, dtype=torch.float64)
+    scales = torch.rand(K, k, dtype=torch.float64) + 0.2
+    ours = GaussianMixture(means, scales)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=torch.full((K,), 1.0 / K, dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Normal(means, scales), 1),
+    )
+    z = torch.randn(400, k, dtype=torch.float64) * 2
+    torch.testing.assert_close(ours.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
+    # samples have the mixture's mean and covariance
+    samples = ours.rsample(100_000)
+    torch.testing.assert_close(samples.mean(0), means.mean(0), rtol=0, atol=0.03)
+    covariance = torch.diag_embed(scales**2).mean(0) + torch.cov(means.T, correction=0)
+    torch.testing.assert_close(torch.cov(samples.T), covariance, rtol=0, atol=0.05)
+
+
+def test_standard_normal_matches_scipy():
+    z = torch.randn(100, 4, dtype=torch.float64)
+    expected = stats.multivariate_normal(np.zeros(4), np.eye(4)).logpdf(z.numpy())
+    got = StandardNormal(4, dtype=torch.float64).log_prob(z).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)

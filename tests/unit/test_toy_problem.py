@@ -1,0 +1,53 @@
+"""The paper's Fig. 1: each classic score fails on one kind of anomaly, the likelihood on neither."""
+
+import numpy as np
+import pytest
+import torch
+
+from app.metrics import roc_auc
+from app.scores import score
+from app.toy import sample_normal, sample_off_manifold_near, sample_on_manifold_far, toy_model
+
+
+def _auc(method, normal, anomalous):
+    model = toy_model()
+    x = torch.cat([normal, anomalous])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return roc_auc(labels, score(model, x, method).score.numpy())
+
+
+@pytest.fixture(scope="module")
+def samples():
+    g = torch.Generator().manual_seed(0)
+    return sample_normal(2000, g), sample_on_manifold_far(300, g), sample_off_manifold_near(300, g)
+
+
+def test_likelihood_catches_both_kinds_of_anomaly(samples):
+    normal, far, off = samples
+    assert _auc("likelihood", normal, far) >= 0.95
+    assert _auc("likelihood", normal, off) >= 0.95
+    assert _auc("projected", normal, far) >= 0.95
+    assert _auc("projected", normal, off) >= 0.95
+
+
+def test_reconstruction_error_misses_anomalies_on_the_manifold(samples):
+    normal, far, off = samples
+    assert _auc("reconstruction", normal, far) < 0.7
+    assert _auc("reconstruction", normal, off) >= 0.95
+
+
+def test_latent_density_misses_anomalies_off_the_manifold(samples):
+    normal, far, off = samples
+    assert _auc("latent", normal, off) < 0.7
+    assert _auc("latent", normal, far) >= 0.95
+
+
+def test_auc_matches_a_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.standard_normal(300), 1)  # many ties
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert roc_auc(labels, scores) == pytest.approx(pairwise, abs=1e-12)
