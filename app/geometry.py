@@ -7,12 +7,10 @@ space (method notes, departure 2), so every Jacobian of the decoder is restricte
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-Geometry = Literal["euclidean", "sphere"]
+from app.spec import Geometry
 
 
 def sphere_tangent_basis(z: Tensor) -> Tensor:
@@ -48,7 +46,3 @@ def restrict_to_tangent(J: Tensor, z: Tensor, geometry: Geometry) -> Tensor:
 def retract(z: Tensor, geometry: Geometry) -> Tensor:
     """Map a point moved along the tangent space back onto the latent manifold."""
     return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True) if geometry == "sphere" else z
-
-
-def intrinsic_dim(latent_dim: int, geometry: Geometry) -> int:
-    return latent_dim - 1 if geometry == "sphere" else latent_dim

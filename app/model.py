@@ -22,8 +22,8 @@ from app.distributions import (
     StandardNormal,
     VonMisesFisherMixture,
 )
-from app.geometry import Geometry, intrinsic_dim
-from app.nn import Architecture, Decoder, Encoder
+from app.nn import Decoder, Encoder
+from app.spec import Architecture, Geometry, intrinsic_dim
 
 
 class JacobianMap(Protocol):
@@ -85,7 +85,7 @@ class NormalPrior(Prior):
         super().__init__()
         self.latent_dim = latent_dim
         # Carries dtype and device for the parameterless distribution.
-        self.register_buffer("anchor", torch.zeros(()))
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
 
     def distribution(self, encoder: Encoder) -> LatentDistribution:
         return StandardNormal(self.latent_dim, dtype=self.anchor.dtype, device=self.anchor.device)

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from app.geometry import Geometry, intrinsic_dim
-
-ActivationName = Literal["swish", "tanh", "relu", "softplus", "linear"]
-PriorName = Literal["normal", "vamp", "vmf"]
-# Which latent geometry each prior is a density on: a Gaussian is no density on the sphere, nor a
-# vMF on R^k.
-PRIOR_GEOMETRY: dict[str, Geometry] = {"normal": "euclidean", "vamp": "euclidean", "vmf": "sphere"}
+from app.spec import ACTIVATION_NAMES, Architecture
 
 
 def _swish(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,56 +48,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     "softplus": _softplus,
     "linear": _linear,
 }
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Everything needed to rebuild encoder, decoder and prior; stored verbatim in a model bundle."""
-
-    input_dim: int  # d
-    latent_dim: int  # k, the ambient latent size (the sphere S^(k-1) has intrinsic size k - 1)
-    hidden: int = 64
-    depth: int = 3  # hidden layers in each of encoder and decoder
-    activation: ActivationName = "swish"
-    geometry: Geometry = "euclidean"
-    prior: PriorName = "normal"
-    components: int = 1  # K, mixture components of the vamp and vmf priors
-
-    def __post_init__(self) -> None:
-        if self.input_dim < 1 or self.latent_dim < 1:
-            raise ValueError(
-                f"input_dim and latent_dim must be >= 1, got {self.input_dim}, {self.latent_dim}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if self.geometry not in ("euclidean", "sphere"):
-            raise ValueError(f"unknown geometry {self.geometry!r}; choose 'euclidean' or 'sphere'")
-        if self.geometry == "sphere" and self.latent_dim < 2:
-            raise ValueError("a spherical latent space needs latent_dim >= 2 (S^(k-1) with k >= 2)")
-        if self.intrinsic_dim > self.input_dim:
-            raise ValueError(
-                f"latent size {self.intrinsic_dim} (intrinsic) exceeds the data size {self.input_dim}: "
-                "a manifold cannot have more dimensions than the space it lies in"
-            )
-        if self.prior not in PRIOR_GEOMETRY:
-            raise ValueError(f"unknown prior {self.prior!r}; choose one of {sorted(PRIOR_GEOMETRY)}")
-        if PRIOR_GEOMETRY[self.prior] != self.geometry:
-            raise ValueError(
-                f"prior {self.prior!r} is a density on the {PRIOR_GEOMETRY[self.prior]} latent space, "
-                f"not on the {self.geometry} one"
-            )
-        if self.components < 1:
-            raise ValueError(f"components must be >= 1, got {self.components}")
-        if self.hidden < 1 or self.depth < 0:
-            raise ValueError(f"hidden must be >= 1 and depth >= 0, got {self.hidden}, {self.depth}")
-
-    @property
-    def intrinsic_dim(self) -> int:
-        """m: the manifold's dimension, k for Euclidean latents and k - 1 on the sphere."""
-        return intrinsic_dim(self.latent_dim, self.geometry)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "app.spec lists the activations a bundle may name"
 
 
 class MLP(nn.Module):

@@ -24,9 +24,7 @@ def encode(x: Tensor) -> Tensor:  # (B, 2) -> (B, 1)
 
 
 def toy_model(dtype: torch.dtype = torch.float64) -> GenerativeModel:
-    prior = GaussianMixture(
-        torch.full((1, 1), Z_MEAN, dtype=dtype), torch.full((1, 1), Z_STD, dtype=dtype)
-    )
+    prior = GaussianMixture(torch.full((1, 1), Z_MEAN, dtype=dtype), torch.full((1, 1), Z_STD, dtype=dtype))
     return GenerativeModel(FunctionMap(decode), prior, "euclidean", NOISE_VAR, None, FunctionMap(encode))
 
 
@@ -43,7 +41,9 @@ def sample_on_manifold_far(n: int, generator: torch.Generator, dtype: torch.dtyp
     return decode(z) + NOISE_VAR**0.5 * torch.randn(n, 2, generator=generator, dtype=dtype)
 
 
-def sample_off_manifold_near(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
+def sample_off_manifold_near(
+    n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Anomalies among the normal rows' latent values but pushed 5 to 8 noise sd off the manifold."""
     z = Z_MEAN + Z_STD * torch.randn(n, 1, generator=generator, dtype=dtype)
     offset = (5 + 3 * torch.rand(n, 1, generator=generator, dtype=dtype)) * NOISE_VAR**0.5

@@ -32,8 +32,11 @@ def main() -> None:
     X1, X2 = torch.meshgrid(x1, x2, indexing="xy")
     grid = torch.stack([X1.reshape(-1), X2.reshape(-1)], dim=1)
     model = toy_model()
-    panels = [("(a) reconstruction error", "reconstruction"), ("(b) latent p(g(x))", "latent"),
-              ("(c) likelihood, eq. 7", "likelihood")]
+    panels = [
+        ("(a) reconstruction error", "reconstruction"),
+        ("(b) latent p(g(x))", "latent"),
+        ("(c) likelihood, eq. 7", "likelihood"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
     for ax, (title, method) in zip(axes, panels, strict=True):
         log_p = score(model, grid, method).log_prob.reshape(X1.shape)

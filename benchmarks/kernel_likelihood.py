@@ -16,8 +16,8 @@ import time
 import torch
 
 from app.model import ManifoldModel
-from app.nn import Architecture
 from app.scores import likelihood
+from app.spec import Architecture
 
 
 def naive_likelihood(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,9 @@ def naive_likelihood(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:
         J = torch.autograd.functional.jacobian(lambda v: model.decoder(v.unsqueeze(0)).squeeze(0), z[0])
         log_volume = -torch.log(torch.linalg.svdvals(J)).sum()
         e = row - x_hat[0]
-        log_residual = -0.5 * (e * e).sum() / model.sigma2 - 0.5 * e.numel() * math.log(2 * math.pi * model.sigma2)
+        log_residual = -0.5 * (e * e).sum() / model.sigma2 - 0.5 * e.numel() * math.log(
+            2 * math.pi * model.sigma2
+        )
         out.append(prior.log_prob(z)[0] + log_volume + log_residual)
     return torch.stack(out)
 
@@ -49,7 +51,9 @@ def main() -> None:
     parser.add_argument("--naive-rows", type=int, default=300)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = ManifoldModel(Architecture(input_dim=30, latent_dim=4, hidden=64, depth=3, prior="vamp", components=4))
+    model = ManifoldModel(
+        Architecture(input_dim=30, latent_dim=4, hidden=64, depth=3, prior="vamp", components=4)
+    )
     model.eval()
     x = torch.randn(args.batch, 30)
     with torch.no_grad():
@@ -58,15 +62,20 @@ def main() -> None:
         check = likelihood(generative, x[: args.naive_rows]).log_prob
     naive = rows_per_second(lambda: naive_likelihood(model, x[: args.naive_rows]), args.naive_rows)
     agreement = (naive_likelihood(model, x[: args.naive_rows]).detach() - check).abs().max().item()
-    print(json.dumps({
-        "benchmark": "likelihood kernel, d=30 k=4 3x64, CPU float32",
-        "torch_threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "batched_rows_per_s": round(batched),
-        "naive_loop_rows_per_s": round(naive, 1),
-        "speedup": round(batched / naive, 1),
-        "max_abs_difference": agreement,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "likelihood kernel, d=30 k=4 3x64, CPU float32",
+                "torch_threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "batched_rows_per_s": round(batched),
+                "naive_loop_rows_per_s": round(naive, 1),
+                "speedup": round(batched / naive, 1),
+                "max_abs_difference": agreement,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

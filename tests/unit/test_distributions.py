@@ -40,7 +40,9 @@ def test_vmf_normalizer_tends_to_the_uniform_density_and_has_the_right_derivativ
         area = math.log(2) + (k / 2) * math.log(math.pi) - math.lgamma(k / 2)
         assert tiny == pytest.approx(-area, abs=1e-9)
         # d/dkappa log C_k(kappa) = -A_k(kappa), with A_k from scipy's Bessel ratio
-        kappa = torch.tensor([1e-3, 0.3, 7.0, 49.9, 50.1, 300.0, 1e4], dtype=torch.float64, requires_grad=True)
+        kappa = torch.tensor(
+            [1e-3, 0.3, 7.0, 49.9, 50.1, 300.0, 1e4], dtype=torch.float64, requires_grad=True
+        )
         vmf_log_normalizer(kappa, k).sum().backward()
         kd = kappa.detach().numpy()
         ratio = special.ive(k / 2, kd) / special.ive(k / 2 - 1, kd)

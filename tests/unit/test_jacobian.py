@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from app.geometry import sphere_tangent_basis
-from app.nn import Architecture, Decoder, Encoder
+from app.nn import Decoder, Encoder
+from app.spec import Architecture
 
 
 def _reference_jacobian(fn, x):
@@ -25,8 +26,9 @@ def _central_differences(fn, x, h=1e-6):
 def test_encoder_and_decoder_jacobians_match_autodiff_and_finite_differences(geometry, activation):
     torch.manual_seed(0)
     prior = "vmf" if geometry == "sphere" else "normal"
-    arch = Architecture(input_dim=7, latent_dim=3, hidden=16, depth=3, activation=activation,
-                        geometry=geometry, prior=prior)
+    arch = Architecture(
+        input_dim=7, latent_dim=3, hidden=16, depth=3, activation=activation, geometry=geometry, prior=prior
+    )
     encoder, decoder = Encoder(arch).double(), Decoder(arch).double()
     x = torch.randn(1000, 7, dtype=torch.float64)
     z = encoder(x)

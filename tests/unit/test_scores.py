@@ -8,8 +8,8 @@ import torch
 
 from app.distributions import GaussianMixture, StandardNormal, VonMisesFisherMixture
 from app.model import FunctionMap, GenerativeModel, ManifoldModel
-from app.nn import Architecture
 from app.scores import SCORE_METHODS, encoder, likelihood, projected, score
+from app.spec import Architecture
 
 F64 = torch.float64
 
@@ -43,7 +43,9 @@ def test_linear_decoder_likelihood_matches_closed_form():
     np.testing.assert_allclose(parts.log_prior.numpy(), log_prior, rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts.log_volume.numpy(), np.full(500, log_volume), rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts.log_residual.numpy(), log_residual, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(parts.log_prob.numpy(), log_prior + log_volume + log_residual, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        parts.log_prob.numpy(), log_prior + log_volume + log_residual, rtol=0, atol=1e-6
+    )
     np.testing.assert_allclose(parts.reconstruction_error.numpy(), (e**2).sum(1), rtol=1e-12)
 
 
@@ -78,9 +80,7 @@ def test_projected_density_integrates_to_one_within_two_percent_for_a_curved_dec
         decoder, StandardNormal(1, F64), "euclidean", sigma2, None, FunctionMap(lambda x: x[:, :1])
     )
     points, cell = _grid((-4.5, 4.5), (-0.6, 10.5), 0.01)
-    total = sum(
-        torch.exp(projected(model, chunk).log_prob).sum().item() for chunk in points.split(200_000)
-    )
+    total = sum(torch.exp(projected(model, chunk).log_prob).sum().item() for chunk in points.split(200_000))
     assert total * cell == pytest.approx(1.0, rel=0.02)
 
 
@@ -94,8 +94,12 @@ def test_projected_without_an_encoder_finds_the_projection_from_prior_starts():
     without = GenerativeModel(decoder, StandardNormal(1, F64), "euclidean", sigma2)
     z = 0.7 * torch.randn(300, 1, dtype=F64)  # where the prior's starts can reach every basin
     x = decoder(z) + 0.02 * torch.randn(300, 3, dtype=F64)
-    torch.testing.assert_close(projected(without, x, steps=12, starts=16).log_prob, projected(with_encoder, x).log_prob,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        projected(without, x, steps=12, starts=16).log_prob,
+        projected(with_encoder, x).log_prob,
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_square_case_is_the_change_of_variables_density_and_integrates_to_one():
@@ -117,8 +121,9 @@ def test_square_case_is_the_change_of_variables_density_and_integrates_to_one():
     assert parts.reconstruction_error.max().item() < 1e-20
     assert torch.exp(without_residual).sum().item() * cell == pytest.approx(1.0, abs=1e-3)
     # projected has no normal directions left: its density is the change of variables too
-    torch.testing.assert_close(projected(model, points[:2000]).log_prob, change_of_variables[:2000],
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        projected(model, points[:2000]).log_prob, change_of_variables[:2000], rtol=0, atol=1e-8
+    )
 
 
 def test_sphere_restriction_gives_the_arc_length_volume_on_s1():
@@ -137,7 +142,9 @@ def test_sphere_restriction_gives_the_arc_length_volume_on_s1():
         "sphere",
         0.1,
         None,
-        FunctionMap(lambda x: torch.nn.functional.normalize(torch.stack([x[:, 0] / a, x[:, 1] / b], 1), dim=1)),
+        FunctionMap(
+            lambda x: torch.nn.functional.normalize(torch.stack([x[:, 0] / a, x[:, 1] / b], 1), dim=1)
+        ),
     )
     speed = torch.sqrt((a * torch.sin(t)) ** 2 + (b * torch.cos(t)) ** 2 + (c * torch.cos(2 * t)) ** 2)
     parts = likelihood(model, x)
@@ -151,8 +158,14 @@ def test_gaussian_mixture_prior_enters_as_log_prior():
     means, scales = torch.randn(3, 2, dtype=F64), torch.rand(3, 2, dtype=F64) + 0.5
     prior = GaussianMixture(means, scales)
     A = torch.randn(4, 2, dtype=F64)
-    model = GenerativeModel(_linear(A, torch.zeros(4, dtype=F64)), prior, "euclidean", 1.0, None,
-                            _linear(torch.linalg.pinv(A), torch.zeros(2, dtype=F64)))
+    model = GenerativeModel(
+        _linear(A, torch.zeros(4, dtype=F64)),
+        prior,
+        "euclidean",
+        1.0,
+        None,
+        _linear(torch.linalg.pinv(A), torch.zeros(2, dtype=F64)),
+    )
     x = torch.randn(50, 4, dtype=F64)
     parts = score(model, x, "latent")
     torch.testing.assert_close(parts.log_prob, prior.log_prob(x @ torch.linalg.pinv(A).T))
@@ -181,8 +194,14 @@ def test_every_method_is_finite_and_its_parts_add_up_on_a_trained_shape_model(me
 def test_degenerate_jacobian_gives_a_finite_floored_volume():
     A = torch.zeros(4, 2, dtype=F64)
     A[0, 0] = 1.0  # rank one: the second singular value is exactly zero
-    model = GenerativeModel(_linear(A, torch.zeros(4, dtype=F64)), StandardNormal(2, F64), "euclidean", 1.0,
-                            None, FunctionMap(lambda x: x[:, :2]))
+    model = GenerativeModel(
+        _linear(A, torch.zeros(4, dtype=F64)),
+        StandardNormal(2, F64),
+        "euclidean",
+        1.0,
+        None,
+        FunctionMap(lambda x: x[:, :2]),
+    )
     parts = likelihood(model, torch.randn(10, 4, dtype=F64))
     assert torch.isfinite(parts.log_prob).all()
     torch.testing.assert_close(parts.log_volume, torch.full((10,), -math.log(1e-12), dtype=F64))
@@ -190,8 +209,14 @@ def test_degenerate_jacobian_gives_a_finite_floored_volume():
 
 def test_refusals_name_the_problem():
     A = torch.randn(2, 3, dtype=F64)
-    too_big = GenerativeModel(_linear(A, torch.zeros(2, dtype=F64)), StandardNormal(3, F64), "euclidean", 1.0,
-                              None, FunctionMap(lambda x: torch.cat([x, x[:, :1]], 1)))
+    too_big = GenerativeModel(
+        _linear(A, torch.zeros(2, dtype=F64)),
+        StandardNormal(3, F64),
+        "euclidean",
+        1.0,
+        None,
+        FunctionMap(lambda x: torch.cat([x, x[:, :1]], 1)),
+    )
     with pytest.raises(ValueError, match="latent size 3 exceeds the data size 2"):
         likelihood(too_big, torch.randn(4, 2, dtype=F64))
     with pytest.raises(ValueError, match="unknown score method 'nope'"):

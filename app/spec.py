@@ -1,0 +1,76 @@
+"""What a model is, without PyTorch: the architecture a bundle stores and the service validates.
+
+Kept free of torch so a CPU deployment that scores through onnxruntime can read bundles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+Geometry = Literal["euclidean", "sphere"]
+ActivationName = Literal["swish", "tanh", "relu", "softplus", "linear"]
+ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
+PriorName = Literal["normal", "vamp", "vmf"]
+# Which latent geometry each prior is a density on: a Gaussian is no density on the sphere, nor a
+# vMF on R^k.
+PRIOR_GEOMETRY: dict[str, Geometry] = {"normal": "euclidean", "vamp": "euclidean", "vmf": "sphere"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild encoder, decoder and prior; stored verbatim in a model bundle."""
+
+    input_dim: int  # d
+    latent_dim: int  # k, the ambient latent size (the sphere S^(k-1) has intrinsic size k - 1)
+    hidden: int = 64
+    depth: int = 3  # hidden layers in each of encoder and decoder
+    activation: ActivationName = "swish"
+    geometry: Geometry = "euclidean"
+    prior: PriorName = "normal"
+    components: int = 1  # K, mixture components of the vamp and vmf priors
+
+    def __post_init__(self) -> None:
+        if self.input_dim < 1 or self.latent_dim < 1:
+            raise ValueError(
+                f"input_dim and latent_dim must be >= 1, got {self.input_dim}, {self.latent_dim}"
+            )
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATION_NAMES}")
+        if self.geometry not in ("euclidean", "sphere"):
+            raise ValueError(f"unknown geometry {self.geometry!r}; choose 'euclidean' or 'sphere'")
+        if self.geometry == "sphere" and self.latent_dim < 2:
+            raise ValueError("a spherical latent space needs latent_dim >= 2 (S^(k-1) with k >= 2)")
+        if self.intrinsic_dim > self.input_dim:
+            raise ValueError(
+                f"latent size {self.intrinsic_dim} (intrinsic) exceeds the data size {self.input_dim}: "
+                "a manifold cannot have more dimensions than the space it lies in"
+            )
+        if self.prior not in PRIOR_GEOMETRY:
+            raise ValueError(f"unknown prior {self.prior!r}; choose one of {sorted(PRIOR_GEOMETRY)}")
+        if PRIOR_GEOMETRY[self.prior] != self.geometry:
+            raise ValueError(
+                f"prior {self.prior!r} is a density on the {PRIOR_GEOMETRY[self.prior]} latent space, "
+                f"not on the {self.geometry} one"
+            )
+        if self.components < 1:
+            raise ValueError(f"components must be >= 1, got {self.components}")
+        if self.hidden < 1 or self.depth < 0:
+            raise ValueError(f"hidden must be >= 1 and depth >= 0, got {self.hidden}, {self.depth}")
+
+    @property
+    def intrinsic_dim(self) -> int:
+        """m: the manifold's dimension, k for Euclidean latents and k - 1 on the sphere."""
+        return intrinsic_dim(self.latent_dim, self.geometry)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Architecture:
+        return cls(**data)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def intrinsic_dim(latent_dim: int, geometry: Geometry) -> int:
+    """m: the latent manifold's dimension, k for Euclidean latents and k - 1 on the sphere."""
+    return latent_dim - 1 if geometry == "sphere" else latent_dim
