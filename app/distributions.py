@@ -22,43 +22,64 @@ LOG_2PI = math.log(2 * math.pi)
 class LatentDistribution(Protocol):
     dim: int  # k, the ambient latent size
 
-    def log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B,)
+    def log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B)
         ...
 
-    def rsample(self, n: int) -> Tensor:  # -> (n, k), differentiable in the parameters
+    def rsample(self, n: int) -> Tensor:  # -> (..., n, k), differentiable in the parameters
         ...
 
 
 class StandardNormal:
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
-        self.dim, self.dtype, self.device = dim, dtype, device
+    """N(0, I_k); `batch_shape` stacks independent copies so sampling matches the mixtures' shapes."""
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        batch_shape: tuple[int, ...] = (),
+    ) -> None:
+        self.dim, self.dtype, self.device, self.batch_shape = dim, dtype, device, batch_shape
 
     def log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * (z * z).sum(-1) - 0.5 * self.dim * LOG_2PI
 
     def rsample(self, n: int) -> Tensor:
-        return torch.randn(n, self.dim, dtype=self.dtype, device=self.device)
+        return torch.randn(*self.batch_shape, n, self.dim, dtype=self.dtype, device=self.device)
+
+
+def _pick_components(locations: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Uniformly chosen component per sample: indices (..., n) and their locations (..., n, k)."""
+    c = torch.randint(locations.shape[-2], (*locations.shape[:-2], n), device=locations.device)
+    return c, torch.gather(locations, -2, c.unsqueeze(-1).expand(*c.shape, locations.shape[-1]))
 
 
 class GaussianMixture:
-    """Uniform mixture of K diagonal Gaussians: means (K, k), scales (K, k) > 0."""
+    """Uniform mixture of K diagonal Gaussians: means (..., K, k), scales (..., K, k) > 0.
+
+    Leading dimensions index independent mixtures (e.g. stacked training candidates): z (..., B, k).
+    """
 
     def __init__(self, means: Tensor, scales: Tensor) -> None:
-        if means.shape != scales.shape or means.ndim != 2:
-            raise ValueError(f"means and scales must both be (K, k), got {means.shape} and {scales.shape}")
+        if means.shape != scales.shape or means.ndim < 2:
+            raise ValueError(
+                f"means and scales must both be (..., K, k), got {means.shape} and {scales.shape}"
+            )
         self.means, self.scales = means, scales
-        self.dim = means.shape[1]
+        self.dim = means.shape[-1]
 
-    def component_log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B, K)
-        u = (z.unsqueeze(1) - self.means) / self.scales
-        return -0.5 * (u * u).sum(-1) - torch.log(self.scales).sum(-1) - 0.5 * self.dim * LOG_2PI
+    def component_log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B, K)
+        u = (z.unsqueeze(-2) - self.means.unsqueeze(-3)) / self.scales.unsqueeze(-3)
+        log_det = torch.log(self.scales).sum(-1).unsqueeze(-2)
+        return -0.5 * (u * u).sum(-1) - log_det - 0.5 * self.dim * LOG_2PI
 
     def log_prob(self, z: Tensor) -> Tensor:
-        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.means.shape[0])
+        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.means.shape[-2])
 
-    def rsample(self, n: int) -> Tensor:
-        c = torch.randint(self.means.shape[0], (n,), device=self.means.device)
-        return self.means[c] + self.scales[c] * torch.randn_like(self.means[c])
+    def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
+        c, means = _pick_components(self.means, n)
+        scales = torch.gather(self.scales, -2, c.unsqueeze(-1).expand_as(means))
+        return means + scales * torch.randn_like(means)
 
 
 # --- von Mises-Fisher -------------------------------------------------------------------------------
@@ -173,23 +194,25 @@ def sample_vmf(mu: Tensor, kappa: Tensor) -> Tensor:
 
 
 class VonMisesFisherMixture:
-    """Uniform mixture of K vMF densities on S^(k-1): directions (K, k) unit, kappa (K,) > 0."""
+    """Uniform mixture of K vMF densities on S^(k-1): directions (..., K, k) unit, kappa (..., K) > 0."""
 
     def __init__(self, directions: Tensor, kappa: Tensor) -> None:
-        if directions.ndim != 2 or kappa.shape != directions.shape[:1]:
+        if directions.ndim < 2 or kappa.shape != directions.shape[:-1]:
             raise ValueError(
-                f"directions must be (K, k) and kappa (K,), got {directions.shape}, {kappa.shape}"
+                f"directions must be (..., K, k) and kappa (..., K), got {directions.shape}, {kappa.shape}"
             )
         self.directions, self.kappa = directions, kappa
-        self.dim = directions.shape[1]
-        self.log_normalizer = vmf_log_normalizer(kappa, self.dim)  # (K,)
+        self.dim = directions.shape[-1]
+        self.log_normalizer = vmf_log_normalizer(kappa, self.dim)  # (..., K)
 
-    def component_log_prob(self, z: Tensor) -> Tensor:  # (B, k) -> (B, K)
-        return self.log_normalizer + self.kappa * (z @ self.directions.T)
+    def component_log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B, K)
+        cosine = z @ self.directions.transpose(-1, -2)
+        return self.log_normalizer.unsqueeze(-2) + self.kappa.unsqueeze(-2) * cosine
 
     def log_prob(self, z: Tensor) -> Tensor:
-        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.directions.shape[0])
+        return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.directions.shape[-2])
 
-    def rsample(self, n: int) -> Tensor:
-        c = torch.randint(self.directions.shape[0], (n,), device=self.directions.device)
-        return sample_vmf(self.directions[c], self.kappa[c])
+    def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
+        c, mu = _pick_components(self.directions, n)
+        kappa = torch.gather(self.kappa, -1, c)
+        return sample_vmf(mu.reshape(-1, self.dim), kappa.reshape(-1)).reshape(mu.shape)

@@ -99,8 +99,13 @@ class VampGaussianPrior(Prior):
         self.pseudo_inputs = nn.Parameter(torch.randn(components, input_dim))
         self.log_scales = nn.Parameter(torch.zeros(components, latent_dim))
 
+    @staticmethod
+    def from_parameters(locations: Tensor, log_scales: Tensor) -> GaussianMixture:
+        """Also used on stacked (C, K, .) tensors when candidates train together."""
+        return GaussianMixture(locations, torch.exp(log_scales))
+
     def distribution(self, encoder: Encoder) -> LatentDistribution:
-        return GaussianMixture(encoder(self.pseudo_inputs), torch.exp(self.log_scales))
+        return self.from_parameters(encoder(self.pseudo_inputs), self.log_scales)
 
 
 class VampVMFPrior(Prior):
@@ -115,12 +120,13 @@ class VampVMFPrior(Prior):
         raw = math.log(math.expm1(initial_kappa))  # inverse softplus
         self.kappa_raw = nn.Parameter(torch.full((components,), raw))
 
-    @property
-    def kappa(self) -> Tensor:
-        return nn.functional.softplus(self.kappa_raw)
+    @staticmethod
+    def from_parameters(locations: Tensor, kappa_raw: Tensor) -> VonMisesFisherMixture:
+        """Also used on stacked (C, K, .) tensors when candidates train together."""
+        return VonMisesFisherMixture(locations, nn.functional.softplus(kappa_raw))
 
     def distribution(self, encoder: Encoder) -> LatentDistribution:
-        return VonMisesFisherMixture(encoder(self.pseudo_inputs), self.kappa)
+        return self.from_parameters(encoder(self.pseudo_inputs), self.kappa_raw)
 
 
 def build_prior(arch: Architecture) -> Prior:

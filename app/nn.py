@@ -9,7 +9,7 @@ exports to ONNX and runs batched on any device. No Python loop over rows.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,14 +41,42 @@ def _linear(h: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Each activation returns (a(h), a'(h)) so the tangent update reuses the forward computation.
-ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+ACTIVATIONS_WITH_SLOPE: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     "swish": _swish,
     "tanh": _tanh,
     "relu": _relu,
     "softplus": _softplus,
     "linear": _linear,
 }
-assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "app.spec lists the activations a bundle may name"
+# The value alone, for the plain forward pass (training and reconstruction need no slopes).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "swish": nn.functional.silu,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "softplus": nn.functional.softplus,
+    "linear": lambda h: h,
+}
+assert tuple(ACTIVATIONS) == tuple(ACTIVATIONS_WITH_SLOPE) == ACTIVATION_NAMES, (
+    "app.spec names the activations"
+)
+
+Layers = Sequence[tuple[Tensor, Tensor]]  # (weight (..., out, in), bias (..., out)) per layer
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    if weight.ndim == 2:
+        return nn.functional.linear(x, weight, bias)
+    # Stacked candidates: weight (C, out, in), x (B, in) shared or (C, B, in) -> (C, B, out).
+    x = x.expand(weight.shape[0], *x.shape) if x.ndim == 2 else x
+    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+
+
+def mlp_forward(x: Tensor, layers: Layers, activation: str) -> Tensor:
+    """The MLP as a function of its weights, so stacked training candidates share this code path."""
+    act = ACTIVATIONS[activation]
+    for weight, bias in layers[:-1]:
+        x = act(_affine(x, weight, bias))
+    return _affine(x, *layers[-1])
 
 
 class MLP(nn.Module):
@@ -58,21 +86,23 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [n_in] + [hidden] * depth + [n_out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
-        self.activation = ACTIVATIONS[activation]
+        self.activation = activation
+
+    def weights(self) -> list[tuple[Tensor, Tensor]]:
+        return [(layer.weight, layer.bias) for layer in self.layers]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, n_in) -> (B, n_out)
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))[0]
-        return self.layers[-1](x)
+        return mlp_forward(x, self.weights(), self.activation)
 
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
         # T holds the tangents transposed, (B, n_in, width), so each layer is one batched matmul
         # on the right, the same product as the layer itself.
+        activation = ACTIVATIONS_WITH_SLOPE[self.activation]
         T = self.layers[0].weight.T.expand(x.shape[0], -1, -1)
         h = self.layers[0](x)
         for layer in self.layers[1:]:
-            h, slope = self.activation(h)
+            h, slope = activation(h)
             T = T * slope.unsqueeze(1)
             h = layer(h)
             T = T @ layer.weight.T
@@ -81,6 +111,11 @@ class MLP(nn.Module):
 
 def normalize_to_sphere(v: Tensor) -> Tensor:
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+
+
+def encode(x: Tensor, layers: Layers, activation: str, geometry: str) -> Tensor:
+    v = mlp_forward(x, layers, activation)
+    return normalize_to_sphere(v) if geometry == "sphere" else v
 
 
 class Encoder(nn.Module):
@@ -92,8 +127,7 @@ class Encoder(nn.Module):
         self.net = MLP(arch.input_dim, arch.latent_dim, arch.hidden, arch.depth, arch.activation)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, k)
-        v = self.net(x)
-        return normalize_to_sphere(v) if self.geometry == "sphere" else v
+        return encode(x, self.net.weights(), self.net.activation, self.geometry)
 
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, d) -> z (B, k) and J_g (B, k, d) in ambient latent coordinates."""

@@ -38,6 +38,7 @@ class ScoreParts:
     log_volume: Tensor  # (B,) signed change-of-variables term (-sum log s for f, +sum log r for g)
     log_residual: Tensor  # (B,) log-density of the residual e
     reconstruction_error: Tensor  # (B,) |x - x'|^2 over all d coordinates
+    residual_sq: Tensor  # (B,) squared norm of the residual in log_residual (normal part for projected)
     z: Tensor  # (B, k) latent point used
     x_hat: Tensor  # (B, d) its image x' = f(z)
 
@@ -62,10 +63,18 @@ def sum_log_singular_values(J: Tensor) -> Tensor:
 
 
 def _parts(
-    log_prior: Tensor, log_volume: Tensor, log_residual: Tensor, e: Tensor, z: Tensor, x_hat: Tensor
+    log_prior: Tensor,
+    log_volume: Tensor,
+    log_residual: Tensor,
+    e: Tensor,
+    z: Tensor,
+    x_hat: Tensor,
+    e_scored: Tensor | None = None,
 ) -> ScoreParts:
     total = log_prior + log_volume + log_residual
-    return ScoreParts(total, log_prior, log_volume, log_residual, (e * e).sum(-1), z, x_hat)
+    e2 = (e * e).sum(-1)
+    scored = e2 if e_scored is None else (e_scored * e_scored).sum(-1)
+    return ScoreParts(total, log_prior, log_volume, log_residual, e2, scored, z, x_hat)
 
 
 def _check_shapes(model: GenerativeModel, x: Tensor, x_hat: Tensor) -> None:
@@ -139,18 +148,20 @@ def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
     e = x - x_hat
     log_prior = model.prior.log_prob(z)
     zero = torch.zeros_like(log_prior)
-    return _parts(log_prior, zero, zero, e, z, x_hat)
+    return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
 
 
 def project(
-    model: GenerativeModel, x: Tensor, z: Tensor, steps: int
+    model: GenerativeModel, x: Tensor, z: Tensor, steps: int, tol: float = 1e-7
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Levenberg-Marquardt refinement of z towards argmin |x - f(z)|^2 along the latent manifold.
 
     x (B, d), z (B, k) -> z, f(z), U (B, d, m) an orthonormal basis of the manifold's tangent space
     at f(z), and the singular values s (B, m) of J_f(z) B(z). Each step reuses the Jacobian's SVD
     for the damped Gauss-Newton solve; a step that does not lower the residual is refused for that
-    row and its damping raised, so the residual never grows.
+    row and its damping raised, so the residual never grows. Gauss-Newton converges only linearly
+    when the residual is large, so it iterates up to `steps` times and stops early once no row's
+    attempted step exceeds `tol` (relative to |z| + 1).
     """
 
     def linearise(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -168,6 +179,10 @@ def project(
         step = (Vh.transpose(1, 2) @ coef.unsqueeze(-1)).squeeze(-1)  # (B, m) tangent coordinates
         if basis is not None:
             step = (basis @ step.unsqueeze(-1)).squeeze(-1)
+        if bool(
+            (torch.linalg.vector_norm(step, dim=-1) <= tol * (1 + torch.linalg.vector_norm(z, dim=-1))).all()
+        ):
+            break
         z_new = retract(z + step, model.geometry)
         x_new = model.decoder(z_new)
         err_new = ((x - x_new) ** 2).sum(-1)
@@ -179,7 +194,7 @@ def project(
     return z, x_hat, U, s
 
 
-def projected(model: GenerativeModel, x: Tensor, steps: int = 5, starts: int = 8) -> ScoreParts:
+def projected(model: GenerativeModel, x: Tensor, steps: int = 30, starts: int = 8) -> ScoreParts:
     """The properly normalised density: residual evaluated only normal to the manifold.
 
     x' = f(z*) with z* the projection of x onto the manifold, started from g(x), or, without an
@@ -206,7 +221,7 @@ def projected(model: GenerativeModel, x: Tensor, steps: int = 5, starts: int = 8
     log_volume = -torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1)
     # With m = d (the normalising-flow case) no normal directions remain.
     log_residual = log_normal_residual(e_normal, sigma2, d - m) if d > m else torch.zeros_like(log_prior)
-    return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
+    return _parts(log_prior, log_volume, log_residual, e, z, x_hat, e_scored=e_normal)
 
 
 SCORE_METHODS: dict[str, Callable[[GenerativeModel, Tensor], ScoreParts]] = {

@@ -74,3 +74,23 @@ class Architecture:
 def intrinsic_dim(latent_dim: int, geometry: Geometry) -> int:
     """m: the latent manifold's dimension, k for Euclidean latents and k - 1 on the sphere."""
     return latent_dim - 1 if geometry == "sphere" else latent_dim
+
+
+def weight_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """The tensors a bundle's weights file must hold for `arch`, by name (see docs/bundle.md)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for net, n_in, n_out in (
+        ("encoder", arch.input_dim, arch.latent_dim),
+        ("decoder", arch.latent_dim, arch.input_dim),
+    ):
+        sizes = [n_in] + [arch.hidden] * arch.depth + [n_out]
+        for i in range(len(sizes) - 1):
+            shapes[f"{net}.net.layers.{i}.weight"] = (sizes[i + 1], sizes[i])
+            shapes[f"{net}.net.layers.{i}.bias"] = (sizes[i + 1],)
+    if arch.prior in ("vamp", "vmf"):
+        shapes["prior.pseudo_inputs"] = (arch.components, arch.input_dim)
+    if arch.prior == "vamp":
+        shapes["prior.log_scales"] = (arch.components, arch.latent_dim)
+    if arch.prior == "vmf":
+        shapes["prior.kappa_raw"] = (arch.components,)
+    return shapes

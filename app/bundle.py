@@ -1,0 +1,362 @@
+"""The model bundle: the one place that knows how a trained model is stored. See docs/bundle.md.
+
+A bundle is a directory:
+  bundle.json              manifest: schema, identity, features, scaler, architecture, noise,
+                           thresholds, calibration and training summaries, file hashes
+  weights.safetensors      network and prior tensors, named as in `app.spec.weight_shapes`, plus
+                           derived prior tensors under `derived.` for re-implementers
+  calibration.safetensors  sorted calibration scores, one float64 vector per score method
+  leaderboard.csv          every hyper-parameter candidate tried (optional)
+
+No pickle anywhere. `version` is a hash of the manifest, which holds every file's SHA-256, so it
+names the content exactly. Loading verifies schema, hashes and shapes and refuses anything else.
+Reading a bundle needs numpy and safetensors only; torch is imported only to build or save networks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from app import calibration as cal
+from app.spec import Architecture, weight_shapes
+
+if TYPE_CHECKING:
+    from app.model import ManifoldModel
+
+SCHEMA_VERSION = 1
+MANIFEST = "bundle.json"
+WEIGHTS = "weights.safetensors"
+CALIBRATION = "calibration.safetensors"
+LEADERBOARD = "leaderboard.csv"
+METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
+
+
+class BundleError(ValueError):
+    """A bundle cannot be loaded: missing, corrupt, truncated, mismatched or from another schema."""
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Standardisation fitted on the training rows: x_std = (x - mean) / scale."""
+
+    mean: NDArray[np.float64]
+    scale: NDArray[np.float64]
+
+    @classmethod
+    def fit(cls, x: NDArray[np.float64]) -> Scaler:
+        scale = x.std(axis=0)
+        # A constant column carries no information; scale 1 keeps it finite instead of dividing by 0.
+        return cls(x.mean(axis=0), np.where(scale > 0, scale, 1.0))
+
+    def transform(self, x: NDArray[np.floating]) -> NDArray[np.float64]:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    name: str
+    method: str
+    fpr: float
+    value: float
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    weights: dict[str, NDArray[np.float32]] = field(repr=False)
+    calibration: dict[str, NDArray[np.float64]] = field(repr=False)  # method -> sorted scores
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.manifest["features"])
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture.from_dict(self.manifest["architecture"])
+
+    @property
+    def scaler(self) -> Scaler:
+        s = self.manifest["scaler"]
+        return Scaler(np.asarray(s["mean"], dtype=np.float64), np.asarray(s["scale"], dtype=np.float64))
+
+    @property
+    def sigma2(self) -> float:
+        return float(self.manifest["noise"]["sigma2"])
+
+    @property
+    def sigma2_normal(self) -> float:
+        return float(self.manifest["noise"]["sigma2_normal"])
+
+    @property
+    def default_method(self) -> str:
+        return str(self.manifest["default_method"])
+
+    @property
+    def default_fpr(self) -> float:
+        return float(self.manifest["default_fpr"])
+
+    @property
+    def fprs(self) -> list[float]:
+        return [float(f) for f in self.manifest["calibration"]["fprs"]]
+
+    def threshold(self, method: str, fpr: float) -> Threshold:
+        scores = self.calibration[method]
+        return Threshold(cal.threshold_name(fpr), method, fpr, cal.threshold(scores, fpr))
+
+    def p_values(self, method: str, scores: NDArray[np.float64]) -> NDArray[np.float64]:
+        return cal.p_values(self.calibration[method], scores)
+
+    def build_model(self, device: str = "cpu") -> ManifoldModel:
+        """Rebuild the networks from the stored architecture and load the weights (needs torch)."""
+        import torch
+
+        from app.model import ManifoldModel
+
+        model = ManifoldModel(self.architecture)
+        state = {
+            k: torch.from_numpy(v.copy()) for k, v in self.weights.items() if not k.startswith("derived.")
+        }
+        model.load_state_dict(state, strict=True)
+        model.sigma2, model.sigma2_normal = self.sigma2, self.sigma2_normal
+        return model.to(device).eval()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_version(manifest: dict[str, Any]) -> str:
+    """Hash of everything but the version itself and the creation time: equal content, equal version."""
+    content = {k: v for k, v in manifest.items() if k not in ("version", "created")}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("anomaly-scores", "torch", "numpy", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float32]]:
+    """The prior in closed form, so scoring can be re-implemented without running the encoder on
+    pseudo-inputs: component locations (K, k) and scales (K, k) or concentrations (K,)."""
+    import torch
+
+    from app.distributions import GaussianMixture, VonMisesFisherMixture
+
+    with torch.no_grad():
+        prior = model.prior_distribution()
+    if isinstance(prior, GaussianMixture):
+        return {"derived.prior.locations": prior.means, "derived.prior.scales": prior.scales}
+    if isinstance(prior, VonMisesFisherMixture):
+        return {"derived.prior.locations": prior.directions, "derived.prior.kappa": prior.kappa}
+    return {}
+
+
+def save_bundle(
+    out_dir: str | Path,
+    *,
+    model: ManifoldModel,
+    name: str,
+    features: list[str],
+    scaler: Scaler,
+    calibration_scores: dict[str, NDArray[np.float64]],
+    fprs: tuple[float, ...] = cal.DEFAULT_FPRS,
+    default_method: str = "likelihood",
+    default_fpr: float = 0.01,
+    training: dict[str, Any] | None = None,
+    leaderboard_csv: str | None = None,
+) -> Bundle:
+    """Write a bundle directory and return it as loaded back from disk."""
+    arch = model.arch
+    if len(features) != arch.input_dim or scaler.mean.shape != (arch.input_dim,):
+        raise BundleError(
+            f"{len(features)} feature names and a scaler of {scaler.mean.shape} for d = {arch.input_dim}"
+        )
+    if default_method not in calibration_scores:
+        raise BundleError(f"no calibration scores for the default method {default_method!r}")
+    if default_fpr not in fprs:
+        raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(
+        {k: v.detach().cpu().float().contiguous() for k, v in _derived_prior_tensors(model).items()}
+    )
+    save_file({k: v.numpy() for k, v in tensors.items()}, out / WEIGHTS)
+    sorted_scores = {m: np.sort(np.asarray(s, dtype=np.float64)) for m, s in calibration_scores.items()}
+    for method, scores in sorted_scores.items():
+        if not np.isfinite(scores).all():
+            raise BundleError(f"calibration scores of {method!r} are not all finite")
+        for fpr in fprs:
+            cal.check_fpr(fpr, scores.size)
+    save_file(sorted_scores, out / CALIBRATION)
+    for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
+        (out / written).chmod(0o644)
+    files = [WEIGHTS, CALIBRATION]
+    if leaderboard_csv is not None:
+        (out / LEADERBOARD).write_text(leaderboard_csv)
+        files.append(LEADERBOARD)
+
+    thresholds = {
+        method: {cal.threshold_name(f): {"fpr": f, "value": cal.threshold(scores, f)} for f in fprs}
+        for method, scores in sorted_scores.items()
+    }
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": "",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "features": list(features),
+        "scaler": scaler.to_dict(),
+        "architecture": arch.to_dict(),
+        "noise": {"sigma2": float(model.sigma2), "sigma2_normal": float(model.sigma2_normal or model.sigma2)},
+        "default_method": default_method,
+        "default_fpr": default_fpr,
+        "thresholds": thresholds,
+        "calibration": {
+            "rows": {m: int(s.size) for m, s in sorted_scores.items()},
+            "fprs": list(fprs),
+            "quantiles": {
+                m: {str(q): float(np.quantile(s, q)) for q in (0.5, 0.9, 0.99, 0.999)}
+                for m, s in sorted_scores.items()
+            },
+        },
+        "training": training or {},
+        "libraries": library_versions(),
+        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+    }
+    manifest["version"] = content_version(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return load_bundle(out)
+
+
+_REQUIRED = (
+    "schema_version",
+    "name",
+    "version",
+    "features",
+    "scaler",
+    "architecture",
+    "noise",
+    "default_method",
+    "default_fpr",
+    "calibration",
+    "files",
+)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest_path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} must hold a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{root}: bundle schema version {manifest.get('schema_version')!r}, "
+            f"this build reads version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
+    if content_version(manifest) != manifest["version"]:
+        raise BundleError(f"{root}: the manifest was edited after the bundle was written (version mismatch)")
+    return manifest
+
+
+def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
+    for required_file in (WEIGHTS, CALIBRATION):
+        if required_file not in files:
+            raise BundleError(f"{root / MANIFEST}: files lacks {required_file}")
+    for name, expected in files.items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{root}: {name} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise BundleError(
+                f"{root}: {name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
+            )
+        if _sha256(file) != expected["sha256"]:
+            raise BundleError(
+                f"{root}: {name} does not match its SHA-256 in the manifest (corrupt or replaced)"
+            )
+
+
+def _verify_weights(root: Path, arch: Architecture, weights: dict[str, NDArray[np.float32]]) -> None:
+    expected_shapes = weight_shapes(arch)
+    for tensor, shape in expected_shapes.items():
+        if tensor not in weights:
+            raise BundleError(f"{root}: {WEIGHTS} lacks tensor {tensor}")
+        if weights[tensor].shape != shape:
+            raise BundleError(
+                f"{root}: tensor {tensor} has shape {weights[tensor].shape}, the architecture needs {shape}"
+            )
+    extra = [t for t in weights if t not in expected_shapes and not t.startswith("derived.")]
+    if extra:
+        raise BundleError(f"{root}: {WEIGHTS} holds tensors the architecture does not use: {extra}")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle directory; any inconsistency is a BundleError saying what and where."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    _verify_files(root, manifest["files"])
+    try:
+        arch = Architecture.from_dict(manifest["architecture"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{root}: invalid architecture: {e}") from e
+    try:
+        weights = load_file(root / WEIGHTS)
+        calibration = load_file(root / CALIBRATION)
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{root}: cannot read tensors: {e}") from e
+    _verify_weights(root, arch, weights)
+    d = arch.input_dim
+    scaler = manifest["scaler"]
+    if len(manifest["features"]) != d or len(scaler["mean"]) != d or len(scaler["scale"]) != d:
+        raise BundleError(f"{root}: features and scaler must have {d} entries, the architecture's input size")
+    if manifest["default_method"] not in calibration:
+        raise BundleError(
+            f"{root}: no calibration scores for the default method {manifest['default_method']!r}"
+        )
+    return Bundle(root, manifest, weights, calibration)

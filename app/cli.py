@@ -1,0 +1,280 @@
+"""The `anomaly-scores` command line: train, score, info (and serve, once the service is in)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.bundle import METHODS, BundleError, load_bundle
+from app.data import DataError, iter_chunks, read_table
+from app.spec import PRIOR_GEOMETRY
+
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a table and write a bundle")
+    p.add_argument("data", type=Path, help="CSV with header, Parquet, .npy, or whitespace-separated .txt")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--name", help="model name stored in the bundle (default: the data file's stem)")
+    arch = p.add_argument_group("model (one candidate, or the base of every grid candidate)")
+    arch.add_argument("--latent", type=int, default=4, help="latent size k (default 4)")
+    arch.add_argument("--hidden", type=int, default=64, help="units per hidden layer (default 64)")
+    arch.add_argument("--depth", type=int, default=3, help="hidden layers in encoder and decoder (default 3)")
+    arch.add_argument("--activation", default="swish", choices=["swish", "tanh", "relu", "softplus"])
+    arch.add_argument("--prior", default="vamp", choices=sorted(PRIOR_GEOMETRY), help="default vamp")
+    arch.add_argument(
+        "--geometry", choices=["euclidean", "sphere"], help="default: the prior's (vmf: sphere)"
+    )
+    arch.add_argument("--components", type=int, default=4, help="mixture components K (default 4)")
+    arch.add_argument("--beta", type=float, default=1.0, help="weight of the MMD term (default 1)")
+    arch.add_argument("--kernel-width", type=float, default=1.0, help="IMQ kernel constant c (default 1)")
+    fit = p.add_argument_group("fitting")
+    fit.add_argument("--steps", type=int, default=10_000)
+    fit.add_argument("--batch-size", type=int, default=100)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    fit.add_argument("--val-fraction", type=float, default=0.2)
+    fit.add_argument("--cal-fraction", type=float, default=0.2)
+    fit.add_argument("--grid", help="hyper-parameter search: 'default', 'paper', or a JSON file of lists")
+    fit.add_argument("--method", default="likelihood", choices=METHODS, help="default score and selection")
+    fit.add_argument("--fpr", type=float, action="append", help="calibrated false-positive rate (repeat)")
+    fit.add_argument("--default-fpr", type=float, default=0.01, help="the rate flagged by default (0.01)")
+    labels = p.add_argument_group("labels (model selection and report only, never fitting)")
+    exclusive = labels.add_mutually_exclusive_group()
+    exclusive.add_argument("--label-column", help="column holding 0/1 anomaly labels")
+    exclusive.add_argument("--labels", type=Path, help="file with one 0/1 label per row")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--missing", choices=["error", "drop"], default="error", help="rows with missing values"
+    )
+    data.add_argument("--allow-constant", action="store_true", help="accept constant columns")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score a file's rows with a bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet, rows in input order")
+    p.add_argument("--method", choices=METHODS, help="default: the bundle's")
+    p.add_argument("--fpr", type=float, help="threshold's false-positive rate (default: the bundle's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk-rows", type=int, default=65_536, help="rows held in memory at once")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print a bundle's metadata")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-scores", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_score(sub)
+    _add_info(sub)
+    return parser
+
+
+def _grid_spec(value: str) -> dict[str, list[Any]]:
+    from app.train import GRIDS
+
+    if value in GRIDS:
+        return GRIDS[value]
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--grid {value!r} is neither {sorted(GRIDS)} nor a file")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"grid file {path} is not valid JSON: {e}") from e
+    if not isinstance(spec, dict) or not all(isinstance(v, list) and v for v in spec.values()):
+        raise ValueError(
+            f'grid file {path} must be a JSON object of non-empty lists, e.g. {{"beta": [0.1, 1]}}'
+        )
+    return spec
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.pipeline import TrainRequest, train_bundle
+    from app.scorer import resolve_device
+    from app.train import Candidate, FitOptions, expand_grid
+
+    table = read_table(
+        args.data,
+        label_column=args.label_column,
+        labels_path=args.labels,
+        missing=args.missing,
+        allow_constant=args.allow_constant,
+    )
+    if table.dropped_rows:
+        shown = ", ".join(str(r + 1) for r in table.dropped_rows[:10])
+        more = "" if len(table.dropped_rows) <= 10 else f" and {len(table.dropped_rows) - 10} more"
+        print(
+            f"dropped {len(table.dropped_rows)} rows with missing values (rows {shown}{more})",
+            file=sys.stderr,
+        )
+    d = table.values.shape[1]
+    base = Candidate(
+        latent_dim=args.latent,
+        hidden=args.hidden,
+        depth=args.depth,
+        activation=args.activation,
+        geometry=args.geometry or PRIOR_GEOMETRY[args.prior],
+        prior=args.prior,
+        components=args.components,
+        beta=args.beta,
+        kernel_width=args.kernel_width,
+    )
+    candidates = expand_grid(_grid_spec(args.grid), d, base) if args.grid else [base]
+    if not args.grid:
+        base.architecture(d)  # refuse an impossible single model before any work
+    fit = FitOptions(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=resolve_device(args.device),
+    )
+    request = TrainRequest(
+        candidates=candidates,
+        fit=fit,
+        method=args.method,
+        val_fraction=args.val_fraction,
+        cal_fraction=args.cal_fraction,
+        fprs=tuple(args.fpr) if args.fpr else None,
+        default_fpr=args.default_fpr,
+        name=args.name or args.data.stem,
+    )
+    groups = len({c.group() for c in candidates})
+    with tqdm(
+        total=groups * fit.steps, disable=args.quiet, unit="step", desc=f"{len(candidates)} candidates"
+    ) as bar:
+        result = train_bundle(
+            table.values, table.feature_names, request, args.out, labels=table.labels, progress=bar.update
+        )
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not args.quiet:
+        _print_info(result.bundle.manifest)
+    return 0
+
+
+@contextmanager
+def _writer(path: Path) -> Iterator[Any]:
+    """Append-only writer of column dicts as CSV or Parquet, chosen by the suffix."""
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out must end in one of {OUTPUT_SUFFIXES}, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        import pandas as pd
+
+        first = True
+        with path.open("w", newline="") as f:
+
+            def write(columns: dict[str, np.ndarray]) -> None:
+                nonlocal first
+                pd.DataFrame(columns).to_csv(f, header=first, index=False, float_format="%.9g")
+                first = False
+
+            yield write
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer: pq.ParquetWriter | None = None
+
+        def write(columns: dict[str, np.ndarray]) -> None:
+            nonlocal writer
+            table = pa.table(columns)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+
+        try:
+            yield write
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _score(args: argparse.Namespace) -> int:
+    from app.scorer import TorchScorer
+
+    bundle = load_bundle(args.bundle)
+    scorer = TorchScorer(bundle, args.device)
+    rows = 0
+    with _writer(args.out) as write:
+        for chunk in iter_chunks(args.data, bundle.features, args.chunk_rows):
+            output = scorer.score(chunk, args.method, args.fpr)
+            write(output.columns())
+            rows += chunk.shape[0]
+    print(f"scored {rows} rows with {bundle.name} {bundle.version} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _print_info(manifest: dict[str, Any]) -> None:
+    arch, training = manifest["architecture"], manifest.get("training", {})
+    lines = [
+        f"name         {manifest['name']}",
+        f"version      {manifest['version']}  (schema {manifest['schema_version']})",
+        f"created      {manifest['created']}",
+        f"features     {len(manifest['features'])}: {', '.join(manifest['features'][:8])}"
+        + (" ..." if len(manifest["features"]) > 8 else ""),
+        f"model        latent {arch['latent_dim']} ({arch['geometry']}), {arch['depth']} x {arch['hidden']} "
+        f"{arch['activation']}, prior {arch['prior']} K={arch['components']}",
+        f"noise        sigma2 {manifest['noise']['sigma2']:.4g}, normal to the manifold "
+        f"{manifest['noise']['sigma2_normal']:.4g}",
+        f"default      method {manifest['default_method']}, false-positive rate {manifest['default_fpr']}",
+    ]
+    if training:
+        rows = training.get("rows", {})
+        lines.append(
+            f"selection    {training.get('selection')} among {training.get('candidates')} candidates"
+        )
+        lines.append(f"rows         {rows}")
+        hp = training.get("hyper_parameters", {})
+        lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")
+    lines.append("thresholds   (score above which a row is flagged)")
+    for method, thresholds in manifest["thresholds"].items():
+        marks = "  ".join(f"{name}={t['value']:.4g}" for name, t in thresholds.items())
+        lines.append(f"  {method:<14} {marks}")
+    print("\n".join(lines))
+
+
+def _info(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+    else:
+        _print_info(bundle.manifest)
+    return 0
+
+
+COMMANDS = {"train": _train, "score": _score, "info": _info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, BundleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

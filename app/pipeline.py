@@ -1,0 +1,195 @@
+"""From a table to a bundle: split, standardise, fit the grid, fit the noise, select, calibrate, save.
+
+Rows are split once, by seed, into training (network fitting), validation (noise variance and model
+selection) and calibration (thresholds and p-values, seen by nothing else). Labels, when given,
+choose between candidates and are reported; they enter neither fitting nor calibration, so the
+calibrated rates describe the data as it comes, contamination included.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.bundle import METHODS, Bundle, Scaler, save_bundle
+from app.calibration import DEFAULT_FPRS, check_fpr
+from app.metrics import roc_auc
+from app.train import Candidate, FitOptions, Fitted, fit_candidates, fit_noise, score_rows
+
+MIN_ROWS_PER_SPLIT = 10
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: NDArray[np.intp]
+    validation: NDArray[np.intp]
+    calibration: NDArray[np.intp]
+
+
+def split_rows(n: int, val_fraction: float, cal_fraction: float, seed: int) -> Splits:
+    if not (0 < val_fraction < 1 and 0 < cal_fraction < 1 and val_fraction + cal_fraction < 1):
+        raise ValueError(
+            f"validation ({val_fraction}) and calibration ({cal_fraction}) fractions must be in (0, 1) "
+            "and leave rows for training"
+        )
+    n_val, n_cal = round(n * val_fraction), round(n * cal_fraction)
+    n_train = n - n_val - n_cal
+    if min(n_val, n_cal, n_train) < MIN_ROWS_PER_SPLIT:
+        raise ValueError(
+            f"{n} rows give {n_train} training, {n_val} validation and {n_cal} calibration rows; "
+            f"each split needs at least {MIN_ROWS_PER_SPLIT}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return Splits(
+        np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val]), np.sort(order[n_train + n_val :])
+    )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    candidates: list[Candidate]
+    fit: FitOptions = field(default_factory=FitOptions)
+    method: str = "likelihood"  # the bundle's default score, and the selection criterion's
+    val_fraction: float = 0.2
+    cal_fraction: float = 0.2
+    fprs: tuple[float, ...] | None = None  # None: the defaults that the calibration split can support
+    default_fpr: float = 0.01
+    name: str = "model"
+
+
+@dataclass
+class CandidateReport:
+    fitted: Fitted
+    val_log_likelihood: dict[str, float]
+    val_auc: dict[str, float]
+
+
+@dataclass
+class TrainResult:
+    bundle: Bundle
+    reports: list[CandidateReport]
+    selected: int
+    notes: list[str]
+
+
+def _choose_fprs(request: TrainRequest, n_cal: int, notes: list[str]) -> tuple[tuple[float, ...], float]:
+    if request.fprs is not None:
+        for fpr in request.fprs:
+            check_fpr(fpr, n_cal)
+        fprs = tuple(request.fprs)
+    else:
+        fprs = tuple(f for f in DEFAULT_FPRS if f >= 1 / n_cal)
+        skipped = [f for f in DEFAULT_FPRS if f < 1 / n_cal]
+        if skipped:
+            notes.append(
+                f"false-positive rates {skipped} need more than {n_cal} calibration rows; not calibrated"
+            )
+        if not fprs:
+            raise ValueError(f"{n_cal} calibration rows cannot calibrate any of {DEFAULT_FPRS}")
+    default = request.default_fpr if request.default_fpr in fprs else min(fprs, key=lambda f: abs(f - 0.01))
+    return fprs, default
+
+
+def _leaderboard(reports: list[CandidateReport], selected: int) -> str:
+    out = io.StringIO()
+    rows = []
+    for i, report in enumerate(reports):
+        row: dict[str, Any] = {"candidate": i, "selected": int(i == selected)}
+        row |= report.fitted.candidate.to_dict()
+        row["final_loss"] = report.fitted.loss_curve[-1]
+        row["sigma2"] = report.fitted.model.sigma2
+        row["sigma2_normal"] = report.fitted.model.sigma2_normal
+        row |= {f"val_loglik_{m}": v for m, v in report.val_log_likelihood.items()}
+        row |= {f"val_auc_{m}": v for m, v in report.val_auc.items()}
+        rows.append(row)
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def evaluate_candidate(
+    fitted: Fitted, x_val: NDArray[np.float64], labels: NDArray[np.bool_] | None
+) -> CandidateReport:
+    """Fit the noise on validation rows, then the mean validation log-likelihood (and AUC) per score."""
+    fit_noise(fitted.model, x_val)
+    log_likelihood, auc = {}, {}
+    for method in METHODS:
+        log_prob = score_rows(fitted.model, x_val, method)["log_prob"]
+        log_likelihood[method] = float(log_prob.mean())
+        if labels is not None:
+            auc[method] = roc_auc(labels, -log_prob)
+    return CandidateReport(fitted, log_likelihood, auc)
+
+
+def train_bundle(
+    values: NDArray[np.float64],
+    features: list[str],
+    request: TrainRequest,
+    out_dir: str | Path,
+    *,
+    labels: NDArray[np.bool_] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    started = time.perf_counter()
+    notes: list[str] = []
+    splits = split_rows(values.shape[0], request.val_fraction, request.cal_fraction, request.fit.seed)
+    scaler = Scaler.fit(values[splits.train])
+    x = scaler.transform(values)
+    val_labels = None if labels is None else labels[splits.validation]
+    if val_labels is not None and (val_labels.all() or not val_labels.any()):
+        notes.append("the validation split holds only one class: selection falls back to the log-likelihood")
+        val_labels = None
+    cal_rows = splits.calibration
+    fprs, default_fpr = _choose_fprs(request, cal_rows.size, notes)
+
+    fitted = fit_candidates(x[splits.train], request.candidates, request.fit, progress)
+    reports = [evaluate_candidate(f, x[splits.validation], val_labels) for f in fitted]
+    if val_labels is not None:
+        criterion = f"supervised: highest validation AUC of '{request.method}'"
+        selected = int(np.argmax([r.val_auc[request.method] for r in reports]))
+    else:
+        criterion = f"unsupervised: highest mean validation log-likelihood of '{request.method}'"
+        selected = int(np.argmax([r.val_log_likelihood[request.method] for r in reports]))
+    best = reports[selected].fitted
+
+    calibration_scores = {m: -score_rows(best.model, x[cal_rows], m)["log_prob"] for m in METHODS}
+    training = {
+        "hyper_parameters": best.candidate.to_dict(),
+        "fit": {k: v for k, v in vars(request.fit).items()},
+        "selection": criterion,
+        "candidates": len(reports),
+        "rows": {
+            "train": int(splits.train.size),
+            "validation": int(splits.validation.size),
+            "calibration": int(cal_rows.size),
+        },
+        "labels": None if labels is None else {"anomalies": int(labels.sum()), "rows": int(labels.size)},
+        "validation_log_likelihood": reports[selected].val_log_likelihood,
+        "validation_auc": reports[selected].val_auc or None,
+        "loss_curve": best.loss_curve,
+        "seconds": round(time.perf_counter() - started, 1),
+        "notes": notes,
+    }
+    bundle = save_bundle(
+        out_dir,
+        model=best.model,
+        name=request.name,
+        features=features,
+        scaler=scaler,
+        calibration_scores=calibration_scores,
+        fprs=fprs,
+        default_method=request.method,
+        default_fpr=default_fpr,
+        training=training,
+        leaderboard_csv=_leaderboard(reports, selected),
+    )
+    return TrainResult(bundle, reports, selected, notes)

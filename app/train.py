@@ -1,0 +1,285 @@
+"""Fitting: the WAE objective (paper eq. 1), candidates trained together, noise by maximum likelihood.
+
+Candidates that share an architecture differ only in beta and the kernel width, so their
+parameters are stacked along a leading axis and one batched forward pass (the same `mlp_forward`
+the networks use, with batched matrix products) trains all of them at once; Adam is elementwise,
+so this is exactly C independent optimisations that share the mini-batch sequence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from torch.func import stack_module_state
+
+from app.distributions import LatentDistribution, StandardNormal
+from app.model import ManifoldModel, VampGaussianPrior, VampVMFPrior
+from app.nn import encode, mlp_forward
+from app.scores import ScoreParts, score
+from app.spec import Architecture
+
+SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the hyper-parameter grid."""
+
+    latent_dim: int = 4
+    hidden: int = 64
+    depth: int = 3
+    activation: str = "swish"
+    geometry: str = "euclidean"
+    prior: str = "vamp"
+    components: int = 4
+    beta: float = 1.0  # weight of the MMD term
+    kernel_width: float = 1.0  # c of the IMQ kernel c / (c + |z - z'|^2)
+
+    def architecture(self, input_dim: int) -> Architecture:
+        return Architecture(
+            input_dim=input_dim,
+            latent_dim=self.latent_dim,
+            hidden=self.hidden,
+            depth=self.depth,
+            activation=self.activation,  # type: ignore[arg-type]
+            geometry=self.geometry,  # type: ignore[arg-type]
+            prior=self.prior,  # type: ignore[arg-type]
+            components=self.components,
+        )
+
+    def group(self) -> tuple[object, ...]:
+        """Candidates with equal groups share an architecture and train stacked."""
+        return (
+            self.latent_dim,
+            self.hidden,
+            self.depth,
+            self.activation,
+            self.geometry,
+            self.prior,
+            self.components,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    steps: int = 10_000
+    batch_size: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    curve_points: int = 50  # how many averaged points of the loss curve to keep
+
+
+@dataclass
+class Fitted:
+    candidate: Candidate
+    model: ManifoldModel
+    loss_curve: list[float]
+
+
+def imq_mmd(z: Tensor, y: Tensor, width: Tensor) -> Tensor:
+    """Unbiased MMD^2 with the inverse multiquadric kernel c / (c + |a - b|^2).
+
+    z, y (C, n, k) samples of two distributions per candidate, width (C,) -> (C,).
+    """
+    c = width.view(-1, 1, 1)
+    n = z.shape[-2]
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        sq = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
+        return c / (c + sq.clamp(min=0))
+
+    off_diagonal = 1 - torch.eye(n, dtype=z.dtype, device=z.device)
+    within = ((kernel(z, z) + kernel(y, y)) * off_diagonal).sum((-1, -2)) / (n * (n - 1))
+    return within - 2 * kernel(z, y).mean((-1, -2))
+
+
+def _stacked_prior(
+    arch: Architecture, params: dict[str, Tensor], locations: Tensor | None, n_models: int, like: Tensor
+) -> LatentDistribution:
+    if arch.prior == "vamp":
+        return VampGaussianPrior.from_parameters(locations, params["prior.log_scales"])
+    if arch.prior == "vmf":
+        return VampVMFPrior.from_parameters(locations, params["prior.kappa_raw"])
+    return StandardNormal(arch.latent_dim, like.dtype, like.device, batch_shape=(n_models,))
+
+
+def _fit_group(
+    x: Tensor, candidates: list[Candidate], opts: FitOptions, progress: Callable[[int], None] | None
+) -> list[Fitted]:
+    n, d = x.shape
+    arch = candidates[0].architecture(d)
+    torch.manual_seed(opts.seed)
+    batches = torch.Generator(device="cpu").manual_seed(opts.seed)
+    models = [ManifoldModel(arch) for _ in candidates]
+    if arch.prior in ("vamp", "vmf"):
+        for model in models:  # pseudo-inputs start at training rows, where the encoder is meaningful
+            rows = torch.randint(n, (arch.components,), generator=batches)
+            model.prior.pseudo_inputs.data.copy_(x[rows].cpu())
+    models = [m.to(opts.device) for m in models]
+    params, buffers = stack_module_state(models)
+    n_layers = arch.depth + 1
+
+    def layers(net: str) -> list[tuple[Tensor, Tensor]]:
+        return [
+            (params[f"{net}.net.layers.{i}.weight"], params[f"{net}.net.layers.{i}.bias"])
+            for i in range(n_layers)
+        ]
+
+    def forward(xb: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(B, d) -> z (C, B, k), x_hat (C, B, d), prior locations (C, K, k) for C candidates."""
+        enc = layers("encoder")
+        z = encode(xb, enc, arch.activation, arch.geometry)
+        x_hat = mlp_forward(z, layers("decoder"), arch.activation)
+        pseudo = params.get("prior.pseudo_inputs")
+        return z, x_hat, None if pseudo is None else encode(pseudo, enc, arch.activation, arch.geometry)
+
+    beta = torch.tensor([c.beta for c in candidates], dtype=x.dtype, device=opts.device)
+    width = torch.tensor([c.kernel_width for c in candidates], dtype=x.dtype, device=opts.device)
+    optimizer = torch.optim.Adam(params.values(), lr=opts.lr)
+    every = max(1, opts.steps // opts.curve_points)
+    curves: list[list[float]] = [[] for _ in candidates]
+    running = torch.zeros(len(candidates), dtype=torch.float64, device=opts.device)
+    for step in range(1, opts.steps + 1):
+        rows = torch.randint(n, (min(opts.batch_size, n),), generator=batches)
+        xb = x[rows]
+        z, x_hat, locations = forward(xb)
+        prior = _stacked_prior(arch, params, locations, len(candidates), xb)
+        y = prior.rsample(xb.shape[0])
+        loss = ((x_hat - xb) ** 2).mean((-1, -2)) + beta * imq_mmd(z, y, width)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+        running += loss.detach().double()
+        if step % every == 0 or step == opts.steps:
+            span = every if step % every == 0 else step % every
+            for curve, value in zip(curves, (running / span).tolist(), strict=True):
+                curve.append(value)
+            running.zero_()
+        if progress is not None:
+            progress(1)
+    fitted = []
+    for i, (candidate, model) in enumerate(zip(candidates, models, strict=True)):
+        model.load_state_dict(
+            {k: v[i].detach() for k, v in params.items()} | {k: v[i] for k, v in buffers.items()}
+        )
+        fitted.append(Fitted(candidate, model.eval(), curves[i]))
+    return fitted
+
+
+def fit_candidates(
+    x_train: NDArray[np.float64],
+    candidates: Iterable[Candidate],
+    opts: FitOptions,
+    progress: Callable[[int], None] | None = None,
+) -> list[Fitted]:
+    """Train every candidate on the standardised rows; candidates sharing an architecture together."""
+    x = torch.as_tensor(x_train, dtype=torch.float32, device=opts.device)
+    candidates = list(candidates)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, c in enumerate(candidates):
+        groups.setdefault(c.group(), []).append(i)
+    fitted: list[Fitted | None] = [None] * len(candidates)
+    for indices in groups.values():
+        for i, f in zip(
+            indices, _fit_group(x, [candidates[i] for i in indices], opts, progress), strict=True
+        ):
+            fitted[i] = f
+    return [f for f in fitted if f is not None]
+
+
+def score_rows(
+    model: ManifoldModel, x: NDArray[np.float64], method: str, chunk_rows: int = 65_536
+) -> dict[str, NDArray[np.float64]]:
+    """Score standardised rows in bounded-memory chunks; numpy arrays of the parts, in row order."""
+    reference = next(model.parameters())
+    out: dict[str, list[NDArray[np.float64]]] = {}
+    with torch.no_grad():
+        generative = model.generative()
+        for start in range(0, x.shape[0], chunk_rows):
+            xb = torch.as_tensor(
+                x[start : start + chunk_rows], dtype=reference.dtype, device=reference.device
+            )
+            parts: ScoreParts = score(generative, xb, method)
+            for name in (
+                "log_prob",
+                "log_prior",
+                "log_volume",
+                "log_residual",
+                "reconstruction_error",
+                "residual_sq",
+            ):
+                out.setdefault(name, []).append(getattr(parts, name).double().cpu().numpy())
+            out.setdefault("x_hat", []).append(parts.x_hat.double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> None:
+    """Maximum-likelihood sigma^2 from held-out residuals: mean squared residual per direction.
+
+    The full residual x - f(g(x)) lives in d directions; the projected residual only in the d - m
+    directions normal to the manifold, so it gets its own estimate.
+    """
+    d, m = x_val.shape[1], model.arch.intrinsic_dim
+    full = score_rows(model, x_val, "reconstruction")["residual_sq"]
+    model.sigma2 = max(float(full.mean()) / d, SIGMA2_FLOOR)
+    if d > m:
+        normal = score_rows(model, x_val, "projected")["residual_sq"]
+        model.sigma2_normal = max(float(normal.mean()) / (d - m), SIGMA2_FLOOR)
+    else:
+        model.sigma2_normal = model.sigma2
+
+
+def expand_grid(
+    grid: dict[str, list[object]], input_dim: int, base: Candidate | None = None
+) -> list[Candidate]:
+    """Cartesian product of the listed values over `base`; latent sizes that do not fit the data are
+    left out (as in the paper: 'if smaller or equal than the data dimension')."""
+    unknown = set(grid) - set(Candidate.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"unknown grid keys {sorted(unknown)}; known: {sorted(Candidate.__dataclass_fields__)}"
+        )
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        candidate = replace(base or Candidate(), **dict(zip(keys, values, strict=True)))
+        try:
+            candidate.architecture(input_dim)
+        except ValueError as e:
+            if "exceeds the data size" in str(e):
+                continue
+            raise
+        out.append(candidate)
+    if not out:
+        raise ValueError(f"no candidate of the grid fits data with {input_dim} features")
+    return out
+
+
+GRIDS: dict[str, dict[str, list[object]]] = {
+    # The paper's 288 combinations (method notes): vMF mixture prior on the sphere.
+    "paper": {
+        "geometry": ["sphere"],
+        "prior": ["vmf"],
+        "hidden": [32, 64],
+        "latent_dim": [2, 4, 9],
+        "components": [1, 4, 16],
+        "beta": [0.01, 0.1, 1.0, 10.0],
+        "kernel_width": [1.0, 0.1, 0.01, 0.001],
+    },
+    # A small grid that trains in about a minute on two cores.
+    "default": {
+        "latent_dim": [2, 4, 8],
+        "beta": [0.1, 1.0],
+        "kernel_width": [0.1, 1.0],
+    },
+}

@@ -1,0 +1,141 @@
+"""The command line end to end: train -> bundle -> info -> score, and its refusals."""
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from app.bundle import load_bundle
+from app.cli import main
+from app.data import read_table
+from app.pipeline import split_rows
+from app.scorer import TorchScorer
+
+from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+
+COLUMNS = [
+    "score",
+    "log_likelihood",
+    "log_prior",
+    "log_volume",
+    "log_residual",
+    "reconstruction_error",
+    "p_value",
+    "is_anomaly",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    table = pd.DataFrame(manifold_rows(400, seed=11), columns=FEATURES)
+    table["label"] = 0
+    table.loc[::40, "label"] = 1  # labels for selection only
+    table.to_csv(root / "train.csv", index=False)
+    rc = main(
+        [
+            "train",
+            str(root / "train.csv"),
+            "--out",
+            str(root / "bundle"),
+            "--label-column",
+            "label",
+            "--latent",
+            "2",
+            "--hidden",
+            "16",
+            "--steps",
+            "150",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    rows = np.r_[manifold_rows(30, seed=12), off_manifold_rows(20, seed=13)]
+    pd.DataFrame(rows[:, ::-1], columns=FEATURES[::-1]).to_csv(root / "new.csv", index=False)  # other order
+    np.save(root / "new.npy", rows)
+    return root, rows
+
+
+def test_train_writes_a_bundle_that_info_describes(trained, capsys):
+    root, _ = trained
+    bundle = load_bundle(root / "bundle")
+    assert bundle.features == FEATURES and bundle.name == "train"
+    assert bundle.manifest["training"]["labels"] == {"anomalies": 10, "rows": 400}
+    assert main(["info", str(root / "bundle")]) == 0
+    out = capsys.readouterr().out
+    assert bundle.version in out and "supervised: highest validation AUC" in out
+    assert main(["info", str(root / "bundle"), "--json"]) == 0
+    assert f'"version": "{bundle.version}"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["likelihood", "projected", "reconstruction"])
+def test_score_writes_every_column_in_input_order_and_matches_the_scorer(trained, method):
+    root, rows = trained
+    out = root / f"scores-{method}.csv"
+    assert (
+        main(["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(out), "--method", method])
+        == 0
+    )
+    written = pd.read_csv(out)
+    assert list(written.columns) == COLUMNS and len(written) == len(rows)
+    direct = TorchScorer(load_bundle(root / "bundle")).score(rows, method)
+    np.testing.assert_allclose(written["score"], direct.score, rtol=1e-6)
+    np.testing.assert_allclose(written["p_value"], direct.p_value, rtol=1e-9)
+    np.testing.assert_array_equal(written["is_anomaly"], direct.is_anomaly)
+    np.testing.assert_allclose(written["log_likelihood"], -written["score"], rtol=1e-9)
+
+
+def test_score_streams_in_chunks_to_parquet_with_the_same_result(trained):
+    root, _ = trained
+    main(["score", str(root / "bundle"), str(root / "new.npy"), "--out", str(root / "whole.parquet")])
+    main(
+        [
+            "score",
+            str(root / "bundle"),
+            str(root / "new.npy"),
+            "--out",
+            str(root / "chunked.parquet"),
+            "--chunk-rows",
+            "7",
+        ]
+    )
+    whole, chunked = pq.read_table(root / "whole.parquet"), pq.read_table(root / "chunked.parquet")
+    assert whole.column_names == COLUMNS and chunked.num_rows == 50
+    # float32 kernels may block a 7-row batch differently from a 50-row one: equal to rounding
+    for column in COLUMNS[:-1]:
+        np.testing.assert_allclose(chunked[column].to_numpy(), whole[column].to_numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(chunked["is_anomaly"].to_numpy(), whole["is_anomaly"].to_numpy())
+
+
+def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
+    root, _ = trained
+    pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["train", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "'b'" in capsys.readouterr().err
+    assert (
+        main(["score", str(tmp_path / "nope"), str(root / "new.csv"), "--out", str(tmp_path / "o.csv")]) == 2
+    )
+    assert "bundle.json is missing" in capsys.readouterr().err
+    assert (
+        main(["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(tmp_path / "o.json")]) == 2
+    )
+    assert "--out must end in one of" in capsys.readouterr().err
+    args = ["train", str(root / "train.csv"), "--out", str(tmp_path / "c"), "--steps", "5", "--quiet"]
+    assert main([*args, "--fpr", "0.001"]) == 2
+    assert "below 1/n" in capsys.readouterr().err
+    assert main([*args, "--latent", "8"]) == 2  # without --label-column, the label is a 7th feature
+    assert "exceeds the data size 7" in capsys.readouterr().err
+
+
+def test_shipped_default_model_reproduces_its_calibration_scores():
+    bundle = load_bundle("models/default")
+    assert sum(f.stat().st_size for f in bundle.path.iterdir()) < 1_000_000
+    table = read_table("data/breast-cancer-train.csv", label_column="malignant")
+    fit, rows = bundle.manifest["training"]["fit"], bundle.manifest["training"]["rows"]
+    n = table.values.shape[0]
+    splits = split_rows(n, rows["validation"] / n, rows["calibration"] / n, fit["seed"])
+    assert splits.calibration.size == rows["calibration"]
+    scorer = TorchScorer(bundle)
+    for method, stored in bundle.calibration.items():
+        recomputed = np.sort(scorer.score(table.values[splits.calibration], method).score)
+        np.testing.assert_allclose(recomputed, stored, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic table with a known manifold, and a tiny trained bundle."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.pipeline import TrainRequest, train_bundle
+from app.train import Candidate, FitOptions
+
+FEATURES = [f"f{i}" for i in range(6)]
+
+
+def manifold_rows(n: int, seed: int) -> np.ndarray:
+    """Rows near a curved 2-D manifold in R^6, in raw (unstandardised) units."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 2))
+    x = np.c_[z[:, 0], z[:, 1], z[:, 0] * z[:, 1], np.sin(z[:, 0]), z[:, 1] ** 2, z[:, 0] - z[:, 1]]
+    return 10 + 3 * x + 0.05 * rng.standard_normal((n, 6))
+
+
+def off_manifold_rows(n: int, seed: int) -> np.ndarray:
+    """Points among the normal rows' range, pushed off the manifold in a random direction."""
+    rng = np.random.default_rng(seed)
+    base = manifold_rows(n, seed + 1)
+    direction = rng.standard_normal((n, 6))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    return base + 3.0 * direction
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    request = TrainRequest(
+        candidates=[Candidate(latent_dim=2, hidden=16, components=2, beta=b) for b in (0.1, 1.0)],
+        fit=FitOptions(steps=300, batch_size=64),
+        name="tiny",
+    )
+    train_bundle(manifold_rows(600, seed=0), FEATURES, request, out)
+    return out

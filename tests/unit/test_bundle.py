@@ -1,0 +1,127 @@
+"""The bundle: round trip, and refusal of every kind of corrupt or mismatched bundle."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from app.bundle import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
+from app.model import ManifoldModel
+from app.scorer import TorchScorer
+from app.spec import Architecture, weight_shapes
+
+from ..conftest import FEATURES, manifold_rows
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        Architecture(input_dim=7, latent_dim=3, hidden=5, depth=2, prior="normal"),
+        Architecture(input_dim=7, latent_dim=3, hidden=5, depth=0, prior="vamp", components=4),
+        Architecture(
+            input_dim=7, latent_dim=3, hidden=5, depth=3, geometry="sphere", prior="vmf", components=2
+        ),
+    ],
+)
+def test_documented_weight_shapes_are_the_networks_state(arch):
+    state = ManifoldModel(arch).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == weight_shapes(arch)
+
+
+def test_round_trip_rebuilds_the_same_scores(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.features == FEATURES and bundle.name == "tiny"
+    assert len(bundle.version) == 16 and bundle.version == content_version(bundle.manifest)
+    x = manifold_rows(50, seed=5)
+    first, second = TorchScorer(bundle).score(x), TorchScorer(load_bundle(tiny_bundle)).score(x)
+    np.testing.assert_array_equal(first.score, second.score)
+    # the rebuilt network reproduces the stored calibration scores of its own default method
+    assert bundle.calibration[bundle.default_method].dtype == np.float64
+    assert np.all(np.diff(bundle.calibration[bundle.default_method]) >= 0)
+
+
+def test_derived_prior_tensors_are_the_encoded_pseudo_inputs(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    model = bundle.build_model()
+    with torch.no_grad():
+        locations = model.encoder(model.prior.pseudo_inputs).numpy()
+    np.testing.assert_allclose(bundle.weights["derived.prior.locations"], locations, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        bundle.weights["derived.prior.scales"], np.exp(bundle.weights["prior.log_scales"]), rtol=1e-6
+    )
+
+
+@pytest.fixture()
+def copy(tiny_bundle, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, target)
+    return target
+
+
+def _rewrite_manifest(path, edit):
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    manifest["version"] = content_version(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_flipped_byte_is_refused(copy):
+    data = bytearray((copy / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"weights.safetensors does not match its SHA-256"):
+        load_bundle(copy)
+
+
+def test_truncated_file_is_refused(copy):
+    data = (copy / CALIBRATION).read_bytes()
+    (copy / CALIBRATION).write_bytes(data[:-8])
+    with pytest.raises(BundleError, match=r"calibration.safetensors has \d+ bytes, the manifest says"):
+        load_bundle(copy)
+
+
+def test_missing_file_is_refused(copy):
+    (copy / WEIGHTS).unlink()
+    with pytest.raises(BundleError, match=r"weights\.safetensors is missing"):
+        load_bundle(copy)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(BundleError, match=r"bundle\.json is missing"):
+        load_bundle(copy)
+
+
+def test_other_schema_version_is_refused(copy):
+    _rewrite_manifest(copy, lambda m: m.update(schema_version=99))
+    with pytest.raises(BundleError, match="schema version 99, this build reads version 1"):
+        load_bundle(copy)
+
+
+def test_edited_manifest_is_refused(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["noise"]["sigma2"] = 123.0
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="edited after the bundle was written"):
+        load_bundle(copy)
+
+
+def test_shape_mismatch_is_refused(copy):
+    _rewrite_manifest(copy, lambda m: m["architecture"].update(hidden=17))
+    with pytest.raises(
+        BundleError,
+        match=r"tensor encoder.net.layers.0.weight has shape \(16, 6\), the architecture needs \(17, 6\)",
+    ):
+        load_bundle(copy)
+
+
+def test_garbage_manifest_is_refused(copy):
+    (copy / MANIFEST).write_bytes(b"\x00\xff not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(copy)
+
+
+def test_no_pickle_anywhere(tiny_bundle):
+    for file in tiny_bundle.iterdir():
+        head = file.read_bytes()[:2]
+        assert head not in {b"\x80\x04", b"\x80\x05"}, f"{file.name} looks like a pickle"
+    assert {f.name for f in tiny_bundle.iterdir()} == {MANIFEST, WEIGHTS, CALIBRATION, "leaderboard.csv"}

@@ -1,0 +1,143 @@
+"""Training: the MMD estimator, the grid, noise fitting, selection, determinism, and detection."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares
+
+from app.bundle import WEIGHTS, load_bundle
+from app.metrics import roc_auc
+from app.pipeline import TrainRequest, split_rows, train_bundle
+from app.scorer import TorchScorer
+from app.train import GRIDS, Candidate, FitOptions, expand_grid, fit_candidates, fit_noise, imq_mmd
+
+from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+
+
+def test_imq_mmd_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal((3, 40, 2)), rng.standard_normal((3, 40, 2)) + 0.5
+    widths = np.array([0.1, 1.0, 4.0])
+    expected = []
+    for zc, yc, c in zip(z, y, widths, strict=True):
+
+        def k(a, b, c=c):
+            return c / (c + ((a[:, None] - b[None]) ** 2).sum(-1))
+
+        n = len(zc)
+        kzz, kyy = k(zc, zc), k(yc, yc)
+        expected.append(
+            (kzz.sum() - np.trace(kzz)) / (n * (n - 1))
+            + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2 * k(zc, yc).mean()
+        )
+    got = imq_mmd(torch.tensor(z), torch.tensor(y), torch.tensor(widths)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_paper_grid_has_the_288_combinations_and_drops_latents_that_do_not_fit():
+    assert len(expand_grid(GRIDS["paper"], input_dim=30)) == 288
+    # the sphere S^8 (latent 9) is 8-dimensional: it fits 8 features but not 7
+    assert len(expand_grid(GRIDS["paper"], input_dim=8)) == 288
+    assert len(expand_grid(GRIDS["paper"], input_dim=7)) == 192
+    with pytest.raises(ValueError, match="unknown grid keys"):
+        expand_grid({"latnet": [2]}, input_dim=5)
+
+
+def test_fitted_noise_variance_is_the_mean_squared_residual_per_direction():
+    x = (manifold_rows(400, seed=1) - 10) / 3
+    [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=200))
+    model = fitted.model
+    fit_noise(model, x)
+    with torch.no_grad():
+        xt = torch.tensor(x, dtype=torch.float32)
+        residual = (xt - model.decoder(model.encoder(xt))).double().numpy()
+    assert model.sigma2 == pytest.approx((residual**2).sum(1).mean() / 6, rel=1e-5)
+
+
+def test_normal_noise_variance_uses_the_projection_onto_the_manifold():
+    # An independent projection: scipy's least squares from g(x) on each row; at the optimum the
+    # residual is normal to the manifold, so sigma2_normal = mean |x - f(z*)|^2 / (d - m).
+    x = (manifold_rows(300, seed=1) - 10) / 3
+    [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=300))
+    model = fitted.model.double()
+    rows = x[:60]
+    fit_noise(model, rows)
+
+    def residual(z, row):
+        with torch.no_grad():
+            return (torch.tensor(row) - model.decoder(torch.tensor(z).unsqueeze(0))[0]).numpy()
+
+    with torch.no_grad():
+        starts = model.encoder(torch.tensor(rows)).numpy()
+    squared = [
+        np.sum(least_squares(residual, z0, args=(row,), xtol=1e-12).fun ** 2)
+        for z0, row in zip(starts, rows, strict=True)
+    ]
+    assert model.sigma2_normal == pytest.approx(np.mean(squared) / (6 - 2), rel=1e-3)
+    assert model.sigma2_normal < model.sigma2 * 6 / 4  # projecting can only shorten the residual
+
+
+def test_same_data_options_and_seed_give_byte_identical_weights(tmp_path):
+    request = TrainRequest([Candidate(latent_dim=2, hidden=8, components=2)], FitOptions(steps=60), name="d")
+    data = manifold_rows(300, seed=2)
+    train_bundle(data, FEATURES, request, tmp_path / "a")
+    train_bundle(data, FEATURES, request, tmp_path / "b")
+    assert (tmp_path / "a" / WEIGHTS).read_bytes() == (tmp_path / "b" / WEIGHTS).read_bytes()
+    assert load_bundle(tmp_path / "a").version == load_bundle(tmp_path / "b").version
+    other = TrainRequest(request.candidates, FitOptions(steps=60, seed=1), name="d")
+    train_bundle(data, FEATURES, other, tmp_path / "c")
+    assert (tmp_path / "a" / WEIGHTS).read_bytes() != (tmp_path / "c" / WEIGHTS).read_bytes()
+
+
+def _leaderboard(bundle_dir):
+    return list(csv.DictReader(io.StringIO((bundle_dir / "leaderboard.csv").read_text())))
+
+
+def test_unsupervised_selection_takes_the_highest_validation_log_likelihood(tiny_bundle):
+    rows = _leaderboard(tiny_bundle)
+    assert len(rows) == 2
+    chosen = max(rows, key=lambda r: float(r["val_loglik_likelihood"]))
+    assert [r["selected"] for r in rows].count("1") == 1 and chosen["selected"] == "1"
+    manifest = load_bundle(tiny_bundle).manifest
+    assert manifest["training"]["selection"].startswith("unsupervised")
+    assert float(chosen["beta"]) == manifest["training"]["hyper_parameters"]["beta"]
+
+
+def test_supervised_selection_takes_the_highest_validation_auc(tmp_path):
+    normal, anomalous = manifold_rows(500, seed=3), off_manifold_rows(40, seed=4)
+    values = np.r_[normal, anomalous]
+    labels = np.r_[np.zeros(500, bool), np.ones(40, bool)]
+    request = TrainRequest(
+        [Candidate(latent_dim=k, hidden=16, components=2) for k in (1, 2, 4)], FitOptions(steps=200), name="s"
+    )
+    train_bundle(values, FEATURES, request, tmp_path / "s", labels=labels)
+    rows = _leaderboard(tmp_path / "s")
+    chosen = max(rows, key=lambda r: float(r["val_auc_likelihood"]))
+    assert chosen["selected"] == "1"
+    assert load_bundle(tmp_path / "s").manifest["training"]["selection"].startswith("supervised")
+
+
+def test_split_is_disjoint_covering_and_refuses_too_few_rows():
+    s = split_rows(1000, 0.2, 0.2, seed=0)
+    together = np.concatenate([s.train, s.validation, s.calibration])
+    assert sorted(together.tolist()) == list(range(1000))
+    assert (s.train.size, s.validation.size, s.calibration.size) == (600, 200, 200)
+    with pytest.raises(ValueError, match="each split needs at least 10"):
+        split_rows(30, 0.2, 0.2, seed=0)
+
+
+def test_trained_model_ranks_off_manifold_points_above_on_manifold_points(tmp_path):
+    request = TrainRequest(
+        [Candidate(latent_dim=2, hidden=32, components=4, beta=1.0)], FitOptions(steps=1500), name="m"
+    )
+    result = train_bundle(manifold_rows(1500, seed=5), FEATURES, request, tmp_path / "m")
+    scorer = TorchScorer(result.bundle)
+    on, off = manifold_rows(300, seed=6), off_manifold_rows(300, seed=7)
+    labels = np.r_[np.zeros(300), np.ones(300)]
+    for method in ("likelihood", "projected", "encoder"):
+        scores = scorer.score(np.r_[on, off], method).score
+        assert roc_auc(labels, scores) > 0.9, method
