@@ -153,9 +153,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Facts about the run rather than the model: equal data, options and seed must give an equal version.
+UNHASHED = ("version", "created", "build")
+
+
 def content_version(manifest: dict[str, Any]) -> str:
-    """Hash of everything but the version itself and the creation time: equal content, equal version."""
-    content = {k: v for k, v in manifest.items() if k not in ("version", "created")}
+    """Hash of the whole manifest but UNHASHED: equal content, equal version."""
+    content = {k: v for k, v in manifest.items() if k not in UNHASHED}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -199,6 +203,7 @@ def save_bundle(
     default_fpr: float = 0.01,
     training: dict[str, Any] | None = None,
     leaderboard_csv: str | None = None,
+    build: dict[str, Any] | None = None,
 ) -> Bundle:
     """Write a bundle directory and return it as loaded back from disk."""
     arch = model.arch
@@ -257,7 +262,7 @@ def save_bundle(
             },
         },
         "training": training or {},
-        "libraries": library_versions(),
+        "build": (build or {}) | {"libraries": library_versions()},
         "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
     manifest["version"] = content_version(manifest)
@@ -308,6 +313,8 @@ def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
         if required_file not in files:
             raise BundleError(f"{root / MANIFEST}: files lacks {required_file}")
     for name, expected in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"{root / MANIFEST}: file name {name!r} must name a file inside the bundle")
         file = root / name
         if not file.is_file():
             raise BundleError(f"{root}: {name} is missing")
@@ -339,6 +346,14 @@ def _verify_weights(root: Path, arch: Architecture, weights: dict[str, NDArray[n
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle directory; any inconsistency is a BundleError saying what and where."""
     root = Path(path)
+    try:
+        return _load(root)
+    except (KeyError, TypeError, AttributeError) as e:
+        # A manifest of the right schema but malformed inside (an entry missing or of the wrong type).
+        raise BundleError(f"{root}: malformed {MANIFEST}: {type(e).__name__}: {e}") from e
+
+
+def _load(root: Path) -> Bundle:
     manifest = _read_manifest(root)
     _verify_files(root, manifest["files"])
     try:
@@ -351,6 +366,12 @@ def load_bundle(path: str | Path) -> Bundle:
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{root}: cannot read tensors: {e}") from e
     _verify_weights(root, arch, weights)
+    for method in METHODS:
+        scores = calibration.get(method)
+        if scores is None or scores.ndim != 1 or scores.size == 0:
+            raise BundleError(f"{root}: {CALIBRATION} lacks the calibration scores of {method!r}")
+        if not (np.isfinite(scores).all() and np.all(np.diff(scores) >= 0)):
+            raise BundleError(f"{root}: calibration scores of {method!r} must be finite and ascending")
     d = arch.input_dim
     scaler = manifest["scaler"]
     if len(manifest["features"]) != d or len(scaler["mean"]) != d or len(scaler["scale"]) != d:

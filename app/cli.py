@@ -1,4 +1,4 @@
-"""The `anomaly-scores` command line: train, score, info (and serve, once the service is in)."""
+"""The `anomaly-scores` command line: train, score, info, serve."""
 
 from __future__ import annotations
 
@@ -77,12 +77,23 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over HTTP (settings: ANOMALY_* environment variables)")
+    p.add_argument(
+        "--model", type=Path, help="bundle directory (default: $ANOMALY_MODEL_PATH or models/default)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-scores", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_score(sub)
     _add_info(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -264,7 +275,31 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "score": _score, "info": _info}
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from app.service.settings import Settings
+
+    if args.model is not None:
+        # Through the environment, so every worker process builds the same settings.
+        os.environ["ANOMALY_MODEL_PATH"] = str(args.model)
+    settings = Settings()
+    load_bundle(settings.model_path)  # refuse a bad bundle before binding the port
+    uvicorn.run(
+        "app.service.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        access_log=False,  # the service writes its own JSON line per request
+    )
+    return 0
+
+
+COMMANDS = {"train": _train, "score": _score, "info": _info, "serve": _serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,11 +84,10 @@ class NormalPrior(Prior):
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        # Carries dtype and device for the parameterless distribution.
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)
 
     def distribution(self, encoder: Encoder) -> LatentDistribution:
-        return StandardNormal(self.latent_dim, dtype=self.anchor.dtype, device=self.anchor.device)
+        reference = next(encoder.parameters())  # dtype and device of the model
+        return StandardNormal(self.latent_dim, dtype=reference.dtype, device=reference.device)
 
 
 class VampGaussianPrior(Prior):

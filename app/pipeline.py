@@ -176,7 +176,6 @@ def train_bundle(
         "validation_log_likelihood": reports[selected].val_log_likelihood,
         "validation_auc": reports[selected].val_auc or None,
         "loss_curve": best.loss_curve,
-        "seconds": round(time.perf_counter() - started, 1),
         "notes": notes,
     }
     bundle = save_bundle(
@@ -191,5 +190,6 @@ def train_bundle(
         default_fpr=default_fpr,
         training=training,
         leaderboard_csv=_leaderboard(reports, selected),
+        build={"training_seconds": round(time.perf_counter() - started, 1)},
     )
     return TrainResult(bundle, reports, selected, notes)

@@ -1,0 +1,67 @@
+"""The FastAPI app factory: routes parse and delegate, errors map to responses in one place.
+
+uvicorn app.service.main:create_app --factory      (settings from ANOMALY_* variables)
+anomaly-scores serve [--model DIR] [--host] [--port]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.service.errors import ServiceError
+from app.service.logs import RequestLogMiddleware, configure_logging
+from app.service.routes import router
+from app.service.runtime import Runtime, json_response
+from app.service.settings import Settings
+
+log = logging.getLogger("anomaly_scores.service")
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> Response:
+        return json_response(exc.body(), exc.status, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": "invalid request", "detail": exc.errors()}, 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return json_response({"error": "internal error", "detail": type(exc).__name__}, 500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    runtime = Runtime(settings or Settings())
+    configure_logging(runtime.settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Loading runs beside the server so /healthz answers at once and /readyz says 503 until done.
+        threading.Thread(target=runtime.load, name="model-load", daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="anomaly-scores",
+        version="0.1.0",
+        summary="Anomaly scores for tabular data: the exact manifold likelihood (Smidl, Bim, Pevny 2019).",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(RequestLogMiddleware, metrics=runtime.metrics)
+    register_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,125 @@
+"""Prometheus metrics of one service instance, in their own registry (names: docs/metrics.md)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from app.bundle import Bundle
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# Calibration quantiles that become the anomaly_score buckets: a dashboard reads the live share
+# of scores above each and compares it with 1 - q.
+SCORE_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+def score_buckets(bundle: Bundle, method: str) -> tuple[float, ...]:
+    scores = bundle.calibration[method]
+    edges = np.quantile(scores, [q for q in SCORE_QUANTILES if q * scores.size >= 1])
+    return tuple(float(e) for e in np.unique(edges))
+
+
+class ScoreHistogram(Collector):
+    """anomaly_score as a histogram filled a whole batch at a time (one searchsorted per request,
+    not one Python call per row)."""
+
+    def __init__(self, edges: tuple[float, ...]) -> None:
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.counts = np.zeros(self.edges.size + 1, dtype=np.int64)  # last: above every edge
+        self.total = 0.0
+        self.lock = threading.Lock()
+
+    def observe(self, scores: NDArray[np.float64]) -> None:
+        # Prometheus buckets are "less than or equal to the edge".
+        counts = np.bincount(np.searchsorted(self.edges, scores, side="left"), minlength=self.counts.size)
+        with self.lock:
+            self.counts += counts
+            self.total += float(scores.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self.lock:
+            cumulative = np.cumsum(self.counts).tolist()
+            total = self.total
+        buckets = [(repr(float(e)), c) for e, c in zip(self.edges, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        family = HistogramMetricFamily(
+            "anomaly_score", "Scores of the default method; buckets are its calibration quantiles"
+        )
+        family.add_metric([], buckets, total)
+        yield family
+
+
+class Metrics:
+    """Process-wide metrics exist from the start; the model's own appear once it is loaded."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # *_created series only double the exposition; dashboards never use them
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "anomaly_requests_total",
+            "Requests by endpoint and status code (health and metrics excluded)",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "anomaly_request_duration_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rows = Counter(
+            "anomaly_rows_scored_total", "Rows scored", ["model", "version", "method"], registry=r
+        )
+        self.batch_rows = Histogram(
+            "anomaly_batch_rows", "Rows per scoring request", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.flagged = Counter(
+            "anomaly_flagged_total", "Rows flagged, by threshold", ["threshold"], registry=r
+        )
+        self.threshold = Gauge(
+            "anomaly_threshold", "Threshold values of the default method", ["threshold"], registry=r
+        )
+        self.threshold_fpr = Gauge(
+            "anomaly_threshold_fpr",
+            "Calibrated false-positive rate of each threshold",
+            ["threshold"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "anomaly_model_info", "The model being served (value 1)", ["name", "version"], registry=r
+        )
+        self.score: ScoreHistogram | None = None
+        self.default_method = ""
+
+    def attach_model(self, bundle: Bundle, method: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(bundle.name, bundle.version).set(1)
+        self.default_method = method
+        self.threshold.clear()
+        self.threshold_fpr.clear()
+        for fpr in bundle.fprs:
+            t = bundle.threshold(method, fpr)
+            self.threshold.labels(t.name).set(t.value)
+            self.threshold_fpr.labels(t.name).set(fpr)
+        if self.score is not None:
+            self.registry.unregister(self.score)
+        self.score = ScoreHistogram(score_buckets(bundle, method))
+        self.registry.register(self.score)
+
+    def observe_scores(
+        self, bundle: Bundle, method: str, threshold: str, scores: NDArray[np.float64], flagged: int
+    ) -> None:
+        self.rows.labels(bundle.name, bundle.version, method).inc(scores.size)
+        self.batch_rows.observe(scores.size)
+        self.flagged.labels(threshold).inc(flagged)
+        if method == self.default_method and self.score is not None:
+            self.score.observe(scores)

@@ -1,0 +1,135 @@
+"""The routes: parse, delegate to the scorer off the event loop, answer. No logic of their own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.bundle import METHODS
+from app.calibration import threshold_name
+from app.scorer import ScoreOutput
+from app.service import schemas
+from app.service.errors import UnsupportedMediaType
+from app.service.parsing import ScoreRequest, parse_json
+from app.service.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
+
+router = APIRouter()
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"name": served.bundle.name, "version": served.bundle.version},
+        "method": out.method,
+        "threshold": {"name": out.threshold.name, "fpr": out.threshold.fpr, "value": out.threshold.value},
+        "scores": out.score,
+        "is_anomaly": out.is_anomaly,
+        "p_values": out.p_value,
+        "log_likelihood": out.log_likelihood,
+    }
+    if request.components:
+        body |= {
+            "log_prior": out.log_prior,
+            "log_volume": out.log_volume,
+            "log_residual": out.log_residual,
+            "reconstruction_error": out.reconstruction_error,
+        }
+    if request.explain:
+        body["explain"] = {"features": served.bundle.features, "residual_share": out.residual_share}
+    return body
+
+
+@router.post(
+    "/score",
+    summary="Score rows",
+    response_model=None,
+    responses={
+        200: {
+            "model": schemas.ScoreResponse,
+            "content": {"application/json": {"example": schemas.RESPONSE_EXAMPLE}},
+        },
+        **{code: {"model": schemas.ErrorResponse} for code in (400, 401, 413, 415, 422, 503)},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": schemas.ScoreRequest.model_json_schema(),
+                    "examples": schemas.REQUEST_EXAMPLES,
+                }
+            },
+        }
+    },
+)
+async def score(request: Request) -> Response:
+    runtime = runtime_of(request)
+    runtime.authorize(request)
+    served = runtime.served_or_503()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"content type {content_type or 'missing'!r}; send application/json",
+            {"accepted": ["application/json"]},
+        )
+    body = await runtime.read_body(request)
+    parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
+    method = resolve_method(parsed.method, served.method)
+    fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
+    out = await run_in_threadpool(served.scorer.score, parsed.x, method, fpr, parsed.explain)
+    request.state.rows = parsed.x.shape[0]
+    runtime.metrics.observe_scores(
+        served.bundle, method, out.threshold.name, out.score, int(out.is_anomaly.sum())
+    )
+    return json_response(_response_body(served, out, parsed))
+
+
+@router.get("/model", summary="Model metadata", responses={503: {"model": schemas.ErrorResponse}})
+async def model(request: Request) -> Response:
+    runtime = runtime_of(request)
+    runtime.authorize(request)
+    served = runtime.served_or_503()
+    m = served.bundle.manifest
+    return json_response(
+        {
+            "name": m["name"],
+            "version": m["version"],
+            "created": m["created"],
+            "features": m["features"],
+            "methods": list(METHODS),
+            "default_method": served.method,
+            "default_threshold": threshold_name(served.fpr),
+            "thresholds": m["thresholds"],
+            "calibration": m["calibration"],
+            "architecture": m["architecture"],
+            "noise": m["noise"],
+            "training": {k: v for k, v in m.get("training", {}).items() if k != "loss_curve"},
+        }
+    )
+
+
+@router.get("/healthz", summary="Process alive")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get(
+    "/readyz", summary="Model loaded and warmed up", responses={503: {"model": schemas.ErrorResponse}}
+)
+async def readyz(request: Request) -> Response:
+    served = runtime_of(request).served_or_503()
+    return json_response(
+        {"status": "ready", "model": {"name": served.bundle.name, "version": served.bundle.version}}
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(runtime_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

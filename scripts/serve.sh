@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command: set up the environment and serve the shipped default model on http://127.0.0.1:8000
+# (override with ANOMALY_MODEL_PATH, HOST and PORT; every ANOMALY_* setting is read by the service).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup.sh" "train,serve"
+cd "$root"
+exec .venv/bin/anomaly-scores serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"

@@ -1,0 +1,138 @@
+"""Every refusal: status, {"error", "detail"} shape, and a message naming the row, column or limit."""
+
+import json
+
+import pytest
+
+from app.service.settings import Settings
+
+from ..conftest import FEATURES
+from .conftest import ready_client
+
+ROW = [1.0] * len(FEATURES)
+
+
+def post(client, body: bytes | str, content_type: str = "application/json", **headers):
+    data = body.encode() if isinstance(body, str) else body
+    return client.post("/score", content=data, headers={"content-type": content_type, **headers})
+
+
+def check(response, status: int, *fragments: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    for fragment in fragments:
+        assert fragment in body["error"], (fragment, body["error"])
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ('{"instances": [[1,1,1,1,1,1],[1,1,NaN,1,1,1]]}', ["instances[1]", "column 2 ('f2')", "nan"]),
+        ('{"instances": [[1,1,1,1,1,Infinity]]}', ["instances[0]", "column 5 ('f5')", "inf"]),
+        ('{"instances": [[1,1,1,1,1e999,1]]}', ["instances[0]", "column 4 ('f4')", "finite"]),
+        ('{"instances": [[1,1,1,1,1,1e300]]}', ["column 5 ('f5')", "the limit is 1e+15"]),
+        ('{"instances": [[1,1,"x",1,1,1]]}', ["instances[0], column 2 ('f2'): expected a number, got str"]),
+        ('{"instances": [[1,1,1,true,1,1]]}', ["column 3 ('f3'): expected a number, got bool"]),
+        ('{"instances": [[1,1,1,1,1,null]]}', ["column 5 ('f5'): expected a number, got NoneType"]),
+        ('{"instances": [[1,1,1,1,1]]}', ["instances[0] has 5 values; the model takes 6 features", "f0, f1"]),
+        ('{"instances": [[1,1,1,1,1,1],[1,1,1]]}', ["instances[1] has 3 values"]),
+        ('{"instances": [[1,1,1,1,1,1], 5]}', ["instances[1] is a int"]),
+        ('{"instances": []}', ["non-empty list"]),
+        ('{"instances": {"f0": 1}}', ["non-empty list"]),
+        ('{"rows": [[1,1,1,1,1,1]]}', ["unknown fields ['rows']"]),
+        ('{"method": "likelihood"}', ["'instances' is missing"]),
+        ("[[1,1,1,1,1,1]]", ["must be a JSON object"]),
+        ('{"instances": [[1,1,1,1,1,1]], "method": "nope"}', ["unknown method 'nope'", "likelihood"]),
+        ('{"instances": [[1,1,1,1,1,1]], "method": 3}', ["'method' must be a string"]),
+        (
+            '{"instances": [[1,1,1,1,1,1]], "threshold": "fpr_0.5"}',
+            ["unknown threshold 'fpr_0.5'", "fpr_0.1"],
+        ),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": 0.2}', ["unknown threshold 0.2"]),
+        ('{"instances": [[1,1,1,1,1,1]], "components": "yes"}', ["'components' must be true or false"]),
+    ],
+)
+def test_invalid_input_is_422_naming_the_problem(client, body, fragments):
+    check(post(client, body), 422, *fragments)
+
+
+def test_named_rows_with_missing_or_unknown_features_are_422(client):
+    row = dict(zip(FEATURES, ROW, strict=True))
+    missing = {k: v for k, v in row.items() if k != "f3"}
+    body = check(
+        post(client, json.dumps({"instances": [row, missing]})),
+        422,
+        "instances[1]",
+        "missing features ['f3']",
+    )
+    assert body["detail"] == {"row": 1, "missing": ["f3"], "unknown": []}
+    extra = row | {"f9": 2.0}
+    check(post(client, json.dumps({"instances": [extra]})), 422, "unknown features ['f9']")
+    check(post(client, json.dumps({"instances": [row, ROW]})), 422, "instances[1] is a list")
+    check(post(client, json.dumps({"instances": [row | {"f0": "1"}]})), 422, "column 0 ('f0')")
+
+
+def test_malformed_json_and_wrong_encoding_are_400(client):
+    check(post(client, '{"instances": [[1,2'), 400, "not valid JSON")
+    check(post(client, b'{"instances": [[1,1,1,1,1,1]]}'.decode().encode("utf-16")), 400, "not valid JSON")
+
+
+def test_limits_are_413(client):
+    check(
+        post(client, json.dumps({"instances": [ROW] * 501})), 413, "501 rows in one request; the limit is 500"
+    )
+    huge = json.dumps({"instances": [ROW] * 400}) + " " * 200_000
+    check(post(client, huge), 413, "the limit is 200000")
+
+
+def test_wrong_content_type_is_415(client):
+    check(
+        post(client, json.dumps({"instances": [ROW]}), "text/plain"), 415, "'text/plain'", "application/json"
+    )
+    check(client.post("/score", content=b"{}", headers={"content-type": ""}), 415, "'missing'")
+
+
+def test_unknown_route_and_method_keep_the_error_shape(client):
+    check(client.get("/nope"), 404)
+    check(client.get("/score"), 405)
+
+
+def test_api_keys_guard_score_and_model_but_not_probes(tiny_bundle):
+    client = ready_client(Settings(model_path=tiny_bundle, api_keys=["k1", "k2"], warmup_rows=4))
+    try:
+        body = json.dumps({"instances": [ROW]})
+        check(post(client, body), 401, "missing or invalid API key")
+        check(post(client, body, **{"X-API-Key": "k3"}), 401)
+        assert post(client, body, **{"X-API-Key": "k2"}).status_code == 200
+        assert post(client, body, Authorization="Bearer k1").status_code == 200
+        check(client.get("/model"), 401)
+        assert client.get("/model", headers={"x-api-key": "k1"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_keys_come_from_the_environment_as_a_comma_separated_list(monkeypatch):
+    monkeypatch.setenv("ANOMALY_API_KEYS", " a ,b,, ")
+    monkeypatch.setenv("ANOMALY_MAX_ROWS", "7")
+    settings = Settings()
+    assert settings.api_keys == ["a", "b"] and settings.max_rows == 7
+
+
+def test_a_model_that_fails_to_load_keeps_the_process_up_and_answers_503(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.service.main import create_app
+
+    with TestClient(create_app(Settings(model_path=tmp_path / "absent"))) as client:
+        assert client.get("/healthz").status_code == 200
+        for _ in range(100):
+            body = client.get("/readyz").json()
+            if body["detail"] is not None:
+                break
+        assert "bundle.json is missing" in body["detail"]
+        response = post(client, json.dumps({"instances": [ROW]}))
+        check(response, 503, "failed to load")
+        assert response.headers["retry-after"] == "1"

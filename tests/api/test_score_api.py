@@ -1,0 +1,102 @@
+"""POST /score, /model, health and OpenAPI against a tiny bundle, through the real ASGI app."""
+
+import numpy as np
+import pytest
+import torch
+
+from app.bundle import METHODS, load_bundle
+from app.scorer import TorchScorer
+
+from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+
+ROWS = np.r_[manifold_rows(20, seed=21), off_manifold_rows(10, seed=22)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return load_bundle(tiny_bundle)
+
+
+def test_scores_equal_the_scorer_in_request_order(client, bundle):
+    response = client.post("/score", json={"instances": ROWS.tolist()})
+    assert response.status_code == 200
+    body = response.json()
+    expected = TorchScorer(bundle).score(ROWS)
+    assert body["model"] == {"name": bundle.name, "version": bundle.version}
+    assert body["method"] == bundle.default_method
+    t = bundle.threshold(bundle.default_method, bundle.default_fpr)
+    assert body["threshold"] == {"name": t.name, "fpr": t.fpr, "value": pytest.approx(t.value)}
+    np.testing.assert_allclose(body["scores"], expected.score, rtol=1e-6)
+    np.testing.assert_allclose(body["log_likelihood"], -np.asarray(body["scores"]), rtol=1e-12)
+    np.testing.assert_allclose(body["p_values"], expected.p_value, rtol=1e-12)
+    assert body["is_anomaly"] == expected.is_anomaly.tolist()
+    assert "log_prior" not in body and "explain" not in body
+
+
+def test_rows_by_name_in_any_key_order_equal_rows_by_position(client):
+    named = [dict(reversed(list(zip(FEATURES, row, strict=True)))) for row in ROWS.tolist()]
+    by_name = client.post("/score", json={"instances": named}).json()
+    by_position = client.post("/score", json={"instances": ROWS.tolist()}).json()
+    assert by_name["scores"] == by_position["scores"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_with_components_adds_up(client, method):
+    body = client.post(
+        "/score", json={"instances": ROWS.tolist(), "method": method, "components": True}
+    ).json()
+    assert body["method"] == method
+    total = np.asarray(body["log_prior"]) + np.asarray(body["log_volume"]) + np.asarray(body["log_residual"])
+    np.testing.assert_allclose(total, body["log_likelihood"], rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(body["reconstruction_error"]) >= 0)
+
+
+def test_thresholds_by_name_and_by_rate_flag_exactly_the_small_p_values(client, bundle):
+    for fpr in bundle.fprs:
+        by_rate = client.post("/score", json={"instances": ROWS.tolist(), "threshold": fpr}).json()
+        by_name = client.post("/score", json={"instances": ROWS.tolist(), "threshold": f"fpr_{fpr:g}"}).json()
+        assert by_rate == by_name
+        assert by_rate["threshold"]["value"] == pytest.approx(
+            bundle.threshold(bundle.default_method, fpr).value
+        )
+        assert by_rate["is_anomaly"] == [p <= fpr for p in by_rate["p_values"]]
+
+
+def test_explain_gives_each_features_share_of_the_residual(client, bundle):
+    body = client.post("/score", json={"instances": ROWS.tolist(), "explain": True}).json()
+    assert body["explain"]["features"] == FEATURES
+    share = np.asarray(body["explain"]["residual_share"])
+    model = bundle.build_model()
+    with torch.no_grad():
+        x = torch.tensor(bundle.scaler.transform(ROWS), dtype=torch.float32)
+        e2 = ((x - model.decoder(model.encoder(x))) ** 2).double().numpy()
+    np.testing.assert_allclose(share, e2 / e2.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(share.sum(1), 1.0, rtol=1e-9)
+
+
+def test_model_metadata(client, bundle):
+    body = client.get("/model").json()
+    assert body["features"] == FEATURES and body["version"] == bundle.version
+    assert body["methods"] == list(METHODS) and body["default_threshold"] == f"fpr_{bundle.default_fpr:g}"
+    assert set(body["thresholds"]) == set(METHODS)
+    assert body["training"]["selection"].startswith("unsupervised")
+
+
+def test_health_ready_and_request_id(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 32 and generated != client.get("/healthz").headers["x-request-id"]
+
+
+def test_openapi_documents_score_with_examples(client):
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/score"]["post"]
+    content = operation["requestBody"]["content"]["application/json"]
+    assert set(content["examples"]) == {"rows", "named"}
+    assert "instances" in content["schema"]["properties"]
+    assert "example" in operation["responses"]["200"]["content"]["application/json"]
+    assert {"400", "401", "413", "415", "422", "503"} <= set(operation["responses"])
+    assert "swagger" in client.get("/docs").text.lower()
