@@ -277,6 +277,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     import uvicorn
 
@@ -287,6 +288,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["ANOMALY_MODEL_PATH"] = str(args.model)
     settings = Settings()
     load_bundle(settings.model_path)  # refuse a bad bundle before binding the port
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found;
+    # a no-op handler here turns that into a normal exit with status 0, which orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         "app.service.main:create_app",
         factory=True,

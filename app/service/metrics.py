@@ -22,7 +22,8 @@ SCORE_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
 
 def score_buckets(bundle: Bundle, method: str) -> tuple[float, ...]:
     scores = bundle.calibration[method]
-    edges = np.quantile(scores, [q for q in SCORE_QUANTILES if q * scores.size >= 1])
+    # a quantile needs at least one calibration score above it to mean anything
+    edges = np.quantile(scores, [q for q in SCORE_QUANTILES if (1 - q) * scores.size >= 1])
     return tuple(float(e) for e in np.unique(edges))
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app.bundle import METHODS
@@ -18,6 +18,8 @@ from app.service.parsing import ScoreRequest, parse_json
 from app.service.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
 
 router = APIRouter()
+# The classic text format, which every Prometheus release (Debian's included) scrapes.
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -132,4 +134,4 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(runtime_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(runtime_of(request).metrics.registry), media_type=PROMETHEUS_TEXT)
