@@ -40,6 +40,7 @@ MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.safetensors"
 LEADERBOARD = "leaderboard.csv"
+ONNX_FILE = "scoring-{method}.onnx"
 METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
 
 
@@ -190,6 +191,26 @@ def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float32
     return {}
 
 
+def _write_onnx(out: Path, model: ManifoldModel, features: list[str], scaler: Scaler) -> dict[str, str]:
+    """One fused scoring graph per exportable method (app.onnx_export), built from the weights."""
+    from app.onnx_export import EXPORTED_METHODS, build_graph
+
+    weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    weights |= {k: v.detach().cpu().float().numpy() for k, v in _derived_prior_tensors(model).items()}
+    manifest = {
+        "architecture": model.arch.to_dict(),
+        "noise": {"sigma2": float(model.sigma2)},
+        "scaler": scaler.to_dict(),
+        "features": features,
+    }
+    files = {}
+    for method in EXPORTED_METHODS:
+        name = ONNX_FILE.format(method=method)
+        (out / name).write_bytes(build_graph(manifest, weights, method))
+        files[method] = name
+    return files
+
+
 def save_bundle(
     out_dir: str | Path,
     *,
@@ -233,6 +254,8 @@ def save_bundle(
     for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
         (out / written).chmod(0o644)
     files = [WEIGHTS, CALIBRATION]
+    onnx_files = _write_onnx(out, model, features, scaler)
+    files += list(onnx_files.values())
     if leaderboard_csv is not None:
         (out / LEADERBOARD).write_text(leaderboard_csv)
         files.append(LEADERBOARD)
@@ -261,6 +284,7 @@ def save_bundle(
                 for m, s in sorted_scores.items()
             },
         },
+        "onnx": onnx_files,
         "training": training or {},
         "build": (build or {}) | {"libraries": library_versions()},
         "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
@@ -356,6 +380,9 @@ def load_bundle(path: str | Path) -> Bundle:
 def _load(root: Path) -> Bundle:
     manifest = _read_manifest(root)
     _verify_files(root, manifest["files"])
+    for method, file in manifest.get("onnx", {}).items():
+        if method not in METHODS or file not in manifest["files"]:
+            raise BundleError(f"{root}: the ONNX graph of {method!r} ({file}) is not a verified bundle file")
     try:
         arch = Architecture.from_dict(manifest["architecture"])
     except (TypeError, ValueError) as e:

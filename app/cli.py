@@ -67,7 +67,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet, rows in input order")
     p.add_argument("--method", choices=METHODS, help="default: the bundle's")
     p.add_argument("--fpr", type=float, help="threshold's false-positive rate (default: the bundle's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="default onnx (CPU)")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, or auto")
     p.add_argument("--chunk-rows", type=int, default=65_536, help="rows held in memory at once")
 
 
@@ -120,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from app.pipeline import TrainRequest, train_bundle
-    from app.scorer import resolve_device
+    from app.torch_scorer import resolve_device
     from app.train import Candidate, FitOptions, expand_grid
 
     table = read_table(
@@ -223,10 +224,10 @@ def _writer(path: Path) -> Iterator[Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from app.scorer import TorchScorer
+    from app.scorer import create_scorer
 
     bundle = load_bundle(args.bundle)
-    scorer = TorchScorer(bundle, args.device)
+    scorer = create_scorer(bundle, args.backend, args.device)
     rows = 0
     with _writer(args.out) as write:
         for chunk in iter_chunks(args.data, bundle.features, args.chunk_rows):

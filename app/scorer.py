@@ -1,18 +1,21 @@
-"""Scoring raw rows with a bundle: standardise, score, threshold, p-values. Torch backend.
+"""Scoring raw rows with a bundle: the backends' common output, thresholds, p-values and choice.
 
-The outputs are plain numpy arrays in input row order, shared by the command line and the service.
+Torch-free: the onnx backend (the CPU default) never imports PyTorch, so a CPU deployment can
+leave it out. Outputs are plain numpy arrays in input row order, shared by the command line and
+the service.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from app.bundle import METHODS, Bundle, Threshold
-from app.scores import score
+
+BACKENDS = ("onnx", "torch")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,22 @@ class ScoreOutput:
     is_anomaly: NDArray[np.bool_]
     residual_share: NDArray[np.float64] | None  # (n, d): each feature's share of the squared residual
 
+    def rows(self, start: int, stop: int) -> ScoreOutput:
+        """The same output restricted to rows start..stop-1 (for a coalesced batch's requests)."""
+        part = slice(start, stop)
+        return replace(
+            self,
+            score=self.score[part],
+            log_likelihood=self.log_likelihood[part],
+            log_prior=self.log_prior[part],
+            log_volume=self.log_volume[part],
+            log_residual=self.log_residual[part],
+            reconstruction_error=self.reconstruction_error[part],
+            p_value=self.p_value[part],
+            is_anomaly=self.is_anomaly[part],
+            residual_share=None if self.residual_share is None else self.residual_share[part],
+        )
+
     def columns(self) -> dict[str, NDArray[np.generic]]:
         """The per-row columns of `anomaly-scores score`, in their documented order."""
         return {
@@ -43,21 +62,10 @@ class ScoreOutput:
         }
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
-    return device
-
-
-class TorchScorer:
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
-        self.bundle = bundle
-        self.device = resolve_device(device)
-        self.model = bundle.build_model(self.device)
-        self.generative = self.model.generative()
-        self.scaler = bundle.scaler
+class Scorer(Protocol):
+    bundle: Bundle
+    backend: str
+    native_methods: tuple[str, ...]  # scored by this backend itself, without delegating
 
     def score(
         self,
@@ -65,33 +73,54 @@ class TorchScorer:
         method: str | None = None,
         fpr: float | None = None,
         explain: bool = False,
-    ) -> ScoreOutput:
-        method = method or self.bundle.default_method
-        if method not in METHODS:
-            raise ValueError(f"unknown score method {method!r}; choose one of {list(METHODS)}")
-        threshold = self.bundle.threshold(method, self.bundle.default_fpr if fpr is None else fpr)
-        x = torch.as_tensor(self.scaler.transform(x_raw), dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            parts = score(self.generative, x, method)
+    ) -> ScoreOutput: ...
 
-        def numpy(t: torch.Tensor) -> NDArray[np.float64]:
-            return t.double().cpu().numpy()
 
-        log_likelihood = numpy(parts.log_prob)
-        share = None
-        if explain:
-            e2 = numpy((x - parts.x_hat) ** 2)
-            share = e2 / np.maximum(e2.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
-        return ScoreOutput(
-            method=method,
-            threshold=threshold,
-            score=-log_likelihood,
-            log_likelihood=log_likelihood,
-            log_prior=numpy(parts.log_prior),
-            log_volume=numpy(parts.log_volume),
-            log_residual=numpy(parts.log_residual),
-            reconstruction_error=numpy(parts.reconstruction_error),
-            p_value=self.bundle.p_values(method, -log_likelihood),
-            is_anomaly=-log_likelihood > threshold.value,
-            residual_share=share,
-        )
+def check_method(method: str | None, bundle: Bundle) -> str:
+    method = method or bundle.default_method
+    if method not in METHODS:
+        raise ValueError(f"unknown score method {method!r}; choose one of {list(METHODS)}")
+    return method
+
+
+def assemble(
+    bundle: Bundle,
+    method: str,
+    fpr: float | None,
+    parts: dict[str, NDArray[np.floating]],
+    explain: bool,
+) -> ScoreOutput:
+    """Turn a backend's parts (log_prob, log_prior, log_volume, log_residual, reconstruction_error,
+    residual) into scores, p-values and flags at the threshold of `fpr` (default: the bundle's)."""
+    threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
+    log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
+    share = None
+    if explain:
+        e2 = np.asarray(parts["residual"], dtype=np.float64) ** 2
+        share = e2 / np.maximum(e2.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    return ScoreOutput(
+        method=method,
+        threshold=threshold,
+        score=-log_likelihood,
+        log_likelihood=log_likelihood,
+        log_prior=np.asarray(parts["log_prior"], dtype=np.float64),
+        log_volume=np.asarray(parts["log_volume"], dtype=np.float64),
+        log_residual=np.asarray(parts["log_residual"], dtype=np.float64),
+        reconstruction_error=np.asarray(parts["reconstruction_error"], dtype=np.float64),
+        p_value=bundle.p_values(method, -log_likelihood),
+        is_anomaly=-log_likelihood > threshold.value,
+        residual_share=share,
+    )
+
+
+def create_scorer(bundle: Bundle, backend: str = "onnx", device: str = "cpu") -> Scorer:
+    """onnx: onnxruntime on CPU; torch: PyTorch on `device` (cpu, cuda, or auto = cuda when present)."""
+    if backend == "onnx":
+        from app.onnx_scorer import OnnxScorer
+
+        return OnnxScorer(bundle)
+    if backend == "torch":
+        from app.torch_scorer import TorchScorer
+
+        return TorchScorer(bundle, device)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

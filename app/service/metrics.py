@@ -98,6 +98,15 @@ class Metrics:
         self.model_info = Gauge(
             "anomaly_model_info", "The model being served (value 1)", ["name", "version"], registry=r
         )
+        self.queue_seconds = Histogram(
+            "anomaly_coalesce_queue_seconds",
+            "Time a request waited to be merged",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.merged_rows = Histogram(
+            "anomaly_coalesced_batch_rows", "Rows per merged scoring batch", buckets=BATCH_BUCKETS, registry=r
+        )
         self.score: ScoreHistogram | None = None
         self.default_method = ""
 

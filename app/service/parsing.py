@@ -8,6 +8,8 @@ value. No per-number pydantic validation: a 1000-row request costs one parse and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -179,3 +181,57 @@ def parse_json(body: bytes, features: list[str], max_rows: int) -> ScoreRequest:
         x = _rows_from_lists(instances, features, suspicious)
     check_values(x, features)
     return ScoreRequest(x=x, **options)
+
+
+NPY_DTYPES = (np.dtype("<f4"), np.dtype("<f8"), np.dtype(">f4"), np.dtype(">f8"))
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None:
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise InvalidInput(f"query parameter '{name}' must be true or false, got {value!r}", {"field": name})
+
+
+def parse_npy(body: bytes, features: list[str], max_rows: int, query: dict[str, str]) -> ScoreRequest:
+    """A .npy file (float32 or float64, 2-D, rows in feature order); options as query parameters."""
+    unknown = [k for k in query if k not in OPTIONS]
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameters {unknown}; accepted: {list(OPTIONS)}", {"unknown": unknown}
+        )
+    try:
+        x = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadRequest(f"the body is not a valid .npy array: {e}") from None
+    if not isinstance(x, np.ndarray) or x.dtype not in NPY_DTYPES:
+        raise InvalidInput(f"the array's dtype is {getattr(x, 'dtype', type(x))}; send float32 or float64")
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InvalidInput(f"the array has shape {x.shape}; send a non-empty (rows, {len(features)}) matrix")
+    if x.shape[0] > max_rows:
+        raise PayloadTooLarge(
+            f"{x.shape[0]} rows in one request; the limit is {max_rows}",
+            {"rows": x.shape[0], "limit": max_rows},
+        )
+    if x.shape[1] != len(features):
+        raise InvalidInput(
+            f"the array has {x.shape[1]} columns; the model takes {len(features)} features in this order: "
+            f"{', '.join(features)}",
+            {"values": x.shape[1], "expected": len(features)},
+        )
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    check_values(x, features)
+    threshold: str | float | None = query.get("threshold")
+    if threshold is not None:
+        with contextlib.suppress(ValueError):  # a rate; otherwise a threshold's name
+            threshold = float(threshold)
+    return ScoreRequest(
+        x=x,
+        method=query.get("method"),
+        threshold=threshold,
+        components=_flag(query.get("components"), "components"),
+        explain=_flag(query.get("explain"), "explain"),
+    )

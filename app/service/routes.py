@@ -14,10 +14,11 @@ from app.calibration import threshold_name
 from app.scorer import ScoreOutput
 from app.service import schemas
 from app.service.errors import UnsupportedMediaType
-from app.service.parsing import ScoreRequest, parse_json
+from app.service.parsing import ScoreRequest, parse_json, parse_npy
 from app.service.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
 
 router = APIRouter()
+CONTENT_TYPES = ["application/json", "application/x-npy"]
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,7 +67,12 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
                 "application/json": {
                     "schema": schemas.ScoreRequest.model_json_schema(),
                     "examples": schemas.REQUEST_EXAMPLES,
-                }
+                },
+                "application/x-npy": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "a NumPy .npy file of a float32 or float64 (rows, features) matrix; "
+                    "options as query parameters method, threshold, components, explain",
+                },
             },
         }
     },
@@ -76,16 +82,24 @@ async def score(request: Request) -> Response:
     runtime.authorize(request)
     served = runtime.served_or_503()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
+    if content_type not in CONTENT_TYPES:
         raise UnsupportedMediaType(
-            f"content type {content_type or 'missing'!r}; send application/json",
-            {"accepted": ["application/json"]},
+            f"content type {content_type or 'missing'!r}; send one of {CONTENT_TYPES}",
+            {"accepted": CONTENT_TYPES},
         )
     body = await runtime.read_body(request)
-    parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
+    if content_type == "application/json":
+        parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
+    else:
+        parsed = parse_npy(
+            body, served.bundle.features, runtime.settings.max_rows, dict(request.query_params)
+        )
     method = resolve_method(parsed.method, served.method)
     fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
-    out = await run_in_threadpool(served.scorer.score, parsed.x, method, fpr, parsed.explain)
+    if runtime.coalescer is not None:
+        out = await runtime.coalescer.score(served.scorer, parsed.x, method, fpr, parsed.explain)
+    else:
+        out = await run_in_threadpool(served.scorer.score, parsed.x, method, fpr, parsed.explain)
     request.state.rows = parsed.x.shape[0]
     runtime.metrics.observe_scores(
         served.bundle, method, out.threshold.name, out.score, int(out.is_anomaly.sum())

@@ -14,7 +14,8 @@ from fastapi.responses import Response
 
 from app.bundle import METHODS, Bundle, load_bundle
 from app.calibration import threshold_name
-from app.scorer import TorchScorer
+from app.scorer import Scorer, create_scorer
+from app.service.batching import Coalescer
 from app.service.errors import InvalidInput, NotReady, PayloadTooLarge, Unauthorized
 from app.service.metrics import Metrics
 from app.service.settings import Settings
@@ -27,7 +28,7 @@ class Served:
     """Everything a request needs about the model, swapped as one object."""
 
     bundle: Bundle
-    scorer: TorchScorer
+    scorer: Scorer
     method: str
     fpr: float
 
@@ -65,13 +66,15 @@ def resolve_method(method: str | None, fallback: str) -> str:
 
 def load_served(settings: Settings) -> Served:
     bundle = load_bundle(settings.model_path)
-    scorer = TorchScorer(bundle, settings.device)
+    scorer = create_scorer(bundle, settings.backend, settings.device)
     method = resolve_method(settings.method, bundle.default_method)
     fpr = resolve_fpr(bundle, _threshold_setting(settings.threshold), bundle.default_fpr)
-    # Warm-up: every method once, so the first real request pays no first-call costs.
+    # Warm-up: every method the backend scores itself, so the first request pays no first-call
+    # costs. A delegated method (projected on onnx) starts its backend on first use instead: a
+    # CPU deployment that never asks for it never imports PyTorch.
     rows = np.repeat(bundle.scaler.mean[None], settings.warmup_rows, axis=0)
     rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
-    for m in METHODS:
+    for m in scorer.native_methods:
         scorer.score(rows, m, fpr)
     return Served(bundle, scorer, method, fpr)
 
@@ -91,6 +94,11 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.coalescer = (
+            Coalescer(settings.coalesce_max_rows, settings.coalesce_wait_ms / 1000, self.metrics)
+            if settings.coalesce
+            else None
+        )
         self.served: Served | None = None
         self.error: str | None = None
 

@@ -24,7 +24,13 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated keys for /score and /model; empty = open"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    device: str = Field("cpu", description="cpu, cuda, or auto")
+    backend: Literal["onnx", "torch"] = Field("onnx", description="onnx (CPU, no PyTorch) or torch")
+    device: str = Field("auto", description="torch backend: cpu, cuda, or auto (CUDA when present)")
+    coalesce: bool = Field(False, description="merge concurrent requests into one scoring batch")
+    coalesce_max_rows: int = Field(
+        4096, ge=1, description="a merged batch is scored once it holds this many rows"
+    )
+    coalesce_wait_ms: float = Field(2.0, ge=0, description="or once its first request has waited this long")
     warmup_rows: int = Field(256, ge=1, description="rows scored before /readyz turns 200")
 
     @field_validator("api_keys", mode="before")

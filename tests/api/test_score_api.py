@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from app.bundle import METHODS, load_bundle
-from app.scorer import TorchScorer
+from app.torch_scorer import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 

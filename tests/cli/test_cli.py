@@ -9,7 +9,7 @@ from app.bundle import load_bundle
 from app.cli import main
 from app.data import read_table
 from app.pipeline import split_rows
-from app.scorer import TorchScorer
+from app.torch_scorer import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 

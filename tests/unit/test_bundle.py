@@ -9,8 +9,8 @@ import torch
 
 from app.bundle import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
 from app.model import ManifoldModel
-from app.scorer import TorchScorer
 from app.spec import Architecture, weight_shapes
+from app.torch_scorer import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows
 
@@ -124,4 +124,10 @@ def test_no_pickle_anywhere(tiny_bundle):
     for file in tiny_bundle.iterdir():
         head = file.read_bytes()[:2]
         assert head not in {b"\x80\x04", b"\x80\x05"}, f"{file.name} looks like a pickle"
-    assert {f.name for f in tiny_bundle.iterdir()} == {MANIFEST, WEIGHTS, CALIBRATION, "leaderboard.csv"}
+    graphs = {f"scoring-{m}.onnx" for m in ("likelihood", "encoder", "reconstruction", "latent")}
+    assert {f.name for f in tiny_bundle.iterdir()} == {
+        MANIFEST,
+        WEIGHTS,
+        CALIBRATION,
+        "leaderboard.csv",
+    } | graphs

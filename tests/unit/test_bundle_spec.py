@@ -15,8 +15,8 @@ from scipy.special import expit, ive, logsumexp
 
 from app.bundle import METHODS, load_bundle
 from app.pipeline import TrainRequest, train_bundle
-from app.scorer import TorchScorer
 from app.scores import score
+from app.torch_scorer import TorchScorer
 from app.train import Candidate, FitOptions
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from scipy.optimize import least_squares
 from app.bundle import WEIGHTS, load_bundle
 from app.metrics import roc_auc
 from app.pipeline import TrainRequest, split_rows, train_bundle
-from app.scorer import TorchScorer
+from app.torch_scorer import TorchScorer
 from app.train import GRIDS, Candidate, FitOptions, expand_grid, fit_candidates, fit_noise, imq_mmd
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows

@@ -1,0 +1,301 @@
+"""The whole scoring computation of a bundle as one ONNX graph per score method.
+
+Built directly from the bundle's numpy weights with onnx.helper, so export needs neither PyTorch
+nor tracing, takes milliseconds, and the graph is exactly the mathematics of app/scores.py:
+
+  raw rows -> scaler -> encoder -> decoder with its Jacobian by forward-mode tangents
+  -> (sphere) tangent-space restriction -> log volume -> residual -> prior log-density -> parts
+
+The networks run in float32. The log volume is computed in float64 by Gram-Schmidt with
+re-orthogonalisation (CGS2) on the Jacobian's m rows: log|det R| = sum log s_i, with no Gram
+matrix J^T J whose determinant would underflow or lose the small singular values. m is known at
+export time, so the factorisation is unrolled.
+
+Outputs of every graph: log_prob, log_prior, log_volume, log_residual, reconstruction_error (B,)
+and residual (B, d), all float32. `projected` is iterative and not exported yet: it runs on the
+torch backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.spec import Architecture
+
+OPSET = 17
+EXPORTED_METHODS = ("likelihood", "encoder", "reconstruction", "latent")
+OUTPUTS = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error", "residual")
+SINGULAR_VALUE_FLOOR = 1e-12  # as app.scores
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Graph:
+    """A minimal builder: each method adds one node and returns its output's name."""
+
+    def __init__(self) -> None:
+        import onnx.helper as h
+
+        self.h = h
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, value: NDArray[Any] | float, dtype: type = np.float32) -> str:
+        from onnx import numpy_helper
+
+        name = self.name("c")
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(self.h.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def ops(self, op_type: str, inputs: list[str], n_out: int, **attrs: Any) -> list[str]:
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(self.h.make_node(op_type, inputs, outs, **attrs))
+        return outs
+
+    # Shorthands for the operations the scores need.
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", a, b)
+
+    def sub(self, a: str, b: str) -> str:
+        return self.op("Sub", a, b)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.op("Mul", a, b)
+
+    def div(self, a: str, b: str) -> str:
+        return self.op("Div", a, b)
+
+    def matmul(self, a: str, b: str) -> str:
+        return self.op("MatMul", a, b)
+
+    def sum(self, x: str, axis: int, keepdims: bool = False) -> str:
+        return self.op("ReduceSum", x, self.const(np.array([axis]), np.int64), keepdims=int(keepdims))
+
+    def unsqueeze(self, x: str, axis: int) -> str:
+        return self.op("Unsqueeze", x, self.const(np.array([axis]), np.int64))
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", x, to=to)
+
+
+def _layers(weights: dict[str, NDArray[np.float32]], net: str, depth: int) -> list[tuple[NDArray, NDArray]]:
+    return [
+        (weights[f"{net}.net.layers.{i}.weight"], weights[f"{net}.net.layers.{i}.bias"])
+        for i in range(depth + 1)
+    ]
+
+
+def _activation(g: Graph, h: str, name: str, with_slope: bool) -> tuple[str, str | None]:
+    """a(h) and, when asked, a'(h), as app.nn's activations."""
+    if name == "swish":
+        s = g.op("Sigmoid", h)
+        value = g.mul(h, s)
+        if not with_slope:
+            return value, None
+        one = g.const(1.0)
+        return value, g.mul(s, g.add(one, g.mul(h, g.sub(one, s))))
+    if name == "tanh":
+        t = g.op("Tanh", h)
+        return t, (g.sub(g.const(1.0), g.mul(t, t)) if with_slope else None)
+    if name == "relu":
+        value = g.op("Relu", h)
+        return value, (g.cast(g.op("Greater", h, g.const(0.0)), 1) if with_slope else None)
+    if name == "softplus":
+        return g.op("Softplus", h), (g.op("Sigmoid", h) if with_slope else None)
+    return h, (g.op("Add", g.mul(h, g.const(0.0)), g.const(1.0)) if with_slope else None)
+
+
+def _mlp(g: Graph, x: str, layers: list[tuple[NDArray, NDArray]], activation: str) -> str:
+    for i, (w, b) in enumerate(layers):
+        x = g.add(g.matmul(x, g.const(w.T)), g.const(b))
+        if i < len(layers) - 1:
+            x = _activation(g, x, activation, with_slope=False)[0]
+    return x
+
+
+def _mlp_with_tangents(
+    g: Graph, x: str, layers: list[tuple[NDArray, NDArray]], activation: str
+) -> tuple[str, str]:
+    """Value (B, out) and transposed Jacobian T = J^T (B, in, out), carried forward layer by layer."""
+    w0, b0 = layers[0]
+    h = g.add(g.matmul(x, g.const(w0.T)), g.const(b0))
+    tangents = g.const(w0.T)  # (in, width): broadcast over the batch by the first Mul
+    for w, b in layers[1:]:
+        value, slope = _activation(g, h, activation, with_slope=True)
+        tangents = g.mul(tangents, g.unsqueeze(slope, 1))  # (B, in, width)
+        h = g.add(g.matmul(value, g.const(w.T)), g.const(b))
+        tangents = g.matmul(tangents, g.const(w.T))
+    if len(layers) == 1:  # a linear map: J^T is the constant weight, broadcast to the batch
+        tangents = g.add(g.mul(g.unsqueeze(g.sum(x, 1, keepdims=True), 2), g.const(0.0)), tangents)
+    return h, tangents
+
+
+def _normalize(g: Graph, v: str) -> tuple[str, str]:
+    """(v / |v|, |v| (B, 1))."""
+    norm = g.op("Sqrt", g.sum(g.mul(v, v), 1, keepdims=True))
+    return g.div(v, norm), norm
+
+
+def _tangent_basis(g: Graph, z: str, k: int) -> str:
+    """B(z) (B, k, k - 1): the Householder construction of app.geometry.sphere_tangent_basis."""
+    first = g.op(
+        "Slice",
+        z,
+        g.const(np.array([0]), np.int64),
+        g.const(np.array([1]), np.int64),
+        g.const(np.array([1]), np.int64),
+    )
+    sign = g.op("Where", g.op("GreaterOrEqual", first, g.const(0.0)), g.const(1.0), g.const(-1.0))
+    e1 = np.zeros(k, dtype=np.float32)
+    e1[0] = 1.0
+    u = g.add(z, g.mul(sign, g.const(e1)))
+    scale = g.div(g.const(2.0), g.sum(g.mul(u, u), 1, keepdims=True))
+    tail = g.op(
+        "Slice",
+        u,
+        g.const(np.array([1]), np.int64),
+        g.const(np.array([k]), np.int64),
+        g.const(np.array([1]), np.int64),
+    )
+    outer = g.mul(g.unsqueeze(g.mul(scale, u), 2), g.unsqueeze(tail, 1))  # (B, k, k-1)
+    return g.sub(g.const(np.eye(k, dtype=np.float32)[:, 1:]), outer)
+
+
+def _sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
+    """sum_i log s_i of the m x n matrices whose rows are `rows` (B, m, n), in float64.
+
+    CGS2: each row is orthogonalised twice against the previous ones; the norms left are the
+    diagonal of R in A^T = Q R, and |det R| is the product of the singular values.
+    """
+    rows64 = g.cast(rows, 11)  # float64
+    parts = g.ops("Split", [rows64], m, axis=1) if m > 1 else [rows64]
+    parts = [g.op("Squeeze", p, g.const(np.array([1]), np.int64)) for p in parts]  # (B, n) each
+    basis: list[str] = []
+    total = None
+    floor = g.const(SINGULAR_VALUE_FLOOR, np.float64)
+    for row in parts:
+        a = row
+        for _ in range(2):
+            for q in basis:
+                a = g.sub(a, g.mul(g.sum(g.mul(q, a), 1, keepdims=True), q))
+        norm = g.op("Sqrt", g.sum(g.mul(a, a), 1, keepdims=True))  # (B, 1)
+        basis.append(g.div(a, g.op("Max", norm, g.const(1e-300, np.float64))))
+        term = g.op("Log", g.op("Max", norm, floor))
+        total = term if total is None else g.add(total, term)
+    assert total is not None
+    return g.cast(g.op("Squeeze", total, g.const(np.array([1]), np.int64)), 1)
+
+
+def _log_prior(g: Graph, z: str, arch: Architecture, weights: dict[str, NDArray[np.float32]]) -> str:
+    k = arch.latent_dim
+    if arch.prior == "normal":
+        return g.sub(g.mul(g.sum(g.mul(z, z), 1), g.const(-0.5)), g.const(0.5 * k * LOG_2PI))
+    K = arch.components
+    locations = weights["derived.prior.locations"].astype(np.float32)
+    if arch.prior == "vamp":
+        scales = weights["derived.prior.scales"].astype(np.float64)
+        u = g.div(g.sub(g.unsqueeze(z, 1), g.const(locations)), g.const(scales))  # (B, K, k)
+        constant = -np.log(scales).sum(-1) - 0.5 * k * LOG_2PI  # (K,)
+        components = g.add(g.mul(g.sum(g.mul(u, u), 2), g.const(-0.5)), g.const(constant))
+    else:
+        from scipy.special import ive
+
+        kappa = weights["derived.prior.kappa"].astype(np.float64)
+        v = 0.5 * k - 1
+        # kappa is fixed once trained, so the vMF normaliser is a constant of the graph.
+        log_normalizer = v * np.log(kappa) - 0.5 * k * LOG_2PI - (np.log(ive(v, kappa)) + kappa)
+        components = g.add(g.mul(g.matmul(z, g.const(locations.T)), g.const(kappa)), g.const(log_normalizer))
+    log_mean = g.op("ReduceLogSumExp", components, axes=[1], keepdims=0)
+    return g.sub(log_mean, g.const(math.log(K)))
+
+
+def _parts(
+    g: Graph, x: str, arch: Architecture, weights: dict[str, NDArray[np.float32]], method: str
+) -> tuple[str, str, str]:
+    """log_prior, log_volume and x_hat of one method, for standardised rows x."""
+    k, m, sphere = arch.latent_dim, arch.intrinsic_dim, arch.geometry == "sphere"
+    enc, dec = _layers(weights, "encoder", arch.depth), _layers(weights, "decoder", arch.depth)
+
+    def encode(inputs: str) -> str:
+        v = _mlp(g, inputs, enc, arch.activation)
+        return _normalize(g, v)[0] if sphere else v
+
+    if method == "likelihood":
+        z = encode(x)
+        x_hat, jt = _mlp_with_tangents(g, z, dec, arch.activation)  # J_f^T (B, k, d)
+        if sphere:  # (J B)^T = B^T J^T
+            jt = g.matmul(g.op("Transpose", _tangent_basis(g, z, k), perm=[0, 2, 1]), jt)
+        return (
+            _log_prior(g, z, arch, weights),
+            g.mul(_sum_log_singular_values(g, jt, m), g.const(-1.0)),
+            x_hat,
+        )
+    if method == "encoder":
+        x_hat = _mlp(g, encode(x), dec, arch.activation)
+        v, jt = _mlp_with_tangents(g, x_hat, enc, arch.activation)  # J_v^T (B, d, k)
+        z = v
+        if sphere:
+            z, norm = _normalize(g, v)
+            # B^T (I - z z^T) J_v / |v| = B^T J_v / |v|, since B^T z = 0
+            jt = g.div(g.matmul(jt, _tangent_basis(g, z, k)), g.unsqueeze(norm, 2))  # (B, d, k-1)
+        rows = g.op("Transpose", jt, perm=[0, 2, 1])  # (B, m, d)
+        return _log_prior(g, z, arch, weights), _sum_log_singular_values(g, rows, m), x_hat
+    z = encode(x)
+    zero = g.mul(g.sum(x, 1), g.const(0.0))
+    log_prior = _log_prior(g, z, arch, weights) if method == "latent" else zero
+    return log_prior, zero, _mlp(g, z, dec, arch.activation)
+
+
+def build_graph(manifest: dict[str, Any], weights: dict[str, NDArray[np.float32]], method: str) -> bytes:
+    """Serialized ONNX model: input raw rows x (B, d) float32, outputs OUTPUTS."""
+    import onnx
+    import onnx.helper as h
+
+    if method not in EXPORTED_METHODS:
+        raise ValueError(f"method {method!r} has no ONNX graph; exported: {EXPORTED_METHODS}")
+    arch = Architecture.from_dict(manifest["architecture"])
+    d, sigma2 = arch.input_dim, float(manifest["noise"]["sigma2"])
+    g = Graph()
+    scaler = manifest["scaler"]
+    x = g.div(g.sub("x", g.const(np.asarray(scaler["mean"]))), g.const(np.asarray(scaler["scale"])))
+    log_prior, log_volume, x_hat = _parts(g, x, arch, weights, method)
+    residual = g.sub(x, x_hat)
+    squared = g.sum(g.mul(residual, residual), 1)
+    if method == "latent":
+        log_residual = g.mul(squared, g.const(0.0))
+    else:
+        constant = 0.5 * d * (LOG_2PI + math.log(sigma2))
+        log_residual = g.sub(g.mul(squared, g.const(-0.5 / sigma2)), g.const(constant))
+    values = {
+        "log_prob": g.add(g.add(log_prior, log_volume), log_residual),
+        "log_prior": log_prior,
+        "log_volume": log_volume,
+        "log_residual": log_residual,
+        "reconstruction_error": squared,
+        "residual": residual,
+    }
+    for name in OUTPUTS:
+        g.nodes.append(h.make_node("Identity", [values[name]], [name]))
+    outputs = [
+        h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", d] if n == "residual" else ["batch"])
+        for n in OUTPUTS
+    ]
+    inputs = [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", d])]
+    graph = h.make_graph(g.nodes, f"anomaly-scores-{method}", inputs, outputs, g.initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="anomaly-scores")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

@@ -1,0 +1,135 @@
+"""End-to-end HTTP figures against a real server process, with an async load generator. Prints JSON.
+
+    .venv/bin/python benchmarks/http.py [--model models/default] [--requests 3000] [--batches 100]
+
+Starts `anomaly-scores serve` (onnx backend) on a free loopback port, times process start to
+/readyz 200, then measures, with 16 concurrent connections:
+  - the no-op ceiling: GET /healthz of the same app,
+  - single-row POST /score: requests/s, p50 and p99 latency,
+  - 1000-row JSON batches and 1000-row .npy batches: rows/s.
+The load generator shares the machine's cores with the server, so the figures are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from app.bundle import load_bundle
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, count: int, connections: int, make_request) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        remaining = count
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                response = await make_request(client)
+                latencies.append(time.perf_counter() - start)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {
+        "requests_per_s": count / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/default"))
+    parser.add_argument("--requests", type=int, default=3000, help="single-row and no-op requests")
+    parser.add_argument("--batches", type=int, default=100, help="1000-row requests of each kind")
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    bundle = load_bundle(args.model)
+    rng = np.random.default_rng(0)
+    rows = bundle.scaler.mean + rng.standard_normal((1000, len(bundle.features))) * bundle.scaler.scale
+    single = json.dumps({"instances": rows[:1].tolist()}).encode()
+    batch_json = json.dumps({"instances": rows.tolist()}).encode()
+    buffer = io.BytesIO()
+    np.save(buffer, rows.astype(np.float32))
+    batch_npy = buffer.getvalue()
+    port = free_port()
+    env = os.environ | {
+        "ANOMALY_MODEL_PATH": str(args.model),
+        "ANOMALY_LOG_LEVEL": "warning",
+        "ANOMALY_MAX_ROWS": "10000",
+    }
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - started > 60:
+                raise RuntimeError("server not ready within 60 s")
+            time.sleep(0.02)
+        ready_s = time.perf_counter() - started
+        json_headers = {"content-type": "application/json"}
+        npy_headers = {"content-type": "application/x-npy"}
+
+        def run(count: int, request) -> dict[str, float]:  # type: ignore[no-untyped-def]
+            return asyncio.run(load(url, count, args.connections, request))
+
+        noop = run(args.requests, lambda c: c.get("/healthz"))
+        one = run(args.requests, lambda c: c.post("/score", content=single, headers=json_headers))
+        many_json = run(args.batches, lambda c: c.post("/score", content=batch_json, headers=json_headers))
+        many_npy = run(args.batches, lambda c: c.post("/score", content=batch_npy, headers=npy_headers))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(
+        json.dumps(
+            {
+                "benchmark": f"HTTP, serve (onnx), {args.connections} connections, d={len(bundle.features)}",
+                "seconds_to_ready": round(ready_s, 2),
+                "noop_requests_per_s": round(noop["requests_per_s"]),
+                "single_row": {k: round(v, 2) for k, v in one.items()},
+                "single_row_over_noop": round(one["requests_per_s"] / noop["requests_per_s"], 2),
+                "json_1000_rows_per_s": round(many_json["requests_per_s"] * 1000),
+                "npy_1000_rows_per_s": round(many_npy["requests_per_s"] * 1000),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

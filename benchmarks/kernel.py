@@ -1,0 +1,119 @@
+"""Scoring kernels side by side, in one run: rows/s of `likelihood` at several batch sizes. Prints JSON.
+
+    .venv/bin/python benchmarks/kernel.py [--batches 1 64 1024 16384] [--seconds 1.0]
+
+d = 30, k = 4, 3 hidden layers of 64 (a freshly initialised model: speed does not depend on the
+weights). Paths: the per-row loop a user would write (autograd jacobian + svdvals), torch.func
+(vmap of jacfwd + batched svdvals), the torch backend (analytic forward-mode Jacobian, batched
+SVD) and the onnx backend (the bundle's fused graph in onnxruntime), each on the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.bundle import METHODS, Scaler, save_bundle
+from app.model import ManifoldModel
+from app.onnx_scorer import OnnxScorer
+from app.spec import Architecture
+from app.torch_scorer import TorchScorer
+
+
+def naive(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:
+    prior, out = model.prior_distribution(), []
+    for row in x:
+        z = model.encoder(row[None])
+        J = torch.autograd.functional.jacobian(lambda v: model.decoder(v[None])[0], z[0])
+        e = row - model.decoder(z)[0]
+        log_residual = -0.5 * (e @ e) / model.sigma2 - 0.5 * e.numel() * math.log(2 * math.pi * model.sigma2)
+        out.append(prior.log_prob(z)[0] - torch.log(torch.linalg.svdvals(J)).sum() + log_residual)
+    return torch.stack(out)
+
+
+def with_torch_func(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:
+    z = model.encoder(x)
+    J = torch.func.vmap(torch.func.jacfwd(lambda v: model.decoder(v[None])[0]))(z)
+    e = x - model.decoder(z)
+    log_residual = -0.5 * (e * e).sum(-1) / model.sigma2 - 0.5 * x.shape[1] * math.log(
+        2 * math.pi * model.sigma2
+    )
+    return model.prior_distribution().log_prob(z) - torch.log(torch.linalg.svdvals(J)).sum(-1) + log_residual
+
+
+def rows_per_second(fn: Callable[[], object], rows: int, seconds: float) -> float:
+    fn()
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        fn()
+        count += 1
+    return rows * count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 16384])
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--naive-rows", type=int, default=200, help="the naive loop is timed on this many")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    arch = Architecture(input_dim=30, latent_dim=4, hidden=64, depth=3, prior="vamp", components=4)
+    model = ManifoldModel(arch).eval()
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((2000, 30))
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        calibration = {m: np.sort(rng.standard_normal(200)) for m in METHODS}
+        bundle = save_bundle(
+            Path(tmp) / "b",
+            model=model,
+            name="bench",
+            features=[f"f{i}" for i in range(30)],
+            scaler=Scaler(np.zeros(30), np.ones(30)),
+            calibration_scores=calibration,
+            fprs=(0.1,),
+            default_fpr=0.1,
+        )
+        onnx_scorer, torch_scorer = OnnxScorer(bundle), TorchScorer(bundle)
+        results: dict[str, dict[str, float]] = {}
+        for batch in args.batches:
+            x = train[np.arange(batch) % len(train)]
+            xt = torch.tensor(x, dtype=torch.float32)
+            entry = {
+                "torch_func": rows_per_second(lambda xt=xt: with_torch_func(model, xt), batch, args.seconds),
+                "torch_backend": rows_per_second(
+                    lambda x=x: torch_scorer.score(x, "likelihood"), batch, args.seconds
+                ),
+                "onnx_backend": rows_per_second(
+                    lambda x=x: onnx_scorer.score(x, "likelihood"), batch, args.seconds
+                ),
+            }
+            results[str(batch)] = {k: round(v) for k, v in entry.items()}
+        rows = min(args.naive_rows, len(train))
+        xt = torch.tensor(train[:rows], dtype=torch.float32)
+    naive_rate = rows_per_second(lambda: naive(model, xt), rows, args.seconds)
+    for entry in results.values():
+        entry["naive_loop"] = round(naive_rate, 1)
+        entry["onnx_over_naive"] = round(entry["onnx_backend"] / naive_rate, 1)
+        entry["torch_backend_over_naive"] = round(entry["torch_backend"] / naive_rate, 1)
+    print(
+        json.dumps(
+            {
+                "benchmark": "likelihood scoring kernels, d=30 k=4 3x64, float32, CPU",
+                "torch_threads": torch.get_num_threads(),
+                "rows_per_second_by_batch": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

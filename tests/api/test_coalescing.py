@@ -1,0 +1,51 @@
+"""Coalesced scoring: concurrent requests merged, each answered exactly its own rows."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from app.bundle import load_bundle
+from app.service.settings import Settings
+from app.torch_scorer import TorchScorer
+
+from ..conftest import manifold_rows, off_manifold_rows
+from .conftest import ready_client
+from .test_metrics import scrape, value
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
+    settings = Settings(
+        model_path=tiny_bundle, coalesce=True, coalesce_wait_ms=200, coalesce_max_rows=10_000, warmup_rows=4
+    )
+    client = ready_client(settings)
+    try:
+        batches = [
+            np.r_[manifold_rows(3 + i, seed=50 + i), off_manifold_rows(2, seed=70 + i)] for i in range(8)
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(
+                pool.map(
+                    lambda rows: client.post("/score", json={"instances": rows.tolist(), "components": True}),
+                    batches,
+                )
+            )
+        scorer = TorchScorer(load_bundle(tiny_bundle))
+        for rows, response in zip(batches, responses, strict=True):
+            assert response.status_code == 200
+            body = response.json()
+            expected = scorer.score(rows)
+            assert len(body["scores"]) == len(rows)
+            np.testing.assert_allclose(body["scores"], expected.score, rtol=1e-5)
+            np.testing.assert_allclose(body["log_volume"], expected.log_volume, rtol=1e-5, atol=1e-6)
+            assert body["is_anomaly"] == expected.is_anomaly.tolist()
+        samples = scrape(client)
+        merged = value(samples, "anomaly_coalesced_batch_rows_count")
+        assert value(samples, "anomaly_coalesced_batch_rows_sum") == sum(len(b) for b in batches)
+        assert 1 <= merged < len(batches)  # at least two requests shared a batch
+        assert value(samples, "anomaly_coalesce_queue_seconds_count") == len(batches)
+        # different options are never merged: each still gets its own method's scores
+        a = client.post("/score", json={"instances": batches[0].tolist(), "method": "latent"}).json()
+        assert a["method"] == "latent"
+        np.testing.assert_allclose(a["scores"], scorer.score(batches[0], "latent").score, rtol=1e-5)
+    finally:
+        client.__exit__(None, None, None)
