@@ -300,6 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level,
         access_log=False,  # the service writes its own JSON line per request
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 

@@ -41,3 +41,19 @@ class InvalidInput(ServiceError):
 
 class NotReady(ServiceError):
     status, error = 503, "model not ready"
+
+
+class Forbidden(ServiceError):
+    status, error = 403, "forbidden"
+
+
+class Conflict(ServiceError):
+    status, error = 409, "conflict"
+
+
+class ReloadFailed(ServiceError):
+    status, error = 422, "reload refused"
+
+
+class Overloaded(ServiceError):
+    status, error = 503, "overloaded"

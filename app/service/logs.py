@@ -20,7 +20,9 @@ from app.service.metrics import Metrics
 access = logging.getLogger("anomaly_scores.access")
 # Probes and scrapes are not scoring traffic: neither counted nor timed.
 UNCOUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
-KNOWN = frozenset({"/score", "/model", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+KNOWN = frozenset(
+    {"/score", "/model", "/admin/reload", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+)
 
 
 class JsonFormatter(logging.Formatter):

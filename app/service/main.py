@@ -6,7 +6,10 @@ anomaly-scores serve [--model DIR] [--host] [--port]
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,7 +55,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Loading runs beside the server so /healthz answers at once and /readyz says 503 until done.
         threading.Thread(target=runtime.load, name="model-load", daemon=True).start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(
+            NotImplementedError, RuntimeError, ValueError
+        ):  # no signals off the main thread
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload_on_signal))
         yield
+        await runtime.drain()
+
+    def reload_on_signal() -> None:
+        """SIGHUP: reload the current model path (a new bundle rolled into the same directory)."""
+        with contextlib.suppress(ServiceError):  # refused reloads are logged and counted already
+            runtime.reload()
 
     app = FastAPI(
         title="anomaly-scores",

@@ -107,6 +107,18 @@ class Metrics:
         self.merged_rows = Histogram(
             "anomaly_coalesced_batch_rows", "Rows per merged scoring batch", buckets=BATCH_BUCKETS, registry=r
         )
+        self.queue_depth = Gauge(
+            "anomaly_queue_depth", "Scoring requests admitted and not yet answered", registry=r
+        )
+        self.rejected = Counter(
+            "anomaly_rejected_total",
+            "Scoring requests refused with 503 because the queue was full",
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "anomaly_timeouts_total", "Scoring requests that exceeded the time limit", registry=r
+        )
+        self.reloads = Counter("anomaly_reloads_total", "Model reloads by result", ["result"], registry=r)
         self.score: ScoreHistogram | None = None
         self.default_method = ""
 

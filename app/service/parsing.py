@@ -136,6 +136,20 @@ def _load(body: bytes) -> Any:
             raise BadRequest(f"the body is not valid JSON: {strict_error}") from None
 
 
+def _reject_duplicate_keys(body: bytes) -> None:
+    """orjson keeps the last of duplicate keys silently; Python's parser shows every pair."""
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidInput(f"duplicate key {key!r} in a JSON object", {"key": key})
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=pairs_hook, parse_constant=float)
+
+
 def _options(doc: dict[str, Any]) -> dict[str, Any]:
     method = doc.get("method")
     if method is not None and not isinstance(method, str):
@@ -172,6 +186,10 @@ def parse_json(body: bytes, features: list[str], max_rows: int) -> ScoreRequest:
             f"{len(instances)} rows in one request; the limit is {max_rows}",
             {"rows": len(instances), "limit": max_rows},
         )
+    # Objects by name are walked row by row anyway; list rows only have the top-level keys to check,
+    # and those can only repeat if their names occur twice in the body.
+    if isinstance(instances[0], dict) or any(body.count(b'"' + k.encode() + b'"') > 1 for k in KEYS):
+        _reject_duplicate_keys(body)
     options = _options(doc)
     if isinstance(instances[0], dict):
         x = _rows_from_objects(instances, features)

@@ -87,24 +87,44 @@ async def score(request: Request) -> Response:
             f"content type {content_type or 'missing'!r}; send one of {CONTENT_TYPES}",
             {"accepted": CONTENT_TYPES},
         )
-    body = await runtime.read_body(request)
-    if content_type == "application/json":
-        parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
-    else:
-        parsed = parse_npy(
-            body, served.bundle.features, runtime.settings.max_rows, dict(request.query_params)
-        )
-    method = resolve_method(parsed.method, served.method)
-    fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
-    if runtime.coalescer is not None:
-        out = await runtime.coalescer.score(served.scorer, parsed.x, method, fpr, parsed.explain)
-    else:
-        out = await run_in_threadpool(served.scorer.score, parsed.x, method, fpr, parsed.explain)
+    async with runtime.admission():
+        body = await runtime.read_body(request)
+        if content_type == "application/json":
+            parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
+        else:
+            query = dict(request.query_params)
+            parsed = parse_npy(body, served.bundle.features, runtime.settings.max_rows, query)
+        method = resolve_method(parsed.method, served.method)
+        fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
+        if runtime.coalescer is not None:
+            out = await runtime.coalescer.score(served.scorer, parsed.x, method, fpr, parsed.explain)
+        else:
+            out = await runtime.run_scoring(served.scorer.score, parsed.x, method, fpr, parsed.explain)
     request.state.rows = parsed.x.shape[0]
-    runtime.metrics.observe_scores(
-        served.bundle, method, out.threshold.name, out.score, int(out.is_anomaly.sum())
-    )
+    flagged = int(out.is_anomaly.sum())
+    runtime.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)
     return json_response(_response_body(served, out, parsed))
+
+
+@router.post(
+    "/admin/reload",
+    summary="Load a new bundle beside the served one, warm it up, swap atomically",
+    responses={code: {"model": schemas.ErrorResponse} for code in (401, 403, 409, 422)},
+)
+async def reload(request: Request, body: schemas.ReloadRequest | None = None) -> Response:
+    runtime = runtime_of(request)
+    runtime.authorize_admin(request)
+    path = runtime.resolve_reload_path(body.path if body is not None else None)
+    previous = runtime.served.bundle.version if runtime.served is not None else None
+    served = await run_in_threadpool(runtime.reload, path)
+    return json_response(
+        {
+            "status": "reloaded",
+            "model": {"name": served.bundle.name, "version": served.bundle.version},
+            "previous_version": previous,
+            "path": str(runtime.model_path),
+        }
+    )
 
 
 @router.get("/model", summary="Model metadata", responses={503: {"model": schemas.ErrorResponse}})

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from app.bundle import METHODS, Bundle, load_bundle
 from app.calibration import threshold_name
 from app.scorer import Scorer, create_scorer
 from app.service.batching import Coalescer
-from app.service.errors import InvalidInput, NotReady, PayloadTooLarge, Unauthorized
+from app.service.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ReloadFailed,
+    Unauthorized,
+)
 from app.service.metrics import Metrics
 from app.service.settings import Settings
 
 log = logging.getLogger("anomaly_scores.service")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,8 @@ def resolve_method(method: str | None, fallback: str) -> str:
     return method
 
 
-def load_served(settings: Settings) -> Served:
-    bundle = load_bundle(settings.model_path)
+def load_served(settings: Settings, path: Path | None = None) -> Served:
+    bundle = load_bundle(path or settings.model_path)
     scorer = create_scorer(bundle, settings.backend, settings.device)
     method = resolve_method(settings.method, bundle.default_method)
     fpr = resolve_fpr(bundle, _threshold_setting(settings.threshold), bundle.default_fpr)
@@ -101,6 +117,11 @@ class Runtime:
         )
         self.served: Served | None = None
         self.error: str | None = None
+        self.model_path = settings.model_path
+        self.reload_lock = threading.Lock()
+        self.admitted = 0  # scoring requests admitted and not yet answered
+        self.slots = asyncio.Semaphore(settings.scoring_concurrency)
+        self.running: set[asyncio.Future[Any]] = set()
 
     def load(self) -> None:
         try:
@@ -117,6 +138,100 @@ class Runtime:
         log.info(
             "model ready", extra={"fields": {"name": served.bundle.name, "version": served.bundle.version}}
         )
+
+    def reload(self, path: Path | None = None) -> Served:
+        """Load a bundle beside the served one, warm it up, then swap; on any failure keep the old.
+
+        The swap is one attribute assignment: a request holds the Served it started with, so
+        requests in flight finish on their model and every response names the version that scored
+        it. Runs in a worker thread (blocking), one reload at a time.
+        """
+        target = self.model_path if path is None else path
+        if not self.reload_lock.acquire(blocking=False):
+            raise Conflict("a reload is already in progress")
+        try:
+            try:
+                served = load_served(self.settings, target)
+            except Exception as e:
+                self.metrics.reloads.labels("failure").inc()
+                fields = {"model_path": str(target), "error": f"{type(e).__name__}: {e}"}
+                log.error("reload refused; the previous model keeps serving", extra={"fields": fields})
+                raise ReloadFailed(f"reload of {target} refused: {type(e).__name__}: {e}", fields) from e
+            self.metrics.attach_model(served.bundle, served.method)
+            self.served, self.error, self.model_path = served, None, target
+            self.metrics.reloads.labels("success").inc()
+            fields = {"name": served.bundle.name, "version": served.bundle.version, "model_path": str(target)}
+            log.info("model reloaded", extra={"fields": fields})
+            return served
+        finally:
+            self.reload_lock.release()
+
+    def resolve_reload_path(self, requested: str | None) -> Path | None:
+        """A bundle path named by an admin must lie inside the configured model root."""
+        if requested is None:
+            return None
+        root = (self.settings.model_root or self.settings.model_path.parent).resolve()
+        path = (root / requested).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidInput(f"path {requested!r} lies outside the model root {root}", {"root": str(root)})
+        return path
+
+    def authorize_admin(self, request: Request) -> None:
+        expected = self.settings.admin_key
+        if not expected:
+            raise Forbidden("admin routes are disabled: set ANOMALY_ADMIN_KEY to enable them")
+        key = request.headers.get("x-admin-key", "")
+        if not hmac.compare_digest(key.encode(), expected.encode()):
+            raise Unauthorized("missing or invalid admin key: send it as X-Admin-Key")
+
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        """Bounded scoring queue: beyond max_queue requests admitted, answer 503 at once."""
+        if self.admitted >= self.settings.max_queue:
+            self.metrics.rejected.inc()
+            raise Overloaded(
+                f"{self.admitted} scoring requests already queued; the limit is {self.settings.max_queue}",
+                {"queued": self.admitted, "limit": self.settings.max_queue},
+                headers={"Retry-After": "1"},
+            )
+        self.admitted += 1
+        self.metrics.queue_depth.set(self.admitted)
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.metrics.queue_depth.set(self.admitted)
+
+    async def run_scoring(self, fn: Callable[..., T], *args: Any) -> T:
+        """Score off the event loop, at most scoring_concurrency at a time, within the time limit.
+
+        A call that outlives the limit answers 503 but keeps its slot until its thread finishes,
+        so timed-out work still counts against the concurrency it really uses.
+        """
+        limit = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await self.slots.acquire()
+                task = asyncio.ensure_future(run_in_threadpool(fn, *args))
+                self.running.add(task)
+                task.add_done_callback(self._finished)
+                return await asyncio.shield(task)
+        except TimeoutError:
+            self.metrics.timeouts.inc()
+            raise Overloaded(
+                f"scoring did not finish within {limit} s", {"limit_s": limit}, headers={"Retry-After": "1"}
+            ) from None
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self.slots.release()
+        self.running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a timed-out call's error was already answered with 503
+
+    async def drain(self) -> None:
+        """On shutdown: let scoring threads still running finish, within the grace period."""
+        if self.running:
+            await asyncio.wait(list(self.running), timeout=self.settings.shutdown_grace_s)
 
     def served_or_503(self) -> Served:
         if self.served is None:

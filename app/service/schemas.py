@@ -29,6 +29,12 @@ class ScoreRequest(BaseModel):
     explain: bool = Field(False, description="add each feature's share of the squared residual")
 
 
+class ReloadRequest(BaseModel):
+    path: str | None = Field(
+        None, description="bundle directory relative to the model root; default: reload the current path"
+    )
+
+
 class ModelRef(BaseModel):
     name: str
     version: str

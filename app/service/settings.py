@@ -31,6 +31,14 @@ class Settings(BaseSettings):
         4096, ge=1, description="a merged batch is scored once it holds this many rows"
     )
     coalesce_wait_ms: float = Field(2.0, ge=0, description="or once its first request has waited this long")
+    max_queue: int = Field(64, ge=1, description="scoring requests admitted at once; beyond, 503 at once")
+    scoring_concurrency: int = Field(2, ge=1, description="scoring calls running at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="a scoring request taking longer gets a 503")
+    admin_key: str | None = Field(None, description="key for /admin routes; unset = admin routes disabled")
+    model_root: Path | None = Field(
+        None, description="bundles an admin may load lie here (default: model_path's parent)"
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long")
     warmup_rows: int = Field(256, ge=1, description="rows scored before /readyz turns 200")
 
     @field_validator("api_keys", mode="before")

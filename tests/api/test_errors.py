@@ -74,6 +74,18 @@ def test_named_rows_with_missing_or_unknown_features_are_422(client):
     check(post(client, json.dumps({"instances": [row | {"f0": "1"}]})), 422, "column 0 ('f0')")
 
 
+def test_duplicate_keys_and_deep_nesting_are_refused(client):
+    check(
+        post(client, '{"instances": [[1,1,1,1,1,1]], "method": "latent", "method": "likelihood"}'),
+        422,
+        "duplicate key 'method'",
+    )
+    row = ",".join(f'"f{i}": 1' for i in range(6))
+    check(post(client, '{"instances": [{' + row + ', "f0": 2}]}'), 422, "duplicate key 'f0'")
+    check(post(client, '{"instances": ' + "[" * 50_000 + "]" * 50_000 + "}"), 400, "not valid JSON")
+    assert client.get("/healthz").status_code == 200
+
+
 def test_malformed_json_and_wrong_encoding_are_400(client):
     check(post(client, '{"instances": [[1,2'), 400, "not valid JSON")
     check(post(client, b'{"instances": [[1,1,1,1,1,1]]}'.decode().encode("utf-16")), 400, "not valid JSON")

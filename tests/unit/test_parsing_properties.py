@@ -1,0 +1,78 @@
+"""Property tests of the request parsers: any bytes give a parse or a 4xx error, never a crash."""
+
+import io
+import json
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.service.errors import ServiceError
+from app.service.parsing import ScoreRequest, parse_json, parse_npy
+
+FEATURES = ["a", "b", "c"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def outcome(parse, *args) -> ScoreRequest | None:
+    try:
+        parsed = parse(*args)
+    except ServiceError as e:
+        assert 400 <= e.status < 500, e
+        assert isinstance(e.message, str) and e.message
+        return None
+    assert isinstance(parsed, ScoreRequest)
+    assert parsed.x.dtype == np.float64 and parsed.x.ndim == 2 and parsed.x.shape[1] == len(FEATURES)
+    assert 1 <= parsed.x.shape[0] <= 50 and np.isfinite(parsed.x).all()
+    return parsed
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_4xx(body):
+    outcome(parse_json, body, FEATURES, 50)
+    outcome(parse_npy, body, FEATURES, 50, {})
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_any_json_document_parses_or_4xx(document):
+    outcome(parse_json, json.dumps(document).encode(), FEATURES, 50)
+    outcome(parse_json, json.dumps({"instances": document}).encode(), FEATURES, 50)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.lists(
+            st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**30), 10**30),
+            min_size=3,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_numeric_rows_are_accepted_exactly_when_finite_and_in_range(rows):
+    body = json.dumps({"instances": rows}).encode()  # NaN and Infinity as Python writes them
+    parsed = outcome(parse_json, body, FEATURES, 50)
+    values = np.array(rows, dtype=np.float64)
+    acceptable = bool(np.all(np.abs(values) <= 1e15))
+    assert (parsed is not None) == acceptable
+    if parsed is not None:
+        np.testing.assert_array_equal(parsed.x, values)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 4), st.integers(0, 5), st.sampled_from(["<f4", "<f8", ">f8", "<i8", "|b1"]))
+def test_npy_arrays_of_any_shape_and_dtype(rows, cols, dtype):
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((rows, cols), dtype=dtype))
+    parsed = outcome(parse_npy, buffer.getvalue(), FEATURES, 50, {})
+    assert (parsed is not None) == (rows >= 1 and cols == 3 and dtype in ("<f4", "<f8", ">f8"))
