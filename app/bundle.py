@@ -199,7 +199,7 @@ def _write_onnx(out: Path, model: ManifoldModel, features: list[str], scaler: Sc
     weights |= {k: v.detach().cpu().float().numpy() for k, v in _derived_prior_tensors(model).items()}
     manifest = {
         "architecture": model.arch.to_dict(),
-        "noise": {"sigma2": float(model.sigma2)},
+        "noise": {"sigma2": float(model.sigma2), "sigma2_normal": float(model.sigma2_normal or model.sigma2)},
         "scaler": scaler.to_dict(),
         "features": features,
     }

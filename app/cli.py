@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle import METHODS, BundleError, load_bundle
-from app.data import DataError, iter_chunks, read_table
+from app.bundle import METHODS, load_bundle
 from app.spec import PRIOR_GEOMETRY
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -120,6 +119,7 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from app.data import read_table
     from app.pipeline import TrainRequest, train_bundle
     from app.torch_scorer import resolve_device
     from app.train import Candidate, FitOptions, expand_grid
@@ -224,6 +224,7 @@ def _writer(path: Path) -> Iterator[Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from app.data import iter_chunks
     from app.scorer import create_scorer
 
     bundle = load_bundle(args.bundle)
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, BundleError, ValueError) as e:
+    except ValueError as e:  # DataError and BundleError are ValueErrors with a user-facing message
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -12,8 +12,8 @@ matrix J^T J whose determinant would underflow or lose the small singular values
 export time, so the factorisation is unrolled.
 
 Outputs of every graph: log_prob, log_prior, log_volume, log_residual, reconstruction_error (B,)
-and residual (B, d), all float32. `projected` is iterative and not exported yet: it runs on the
-torch backend.
+and residual (B, d), all float32. `projected` unrolls its Levenberg-Marquardt iterations (a fixed
+PROJECTION_STEPS of them, damped normal equations solved by an unrolled float64 Cholesky).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from numpy.typing import NDArray
 from app.spec import Architecture
 
 OPSET = 17
-EXPORTED_METHODS = ("likelihood", "encoder", "reconstruction", "latent")
+EXPORTED_METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
+PROJECTION_STEPS = 30  # app.scores.projected's limit, run in full: a graph has no early exit
 OUTPUTS = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error", "residual")
 SINGULAR_VALUE_FLOOR = 1e-12  # as app.scores
 LOG_2PI = math.log(2 * math.pi)
@@ -43,6 +44,8 @@ class Graph:
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.count = 0
+        # id of a weight array -> (the array, its initializer); holding the array keeps its id unique
+        self.weights: dict[int, tuple[NDArray[Any], str]] = {}
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -54,6 +57,12 @@ class Graph:
         name = self.name("c")
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
+
+    def weight(self, value: NDArray[Any]) -> str:
+        """A constant used many times (unrolled iterations): one initializer per array object."""
+        if id(value) not in self.weights:
+            self.weights[id(value)] = (value, self.const(value))
+        return self.weights[id(value)][1]
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         out = self.name(op_type.lower())
@@ -92,8 +101,12 @@ class Graph:
 
 
 def _layers(weights: dict[str, NDArray[np.float32]], net: str, depth: int) -> list[tuple[NDArray, NDArray]]:
+    """(W^T, b) per layer, transposed once so that every use shares one initializer."""
     return [
-        (weights[f"{net}.net.layers.{i}.weight"], weights[f"{net}.net.layers.{i}.bias"])
+        (
+            np.ascontiguousarray(weights[f"{net}.net.layers.{i}.weight"].T),
+            weights[f"{net}.net.layers.{i}.bias"],
+        )
         for i in range(depth + 1)
     ]
 
@@ -119,8 +132,8 @@ def _activation(g: Graph, h: str, name: str, with_slope: bool) -> tuple[str, str
 
 
 def _mlp(g: Graph, x: str, layers: list[tuple[NDArray, NDArray]], activation: str) -> str:
-    for i, (w, b) in enumerate(layers):
-        x = g.add(g.matmul(x, g.const(w.T)), g.const(b))
+    for i, (wt, b) in enumerate(layers):
+        x = g.add(g.matmul(x, g.weight(wt)), g.weight(b))
         if i < len(layers) - 1:
             x = _activation(g, x, activation, with_slope=False)[0]
     return x
@@ -130,14 +143,14 @@ def _mlp_with_tangents(
     g: Graph, x: str, layers: list[tuple[NDArray, NDArray]], activation: str
 ) -> tuple[str, str]:
     """Value (B, out) and transposed Jacobian T = J^T (B, in, out), carried forward layer by layer."""
-    w0, b0 = layers[0]
-    h = g.add(g.matmul(x, g.const(w0.T)), g.const(b0))
-    tangents = g.const(w0.T)  # (in, width): broadcast over the batch by the first Mul
-    for w, b in layers[1:]:
+    w0t, b0 = layers[0]
+    h = g.add(g.matmul(x, g.weight(w0t)), g.weight(b0))
+    tangents = g.weight(w0t)  # (in, width): broadcast over the batch by the first Mul
+    for wt, b in layers[1:]:
         value, slope = _activation(g, h, activation, with_slope=True)
         tangents = g.mul(tangents, g.unsqueeze(slope, 1))  # (B, in, width)
-        h = g.add(g.matmul(value, g.const(w.T)), g.const(b))
-        tangents = g.matmul(tangents, g.const(w.T))
+        h = g.add(g.matmul(value, g.weight(wt)), g.weight(b))
+        tangents = g.matmul(tangents, g.weight(wt))
     if len(layers) == 1:  # a linear map: J^T is the constant weight, broadcast to the batch
         tangents = g.add(g.mul(g.unsqueeze(g.sum(x, 1, keepdims=True), 2), g.const(0.0)), tangents)
     return h, tangents
@@ -174,11 +187,11 @@ def _tangent_basis(g: Graph, z: str, k: int) -> str:
     return g.sub(g.const(np.eye(k, dtype=np.float32)[:, 1:]), outer)
 
 
-def _sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
-    """sum_i log s_i of the m x n matrices whose rows are `rows` (B, m, n), in float64.
+def _orthogonalise(g: Graph, rows: str, m: int) -> tuple[str, list[str]]:
+    """CGS2 on the m rows (B, m, n) in float64: (sum_i log r_ii (B,) float32, orthonormal rows).
 
-    CGS2: each row is orthogonalised twice against the previous ones; the norms left are the
-    diagonal of R in A^T = Q R, and |det R| is the product of the singular values.
+    Each row is orthogonalised twice against the previous ones; the norms left are the diagonal
+    of R in A^T = Q R, and |det R| is the product of the singular values.
     """
     rows64 = g.cast(rows, 11)  # float64
     parts = g.ops("Split", [rows64], m, axis=1) if m > 1 else [rows64]
@@ -196,7 +209,44 @@ def _sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
         term = g.op("Log", g.op("Max", norm, floor))
         total = term if total is None else g.add(total, term)
     assert total is not None
-    return g.cast(g.op("Squeeze", total, g.const(np.array([1]), np.int64)), 1)
+    return g.cast(g.op("Squeeze", total, g.const(np.array([1]), np.int64)), 1), basis
+
+
+def _sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
+    """sum_i log s_i of the m x n matrices whose rows are `rows` (B, m, n), computed in float64."""
+    return _orthogonalise(g, rows, m)[0]
+
+
+def _solve_spd(g: Graph, a: str, b: str, m: int) -> str:
+    """Solve A x = b for symmetric positive definite A (B, m, m), b (B, m), float64, by an
+    unrolled Cholesky factorisation: m is known at export time."""
+    rows = g.ops("Split", [a], m, axis=1) if m > 1 else [a]
+    entries = []
+    for stacked in rows:
+        row = g.op("Squeeze", stacked, g.const(np.array([1]), np.int64))  # (B, m)
+        entries.append(g.ops("Split", [row], m, axis=1) if m > 1 else [row])  # (B, 1) each
+    rhs = g.ops("Split", [b], m, axis=1) if m > 1 else [b]
+    tiny = g.const(1e-300, np.float64)
+    L: list[list[str]] = [[""] * m for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1):
+            total = entries[i][j]
+            for k in range(j):
+                total = g.sub(total, g.mul(L[i][k], L[j][k]))
+            L[i][j] = g.op("Sqrt", g.op("Max", total, tiny)) if i == j else g.div(total, L[j][j])
+    y: list[str] = []
+    for i in range(m):
+        total = rhs[i]
+        for k in range(i):
+            total = g.sub(total, g.mul(L[i][k], y[k]))
+        y.append(g.div(total, L[i][i]))
+    solution: list[str] = [""] * m
+    for i in reversed(range(m)):
+        total = y[i]
+        for k in range(i + 1, m):
+            total = g.sub(total, g.mul(L[k][i], solution[k]))
+        solution[i] = g.div(total, L[i][i])
+    return g.op("Concat", *solution, axis=1) if m > 1 else solution[0]
 
 
 def _log_prior(g: Graph, z: str, arch: Architecture, weights: dict[str, NDArray[np.float32]]) -> str:
@@ -259,6 +309,74 @@ def _parts(
     return log_prior, zero, _mlp(g, z, dec, arch.activation)
 
 
+def _projected(
+    g: Graph, x: str, arch: Architecture, weights: dict[str, NDArray[np.float32]], sigma2_normal: float
+) -> dict[str, str]:
+    """app.scores.projected as a graph: the same iteration, every step run."""
+    d, k, m, sphere = arch.input_dim, arch.latent_dim, arch.intrinsic_dim, arch.geometry == "sphere"
+    enc, dec = _layers(weights, "encoder", arch.depth), _layers(weights, "decoder", arch.depth)
+
+    def retract(v: str) -> str:
+        return _normalize(g, v)[0] if sphere else v
+
+    def linearise(z: str) -> tuple[str, str, str, str | None]:
+        """x_hat, Jacobian rows in tangent coordinates (B, m, d) float64, J^T J, tangent basis."""
+        x_hat, jt = _mlp_with_tangents(g, z, dec, arch.activation)
+        basis = _tangent_basis(g, z, k) if sphere else None
+        rows = g.matmul(g.op("Transpose", basis, perm=[0, 2, 1]), jt) if basis is not None else jt
+        rows64 = g.cast(rows, 11)
+        return x_hat, rows64, g.matmul(rows64, g.op("Transpose", rows64, perm=[0, 2, 1])), basis
+
+    def squared_error(x_hat: str) -> str:
+        e = g.sub(x, x_hat)
+        return g.sum(g.mul(e, e), 1)
+
+    z = retract(_mlp(g, x, enc, arch.activation))
+    x_hat, rows64, gram, basis = linearise(z)
+    err = squared_error(x_hat)
+    eye = g.const(np.eye(m), np.float64)
+    diagonal = g.sum(g.mul(gram, eye), 2)  # (B, m)
+    damping = g.mul(g.op("ReduceMax", diagonal, axes=[1], keepdims=1), g.const(1e-3, np.float64))  # (B, 1)
+    for _ in range(PROJECTION_STEPS):
+        r64 = g.cast(g.sub(x, x_hat), 11)
+        gradient = g.op("Squeeze", g.matmul(rows64, g.unsqueeze(r64, 2)), g.const(np.array([2]), np.int64))
+        delta = _solve_spd(g, g.add(gram, g.mul(g.unsqueeze(damping, 2), eye)), gradient, m)  # (B, m)
+        step = g.cast(delta, 1)
+        if basis is not None:
+            step = g.op("Squeeze", g.matmul(basis, g.unsqueeze(step, 2)), g.const(np.array([2]), np.int64))
+        z_new = retract(g.add(z, step))
+        err_new = squared_error(_mlp(g, z_new, dec, arch.activation))
+        better = g.op("Less", err_new, err)  # (B,)
+        better_rows = g.unsqueeze(better, 1)
+        z = g.op("Where", better_rows, z_new, z)
+        err = g.op("Where", better, err_new, err)
+        damping = g.op(
+            "Where",
+            better_rows,
+            g.mul(damping, g.const(0.1, np.float64)),
+            g.mul(damping, g.const(10.0, np.float64)),
+        )
+        x_hat, rows64, gram, basis = linearise(z)
+    log_det, orthonormal = _orthogonalise(g, g.cast(rows64, 1), m)
+    residual = g.sub(x, x_hat)
+    normal = g.cast(residual, 11)
+    for q in orthonormal:
+        normal = g.sub(normal, g.mul(g.sum(g.mul(q, normal), 1, keepdims=True), q))
+    squared_normal = g.cast(g.sum(g.mul(normal, normal), 1), 1)
+    if d > m:
+        constant = 0.5 * (d - m) * (LOG_2PI + math.log(sigma2_normal))
+        log_residual = g.sub(g.mul(squared_normal, g.const(-0.5 / sigma2_normal)), g.const(constant))
+    else:  # the normalising-flow case: no normal directions
+        log_residual = g.mul(squared_normal, g.const(0.0))
+    return {
+        "log_prior": _log_prior(g, z, arch, weights),
+        "log_volume": g.mul(log_det, g.const(-1.0)),
+        "log_residual": log_residual,
+        "reconstruction_error": g.sum(g.mul(residual, residual), 1),
+        "residual": residual,
+    }
+
+
 def build_graph(manifest: dict[str, Any], weights: dict[str, NDArray[np.float32]], method: str) -> bytes:
     """Serialized ONNX model: input raw rows x (B, d) float32, outputs OUTPUTS."""
     import onnx
@@ -271,22 +389,25 @@ def build_graph(manifest: dict[str, Any], weights: dict[str, NDArray[np.float32]
     g = Graph()
     scaler = manifest["scaler"]
     x = g.div(g.sub("x", g.const(np.asarray(scaler["mean"]))), g.const(np.asarray(scaler["scale"])))
-    log_prior, log_volume, x_hat = _parts(g, x, arch, weights, method)
-    residual = g.sub(x, x_hat)
-    squared = g.sum(g.mul(residual, residual), 1)
-    if method == "latent":
-        log_residual = g.mul(squared, g.const(0.0))
+    if method == "projected":
+        values = _projected(g, x, arch, weights, float(manifest["noise"]["sigma2_normal"]))
     else:
-        constant = 0.5 * d * (LOG_2PI + math.log(sigma2))
-        log_residual = g.sub(g.mul(squared, g.const(-0.5 / sigma2)), g.const(constant))
-    values = {
-        "log_prob": g.add(g.add(log_prior, log_volume), log_residual),
-        "log_prior": log_prior,
-        "log_volume": log_volume,
-        "log_residual": log_residual,
-        "reconstruction_error": squared,
-        "residual": residual,
-    }
+        log_prior, log_volume, x_hat = _parts(g, x, arch, weights, method)
+        residual = g.sub(x, x_hat)
+        squared = g.sum(g.mul(residual, residual), 1)
+        if method == "latent":
+            log_residual = g.mul(squared, g.const(0.0))
+        else:
+            constant = 0.5 * d * (LOG_2PI + math.log(sigma2))
+            log_residual = g.sub(g.mul(squared, g.const(-0.5 / sigma2)), g.const(constant))
+        values = {
+            "log_prior": log_prior,
+            "log_volume": log_volume,
+            "log_residual": log_residual,
+            "reconstruction_error": squared,
+            "residual": residual,
+        }
+    values["log_prob"] = g.add(g.add(values["log_prior"], values["log_volume"]), values["log_residual"])
     for name in OUTPUTS:
         g.nodes.append(h.make_node("Identity", [values[name]], [name]))
     outputs = [

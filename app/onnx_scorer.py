@@ -1,7 +1,7 @@
 """The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch.
 
-`projected` is iterative and has no exported graph yet; it is delegated to the torch backend when
-PyTorch is installed, and refused with a clear error otherwise.
+Bundles written before a method had a graph delegate it to the torch backend when PyTorch is
+installed, and refuse it with a clear error otherwise.
 """
 
 from __future__ import annotations

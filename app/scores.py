@@ -154,34 +154,37 @@ def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
 
 
 def project(
-    model: GenerativeModel, x: Tensor, z: Tensor, steps: int, tol: float = 1e-7
+    model: GenerativeModel, x: Tensor, z: Tensor, steps: int, tol: float | None = 1e-7
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Levenberg-Marquardt refinement of z towards argmin |x - f(z)|^2 along the latent manifold.
 
     x (B, d), z (B, k) -> z, f(z), U (B, d, m) an orthonormal basis of the manifold's tangent space
-    at f(z), and the singular values s (B, m) of J_f(z) B(z). Each step reuses the Jacobian's SVD
-    for the damped Gauss-Newton solve; a step that does not lower the residual is refused for that
-    row and its damping raised, so the residual never grows. Gauss-Newton converges only linearly
-    when the residual is large, so it iterates up to `steps` times and stops early once no row's
-    attempted step exceeds `tol` (relative to |z| + 1).
+    at f(z), and the singular values s (B, m) of J_f(z) B(z) (float64). Each step solves
+    (J^T J + lambda I) delta = J^T r through the Jacobian's SVD; the damping starts at 1e-3 times
+    the largest diagonal entry of J^T J; a step that does not lower the residual is refused for
+    that row and its damping multiplied by 10 (divided by 10 after a success), so the residual
+    never grows. Gauss-Newton converges only linearly when the residual is large, so it iterates
+    up to `steps` times, stopping early once no row's attempted step exceeds `tol` (relative to
+    |z| + 1); tol=None runs every step, as the exported graph does.
     """
 
     def linearise(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         x_hat, J = model.decoder.forward_with_jacobian(z)
         basis = tangent_basis(z, model.geometry)
-        U, s, Vh = torch.linalg.svd(J if basis is None else J @ basis, full_matrices=False)
+        U, s, Vh = torch.linalg.svd((J if basis is None else J @ basis).double(), full_matrices=False)
         return x_hat, U, s, Vh, basis
 
     x_hat, U, s, Vh, basis = linearise(z)
     err = ((x - x_hat) ** 2).sum(-1)
-    damping = 1e-3 * s[:, :1] ** 2  # (B, 1), relative to the Jacobian's scale
+    jtj_diagonal = ((Vh.transpose(1, 2) * s.unsqueeze(1)) ** 2).sum(-1)  # diag(V S^2 V^T) = diag(J^T J)
+    damping = 1e-3 * jtj_diagonal.max(-1, keepdim=True).values  # (B, 1)
     for _ in range(steps):
-        r = (x - x_hat).unsqueeze(-1)  # (B, d, 1)
+        r = (x - x_hat).double().unsqueeze(-1)  # (B, d, 1)
         coef = (U.transpose(1, 2) @ r).squeeze(-1) * s / (s * s + damping)  # (B, m)
-        step = (Vh.transpose(1, 2) @ coef.unsqueeze(-1)).squeeze(-1)  # (B, m) tangent coordinates
+        step = (Vh.transpose(1, 2) @ coef.unsqueeze(-1)).squeeze(-1).to(z.dtype)  # tangent coordinates
         if basis is not None:
             step = (basis @ step.unsqueeze(-1)).squeeze(-1)
-        if bool(
+        if tol is not None and bool(
             (torch.linalg.vector_norm(step, dim=-1) <= tol * (1 + torch.linalg.vector_norm(z, dim=-1))).all()
         ):
             break
@@ -217,10 +220,11 @@ def projected(model: GenerativeModel, x: Tensor, steps: int = 30, starts: int = 
         z, x_hat, U, s = z[best], x_hat[best], U[best], s[best]
     e = x - x_hat
     m = U.shape[-1]
-    e_normal = e - (U @ (U.transpose(1, 2) @ e.unsqueeze(-1))).squeeze(-1)
+    e64 = e.double().unsqueeze(-1)
+    e_normal = (e64 - U @ (U.transpose(1, 2) @ e64)).squeeze(-1).to(e.dtype)
     sigma2 = model.sigma2_normal if model.sigma2_normal is not None else model.sigma2
     log_prior = model.prior.log_prob(z)
-    log_volume = -torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1)
+    log_volume = -torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1).to(x.dtype)
     # With m = d (the normalising-flow case) no normal directions remain.
     log_residual = log_normal_residual(e_normal, sigma2, d - m) if d > m else torch.zeros_like(log_prior)
     return _parts(log_prior, log_volume, log_residual, e, z, x_hat, e_scored=e_normal)

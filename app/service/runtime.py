@@ -86,8 +86,8 @@ def load_served(settings: Settings, path: Path | None = None) -> Served:
     method = resolve_method(settings.method, bundle.default_method)
     fpr = resolve_fpr(bundle, _threshold_setting(settings.threshold), bundle.default_fpr)
     # Warm-up: every method the backend scores itself, so the first request pays no first-call
-    # costs. A delegated method (projected on onnx) starts its backend on first use instead: a
-    # CPU deployment that never asks for it never imports PyTorch.
+    # costs. A delegated method (one an old bundle has no graph for) starts its backend on first
+    # use instead: a CPU deployment that never asks for it never imports PyTorch.
     rows = np.repeat(bundle.scaler.mean[None], settings.warmup_rows, axis=0)
     rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
     for m in scorer.native_methods:

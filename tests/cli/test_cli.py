@@ -8,6 +8,7 @@ import pytest
 from app.bundle import load_bundle
 from app.cli import main
 from app.data import read_table
+from app.onnx_scorer import OnnxScorer
 from app.pipeline import split_rows
 from app.torch_scorer import TorchScorer
 
@@ -78,7 +79,7 @@ def test_score_writes_every_column_in_input_order_and_matches_the_scorer(trained
     )
     written = pd.read_csv(out)
     assert list(written.columns) == COLUMNS and len(written) == len(rows)
-    direct = TorchScorer(load_bundle(root / "bundle")).score(rows, method)
+    direct = OnnxScorer(load_bundle(root / "bundle")).score(rows, method)  # the command's default backend
     np.testing.assert_allclose(written["score"], direct.score, rtol=1e-6)
     np.testing.assert_allclose(written["p_value"], direct.p_value, rtol=1e-9)
     np.testing.assert_array_equal(written["is_anomaly"], direct.is_anomaly)

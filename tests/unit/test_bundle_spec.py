@@ -169,7 +169,8 @@ class Reference:
 
         x_hat, U, s, Vh = linearise(z)
         err = ((x - x_hat) ** 2).sum(1)
-        damping = 1e-3 * s[:, :1] ** 2
+        jtj_diagonal = np.einsum("bmn,bm->bn", Vh**2, s**2)  # diag(V S^2 V^T) = diag(J^T J)
+        damping = 1e-3 * jtj_diagonal.max(1, keepdims=True)
         for _ in range(30):
             coef = np.einsum("bdm,bd->bm", U, x - x_hat) * s / (s * s + damping)
             step = np.einsum("bmn,bm->bn", Vh, coef)
