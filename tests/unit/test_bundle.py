@@ -9,6 +9,7 @@ import torch
 
 from app.bundle import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
 from app.model import ManifoldModel
+from app.onnx_export import EXPORTED_METHODS
 from app.spec import Architecture, weight_shapes
 from app.torch_scorer import TorchScorer
 
@@ -124,7 +125,7 @@ def test_no_pickle_anywhere(tiny_bundle):
     for file in tiny_bundle.iterdir():
         head = file.read_bytes()[:2]
         assert head not in {b"\x80\x04", b"\x80\x05"}, f"{file.name} looks like a pickle"
-    graphs = {f"scoring-{m}.onnx" for m in ("likelihood", "encoder", "reconstruction", "latent")}
+    graphs = {f"scoring-{m}.onnx" for m in EXPORTED_METHODS}
     assert {f.name for f in tiny_bundle.iterdir()} == {
         MANIFEST,
         WEIGHTS,
