@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.service.errors import ServiceError
+from app.service.errors import Conflict, ServiceError
 from app.service.logs import RequestLogMiddleware, configure_logging
 from app.service.routes import router
 from app.service.runtime import Runtime, json_response
@@ -39,7 +39,10 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return json_response({"error": "invalid request", "detail": exc.errors()}, 422)
+        # Only the fields a client needs: an error's 'input' may be raw bytes or an integer orjson
+        # cannot write, and echoing it back adds nothing.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return json_response({"error": "invalid request", "detail": detail}, 422)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
@@ -65,8 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def reload_on_signal() -> None:
         """SIGHUP: reload the current model path (a new bundle rolled into the same directory)."""
-        with contextlib.suppress(ServiceError):  # refused reloads are logged and counted already
+        try:
             runtime.reload()
+        except Conflict:
+            log.warning("SIGHUP ignored: a reload is already in progress")
+        except ServiceError:
+            pass  # a refused reload is logged and counted by Runtime.reload
 
     app = FastAPI(
         title="anomaly-scores",

@@ -121,8 +121,13 @@ class Metrics:
         self.reloads = Counter("anomaly_reloads_total", "Model reloads by result", ["result"], registry=r)
         self.score: ScoreHistogram | None = None
         self.default_method = ""
+        self.lock = threading.Lock()
 
     def attach_model(self, bundle: Bundle, method: str) -> None:
+        with self.lock:  # a reload and the first load must not interleave their updates
+            self._attach_model(bundle, method)
+
+    def _attach_model(self, bundle: Bundle, method: str) -> None:
         self.model_info.clear()
         self.model_info.labels(bundle.name, bundle.version).set(1)
         self.default_method = method

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +19,7 @@ from app.service.runtime import Runtime, Served, json_response, resolve_fpr, res
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]
+PARSE_INLINE_BYTES = 64 * 1024
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -89,11 +90,13 @@ async def score(request: Request) -> Response:
         )
     async with runtime.admission():
         body = await runtime.read_body(request)
+        features, max_rows = served.bundle.features, runtime.settings.max_rows
         if content_type == "application/json":
-            parsed = parse_json(body, served.bundle.features, runtime.settings.max_rows)
+            parse, args = parse_json, (body, features, max_rows)
         else:
-            query = dict(request.query_params)
-            parsed = parse_npy(body, served.bundle.features, runtime.settings.max_rows, query)
+            parse, args = parse_npy, (body, features, max_rows, dict(request.query_params))
+        # A large body is parsed off the event loop, which keeps accepting and answering meanwhile.
+        parsed = parse(*args) if len(body) < PARSE_INLINE_BYTES else await run_in_threadpool(parse, *args)
         method = resolve_method(parsed.method, served.method)
         fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
         if runtime.coalescer is not None:
@@ -127,7 +130,9 @@ async def reload(request: Request, body: schemas.ReloadRequest | None = None) ->
     )
 
 
-@router.get("/model", summary="Model metadata", responses={503: {"model": schemas.ErrorResponse}})
+@router.get(
+    "/model", summary="Model metadata", responses={c: {"model": schemas.ErrorResponse} for c in (401, 503)}
+)
 async def model(request: Request) -> Response:
     runtime = runtime_of(request)
     runtime.authorize(request)
@@ -166,6 +171,6 @@ async def readyz(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(runtime_of(request).metrics.registry), media_type=PROMETHEUS_TEXT)

@@ -124,6 +124,12 @@ class Runtime:
         self.running: set[asyncio.Future[Any]] = set()
 
     def load(self) -> None:
+        """The first load, at start-up; under the reload lock, so an early reload cannot race it."""
+        with self.reload_lock:
+            if self.served is None:
+                self._first_load()
+
+    def _first_load(self) -> None:
         try:
             served = load_served(self.settings)
         except Exception as e:  # reported on /readyz and in the log; the process stays up
@@ -171,7 +177,10 @@ class Runtime:
         if requested is None:
             return None
         root = (self.settings.model_root or self.settings.model_path.parent).resolve()
-        path = (root / requested).resolve()
+        try:
+            path = (root / requested).resolve()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long
+            raise InvalidInput(f"path {requested!r} is not a usable path: {e}", {"root": str(root)}) from None
         if not path.is_relative_to(root):
             raise InvalidInput(f"path {requested!r} lies outside the model root {root}", {"root": str(root)})
         return path

@@ -1,6 +1,6 @@
 """End-to-end HTTP figures against a real server process, with an async load generator. Prints JSON.
 
-    .venv/bin/python benchmarks/http.py [--model models/default] [--requests 3000] [--batches 100]
+    .venv/bin/python benchmarks/http_load.py [--model models/default] [--requests 3000] [--batches 100]
 
 Starts `anomaly-scores serve` (onnx backend) on a free loopback port, times process start to
 /readyz 200, then measures, with 16 concurrent connections:
