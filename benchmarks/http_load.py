@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/http_load.py [--model models/default] [--requests 3000] [--batches 100]
 
 Starts `anomaly-scores serve` (onnx backend) on a free loopback port, times process start to
-/readyz 200, then measures, with 16 concurrent connections:
+/readyz 200, then measures with wrk (Debian package; an async httpx client where wrk is missing,
+which is itself the bottleneck: its figures are a floor), with 16 concurrent connections:
   - the no-op ceiling: GET /healthz of the same app,
   - single-row POST /score: requests/s, p50 and p99 latency,
   - 1000-row JSON batches and 1000-row .npy batches: rows/s.
@@ -17,9 +18,12 @@ import asyncio
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,12 +66,73 @@ async def load(url: str, count: int, connections: int, make_request) -> dict[str
     }
 
 
+WRK_SCRIPT = """
+local f = io.open("{body}", "rb")
+wrk.method = "{method}"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "{content_type}"
+"""
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk(url: str, seconds: int, connections: int, body: bytes | None = None, content_type: str = "") -> dict:
+    """requests/s, p50 and p99 from `wrk --latency`, for a GET, or a POST of `body`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+        if body is not None:
+            (Path(tmp) / "body").write_bytes(body)
+            script = WRK_SCRIPT.format(body=Path(tmp) / "body", method="POST", content_type=content_type)
+            (Path(tmp) / "post.lua").write_text(script)
+            command += ["-s", str(Path(tmp) / "post.lua")]
+        out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return {
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+    }
+
+
+def measure(
+    url: str, args: argparse.Namespace, single: bytes, batch_json: bytes, batch_npy: bytes
+) -> tuple[str, dict, dict, dict, dict]:
+    """The no-op, single-row, 1000-row JSON and 1000-row .npy figures, with wrk where installed."""
+    if shutil.which("wrk"):
+        return (
+            "wrk",
+            wrk(f"{url}/healthz", args.seconds, args.connections),
+            wrk(f"{url}/score", args.seconds, args.connections, single, "application/json"),
+            wrk(f"{url}/score", args.seconds, args.connections, batch_json, "application/json"),
+            wrk(f"{url}/score", args.seconds, args.connections, batch_npy, "application/x-npy"),
+        )
+    json_headers = {"content-type": "application/json"}
+    npy_headers = {"content-type": "application/x-npy"}
+
+    def run(count: int, request) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        return asyncio.run(load(url, count, args.connections, request))
+
+    return (
+        "httpx (async)",
+        run(args.requests, lambda c: c.get("/healthz")),
+        run(args.requests, lambda c: c.post("/score", content=single, headers=json_headers)),
+        run(args.batches, lambda c: c.post("/score", content=batch_json, headers=json_headers)),
+        run(args.batches, lambda c: c.post("/score", content=batch_npy, headers=npy_headers)),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/default"))
     parser.add_argument("--requests", type=int, default=3000, help="single-row and no-op requests")
     parser.add_argument("--batches", type=int, default=100, help="1000-row requests of each kind")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=10, help="per measurement, with wrk")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     rng = np.random.default_rng(0)
@@ -102,16 +167,7 @@ def main() -> None:
                 raise RuntimeError("server not ready within 60 s")
             time.sleep(0.02)
         ready_s = time.perf_counter() - started
-        json_headers = {"content-type": "application/json"}
-        npy_headers = {"content-type": "application/x-npy"}
-
-        def run(count: int, request) -> dict[str, float]:  # type: ignore[no-untyped-def]
-            return asyncio.run(load(url, count, args.connections, request))
-
-        noop = run(args.requests, lambda c: c.get("/healthz"))
-        one = run(args.requests, lambda c: c.post("/score", content=single, headers=json_headers))
-        many_json = run(args.batches, lambda c: c.post("/score", content=batch_json, headers=json_headers))
-        many_npy = run(args.batches, lambda c: c.post("/score", content=batch_npy, headers=npy_headers))
+        generator, noop, one, many_json, many_npy = measure(url, args, single, batch_json, batch_npy)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -119,6 +175,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": f"HTTP, serve (onnx), {args.connections} connections, d={len(bundle.features)}",
+                "load_generator": generator,
                 "seconds_to_ready": round(ready_s, 2),
                 "noop_requests_per_s": round(noop["requests_per_s"]),
                 "single_row": {k: round(v, 2) for k, v in one.items()},
