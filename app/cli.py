@@ -293,16 +293,21 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found;
     # a no-op handler here turns that into a normal exit with status 0, which orchestrators expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
-        "app.service.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=settings.log_level,
-        access_log=False,  # the service writes its own JSON line per request
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        "access_log": False,  # the service writes its own JSON line per request
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+    }
+    if args.workers == 1:
+        from app.service.main import create_app
+        from app.service.server import DrainingServer
+
+        app = create_app(settings)
+        DrainingServer(uvicorn.Config(app, **options), app.state.runtime, settings.drain_s).run()
+    else:  # uvicorn's supervisor owns the signals: no readiness drain (docs/operations.md)
+        uvicorn.run("app.service.main:create_app", factory=True, workers=args.workers, **options)
     return 0
 
 

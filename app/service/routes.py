@@ -13,7 +13,7 @@ from app.bundle import METHODS
 from app.calibration import threshold_name
 from app.scorer import ScoreOutput
 from app.service import schemas
-from app.service.errors import UnsupportedMediaType
+from app.service.errors import NotReady, UnsupportedMediaType
 from app.service.parsing import ScoreRequest, parse_json, parse_npy
 from app.service.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
 
@@ -165,7 +165,10 @@ async def healthz() -> Response:
     "/readyz", summary="Model loaded and warmed up", responses={503: {"model": schemas.ErrorResponse}}
 )
 async def readyz(request: Request) -> Response:
-    served = runtime_of(request).served_or_503()
+    runtime = runtime_of(request)
+    if runtime.draining:
+        raise NotReady("shutting down: requests are still served while the load balancer drains")
+    served = runtime.served_or_503()
     return json_response(
         {"status": "ready", "model": {"name": served.bundle.name, "version": served.bundle.version}}
     )

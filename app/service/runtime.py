@@ -122,6 +122,7 @@ class Runtime:
         self.admitted = 0  # scoring requests admitted and not yet answered
         self.slots = asyncio.Semaphore(settings.scoring_concurrency)
         self.running: set[asyncio.Future[Any]] = set()
+        self.draining = False  # set on SIGTERM: /readyz turns 503 while requests are still served
 
     def load(self) -> None:
         """The first load, at start-up; under the reload lock, so an early reload cannot race it."""

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     model_root: Path | None = Field(
         None, description="bundles an admin may load lie here (default: model_path's parent)"
     )
+    drain_s: float = Field(
+        2.0, ge=0, description="on SIGTERM, /readyz answers 503 and requests are served this long"
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long")
     warmup_rows: int = Field(256, ge=1, description="rows scored before /readyz turns 200")
 

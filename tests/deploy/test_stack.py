@@ -176,7 +176,10 @@ def stack(tiny_bundle, tmp_path_factory) -> Iterator[Stack]:
     try:
         with ThreadPoolExecutor(len(REPLICAS)) as pool:  # start_server gives up after 90 s
             futures = {
-                name: pool.submit(start_server, tiny_bundle, logs / f"{name}.log", "serve")
+                # as docker-compose.yml: nginx does not poll readiness, so no drain on SIGTERM
+                name: pool.submit(
+                    start_server, tiny_bundle, logs / f"{name}.log", "serve", {"ANOMALY_DRAIN_S": "0"}
+                )
                 for name in REPLICAS
             }
         for name, future in futures.items():  # all done: keep every started one, for the cleanup

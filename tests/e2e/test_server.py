@@ -34,10 +34,12 @@ class Server:
     bundle: Path
 
 
-def start_server(bundle: Path, log: Path, command: str = "uvicorn") -> Server:
+def start_server(
+    bundle: Path, log: Path, command: str = "uvicorn", env: dict[str, str] | None = None
+) -> Server:
     """`uvicorn`: the app factory under plain uvicorn; `serve`: the product's own command."""
     port = free_port()
-    variables = os.environ | {"ANOMALY_MODEL_PATH": str(bundle), "ANOMALY_WARMUP_ROWS": "8"}
+    variables = os.environ | {"ANOMALY_MODEL_PATH": str(bundle), "ANOMALY_WARMUP_ROWS": "8"} | (env or {})
     program = {
         "uvicorn": ["-m", "uvicorn", "app.service.main:create_app", "--factory", "--no-access-log"],
         "serve": ["-m", "app.cli", "serve"],
