@@ -13,30 +13,29 @@ The load generator shares the machine's cores with the server, so the figures ar
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script, sys.path[0] is benchmarks/: the repository root instead, so `benchmarks.` imports
+    # resolve and no module here can shadow the standard library's.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import asyncio
 import io
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from app.bundle import load_bundle
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.serving import serve
 
 
 async def load(url: str, count: int, connections: int, make_request) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -76,8 +75,11 @@ wrk.headers["Content-Type"] = "{content_type}"
 
 
 def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"unreadable wrk latency {text!r}")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
 def wrk(url: str, seconds: int, connections: int, body: bytes | None = None, content_type: str = "") -> dict:
@@ -142,41 +144,14 @@ def main() -> None:
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32))
     batch_npy = buffer.getvalue()
-    port = free_port()
-    env = os.environ | {
-        "ANOMALY_MODEL_PATH": str(args.model),
-        "ANOMALY_LOG_LEVEL": "warning",
-        "ANOMALY_MAX_ROWS": "10000",
-    }
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - started > 60:
-                raise RuntimeError("server not ready within 60 s")
-            time.sleep(0.02)
-        ready_s = time.perf_counter() - started
-        generator, noop, one, many_json, many_npy = measure(url, args, single, batch_json, batch_npy)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with serve(args.model, {"ANOMALY_MAX_ROWS": "10000"}) as server:
+        generator, noop, one, many_json, many_npy = measure(server.url, args, single, batch_json, batch_npy)
     print(
         json.dumps(
             {
                 "benchmark": f"HTTP, serve (onnx), {args.connections} connections, d={len(bundle.features)}",
                 "load_generator": generator,
-                "seconds_to_ready": round(ready_s, 2),
+                "seconds_to_ready": round(server.seconds_to_ready, 2),
                 "noop_requests_per_s": round(noop["requests_per_s"]),
                 "single_row": {k: round(v, 2) for k, v in one.items()},
                 "single_row_over_noop": round(one["requests_per_s"] / noop["requests_per_s"], 2),

@@ -30,15 +30,13 @@ if __package__ in (None, ""):
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
 import numpy as np
+
+from benchmarks.serving import serve
 
 
 def rss_bytes(pid: int) -> int:
@@ -146,12 +144,6 @@ def score_body(model: Path, rows: int, seed: int = 0) -> bytes:
     return json.dumps({"instances": x.tolist()}).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/default"))
@@ -162,34 +154,8 @@ def main() -> int:
     parser.add_argument("--max-growth", type=float, default=0.10, help="exit 1 at this growth ratio or more")
     args = parser.parse_args()
     body = score_body(args.model, args.rows)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = os.environ | {"ANOMALY_MODEL_PATH": str(args.model), "ANOMALY_LOG_LEVEL": "warning"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not become ready (exit status {server.poll()})")
-            time.sleep(0.1)
-        result = run_soak(base, server.pid, body, args.requests, args.connections, args.samples)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with serve(args.model) as server:
+        result = run_soak(server.url, server.pid, body, args.requests, args.connections, args.samples)
     out = result.as_dict() | {"max_growth": args.max_growth}
     out["rss_samples"] = {str(n): rss for n, rss in result.rss_samples}  # requests completed: bytes
     print(json.dumps(out, indent=1))
