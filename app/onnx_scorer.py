@@ -6,8 +6,6 @@ installed, and refuse it with a clear error otherwise.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
@@ -19,9 +17,6 @@ from app.scorer import ScoreOutput, Scorer, assemble, check_method
 def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = os.environ.get("ANOMALY_ONNX_THREADS")
-    if threads:
-        options.intra_op_num_threads = int(threads)
     return options
 
 
