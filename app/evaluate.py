@@ -1,0 +1,387 @@
+"""The paper's benchmark protocol on Loda-format data, with the classical detectors beside it.
+
+For every dataset and seeded split: 80% of the normal and of the anomalous rows form the training
+pool, the rest the test set; training keeps all pooled normal rows and is contaminated, unlabelled,
+with pooled anomalies up to 10% of the training set. Standardisation is fitted on the training rows.
+A stratified 20% of the training rows is held out as validation: networks are fitted on the rest,
+the noise variance and the model selection use the validation rows, and the test rows are used for
+nothing but the reported AUC.
+
+Selection, per score: unsupervised by the score's own mean log-likelihood of the validation rows
+(the lowest mean reconstruction error for `reconstruction`), or supervised by the AUC on the
+validation rows with their labels ("a few labelled anomalies"). kNN (mean distance to the k nearest
+training rows) and Isolation Forest run on the same standardised splits.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from app.bundle import METHODS, Scaler
+from app.data import read_table
+from app.metrics import roc_auc
+from app.train import Candidate, FitOptions, fit_candidates, fit_noise, score_rows
+
+ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
+SELECTIONS = ("unsupervised", "supervised")
+BASELINES = ("knn", "iforest")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    normal: NDArray[np.float64]  # (n, d)
+    anomalous: NDArray[np.float64]  # (m, d)
+
+    @property
+    def rows(self) -> int:
+        return self.normal.shape[0] + self.anomalous.shape[0]
+
+
+def list_datasets(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory of datasets")
+    names = sorted(
+        p.name for p in root.iterdir() if (p / "normal.txt").is_file() and (p / ANOMALY_FILE).is_file()
+    )
+    if not names:
+        raise ValueError(f"{root} holds no dataset folder with normal.txt and {ANOMALY_FILE}")
+    return names
+
+
+def load_datasets(root: str | Path, names: Sequence[str] | None = None) -> list[Dataset]:
+    """Read Loda-format folders (normal.txt + easy.txt, whitespace-separated, no header)."""
+    available = list_datasets(root)
+    wanted = list(names) if names else available
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise ValueError(f"no dataset {unknown} in {root}; available: {', '.join(available)}")
+    out = []
+    for name in wanted:
+        folder = Path(root) / name
+        normal = read_table(folder / "normal.txt", allow_constant=True, min_rows=5).values
+        anomalous = read_table(folder / ANOMALY_FILE, allow_constant=True, min_rows=1).values
+        if normal.shape[1] != anomalous.shape[1]:
+            raise ValueError(
+                f"{name}: normal.txt has {normal.shape[1]} columns but {ANOMALY_FILE} {anomalous.shape[1]}"
+            )
+        out.append(Dataset(name, normal, anomalous))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class ProtocolSplit:
+    x_train: NDArray[np.float64]  # standardised with the training rows' statistics
+    y_train: NDArray[np.bool_]  # labels, for supervised selection only
+    x_test: NDArray[np.float64]
+    y_test: NDArray[np.bool_]
+    scaler: Scaler
+
+
+def protocol_split(
+    dataset: Dataset, seed: int, train_fraction: float = 0.8, contamination: float = 0.1
+) -> ProtocolSplit:
+    rng = np.random.default_rng(seed)
+    normal = dataset.normal[rng.permutation(dataset.normal.shape[0])]
+    anomalous = dataset.anomalous[rng.permutation(dataset.anomalous.shape[0])]
+    n_train, a_pool = round(train_fraction * normal.shape[0]), round(train_fraction * anomalous.shape[0])
+    # a / (n_train + a) <= contamination, and no more than the pool holds
+    a_train = min(a_pool, math.floor(contamination * n_train / (1 - contamination)))
+    x_train = np.r_[normal[:n_train], anomalous[:a_train]]
+    x_test = np.r_[normal[n_train:], anomalous[a_pool:]]
+    scaler = Scaler.fit(x_train)
+    return ProtocolSplit(
+        scaler.transform(x_train),
+        np.r_[np.zeros(n_train, bool), np.ones(a_train, bool)],
+        scaler.transform(x_test),
+        np.r_[np.zeros(normal.shape[0] - n_train, bool), np.ones(anomalous.shape[0] - a_pool, bool)],
+        scaler,
+    )
+
+
+def stratified_holdout(
+    labels: NDArray[np.bool_], fraction: float, seed: int
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """(fit rows, validation rows): `fraction` of each class held out, at least one of a present class."""
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    for cls in (False, True):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        n_held = min(max(1, round(fraction * rows.size)), rows.size - 1) if rows.size > 1 else rows.size
+        held.append(rows[:n_held])
+        fit.append(rows[n_held:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def _auc(labels: NDArray[np.bool_], score: NDArray[np.float64]) -> float:
+    """AUC, NaN where one class is missing; a non-finite score ranks as the most anomalous."""
+    if labels.all() or not labels.any():
+        return math.nan
+    finite = np.isfinite(score)
+    if not finite.all():
+        top = score[finite].max() if finite.any() else 0.0
+        score = np.where(finite, score, top + 1.0)
+    return roc_auc(labels, score)
+
+
+def baseline_scores(
+    x_train: NDArray[np.float64], x_test: NDArray[np.float64], seed: int, knn_k: int, trees: int
+) -> dict[str, NDArray[np.float64]]:
+    from sklearn.ensemble import IsolationForest
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, _ = NearestNeighbors(n_neighbors=min(knn_k, x_train.shape[0])).fit(x_train).kneighbors(x_test)
+    forest = IsolationForest(n_estimators=trees, random_state=seed).fit(x_train)
+    return {"knn": distances.mean(axis=1), "iforest": -forest.score_samples(x_test)}
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    candidates: tuple[Candidate, ...]
+    fit: FitOptions = field(default_factory=FitOptions)
+    val_fraction: float = 0.2
+    knn_k: int = 5
+    forest_trees: int = 200
+
+
+@dataclass
+class SplitResult:
+    dataset: str
+    split: int
+    candidates: list[dict[str, Any]]  # one row per candidate: hyper-parameters and every figure
+    baselines: dict[str, float]  # test AUC per classical detector
+    seconds: float
+
+
+def fitting_steps(dataset: Dataset, options: EvaluateOptions) -> int:
+    """Optimiser steps this dataset costs per split, for the progress bar: candidate groups x steps."""
+    d = dataset.normal.shape[1]
+    groups = {c.group() for c in options.candidates if c.latent_dim < d}
+    return len(groups) * options.fit.steps
+
+
+def evaluate_split(
+    dataset: Dataset, split: int, options: EvaluateOptions, progress: Callable[[int], None] | None = None
+) -> SplitResult:
+    """Fit the grid on one split, score validation and test rows with every method, run the baselines."""
+    started = time.perf_counter()
+    data = protocol_split(dataset, seed=split)
+    fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
+    x_fit, x_val, y_val = data.x_train[fit_rows], data.x_train[val_rows], data.y_train[val_rows]
+    d = data.x_train.shape[1]
+    candidates = [c for c in options.candidates if c.latent_dim < d]
+    if not candidates:
+        raise ValueError(f"{dataset.name}: no candidate of the grid has a latent size below its {d} features")
+    fit = FitOptions(**{**vars(options.fit), "seed": split})
+    rows = []
+    for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
+        # `projected` starts from prior samples: seeded here, the figures do not depend on which
+        # worker process ran the split, nor on what it ran before
+        torch.manual_seed(split)
+        fit_noise(fitted.model, x_val)
+        row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
+        row |= fitted.candidate.to_dict()
+        row |= {"sigma2": fitted.model.sigma2, "sigma2_normal": fitted.model.sigma2_normal}
+        row["final_loss"] = fitted.loss_curve[-1]
+        for method in METHODS:
+            val = score_rows(fitted.model, x_val, method)
+            test_log_prob = score_rows(fitted.model, data.x_test, method)["log_prob"]
+            row[f"val_loglik_{method}"] = float(np.mean(val["log_prob"]))
+            row[f"val_auc_{method}"] = _auc(y_val, -val["log_prob"])
+            row[f"test_auc_{method}"] = _auc(data.y_test, -test_log_prob)
+            if method == "reconstruction":
+                row["val_reconstruction_error"] = float(np.mean(val["reconstruction_error"]))
+        rows.append(row)
+    baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
+    return SplitResult(
+        dataset.name,
+        split,
+        rows,
+        {name: _auc(data.y_test, s) for name, s in baseline.items()},
+        time.perf_counter() - started,
+    )
+
+
+def select(rows: list[dict[str, Any]], method: str, selection: str) -> tuple[int, str]:
+    """Index of the chosen candidate among one split's rows, and the rule that chose it.
+
+    Supervised selection falls back to the unsupervised rule when the validation rows hold one class.
+    """
+    if selection == "supervised":
+        aucs = np.array([r[f"val_auc_{method}"] for r in rows], dtype=float)
+        if not np.isnan(aucs).all():
+            return int(np.nanargmax(aucs)), "validation AUC"
+    if method == "reconstruction":
+        errors = np.array([r["val_reconstruction_error"] for r in rows], dtype=float)
+        return int(np.nanargmin(errors)), "lowest validation reconstruction error"
+    loglik = np.array([r[f"val_loglik_{method}"] for r in rows], dtype=float)
+    return int(np.nanargmax(loglik)), f"highest validation log-likelihood of {method}"
+
+
+def selections(results: list[SplitResult]) -> list[dict[str, Any]]:
+    out = []
+    for result in results:
+        for selection in SELECTIONS:
+            for method in METHODS:
+                chosen, rule = select(result.candidates, method, selection)
+                row = result.candidates[chosen]
+                out.append(
+                    {
+                        "dataset": result.dataset,
+                        "split": result.split,
+                        "score": method,
+                        "selection": selection,
+                        "rule": rule,
+                        "candidate": chosen,
+                        "latent_dim": row["latent_dim"],
+                        "beta": row["beta"],
+                        "kernel_width": row["kernel_width"],
+                        "test_auc": row[f"test_auc_{method}"],
+                    }
+                )
+    return out
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # small matrices: one thread per process beats two threads on one job
+
+
+def _run(args: tuple[Dataset, int, EvaluateOptions, Any]) -> SplitResult:
+    dataset, split, options, updates = args
+    pending = [0]
+
+    def progress(n: int) -> None:
+        pending[0] += n
+        if pending[0] >= 100:
+            updates.put(pending[0])
+            pending[0] = 0
+
+    result = evaluate_split(dataset, split, options, progress if updates is not None else None)
+    if updates is not None and pending[0]:
+        updates.put(pending[0])
+    return result
+
+
+def run_protocol(
+    datasets: list[Dataset],
+    splits: Sequence[int],
+    options: EvaluateOptions,
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+    on_result: Callable[[SplitResult], None] | None = None,
+) -> list[SplitResult]:
+    """Every (dataset, split), in `jobs` processes of one thread each; results in a fixed order.
+
+    Each split is seeded by its number alone, so the figures do not depend on `jobs`.
+    """
+    work = sorted(
+        ((ds, s) for ds in datasets for s in splits), key=lambda w: -fitting_steps(w[0], options) * w[0].rows
+    )
+    results: list[SplitResult] = []
+    if jobs <= 1:
+        _worker_init()
+        for ds, s in work:
+            result = evaluate_split(ds, s, options, progress)
+            results.append(result)
+            if on_result:
+                on_result(result)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager:
+            updates = manager.Queue()
+            done = threading.Event()
+
+            def forward() -> None:
+                while not done.is_set():
+                    try:
+                        n = updates.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if progress:
+                        progress(n)
+
+            thread = threading.Thread(target=forward, daemon=True)
+            thread.start()
+            try:
+                with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+                    futures = [pool.submit(_run, (ds, s, options, updates)) for ds, s in work]
+                    for future in as_completed(futures):
+                        result = future.result()
+                        results.append(result)
+                        if on_result:
+                            on_result(result)
+            finally:
+                done.set()
+                thread.join()
+    order = {(ds.name, s): i for i, (ds, s) in enumerate((ds, s) for ds in datasets for s in splits)}
+    return sorted(results, key=lambda r: order[(r.dataset, r.split)])
+
+
+def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """Markdown of mean test AUC per dataset, score and selection, baselines beside; and the key figures."""
+    chosen = selections(results)
+    mean: dict[tuple[str, str, str], float] = {}
+    for ds in dataset_order:
+        for selection in SELECTIONS:
+            for method in METHODS:
+                values = [
+                    c["test_auc"]
+                    for c in chosen
+                    if c["dataset"] == ds and c["selection"] == selection and c["score"] == method
+                ]
+                mean[(ds, selection, method)] = float(np.nanmean(values))
+        for name in BASELINES:
+            mean[(ds, "baseline", name)] = float(
+                np.nanmean([r.baselines[name] for r in results if r.dataset == ds])
+            )
+    splits = sorted({r.split for r in results})
+    columns = [("baseline", b) for b in BASELINES] + [(s, m) for s in SELECTIONS for m in METHODS]
+    header = ["dataset", "kNN", "IForest"] + [
+        f"{'unsup' if s == 'unsupervised' else 'sup'}: {m}" for s, m in columns[2:]
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for ds in dataset_order:
+        cells = [ds] + [f"{mean[(ds, s, m)]:.3f}" for s, m in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    overall = {f"{s}:{m}": float(np.mean([mean[(ds, s, m)] for ds in dataset_order])) for s, m in columns}
+    lines.append("| **mean** | " + " | ".join(f"**{overall[f'{s}:{m}']:.3f}**" for s, m in columns) + " |")
+    wins = {
+        selection: sum(
+            mean[(ds, selection, "likelihood")] > mean[(ds, selection, "reconstruction")]
+            for ds in dataset_order
+        )
+        for selection in SELECTIONS
+    }
+    best_unsupervised = max(METHODS, key=lambda m: overall[f"unsupervised:{m}"])
+    best_mean = overall[f"unsupervised:{best_unsupervised}"]
+    figures = {
+        "datasets": list(dataset_order),
+        "splits": splits,
+        "mean_test_auc": overall,
+        "likelihood_beats_reconstruction": {s: f"{wins[s]}/{len(dataset_order)}" for s in SELECTIONS},
+        "best_unsupervised_score": best_unsupervised,
+        "per_dataset": {f"{ds}|{s}|{m}": v for (ds, s, m), v in mean.items()},
+    }
+    lines += [
+        "",
+        f"Test AUC, mean over splits {splits}. `likelihood` beats `reconstruction` on "
+        f"{wins['unsupervised']} of {len(dataset_order)} datasets with unsupervised selection and on "
+        f"{wins['supervised']} of {len(dataset_order)} with supervised selection. Best single score under "
+        f"unsupervised selection: `{best_unsupervised}`, mean {best_mean:.3f} "
+        f"(Isolation Forest {overall['baseline:iforest']:.3f}, kNN {overall['baseline:knn']:.3f}).",
+    ]
+    return "\n".join(lines) + "\n", figures

@@ -1,0 +1,104 @@
+"""`anomaly-scores evaluate --quick` on the paper's data: the pipeline's outputs, not AUC levels."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.bundle import METHODS
+from app.cli import main
+from app.evaluate import select
+from app.metrics import roc_auc
+
+LODA = Path(__file__).resolve().parents[3] / "shared" / "data" / "loda"
+
+
+@pytest.fixture(scope="module")
+def loda() -> Path:
+    if not LODA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs with ../shared beside the repository, but {LODA} is missing")
+        pytest.skip(f"the paper's datasets are not at {LODA}")
+    return LODA
+
+
+@pytest.fixture(scope="module")
+def quick(loda, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluate") / "quick"
+    assert main(["evaluate", str(loda), "--quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_quick_run_writes_every_candidate_of_the_two_smallest_datasets(quick):
+    candidates = pd.read_csv(quick / "candidates.csv")
+    assert sorted(candidates["dataset"].unique()) == ["breast-cancer-wisconsin", "haberman"]
+    assert len(candidates) == 2 * 2  # two datasets x two candidates, one split
+    for method in METHODS:
+        auc = candidates[f"test_auc_{method}"]
+        assert auc.between(0, 1).all(), method
+    assert (candidates["sigma2"] > 0).all()
+
+
+def test_selections_follow_the_stated_rules(quick):
+    candidates = pd.read_csv(quick / "candidates.csv")
+    chosen = pd.read_csv(quick / "selections.csv")
+    assert len(chosen) == 2 * len(METHODS) * 2  # datasets x scores x selections
+    for row in chosen.itertuples():
+        rows = candidates[(candidates["dataset"] == row.dataset) & (candidates["split"] == row.split)]
+        records = rows.sort_values("candidate").to_dict("records")
+        index, _ = select(records, row.score, row.selection)
+        assert row.candidate == index
+        assert row.test_auc == pytest.approx(records[index][f"test_auc_{row.score}"])
+
+
+def test_knn_baseline_matches_a_direct_computation_on_the_raw_files(quick, loda):
+    """The split rebuilt from the text files with numpy alone, kNN by brute force."""
+    baselines = pd.read_csv(quick / "baselines.csv").set_index("dataset")
+    for name in ("haberman", "breast-cancer-wisconsin"):
+        normal = np.loadtxt(loda / name / "normal.txt", ndmin=2)
+        anomalous = np.loadtxt(loda / name / "easy.txt", ndmin=2)
+        rng = np.random.default_rng(0)
+        normal, anomalous = normal[rng.permutation(len(normal))], anomalous[rng.permutation(len(anomalous))]
+        n, pool = round(0.8 * len(normal)), round(0.8 * len(anomalous))
+        a = min(pool, int(0.1 * n / 0.9))
+        train = np.r_[normal[:n], anomalous[:a]]
+        test = np.r_[normal[n:], anomalous[pool:]]
+        labels = np.r_[np.zeros(len(normal) - n), np.ones(len(anomalous) - pool)]
+        mean, std = train.mean(0), train.std(0)
+        train, test = (train - mean) / std, (test - mean) / std
+        distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
+        assert baselines.loc[name, "knn"] == pytest.approx(roc_auc(labels, distances), abs=1e-12)
+
+
+def test_table_and_summary_report_the_run(quick):
+    table = (quick / "table.md").read_text()
+    assert table.startswith("| dataset | kNN | IForest |")
+    for name in ("haberman", "breast-cancer-wisconsin"):
+        assert f"| {name} |" in table
+    summary = json.loads((quick / "summary.json").read_text())
+    assert summary["splits"] == [0] and summary["candidates"] == 2 and summary["steps"] == 300
+    assert set(summary["likelihood_beats_reconstruction"]) == {"supervised", "unsupervised"}
+    assert summary["best_unsupervised_score"] in METHODS
+    assert summary["seconds"] > 0
+
+
+def test_figures_do_not_depend_on_the_number_of_worker_processes(quick, loda, tmp_path):
+    one = tmp_path / "one"
+    (one / "haberman").mkdir(parents=True)
+    for f in ("normal.txt", "easy.txt"):
+        shutil.copy(loda / "haberman" / f, one / "haberman" / f)
+    out = tmp_path / "out"
+    assert main(["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet"]) == 0
+    serial = pd.read_csv(out / "candidates.csv")
+    parallel = pd.read_csv(quick / "candidates.csv")
+    parallel = parallel[parallel["dataset"] == "haberman"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_unknown_dataset_is_refused(loda, tmp_path, capsys):
+    assert main(["evaluate", str(loda), "--datasets", "nope", "--out", str(tmp_path)]) == 2
+    assert "no dataset ['nope']" in capsys.readouterr().err
