@@ -1,15 +1,23 @@
 """Request bodies straight into a float64 matrix, with errors that name the row and the column.
 
-JSON is parsed by orjson and converted by numpy in one call when the rows are a clean numeric
-matrix. Only when that fails, or a true, false or null literal appears (numpy would silently turn
-them into 1.0, 0.0 or nan), are the rows walked one by one to find and name the first offending
-value. No per-number pydantic validation: a 1000-row request costs one parse and one conversion.
+JSON is parsed by orjson and its list rows converted by numpy in one pass when the body provably
+holds nothing but numbers in them; otherwise the rows are walked one by one to find and name the
+first offending value. No per-number pydantic validation: a 1000-row request costs one parse and
+one conversion.
+
+The proof is by counting bytes, which C does at memory speed: with no backslash in the body, every
+string is exactly two quote characters and every true, false or null holds a 't', an 'f' or an
+'l', letters that no number contains. So if the body's counts of '"', 't', 'f' and 'l' equal those
+of the other fields re-serialised, the rows hold no string, boolean or null, and no top-level key
+occurs twice. (numpy would silently read true as 1.0, null as nan and "1.5" as 1.5; orjson silently
+keeps the last duplicate key.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -65,15 +73,29 @@ def check_values(x: NDArray[np.float64], features: list[str]) -> None:
         )
 
 
-def _rows_from_lists(instances: list[Any], features: list[str], suspicious: bool) -> NDArray[np.float64]:
+def _only_numbers_in_rows(body: bytes, doc: dict[str, Any]) -> bool:
+    """Whether the body's strings and literals all lie outside `instances` (module docstring)."""
+    if b"\\" in body:
+        return False
+    rest = orjson.dumps({k: [] if k == "instances" else v for k, v in doc.items()})
+    return all(body.count(c) == rest.count(c) for c in (b'"', b"t", b"f", b"l"))
+
+
+def _fast_rows(instances: list[Any], d: int) -> NDArray[np.float64] | None:
+    """One conversion of list rows of d numbers each; None where the rows are anything else."""
+    if not all(type(row) is list for row in instances) or set(map(len, instances)) != {d}:
+        return None
+    try:
+        values = np.fromiter(itertools.chain.from_iterable(instances), np.float64, len(instances) * d)
+    except (ValueError, TypeError, OverflowError):  # null, a nested list, an integer too large
+        return None
+    return values.reshape(len(instances), d)
+
+
+def _rows_from_lists(instances: list[Any], features: list[str], only_numbers: bool) -> NDArray[np.float64]:
     d = len(features)
-    if not suspicious:
-        try:
-            x = np.array(instances, dtype=np.float64)
-        except (ValueError, TypeError):
-            x = None
-        if x is not None and x.ndim == 2 and x.shape[1] == d:
-            return x
+    if only_numbers and (x := _fast_rows(instances, d)) is not None:
+        return x
     # Slow path: find and name the first problem exactly.
     for i, row in enumerate(instances):
         if not isinstance(row, list):
@@ -186,17 +208,15 @@ def parse_json(body: bytes, features: list[str], max_rows: int) -> ScoreRequest:
             f"{len(instances)} rows in one request; the limit is {max_rows}",
             {"rows": len(instances), "limit": max_rows},
         )
-    # Objects by name are walked row by row anyway; list rows only have the top-level keys to check,
-    # and those can only repeat if their names occur twice in the body.
-    if isinstance(instances[0], dict) or any(body.count(b'"' + k.encode() + b'"') > 1 for k in KEYS):
+    by_name = isinstance(instances[0], dict)
+    only_numbers = not by_name and _only_numbers_in_rows(body, doc)
+    if not only_numbers:  # objects are walked row by row anyway; elsewhere a key may repeat
         _reject_duplicate_keys(body)
     options = _options(doc)
-    if isinstance(instances[0], dict):
+    if by_name:
         x = _rows_from_objects(instances, features)
     else:
-        # numpy would read true as 1.0 and null as nan: such bodies take the exact path
-        suspicious = b"true" in body or b"false" in body or b"null" in body
-        x = _rows_from_lists(instances, features, suspicious)
+        x = _rows_from_lists(instances, features, only_numbers)
     check_values(x, features)
     return ScoreRequest(x=x, **options)
 

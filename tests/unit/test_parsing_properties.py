@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,3 +77,43 @@ def test_npy_arrays_of_any_shape_and_dtype(rows, cols, dtype):
     np.save(buffer, np.ones((rows, cols), dtype=dtype))
     parsed = outcome(parse_npy, buffer.getvalue(), FEATURES, 50, {})
     assert (parsed is not None) == (rows >= 1 and cols == 3 and dtype in ("<f4", "<f8", ">f8"))
+
+
+cells = st.floats(-1e6, 1e6) | st.integers(-1000, 1000) | st.booleans() | st.none() | st.text(max_size=3)
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(st.lists(cells, min_size=3, max_size=3), min_size=1, max_size=8),
+    st.fixed_dictionaries({}, optional={"method": st.text(max_size=8), "explain": st.booleans()}),
+)
+def test_list_rows_are_accepted_exactly_when_every_cell_is_a_number(rows, options):
+    """The byte-counting fast path never lets a string, boolean or null through as a number."""
+    body = json.dumps({**options, "instances": rows}).encode()
+    parsed = outcome(parse_json, body, FEATURES, 50)
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for row in rows for v in row)
+    assert (parsed is not None) == numbers
+    if parsed is not None:
+        np.testing.assert_array_equal(parsed.x, np.array(rows, dtype=np.float64))
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('{"instances": [["1.5", 2, 3]]}', "column 0 ('a'): expected a number, got str"),
+        ('{"instances": [[1, 2, 3], {"a": 1, "b": 2, "c": 3}]}', "instances[1] is a dict"),
+        ('{"instances": [[1, 2, true]]}', "column 2 ('c'): expected a number, got bool"),
+        ('{"instances": [[1, null, 3]]}', "column 1 ('b'): expected a number, got NoneType"),
+        ('{"instances": [[1, 2, 3]], "instances": [[4, 5, 6]]}', "duplicate key 'instances'"),
+        # escaped quotes in a string stand in for a duplicate key's quotes: counting alone would miss it
+        (
+            '{"instances": [[1, 2, 3]], "explain": false, '
+            '"method": "\\u0022\\u0022\\u0066\\u006c\\u006c", "explain": false}',
+            "duplicate key 'explain'",
+        ),
+    ],
+)
+def test_fast_path_falls_back_to_the_exact_walk(body, fragment):
+    with pytest.raises(ServiceError) as error:
+        parse_json(body.encode(), FEATURES, 50)
+    assert fragment in error.value.message
