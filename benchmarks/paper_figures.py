@@ -63,7 +63,7 @@ def fig2(results: Path, out: Path) -> None:
         ax.set_title(f"{selection} selection")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS.values()]
     handles.append(plt.Line2D([], [], color="black", marker="_", linestyle="", markersize=20))
-    axes[0].legend(handles, [*COLOURS, "Isolation Forest (mean)"], loc="lower left")
+    fig.legend(handles, [*COLOURS, "Isolation Forest (mean)"], loc="outside upper center", ncol=3)
     axes[1].tick_params(axis="x", rotation=25)
     fig.savefig(out, dpi=110)
 
@@ -79,7 +79,8 @@ def fig3(results: Path, out: Path) -> None:
     paired_boxes(ax, [str(k) for k in sizes], values)
     ax.set_xlabel("latent size")
     ax.set_title(f"{candidates['dataset'].iloc[0]}: every candidate and split")
-    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS.values()], list(COLOURS))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS.values()]
+    fig.legend(handles, list(COLOURS), loc="outside upper center", ncol=2)
     fig.savefig(out, dpi=110)
 
 
