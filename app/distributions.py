@@ -8,13 +8,12 @@ Mixtures have uniform weights, as in the VampPrior. Sampling uses torch's global
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
 import torch
 from torch import Tensor
-
-from app.geometry import sphere_tangent_basis
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -153,14 +152,17 @@ def vmf_mean_resultant_length(kappa: Tensor, dim: int) -> Tensor:
     return torch.exp(log_bessel_iv(v + 1, kappa) - log_bessel_iv(v, kappa))
 
 
-def sample_vmf(mu: Tensor, kappa: Tensor) -> Tensor:
+def sample_vmf(mu: Tensor, kappa: Tensor, proposals: int = 2) -> Tensor:
     """One draw from vMF(mu_i, kappa_i) per row: mu (N, k) unit vectors, kappa (N,) -> (N, k).
 
     Wood (1994): the component w = mu . z is drawn by rejection from a Beta proposal, the rest
-    uniformly on the tangent sphere. The rejection loop runs over the whole batch until every row
-    has accepted, never row by row. Gradients reach mu through the tangent basis and kappa through
-    w = h(eps, kappa) at the accepted proposal eps (the reparameterisation term of Davidson et al.,
-    2018, without its rejection correction).
+    uniformly on the tangent sphere. Each round draws `proposals` candidates for every row still
+    waiting and keeps the first accepted, so the whole batch is usually done in one round (Wood's
+    acceptance rate is above one half): a training step pays for few small operations, not for a
+    loop until the unluckiest row accepts. Gradients reach kappa through w = h(eps, kappa) at the
+    accepted proposal eps (the reparameterisation term of Davidson et al., 2018, without its
+    rejection correction) and mu through the projection of a Gaussian onto its tangent space,
+    which is uniform on the tangent sphere and needs no basis.
     """
     n, k = mu.shape
     m1 = float(k - 1)
@@ -170,27 +172,26 @@ def sample_vmf(mu: Tensor, kappa: Tensor) -> Tensor:
         b = m1 / (2 * kd + torch.sqrt(4 * kd * kd + m1 * m1))
         x0 = (1 - b) / (1 + b)
         c = kd * x0 + m1 * torch.log1p(-x0 * x0)
-        beta = torch.distributions.Beta(
-            torch.tensor(m1 / 2, dtype=torch.float64, device=mu.device),
-            torch.tensor(m1 / 2, dtype=torch.float64, device=mu.device),
-        )
+        half = torch.full((proposals,), m1 / 2, dtype=torch.float64, device=mu.device)
+        beta = torch.distributions.Beta(half, half)
         eps = torch.empty(n, dtype=torch.float64, device=mu.device)
-        todo = torch.ones(n, dtype=torch.bool, device=mu.device)
-        while bool(todo.any()):
-            idx = todo.nonzero().squeeze(-1)
-            e = beta.sample((idx.numel(),))
-            bi, x0i, ci, ki = b[idx], x0[idx], c[idx], kd[idx]
+        todo = torch.arange(n, device=mu.device)
+        while todo.numel():
+            e = beta.sample((todo.numel(),))  # (waiting, proposals)
+            bi, x0i, ci, ki = b[todo, None], x0[todo, None], c[todo, None], kd[todo, None]
             w = (1 - (1 + bi) * e) / (1 - (1 - bi) * e)
-            u = torch.rand(idx.numel(), dtype=torch.float64, device=mu.device)
+            u = torch.rand(e.shape, dtype=torch.float64, device=mu.device)
             accept = ki * w + m1 * torch.log1p(-x0i * w) - ci >= torch.log(u)
-            eps[idx[accept]] = e[accept]
-            todo[idx[accept]] = False
+            done = accept.any(-1)
+            first = accept.to(torch.int8).argmax(-1)  # the first accepted proposal of each row
+            eps[todo[done]] = e[done, first[done]]
+            todo = todo[~done]
     b = m1 / (2 * kappa64 + torch.sqrt(4 * kappa64 * kappa64 + m1 * m1))
-    w = ((1 - (1 + b) * eps) / (1 - (1 - b) * eps)).to(mu.dtype).clamp(-1.0, 1.0)
-    direction = torch.randn(n, k - 1, dtype=mu.dtype, device=mu.device)
-    direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
-    tangent = (sphere_tangent_basis(mu) @ direction.unsqueeze(-1)).squeeze(-1)
-    return w.unsqueeze(-1) * mu + torch.sqrt(1 - w * w).unsqueeze(-1) * tangent
+    w = ((1 - (1 + b) * eps) / (1 - (1 - b) * eps)).to(mu.dtype).clamp(-1.0, 1.0).unsqueeze(-1)
+    v = torch.randn(n, k, dtype=mu.dtype, device=mu.device)
+    v = v - (v * mu).sum(-1, keepdim=True) * mu
+    direction = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return w * mu + torch.sqrt(1 - w * w) * direction
 
 
 class VonMisesFisherMixture:
@@ -203,7 +204,10 @@ class VonMisesFisherMixture:
             )
         self.directions, self.kappa = directions, kappa
         self.dim = directions.shape[-1]
-        self.log_normalizer = vmf_log_normalizer(kappa, self.dim)  # (..., K)
+
+    @functools.cached_property
+    def log_normalizer(self) -> Tensor:  # (..., K); lazy: a training step only samples
+        return vmf_log_normalizer(self.kappa, self.dim)
 
     def component_log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B, K)
         cosine = z @ self.directions.transpose(-1, -2)

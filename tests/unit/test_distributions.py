@@ -100,6 +100,11 @@ def test_wood_sampler_matches_scipy_in_distribution():
     theirs = stats.vonmises_fisher(mu, kappa).rvs(n, random_state=np.random.default_rng(9))
     result = stats.ks_2samp(ours.numpy() @ mu, theirs @ mu)
     assert result.pvalue > 1e-3
+    # the tangent part too: projections on other directions, partly along mu and not at all
+    other = _unit(2, k, seed=10)
+    orthogonal = other[1] - (other[1] @ mu) * mu
+    for v in (other[0], orthogonal / np.linalg.norm(orthogonal)):
+        assert stats.ks_2samp(ours.numpy() @ v, theirs @ v).pvalue > 1e-3
 
 
 def test_vmf_sampling_is_differentiable_in_direction_and_concentration():
