@@ -14,23 +14,31 @@ from app.bundle import Bundle, BundleError
 from app.scorer import ScoreOutput, Scorer, assemble, check_method
 
 
-def _session_options() -> ort.SessionOptions:
+def _session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Waiting threads sleep instead of spinning: in a server they would burn the cores that the
+        # event loop and the other scoring calls need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 class OnnxScorer:
+    """threads: intra-op threads per call; 0 lets onnxruntime use every core (one caller at a time)."""
+
     backend = "onnx"
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         self.bundle = bundle
         graphs = bundle.manifest.get("onnx", {})
         if not graphs:
             raise BundleError(
                 f"{bundle.path}: the bundle has no ONNX graphs; re-save it or use the torch backend"
             )
-        options = _session_options()
+        options = _session_options(threads)
         self.sessions = {
             method: ort.InferenceSession(
                 (bundle.path / file).read_bytes(), options, providers=["CPUExecutionProvider"]

@@ -113,12 +113,13 @@ def assemble(
     )
 
 
-def create_scorer(bundle: Bundle, backend: str = "onnx", device: str = "cpu") -> Scorer:
-    """onnx: onnxruntime on CPU; torch: PyTorch on `device` (cpu, cuda, or auto = cuda when present)."""
+def create_scorer(bundle: Bundle, backend: str = "onnx", device: str = "cpu", threads: int = 0) -> Scorer:
+    """onnx: onnxruntime on CPU with `threads` per call (0: all cores); torch: PyTorch on `device`
+    (cpu, cuda, or auto = cuda when present)."""
     if backend == "onnx":
         from app.onnx_scorer import OnnxScorer
 
-        return OnnxScorer(bundle)
+        return OnnxScorer(bundle, threads)
     if backend == "torch":
         from app.torch_scorer import TorchScorer
 

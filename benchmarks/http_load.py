@@ -135,7 +135,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100, help="1000-row requests of each kind")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10, help="per measurement, with wrk")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="ANOMALY_X=VALUE", help="a setting of the server"
+    )
     args = parser.parse_args()
+    settings = {"ANOMALY_MAX_ROWS": "10000"} | dict(item.split("=", 1) for item in args.env)
     bundle = load_bundle(args.model)
     rng = np.random.default_rng(0)
     rows = bundle.scaler.mean + rng.standard_normal((1000, len(bundle.features))) * bundle.scaler.scale
@@ -144,13 +148,14 @@ def main() -> None:
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32))
     batch_npy = buffer.getvalue()
-    with serve(args.model, {"ANOMALY_MAX_ROWS": "10000"}) as server:
+    with serve(args.model, settings) as server:
         generator, noop, one, many_json, many_npy = measure(server.url, args, single, batch_json, batch_npy)
     print(
         json.dumps(
             {
                 "benchmark": f"HTTP, serve (onnx), {args.connections} connections, d={len(bundle.features)}",
                 "load_generator": generator,
+                "settings": settings,
                 "seconds_to_ready": round(server.seconds_to_ready, 2),
                 "noop_requests_per_s": round(noop["requests_per_s"]),
                 "single_row": {k: round(v, 2) for k, v in one.items()},

@@ -40,8 +40,9 @@ class _Group:
 
 
 class Coalescer:
-    def __init__(self, max_rows: int, wait_s: float, metrics: Metrics) -> None:
+    def __init__(self, max_rows: int, wait_s: float, metrics: Metrics, inline_rows: int = 0) -> None:
         self.max_rows, self.wait_s, self.metrics = max_rows, wait_s, metrics
+        self.inline_rows = inline_rows  # merged batches this small are scored on the event loop
         self.groups: dict[Key, _Group] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -78,7 +79,11 @@ class Coalescer:
         self.metrics.merged_rows.observe(group.rows)
         x = np.concatenate([item.x for item in group.items]) if len(group.items) > 1 else group.items[0].x
         try:
-            out = await run_in_threadpool(group.scorer.score, x, group.method, group.fpr, group.explain)
+            args = (x, group.method, group.fpr, group.explain)
+            if group.rows <= self.inline_rows:
+                out = group.scorer.score(*args)
+            else:
+                out = await run_in_threadpool(group.scorer.score, *args)
         except Exception as e:  # every waiting request gets the error its own call would have raised
             for item in group.items:
                 if not item.future.done():

@@ -19,7 +19,7 @@ from app.service.runtime import Runtime, Served, json_response, resolve_fpr, res
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]
-PARSE_INLINE_BYTES = 64 * 1024
+PARSE_INLINE_BYTES = 1024 * 1024
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -99,10 +99,7 @@ async def score(request: Request) -> Response:
         parsed = parse(*args) if len(body) < PARSE_INLINE_BYTES else await run_in_threadpool(parse, *args)
         method = resolve_method(parsed.method, served.method)
         fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
-        if runtime.coalescer is not None:
-            out = await runtime.coalescer.score(served.scorer, parsed.x, method, fpr, parsed.explain)
-        else:
-            out = await runtime.run_scoring(served.scorer.score, parsed.x, method, fpr, parsed.explain)
+        out = await runtime.score(served.scorer, parsed.x, method, fpr, parsed.explain)
     request.state.rows = parsed.x.shape[0]
     flagged = int(out.is_anomaly.sum())
     runtime.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)

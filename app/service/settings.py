@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     coalesce_wait_ms: float = Field(2.0, ge=0, description="or once its first request has waited this long")
     max_queue: int = Field(64, ge=1, description="scoring requests admitted at once; beyond, 503 at once")
     scoring_concurrency: int = Field(2, ge=1, description="scoring calls running at once")
+    inline_rows: int = Field(
+        16, ge=0, description="onnx backend: requests of at most this many rows are scored on the event loop"
+    )
+    onnx_threads: int = Field(
+        1, ge=0, description="onnx backend: threads per scoring call (0: every core); calls run in parallel"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="a scoring request taking longer gets a 503")
     admin_key: str | None = Field(None, description="key for /admin routes; unset = admin routes disabled")
     model_root: Path | None = Field(

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from app.bundle import METHODS, load_bundle
+from app.service.settings import Settings
 from app.torch_scorer import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+from .conftest import ready_client
 
 ROWS = np.r_[manifold_rows(20, seed=21), off_manifold_rows(10, seed=22)]
 
@@ -100,3 +102,30 @@ def test_openapi_documents_score_with_examples(client):
     assert "example" in operation["responses"]["200"]["content"]["application/json"]
     assert {"400", "401", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_small_requests_are_scored_on_the_loop_and_answer_as_in_a_thread(tiny_bundle):
+    """inline_rows decides the path, never the answer."""
+    rows = np.r_[manifold_rows(30, seed=91), off_manifold_rows(10, seed=92)]
+    answers, threaded_calls = {}, {}
+    for inline in (0, 16):
+        client = ready_client(Settings(model_path=tiny_bundle, inline_rows=inline, warmup_rows=4))
+        try:
+            runtime = client.app.state.runtime
+            calls = []
+            original = runtime.run_scoring
+
+            async def counting(fn, *args, original=original, calls=calls):
+                calls.append(args[0].shape[0])
+                return await original(fn, *args)
+
+            runtime.run_scoring = counting
+            answers[inline] = [
+                client.post("/score", json={"instances": part.tolist(), "components": True}).json()
+                for part in (rows[:5], rows)
+            ]
+            threaded_calls[inline] = calls
+        finally:
+            client.__exit__(None, None, None)
+    assert threaded_calls == {0: [5, 40], 16: [40]}
+    assert answers[0] == answers[16]
