@@ -95,7 +95,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="the paper's protocol on Loda-format datasets, with kNN and Isolation Forest beside",
-        description="Five seeded 80/20 splits per dataset, training contaminated with up to 10%% unlabelled "
+        description="Five seeded 80/20 splits per dataset, training contaminated with up to 10% unlabelled "
         "anomalies; every grid candidate scored with every method, selected supervised and unsupervised.",
     )
     p.add_argument(
