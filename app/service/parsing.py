@@ -32,6 +32,7 @@ OPTIONS = ("method", "threshold", "components", "explain")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.
 MAX_ABS_VALUE = 1e15
 KEYS = ("instances", *OPTIONS)
+NUMBER_BYTES = b"0123456789.eE+-,[] \t\r\n"  # what list rows of numbers are written with
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ def _only_numbers_in_rows(body: bytes, doc: dict[str, Any]) -> bool:
     if b"\\" in body:
         return False
     rest = orjson.dumps({k: [] if k == "instances" else v for k, v in doc.items()})
-    return all(body.count(c) == rest.count(c) for c in (b'"', b"t", b"f", b"l"))
+    # One pass drops the characters numbers are made of; the few left are counted (4 scans of the
+    # whole body would cost twice as much).
+    left = body.translate(None, NUMBER_BYTES)
+    return all(left.count(c) == rest.count(c) for c in (b'"', b"t", b"f", b"l"))
 
 
 def _fast_rows(instances: list[Any], d: int) -> NDArray[np.float64] | None:
