@@ -351,7 +351,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from app.evaluate import (
         EvaluateOptions,
         fitting_steps,
-        list_datasets,
         load_datasets,
         run_protocol,
         selections,
@@ -360,11 +359,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from app.train import Candidate, FitOptions, expand_grid
 
     started = time.perf_counter()
-    names = args.datasets
-    if args.quick and not names:
-        sizes = {n: len(load_datasets(args.data_dir, [n])[0].normal) for n in list_datasets(args.data_dir)}
-        names = sorted(sizes, key=sizes.get)[:2]
-    datasets = load_datasets(args.data_dir, names)
+    datasets = load_datasets(args.data_dir, args.datasets)
+    if args.quick and not args.datasets:
+        datasets = sorted(datasets, key=lambda ds: ds.normal.shape[0])[:2]
     splits = range(args.splits if args.splits is not None else 1 if args.quick else 5)
     if len(splits) < 1:
         raise ValueError("--splits must be at least 1")
@@ -400,9 +397,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     (args.out / "table.md").write_text(table)
     seconds = time.perf_counter() - started
     summary = {
-        "command": "anomaly-scores evaluate " + " ".join(sys.argv[2:])
-        if sys.argv[1:2] == ["evaluate"]
-        else None,
+        "datasets_dir": str(args.data_dir),
         "seconds": round(seconds, 1),
         "jobs": args.jobs,
         "grid": grid,

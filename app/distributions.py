@@ -157,12 +157,12 @@ def sample_vmf(mu: Tensor, kappa: Tensor, proposals: int = 2) -> Tensor:
 
     Wood (1994): the component w = mu . z is drawn by rejection from a Beta proposal, the rest
     uniformly on the tangent sphere. Each round draws `proposals` candidates for every row still
-    waiting and keeps the first accepted, so the whole batch is usually done in one round (Wood's
-    acceptance rate is above one half): a training step pays for few small operations, not for a
-    loop until the unluckiest row accepts. Gradients reach kappa through w = h(eps, kappa) at the
-    accepted proposal eps (the reparameterisation term of Davidson et al., 2018, without its
-    rejection correction) and mu through the projection of a Gaussian onto its tangent space,
-    which is uniform on the tangent sphere and needs no basis.
+    waiting and keeps the first accepted; with Wood's acceptance rate above one half, each round
+    leaves at most a quarter of the rows waiting, so a batch takes a few rounds of small operations
+    rather than a loop until the unluckiest row accepts. Gradients reach kappa through
+    w = h(eps, kappa) at the accepted proposal eps (the reparameterisation term of Davidson et
+    al., 2018, without its rejection correction) and mu through the projection of a Gaussian onto
+    its tangent space, which is uniform on the tangent sphere and needs no basis.
     """
     n, k = mu.shape
     m1 = float(k - 1)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +167,14 @@ class SplitResult:
     seconds: float
 
 
+def fitting(dataset: Dataset, options: EvaluateOptions) -> list[Candidate]:
+    """The candidates this dataset trains: latent sizes below its number of features, as in the paper."""
+    return [c for c in options.candidates if c.latent_dim < dataset.normal.shape[1]]
+
+
 def fitting_steps(dataset: Dataset, options: EvaluateOptions) -> int:
     """Optimiser steps this dataset costs per split, for the progress bar: candidate groups x steps."""
-    d = dataset.normal.shape[1]
-    groups = {c.group() for c in options.candidates if c.latent_dim < d}
-    return len(groups) * options.fit.steps
+    return len({c.group() for c in fitting(dataset, options)}) * options.fit.steps
 
 
 def evaluate_split(
@@ -182,11 +185,11 @@ def evaluate_split(
     data = protocol_split(dataset, seed=split)
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit, x_val, y_val = data.x_train[fit_rows], data.x_train[val_rows], data.y_train[val_rows]
-    d = data.x_train.shape[1]
-    candidates = [c for c in options.candidates if c.latent_dim < d]
+    candidates = fitting(dataset, options)
     if not candidates:
+        d = data.x_train.shape[1]
         raise ValueError(f"{dataset.name}: no candidate of the grid has a latent size below its {d} features")
-    fit = FitOptions(**{**vars(options.fit), "seed": split})
+    fit = replace(options.fit, seed=split)
     rows = []
     for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
         # `projected` starts from prior samples: seeded here, the figures do not depend on which
@@ -293,12 +296,16 @@ def run_protocol(
     )
     results: list[SplitResult] = []
     if jobs <= 1:
+        threads = torch.get_num_threads()
         _worker_init()
-        for ds, s in work:
-            result = evaluate_split(ds, s, options, progress)
-            results.append(result)
-            if on_result:
-                on_result(result)
+        try:
+            for ds, s in work:
+                result = evaluate_split(ds, s, options, progress)
+                results.append(result)
+                if on_result:
+                    on_result(result)
+        finally:  # this process is the caller's: leave its thread count as it was
+            torch.set_num_threads(threads)
     else:
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager:
