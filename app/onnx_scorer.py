@@ -6,6 +6,10 @@ installed, and refuse it with a clear error otherwise.
 
 from __future__ import annotations
 
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
@@ -13,32 +17,48 @@ from numpy.typing import NDArray
 from app.bundle import Bundle, BundleError
 from app.scorer import ScoreOutput, Scorer, assemble, check_method
 
+# Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
+# what a second core saves.
+MIN_BLOCK_ROWS = 128
 
-def _session_options(threads: int) -> ort.SessionOptions:
+
+def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads > 0:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Waiting threads sleep instead of spinning: in a server they would burn the cores that the
-        # event loop and the other scoring calls need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    # No spinning: in a server, a waiting thread would burn the cores the event loop needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, narrowed by a cpuset), not the host's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class OnnxScorer:
-    """threads: intra-op threads per call; 0 lets onnxruntime use every core (one caller at a time)."""
+    """threads: cores one call may use (0: all of them).
+
+    A call of many rows is cut into row blocks, one per core, each run by a single-threaded
+    session at the same time (onnxruntime's sessions take concurrent calls). The graph has a
+    hundred-odd small nodes, and splitting each node across threads costs a synchronisation per
+    node: splitting rows instead scored 1024-row batches about 25% faster on two cores.
+    """
 
     backend = "onnx"
 
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         self.bundle = bundle
+        self.threads = threads if threads > 0 else available_cores()
         graphs = bundle.manifest.get("onnx", {})
         if not graphs:
             raise BundleError(
                 f"{bundle.path}: the bundle has no ONNX graphs; re-save it or use the torch backend"
             )
-        options = _session_options(threads)
+        options = _session_options()
         self.sessions = {
             method: ort.InferenceSession(
                 (bundle.path / file).read_bytes(), options, providers=["CPUExecutionProvider"]
@@ -48,6 +68,7 @@ class OnnxScorer:
         self.native_methods = tuple(self.sessions)
         self.outputs = [o.name for o in next(iter(self.sessions.values())).get_outputs()]
         self._fallback: Scorer | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def _torch(self) -> Scorer:
         if self._fallback is None:
@@ -71,5 +92,22 @@ class OnnxScorer:
         session = self.sessions.get(method)
         if session is None:
             return self._torch().score(x_raw, method, fpr, explain)
-        results = session.run(None, {"x": np.ascontiguousarray(x_raw, dtype=np.float32)})
+        results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float32))
         return assemble(self.bundle, method, fpr, dict(zip(self.outputs, results, strict=True)), explain)
+
+    def _run(self, session: ort.InferenceSession, x: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)
+        if blocks <= 1:
+            return session.run(None, {"x": x})
+        first, *rest = np.array_split(x, blocks)
+        pending = [self._executor().submit(session.run, None, {"x": block}) for block in rest]
+        # This thread scores the first block itself rather than wait idle.
+        parts = [session.run(None, {"x": first})] + [p.result() for p in pending]
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="onnx-block")
+            # A reloaded model's scorer is dropped: its threads must not outlive it.
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         16, ge=0, description="onnx backend: requests of at most this many rows are scored on the event loop"
     )
     onnx_threads: int = Field(
-        1, ge=0, description="onnx backend: threads per scoring call (0: every core); calls run in parallel"
+        1,
+        ge=0,
+        description="onnx backend: cores one scoring call may use (0: every core); calls run in parallel",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="a scoring request taking longer gets a 503")
     admin_key: str | None = Field(None, description="key for /admin routes; unset = admin routes disabled")

@@ -147,3 +147,25 @@ print("ok")
 
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch):
+    bundle = load_bundle("models/default")
+    rng = np.random.default_rng(3)
+    # 3 blocks of unequal size: 334, 334, 333 rows
+    x = bundle.scaler.mean + rng.standard_normal((1001, len(bundle.features))) * bundle.scaler.scale
+    blocked, whole = OnnxScorer(bundle, threads=3), OnnxScorer(bundle, threads=1)
+    sizes: list[int] = []
+    session = blocked.sessions["likelihood"]
+    run = session.run
+    monkeypatch.setattr(session, "run", lambda names, feed: sizes.append(len(feed["x"])) or run(names, feed))
+    a, b = blocked.score(x, "likelihood", explain=True), whole.score(x, "likelihood", explain=True)
+    assert sorted(sizes) == [333, 334, 334]
+    for name, column in a.columns().items():
+        # a row's figures do not depend on its neighbours, up to the GEMM kernels' blocking
+        np.testing.assert_allclose(column, b.columns()[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(a.residual_share, b.residual_share, rtol=1e-6, atol=1e-7)
+    # too few rows for a second block: one call
+    sizes.clear()
+    blocked.score(x[:200], "likelihood")
+    assert sizes == [200]
