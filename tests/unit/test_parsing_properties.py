@@ -85,14 +85,24 @@ cells = st.floats(-1e6, 1e6) | st.integers(-1000, 1000) | st.booleans() | st.non
 @settings(max_examples=400)
 @given(
     st.lists(st.lists(cells, min_size=3, max_size=3), min_size=1, max_size=8),
-    st.fixed_dictionaries({}, optional={"method": st.text(max_size=8), "explain": st.booleans()}),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "method": st.text(alphabet='[]"tfn\\ab', max_size=8),
+            "explain": st.booleans(),
+            "threshold": st.lists(st.floats(0, 1), max_size=2) | st.text(alphabet="[]ab", max_size=3),
+        },
+    ),
+    st.booleans(),
 )
-def test_list_rows_are_accepted_exactly_when_every_cell_is_a_number(rows, options):
-    """The byte-counting fast path never lets a string, boolean or null through as a number."""
-    body = json.dumps({**options, "instances": rows}).encode()
+def test_list_rows_are_accepted_exactly_when_every_cell_is_a_number(rows, options, options_first):
+    """The fast path never lets a string, boolean or null through as a number, whatever brackets,
+    quotes or letters the other fields hold, before or after the rows."""
+    document = {**options, "instances": rows} if options_first else {"instances": rows, **options}
+    body = json.dumps(document).encode()
     parsed = outcome(parse_json, body, FEATURES, 50)
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for row in rows for v in row)
-    assert (parsed is not None) == numbers
+    assert (parsed is not None) == (numbers and not isinstance(options.get("threshold"), list))
     if parsed is not None:
         np.testing.assert_array_equal(parsed.x, np.array(rows, dtype=np.float64))
 
@@ -105,6 +115,9 @@ def test_list_rows_are_accepted_exactly_when_every_cell_is_a_number(rows, option
         ('{"instances": [[1, 2, true]]}', "column 2 ('c'): expected a number, got bool"),
         ('{"instances": [[1, null, 3]]}', "column 1 ('b'): expected a number, got NoneType"),
         ('{"instances": [[1, 2, 3]], "instances": [[4, 5, 6]]}', "duplicate key 'instances'"),
+        ('{"instances": [[1, 2, {}]]}', "column 2 ('c'): expected a number, got dict"),
+        ('{"instances": [[1, 2, 3]], "method": "[", "method": "]"}', "duplicate key 'method'"),
+        ('{"explain": false, "explain": false, "instances": [[1, 2, 3]]}', "duplicate key 'explain'"),
         # escaped quotes in a string stand in for a duplicate key's quotes: counting alone would miss it
         (
             '{"instances": [[1, 2, 3]], "explain": false, '
