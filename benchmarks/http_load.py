@@ -1,8 +1,9 @@
 """End-to-end HTTP figures against a real server process, with an async load generator. Prints JSON.
 
-    .venv/bin/python benchmarks/http_load.py [--model models/default] [--requests 3000] [--batches 100]
+    .venv/bin/python benchmarks/http_load.py [--model models/default] [--workers 1] [--seconds 10]
 
-Starts `anomaly-scores serve` (onnx backend) on a free loopback port, times process start to
+Starts `anomaly-scores serve` (onnx backend; `--workers N` processes, e.g. one per core as the
+compose stack runs two replicas) on a free loopback port, times process start to
 /readyz 200, then measures with wrk (Debian package; an async httpx client where wrk is missing,
 which is itself the bottleneck: its figures are a floor), with 16 concurrent connections:
   - the no-op ceiling: GET /healthz of the same app,
@@ -96,8 +97,9 @@ def wrk(url: str, seconds: int, connections: int, body: bytes | None = None, con
         raise RuntimeError(f"wrk saw errors:\n{out}")
     return {
         "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        # Anchored to the distribution's own lines: a thread-stats column such as "72.50%" ends in 50% too.
+        "p50_ms": _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99_ms": _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
     }
 
 
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100, help="1000-row requests of each kind")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10, help="per measurement, with wrk")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (`serve --workers`)")
     parser.add_argument(
         "--env", action="append", default=[], metavar="ANOMALY_X=VALUE", help="a setting of the server"
     )
@@ -148,12 +151,13 @@ def main() -> None:
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32))
     batch_npy = buffer.getvalue()
-    with serve(args.model, settings) as server:
+    with serve(args.model, settings, workers=args.workers) as server:
         generator, noop, one, many_json, many_npy = measure(server.url, args, single, batch_json, batch_npy)
     print(
         json.dumps(
             {
                 "benchmark": f"HTTP, serve (onnx), {args.connections} connections, d={len(bundle.features)}",
+                "workers": args.workers,
                 "load_generator": generator,
                 "settings": settings,
                 "seconds_to_ready": round(server.seconds_to_ready, 2),

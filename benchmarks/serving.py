@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+SERVE = [sys.executable, "-m", "app.cli", "serve"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,13 +32,16 @@ class Served:
 
 
 @contextmanager
-def serve(model: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[Served]:
-    """Start the server, wait for /readyz 200, yield it; SIGTERM it (then kill) on the way out."""
+def serve(
+    model: Path, env: dict[str, str] | None = None, timeout: float = 120, workers: int = 1
+) -> Iterator[Served]:
+    """Start the server (`workers` processes), wait for /readyz 200, yield it; SIGTERM it (then
+    kill) on the way out."""
     port = free_port()
     variables = os.environ | {"ANOMALY_MODEL_PATH": str(model), "ANOMALY_LOG_LEVEL": "warning"} | (env or {})
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [*SERVE, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
         env=variables,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
