@@ -195,13 +195,13 @@ def evaluate_split(
         # `projected` starts from prior samples: seeded here, the figures do not depend on which
         # worker process ran the split, nor on what it ran before
         torch.manual_seed(split)
-        fit_noise(fitted.model, x_val)
+        val_projected = fit_noise(fitted.model, x_val)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()
         row |= {"sigma2": fitted.model.sigma2, "sigma2_normal": fitted.model.sigma2_normal}
         row["final_loss"] = fitted.loss_curve[-1]
         for method in METHODS:
-            val = score_rows(fitted.model, x_val, method)
+            val = val_projected if method == "projected" else score_rows(fitted.model, x_val, method)
             test_log_prob = score_rows(fitted.model, data.x_test, method)["log_prob"]
             row[f"val_loglik_{method}"] = float(np.mean(val["log_prob"]))
             row[f"val_auc_{method}"] = _auc(y_val, -val["log_prob"])

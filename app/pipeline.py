@@ -120,10 +120,11 @@ def evaluate_candidate(
     fitted: Fitted, x_val: NDArray[np.float64], labels: NDArray[np.bool_] | None
 ) -> CandidateReport:
     """Fit the noise on validation rows, then the mean validation log-likelihood (and AUC) per score."""
-    fit_noise(fitted.model, x_val)
+    projected = fit_noise(fitted.model, x_val)
     log_likelihood, auc = {}, {}
     for method in METHODS:
-        log_prob = score_rows(fitted.model, x_val, method)["log_prob"]
+        parts = projected if method == "projected" else score_rows(fitted.model, x_val, method)
+        log_prob = parts["log_prob"]
         log_likelihood[method] = float(log_prob.mean())
         if labels is not None:
             auc[method] = roc_auc(labels, -log_prob)

@@ -49,7 +49,12 @@ class ScoreParts:
 
 def log_normal_residual(e: Tensor, sigma2: float, dims: int) -> Tensor:
     """log N(e; 0, sigma2 I_dims) for e (B, ...) whose squared norm lives in `dims` directions."""
-    return -0.5 * (e * e).sum(-1) / sigma2 - 0.5 * dims * (LOG_2PI + math.log(sigma2))
+    return log_normal_of_squared((e * e).sum(-1), sigma2, dims)
+
+
+def log_normal_of_squared(squared: Tensor, sigma2: float, dims: int) -> Tensor:
+    """The same from |e|^2 (B,): a new sigma2 rescores residuals without recomputing them."""
+    return -0.5 * squared / sigma2 - 0.5 * dims * (LOG_2PI + math.log(sigma2))
 
 
 def sum_log_singular_values(J: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch.func import stack_module_state
 from app.distributions import LatentDistribution, StandardNormal
 from app.model import ManifoldModel, VampGaussianPrior, VampVMFPrior
 from app.nn import encode, mlp_forward
-from app.scores import ScoreParts, score
+from app.scores import ScoreParts, log_normal_of_squared, score
 from app.spec import Architecture
 
 SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
@@ -232,20 +232,30 @@ def score_rows(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> None:
+def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
     """Maximum-likelihood sigma^2 from held-out residuals: mean squared residual per direction.
 
     The full residual x - f(g(x)) lives in d directions; the projected residual only in the d - m
-    directions normal to the manifold, so it gets its own estimate.
+    directions normal to the manifold, so it gets its own estimate. Returns x_val's `projected`
+    parts under the fitted noise: the projection does not depend on sigma^2, so a caller that
+    scores x_val next need not run it again (the same float operations as score_rows).
     """
     d, m = x_val.shape[1], model.arch.intrinsic_dim
     full = score_rows(model, x_val, "reconstruction")["residual_sq"]
     model.sigma2 = max(float(full.mean()) / d, SIGMA2_FLOOR)
-    if d > m:
-        normal = score_rows(model, x_val, "projected")["residual_sq"]
-        model.sigma2_normal = max(float(normal.mean()) / (d - m), SIGMA2_FLOOR)
-    else:
+    projected = score_rows(model, x_val, "projected")
+    if d <= m:  # no normal directions: no sigma^2 enters these parts
         model.sigma2_normal = model.sigma2
+        return projected
+    model.sigma2_normal = max(float(projected["residual_sq"].mean()) / (d - m), SIGMA2_FLOOR)
+    dtype = next(model.parameters()).dtype
+
+    def part(name: str) -> torch.Tensor:  # exact: the parts are the network's dtype, widened
+        return torch.from_numpy(projected[name]).to(dtype)
+
+    log_residual = log_normal_of_squared(part("residual_sq"), model.sigma2_normal, d - m)
+    log_prob = part("log_prior") + part("log_volume") + log_residual
+    return projected | {"log_residual": log_residual.double().numpy(), "log_prob": log_prob.double().numpy()}
 
 
 def expand_grid(

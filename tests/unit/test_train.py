@@ -12,7 +12,16 @@ from app.bundle import WEIGHTS, load_bundle
 from app.metrics import roc_auc
 from app.pipeline import TrainRequest, split_rows, train_bundle
 from app.torch_scorer import TorchScorer
-from app.train import GRIDS, Candidate, FitOptions, expand_grid, fit_candidates, fit_noise, imq_mmd
+from app.train import (
+    GRIDS,
+    Candidate,
+    FitOptions,
+    expand_grid,
+    fit_candidates,
+    fit_noise,
+    imq_mmd,
+    score_rows,
+)
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 
@@ -56,6 +65,22 @@ def test_fitted_noise_variance_is_the_mean_squared_residual_per_direction():
         xt = torch.tensor(x, dtype=torch.float32)
         residual = (xt - model.decoder(model.encoder(xt))).double().numpy()
     assert model.sigma2 == pytest.approx((residual**2).sum(1).mean() / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_noise_returns_exactly_the_projected_scores_under_the_fitted_noise(dtype):
+    # Callers reuse these instead of projecting the rows a second time: they must be what a fresh
+    # score_rows gives, to the last bit, or a selection could change.
+    x = (manifold_rows(300, seed=2) - 10) / 3
+    [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=100))
+    model = fitted.model.to(dtype)
+    model.sigma2_normal = 5.0  # a stale value: the returned parts must not have been scored with it
+    returned = fit_noise(model, x)
+    assert model.sigma2_normal != 5.0
+    fresh = score_rows(model, x, "projected")
+    assert returned.keys() == fresh.keys()
+    for name in fresh:
+        np.testing.assert_array_equal(returned[name], fresh[name], err_msg=name)
 
 
 def test_normal_noise_variance_uses_the_projection_onto_the_manifold():
