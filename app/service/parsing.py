@@ -83,7 +83,10 @@ def _only_numbers_in_rows(body: bytes, doc: dict[str, Any]) -> bool:
     outside = body[:start] + body[end + 1 :]
     if b"\\" in outside:
         return False
-    rest = orjson.dumps({k: [] if k == "instances" else v for k, v in doc.items()})
+    try:
+        rest = orjson.dumps({k: [] if k == "instances" else v for k, v in doc.items()})
+    except TypeError:  # an integer beyond 64 bits, which only Python's parser reads
+        return False
     return outside.count(b'"') == rest.count(b'"')
 
 
@@ -96,6 +99,21 @@ def _fast_rows(instances: list[Any], d: int) -> NDArray[np.float64] | None:
     except (ValueError, TypeError, OverflowError):  # null, a nested list, an integer too large
         return None
     return values.reshape(len(instances), d)
+
+
+def _check_cell(value: Any, i: int, j: int, features: list[str]) -> None:
+    """Refuse a cell that is no number, or an integer beyond any float (Python's parser, which
+    reads what orjson refuses, keeps integers of hundreds of digits exactly)."""
+    if not _is_number(value):
+        raise InvalidInput(
+            f"instances[{i}], {_column(features, j)}: expected a number, got {_describe(value)}",
+            {"row": i, "column": features[j]},
+        )
+    if isinstance(value, int) and abs(value) > MAX_ABS_VALUE:
+        raise InvalidInput(
+            f"instances[{i}], {_column(features, j)} is {_describe(value)}: the limit is {MAX_ABS_VALUE:g}",
+            {"row": i, "column": features[j]},
+        )
 
 
 def _rows_from_lists(instances: list[Any], features: list[str], only_numbers: bool) -> NDArray[np.float64]:
@@ -116,11 +134,7 @@ def _rows_from_lists(instances: list[Any], features: list[str], only_numbers: bo
                 {"row": i, "values": len(row), "expected": d},
             )
         for j, value in enumerate(row):
-            if not _is_number(value):
-                raise InvalidInput(
-                    f"instances[{i}], {_column(features, j)}: expected a number, got {_describe(value)}",
-                    {"row": i, "column": features[j]},
-                )
+            _check_cell(value, i, j, features)
     return np.array(instances, dtype=np.float64)
 
 
@@ -142,11 +156,7 @@ def _rows_from_objects(instances: list[Any], features: list[str]) -> NDArray[np.
             )
         values = [row[f] for f in features]
         for j, value in enumerate(values):
-            if not _is_number(value):
-                raise InvalidInput(
-                    f"instances[{i}], {_column(features, j)}: expected a number, got {_describe(value)}",
-                    {"row": i, "column": features[j]},
-                )
+            _check_cell(value, i, j, features)
         out[i] = values
     return out
 
@@ -183,7 +193,10 @@ def _options(doc: dict[str, Any]) -> dict[str, Any]:
     if method is not None and not isinstance(method, str):
         raise InvalidInput(f"'method' must be a string, got {_describe(method)}", {"field": "method"})
     threshold = doc.get("threshold")
-    if threshold is not None and not (isinstance(threshold, str) or _is_number(threshold)):
+    if _is_number(threshold):
+        with contextlib.suppress(OverflowError):  # an integer beyond any float is no rate either
+            threshold = float(threshold)
+    if threshold is not None and not isinstance(threshold, str | float):
         raise InvalidInput(
             f"'threshold' must be a threshold's name or a false-positive rate, got {_describe(threshold)}",
             {"field": "threshold"},

@@ -33,6 +33,8 @@ def check(response, status: int, *fragments: str) -> dict:
         ('{"instances": [[1,1,1,1,1,Infinity]]}', ["instances[0]", "column 5 ('f5')", "inf"]),
         ('{"instances": [[1,1,1,1,1e999,1]]}', ["instances[0]", "column 4 ('f4')", "finite"]),
         ('{"instances": [[1,1,1,1,1,1e300]]}', ["column 5 ('f5')", "the limit is 1e+15"]),
+        ('{"instances": [[1,1,1,1,1,1' + "0" * 400 + "]]}", ["column 5 ('f5') is int", "the limit is 1e+15"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": 1' + "0" * 400 + "}", ["'threshold' must be"]),
         ('{"instances": [[1,1,"x",1,1,1]]}', ["instances[0], column 2 ('f2'): expected a number, got str"]),
         ('{"instances": [[1,1,1,true,1,1]]}', ["column 3 ('f3'): expected a number, got bool"]),
         ('{"instances": [[1,1,1,1,1,null]]}', ["column 5 ('f5'): expected a number, got NoneType"]),

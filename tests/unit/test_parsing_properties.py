@@ -118,6 +118,11 @@ def test_list_rows_are_accepted_exactly_when_every_cell_is_a_number(rows, option
         ('{"instances": [[1, 2, {}]]}', "column 2 ('c'): expected a number, got dict"),
         ('{"instances": [[1, 2, 3]], "method": "[", "method": "]"}', "duplicate key 'method'"),
         ('{"explain": false, "explain": false, "instances": [[1, 2, 3]]}', "duplicate key 'explain'"),
+        # integers beyond any float: only Python's parser reads them, and neither numpy nor orjson
+        # can take them on
+        ('{"instances": [[1, 2, 1' + "0" * 400 + "]]}", "instances[0], column 2 ('c') is int 1000"),
+        ('{"instances": [{"a": 1, "b": 1' + "0" * 400 + ', "c": 3}]}', "instances[0], column 1 ('b') is int"),
+        ('{"instances": [[1, 2, 3]], "threshold": 1' + "0" * 400 + "}", "'threshold' must be"),
         # escaped quotes in a string stand in for a duplicate key's quotes: counting alone would miss it
         (
             '{"instances": [[1, 2, 3]], "explain": false, '
