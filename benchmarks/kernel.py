@@ -116,6 +116,8 @@ def main() -> None:
             {
                 "benchmark": "likelihood scoring kernels, d=30 k=4 3x64, float32, CPU",
                 "torch_threads": torch.get_num_threads(),
+                "onnx_row_blocks_up_to": onnx_scorer.threads,
+                "figure": f"best of {args.repeats} timings of at least {args.seconds} s",
                 "rows_per_second_by_batch": results,
             },
             indent=2,

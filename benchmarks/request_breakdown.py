@@ -5,8 +5,8 @@
 Calls the ASGI app directly (no sockets, no HTTP parsing: what uvicorn adds is the same for both
 routes), first GET /healthz, then POST /score with `--rows` rows, and times each stage of the
 score route by wrapping it: the scorer's onnxruntime call, parsing, flags and p-values, metrics,
-the response. Then the same stages alone in a tight loop, for comparison: inside the app they run
-slower, as the framework's code between them evicts their data and code from the caches.
+the response. Then the same stages alone in a tight loop, for comparison (inside the app they run slower, most
+likely because the framework's code between them evicts their data and code from the caches).
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ def microseconds(total_s: float, count: int) -> float:
 
 
 async def per_request(app: Any, count: int, *request: Any) -> float:
-    for _ in range(count // 10):  # warm-up
-        await call(app, *request)
     start = time.perf_counter()
     for _ in range(count):
         await call(app, *request)
@@ -131,9 +129,10 @@ def main() -> None:
     routes.json_response = timed("response", respond)
 
     async def measure() -> dict[str, Any]:
+        await per_request(app, args.requests // 10, "GET", "/healthz")  # warm-up
         noop = await per_request(app, args.requests, "GET", "/healthz")
         await per_request(app, args.requests // 10, "POST", "/score", body)
-        spent.clear()
+        spent.clear()  # the stages of the timed requests only
         score = await per_request(app, args.requests, "POST", "/score", body)
         stages = {name: microseconds(total, args.requests) for name, total in spent.items()}
         return {"noop_us": noop, "score_us": score, "stages_us": stages}
@@ -144,13 +143,15 @@ def main() -> None:
     x32 = x.astype(np.float32)
     parts = dict(zip(scorer.outputs, run(session, x32), strict=True))
     out = assemble(bundle, method, fpr, parts, False)
+    parsed = parse(body, bundle.features, runtime.settings.max_rows)
+    answer = routes._response_body(served, out, parsed)  # the body the route writes
     n = args.requests
     isolated = {
         "onnxruntime": alone(lambda: run(session, x32), n),
         "parse": alone(lambda: parse(body, bundle.features, runtime.settings.max_rows), n),
         "flags_and_p_values": alone(lambda: assemble(bundle, method, fpr, parts, False), n),
         "metrics": alone(lambda: observe(bundle, method, out.threshold.name, out.score, 0), n),
-        "response": alone(lambda: respond({"scores": out.score, "p_values": out.p_value}), n),
+        "response": alone(lambda: respond(answer), n),
     }
     print(json.dumps({"rows": args.rows, "inside_app": inside, "alone_us": isolated}, indent=2))
 
