@@ -5,14 +5,15 @@ holds nothing but numbers in them; otherwise the rows are walked one by one to f
 first offending value. No per-number pydantic validation: a 1000-row request costs one parse and
 one conversion.
 
-The proof costs a few memchr scans, not a pass over every byte. `instances` is the body's only
-list-valued field, so its value runs from the body's first '[' to its last ']' if that span holds
-no quote: a span without quotes holds no string and no key, so it can neither start inside a
-string nor reach into another field. A span without the letters 't', 'f' and 'n' then holds no
-true, false or null either: only numbers, brackets and commas. Outside the span, with no
-backslash, every string is two quotes, so if the quotes there match those of the other fields
-re-serialised, no top-level key occurs twice. (numpy would silently read true as 1.0, null as nan
-and "1.5" as 1.5; orjson silently keeps the last duplicate key.)
+The proof costs a few memchr scans, not a pass over every byte. Take the span from the body's
+first '[' to its last ']'. If it holds no quote, it holds no string and no key: it can neither
+begin or end inside a string nor reach from one field's value into another's, so it is exactly
+the value of `instances` (which parsed as a list). Without the letters 't', 'f' and 'n' it holds
+no true, false or null; anything else it might hold ({} or NaN) the conversion refuses or
+check_values rejects. Outside the span, with no backslash, every string is two quotes, so if the
+quotes there match those of the other fields re-serialised, no top-level key occurs twice.
+(numpy would silently read true as 1.0, null as nan and "1.5" as 1.5; orjson silently keeps the
+last duplicate key.)
 """
 
 from __future__ import annotations
