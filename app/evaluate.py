@@ -192,9 +192,6 @@ def evaluate_split(
     fit = replace(options.fit, seed=split)
     rows = []
     for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
-        # `projected` starts from prior samples: seeded here, the figures do not depend on which
-        # worker process ran the split, nor on what it ran before
-        torch.manual_seed(split)
         val_projected = fit_noise(fitted.model, x_val)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()
