@@ -35,7 +35,9 @@ from app.spec import Architecture, weight_shapes
 if TYPE_CHECKING:
     from app.model import ManifoldModel
 
-SCHEMA_VERSION = 1
+# 2: encoder's volume restricted to the manifold, projected as MAP + Laplace with sigma2_projected,
+# graphs take float64 rows, derived prior tensors in float64.
+SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.safetensors"
@@ -80,7 +82,7 @@ class Threshold:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
-    weights: dict[str, NDArray[np.float32]] = field(repr=False)
+    weights: dict[str, NDArray[np.floating]] = field(repr=False)
     calibration: dict[str, NDArray[np.float64]] = field(repr=False)  # method -> sorted scores
 
     @property
@@ -109,8 +111,8 @@ class Bundle:
         return float(self.manifest["noise"]["sigma2"])
 
     @property
-    def sigma2_normal(self) -> float:
-        return float(self.manifest["noise"]["sigma2_normal"])
+    def sigma2_projected(self) -> float:
+        return float(self.manifest["noise"]["sigma2_projected"])
 
     @property
     def default_method(self) -> str:
@@ -142,7 +144,7 @@ class Bundle:
             k: torch.from_numpy(v.copy()) for k, v in self.weights.items() if not k.startswith("derived.")
         }
         model.load_state_dict(state, strict=True)
-        model.sigma2, model.sigma2_normal = self.sigma2, self.sigma2_normal
+        model.sigma2, model.sigma2_projected = self.sigma2, self.sigma2_projected
         return model.to(device).eval()
 
 
@@ -175,31 +177,44 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float32]]:
+def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float64]]:
     """The prior in closed form, so scoring can be re-implemented without running the encoder on
-    pseudo-inputs: component locations (K, k) and scales (K, k) or concentrations (K,)."""
+    pseudo-inputs: component locations (K, k) and scales (K, k) or concentrations (K,). Computed
+    in float64 from the float32 parameters, as the float64 scoring path computes them."""
     import torch
 
     from app.distributions import GaussianMixture, VonMisesFisherMixture
 
     with torch.no_grad():
-        prior = model.prior_distribution()
+        prior = model.with_dtype(torch.float64).prior_distribution()
     if isinstance(prior, GaussianMixture):
-        return {"derived.prior.locations": prior.means, "derived.prior.scales": prior.scales}
-    if isinstance(prior, VonMisesFisherMixture):
-        return {"derived.prior.locations": prior.directions, "derived.prior.kappa": prior.kappa}
-    return {}
+        tensors = {"derived.prior.locations": prior.means, "derived.prior.scales": prior.scales}
+    elif isinstance(prior, VonMisesFisherMixture):
+        tensors = {"derived.prior.locations": prior.directions, "derived.prior.kappa": prior.kappa}
+    else:
+        tensors = {}
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-def _write_onnx(out: Path, model: ManifoldModel, features: list[str], scaler: Scaler) -> dict[str, str]:
+def _noise(model: ManifoldModel) -> dict[str, float]:
+    sigma2 = float(model.sigma2)
+    return {"sigma2": sigma2, "sigma2_projected": float(model.sigma2_projected or sigma2)}
+
+
+def _write_onnx(
+    out: Path,
+    model: ManifoldModel,
+    features: list[str],
+    scaler: Scaler,
+    derived: dict[str, NDArray[np.float64]],
+) -> dict[str, str]:
     """One fused scoring graph per exportable method (app.onnx_export), built from the weights."""
     from app.onnx_export import EXPORTED_METHODS, build_graph
 
-    weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    weights |= {k: v.detach().cpu().float().numpy() for k, v in _derived_prior_tensors(model).items()}
+    weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
     manifest = {
         "architecture": model.arch.to_dict(),
-        "noise": {"sigma2": float(model.sigma2), "sigma2_normal": float(model.sigma2_normal or model.sigma2)},
+        "noise": _noise(model),
         "scaler": scaler.to_dict(),
         "features": features,
     }
@@ -239,11 +254,9 @@ def save_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
-    tensors.update(
-        {k: v.detach().cpu().float().contiguous() for k, v in _derived_prior_tensors(model).items()}
-    )
-    save_file({k: v.numpy() for k, v in tensors.items()}, out / WEIGHTS)
+    derived = _derived_prior_tensors(model)
+    tensors = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
+    save_file(tensors | derived, out / WEIGHTS)
     sorted_scores = {m: np.sort(np.asarray(s, dtype=np.float64)) for m, s in calibration_scores.items()}
     for method, scores in sorted_scores.items():
         if not np.isfinite(scores).all():
@@ -254,7 +267,7 @@ def save_bundle(
     for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
         (out / written).chmod(0o644)
     files = [WEIGHTS, CALIBRATION]
-    onnx_files = _write_onnx(out, model, features, scaler)
+    onnx_files = _write_onnx(out, model, features, scaler, derived)
     files += list(onnx_files.values())
     if leaderboard_csv is not None:
         (out / LEADERBOARD).write_text(leaderboard_csv)
@@ -272,7 +285,7 @@ def save_bundle(
         "features": list(features),
         "scaler": scaler.to_dict(),
         "architecture": arch.to_dict(),
-        "noise": {"sigma2": float(model.sigma2), "sigma2_normal": float(model.sigma2_normal or model.sigma2)},
+        "noise": _noise(model),
         "default_method": default_method,
         "default_fpr": default_fpr,
         "thresholds": thresholds,
@@ -320,9 +333,15 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} must hold a JSON object")
     if manifest.get("schema_version") != SCHEMA_VERSION:
+        why = (
+            ": its encoder and projected calibration scores were computed by the schema-1 formulas, "
+            "which this build no longer scores with (docs/bundle.md); retrain it with this build"
+            if manifest.get("schema_version") == 1
+            else ""
+        )
         raise BundleError(
             f"{root}: bundle schema version {manifest.get('schema_version')!r}, "
-            f"this build reads version {SCHEMA_VERSION}"
+            f"this build reads version {SCHEMA_VERSION}{why}"
         )
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:

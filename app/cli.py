@@ -280,8 +280,8 @@ def _print_info(manifest: dict[str, Any]) -> None:
         + (" ..." if len(manifest["features"]) > 8 else ""),
         f"model        latent {arch['latent_dim']} ({arch['geometry']}), {arch['depth']} x {arch['hidden']} "
         f"{arch['activation']}, prior {arch['prior']} K={arch['components']}",
-        f"noise        sigma2 {manifest['noise']['sigma2']:.4g}, normal to the manifold "
-        f"{manifest['noise']['sigma2_normal']:.4g}",
+        f"noise        sigma2 {manifest['noise']['sigma2']:.4g}, projected "
+        f"{manifest['noise']['sigma2_projected']:.4g}",
         f"default      method {manifest['default_method']}, false-positive rate {manifest['default_fpr']}",
     ]
     if training:

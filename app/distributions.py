@@ -24,6 +24,12 @@ class LatentDistribution(Protocol):
     def log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B)
         ...
 
+    def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, k) -> log p (B,), its gradient (B, k) and Hessian (B, k, k) in ambient coordinates,
+        in z's dtype. On the sphere they are those of the formula extended to R^k; the geometry
+        turns them into Riemannian ones."""
+        ...
+
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k), differentiable in the parameters
         ...
 
@@ -43,8 +49,32 @@ class StandardNormal:
     def log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * (z * z).sum(-1) - 0.5 * self.dim * LOG_2PI
 
+    def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hessian = -torch.eye(self.dim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1, -1)
+        return self.log_prob(z), -z, hessian
+
     def rsample(self, n: int) -> Tensor:
         return torch.randn(*self.batch_shape, n, self.dim, dtype=self.dtype, device=self.device)
+
+
+def _mixture_derivatives(
+    components: Tensor, gradients: Tensor, curvature: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p, gradient and Hessian of a uniform mixture from its components' log-densities c_j (B, K),
+    their gradients a_j (B, K, k) and their Hessians, diagonal and given as (B, K, k) or None for 0.
+
+    With weights w = softmax(c): grad = sum_j w_j a_j and
+    Hessian = sum_j w_j (C_j + a_j a_j^T) - grad grad^T.
+    """
+    w = torch.softmax(components, dim=-1)  # (B, K)
+    log_p = torch.logsumexp(components, dim=-1) - math.log(components.shape[-1])
+    grad = (w.unsqueeze(-1) * gradients).sum(-2)  # (B, k)
+    hessian = (w.unsqueeze(-1) * gradients).transpose(-1, -2) @ gradients - grad.unsqueeze(
+        -1
+    ) * grad.unsqueeze(-2)
+    if curvature is not None:
+        hessian = hessian + torch.diag_embed((w.unsqueeze(-1) * curvature).sum(-2))
+    return log_p, grad, hessian
 
 
 def _pick_components(locations: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -74,6 +104,15 @@ class GaussianMixture:
 
     def log_prob(self, z: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.means.shape[-2])
+
+    def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        means, scales = self.means.to(z.dtype), self.scales.to(z.dtype)
+        inverse_variance = scales**-2  # (K, k)
+        gradients = -(z.unsqueeze(-2) - means) * inverse_variance  # (B, K, k)
+        mixture = GaussianMixture(means, scales)
+        return _mixture_derivatives(
+            mixture.component_log_prob(z), gradients, -inverse_variance.expand_as(gradients)
+        )
 
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
         c, means = _pick_components(self.means, n)
@@ -215,6 +254,12 @@ class VonMisesFisherMixture:
 
     def log_prob(self, z: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.directions.shape[-2])
+
+    def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        directions, kappa = self.directions.to(z.dtype), self.kappa.to(z.dtype)
+        components = vmf_log_normalizer(kappa, self.dim) + kappa * (z @ directions.T)  # (B, K)
+        gradients = (kappa.unsqueeze(-1) * directions).expand(z.shape[0], -1, -1)  # (B, K, k)
+        return _mixture_derivatives(components, gradients, None)
 
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
         c, mu = _pick_components(self.directions, n)

@@ -195,7 +195,7 @@ def evaluate_split(
         val_projected = fit_noise(fitted.model, x_val)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()
-        row |= {"sigma2": fitted.model.sigma2, "sigma2_normal": fitted.model.sigma2_normal}
+        row |= {"sigma2": fitted.model.sigma2, "sigma2_projected": fitted.model.sigma2_projected}
         row["final_loss"] = fitted.loss_curve[-1]
         for method in METHODS:
             val = val_projected if method == "projected" else score_rows(fitted.model, x_val, method)

@@ -46,3 +46,22 @@ def restrict_to_tangent(J: Tensor, z: Tensor, geometry: Geometry) -> Tensor:
 def retract(z: Tensor, geometry: Geometry) -> Tensor:
     """Map a point moved along the tangent space back onto the latent manifold."""
     return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True) if geometry == "sphere" else z
+
+
+def riemannian_derivatives(
+    gradient: Tensor, hessian: Tensor, z: Tensor, basis: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Gradient (B, k) and Hessian (B, k, k) of a function on R^k -> those of its restriction to the
+    latent manifold at z, in the coordinates of `basis` (B, k, m): (B, m), (B, m, m).
+
+    On the sphere the Hessian in normal coordinates (the exponential map z cos|v| + v sin|v| / |v|)
+    is B^T H B - (z . grad) I: the second term is the bending of great circles, along which the
+    ambient gradient's normal component acts.
+    """
+    if basis is None:
+        return gradient, hessian
+    tangent_gradient = (basis.transpose(1, 2) @ gradient.unsqueeze(-1)).squeeze(-1)
+    bending = (z * gradient).sum(-1)[:, None, None] * torch.eye(
+        basis.shape[-1], dtype=z.dtype, device=z.device
+    )
+    return tangent_gradient, basis.transpose(1, 2) @ hessian @ basis - bending

@@ -7,6 +7,7 @@ encoder). This module imports no training, bundle or web code.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -34,6 +35,14 @@ class JacobianMap(Protocol):
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
+class CurvedMap(JacobianMap, Protocol):
+    """A decoder whose second derivatives the projection's Newton steps use."""
+
+    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """Value (B, m), Jacobian (B, m, n), and w (B, m) -> sum_o w_o Hessian of output o (B, n, n)."""
+        ...
+
+
 class FunctionMap:
     """Any batched differentiable function as a `JacobianMap`, e.g. a GAN generator or a closed-form f.
 
@@ -52,16 +61,27 @@ class FunctionMap:
 
         return self.fn(x), torch.func.vmap(torch.func.jacfwd(one_row))(x)
 
+    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        value, J = self.forward_with_jacobian(x)
+
+        def contract(w: Tensor) -> Tensor:
+            def weighted(row: Tensor, w_row: Tensor) -> Tensor:
+                return (self.fn(row.unsqueeze(0)).squeeze(0) * w_row).sum()
+
+            return torch.func.vmap(torch.func.hessian(weighted))(x, w)
+
+        return value, J, contract
+
 
 @dataclass(frozen=True)
 class GenerativeModel:
     """x = f(z) + e, z ~ p(z), with g an approximate inverse of f (optional)."""
 
-    decoder: JacobianMap  # f: R^k -> R^d
+    decoder: CurvedMap  # f: R^k -> R^d
     prior: LatentDistribution  # p(z) on R^k or on S^(k-1)
     geometry: Geometry
     sigma2: float = 1.0  # variance of each coordinate of e in the full residual
-    sigma2_normal: float | None = None  # the same, fitted to the residual normal to the manifold
+    sigma2_projected: float | None = None  # the noise variance of the projected method's marginal
     encoder: JacobianMap | None = None  # g: R^d -> R^k
 
     @property
@@ -146,10 +166,18 @@ class ManifoldModel(nn.Module):
         self.decoder = Decoder(arch)
         self.prior = build_prior(arch)
         self.sigma2 = 1.0
-        self.sigma2_normal: float | None = None
+        self.sigma2_projected: float | None = None
 
     def prior_distribution(self) -> LatentDistribution:
         return self.prior.distribution(self.encoder)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def with_dtype(self, dtype: torch.dtype) -> ManifoldModel:
+        """This model, or a copy in another floating dtype (float32 weights are exact in float64)."""
+        return self if dtype == self.dtype else copy.deepcopy(self).to(dtype)
 
     def generative(self) -> GenerativeModel:
         return GenerativeModel(
@@ -157,6 +185,6 @@ class ManifoldModel(nn.Module):
             prior=self.prior_distribution(),
             geometry=self.arch.geometry,
             sigma2=self.sigma2,
-            sigma2_normal=self.sigma2_normal,
+            sigma2_projected=self.sigma2_projected,
             encoder=self.encoder,
         )

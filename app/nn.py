@@ -17,31 +17,34 @@ from torch import Tensor, nn
 from app.spec import ACTIVATION_NAMES, Architecture
 
 
-def _swish(h: Tensor) -> tuple[Tensor, Tensor]:
+def _swish(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s = torch.sigmoid(h)
-    return h * s, s * (1 + h * (1 - s))
+    return h * s, s * (1 + h * (1 - s)), s * (1 - s) * (2 + h * (1 - 2 * s))
 
 
-def _tanh(h: Tensor) -> tuple[Tensor, Tensor]:
+def _tanh(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     t = torch.tanh(h)
-    return t, 1 - t * t
+    slope = 1 - t * t
+    return t, slope, -2 * t * slope
 
 
-def _relu(h: Tensor) -> tuple[Tensor, Tensor]:
+def _relu(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     positive = (h > 0).to(h.dtype)
-    return h * positive, positive
+    return h * positive, positive, torch.zeros_like(h)
 
 
-def _softplus(h: Tensor) -> tuple[Tensor, Tensor]:
-    return nn.functional.softplus(h), torch.sigmoid(h)
+def _softplus(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(h)
+    return nn.functional.softplus(h), s, s * (1 - s)
 
 
-def _linear(h: Tensor) -> tuple[Tensor, Tensor]:
-    return h, torch.ones_like(h)
+def _linear(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return h, torch.ones_like(h), torch.zeros_like(h)
 
 
-# Each activation returns (a(h), a'(h)) so the tangent update reuses the forward computation.
-ACTIVATIONS_WITH_SLOPE: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+# Each activation returns (a(h), a'(h), a''(h)) so the tangent and curvature updates reuse the
+# forward computation.
+ACTIVATIONS_WITH_SLOPE: dict[str, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
     "swish": _swish,
     "tanh": _tanh,
     "relu": _relu,
@@ -96,17 +99,49 @@ class MLP(nn.Module):
 
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
+        value, T, _ = self._tangents(x)
+        return value, T.transpose(1, 2)
+
+    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """Value (B, n_out), Jacobian (B, n_out, n_in), and w (B, n_out) -> sum_o w_o times the
+        Hessian of output o, (B, n_in, n_in).
+
+        Affine layers have no curvature, so the Hessian of w . MLP(x) collects one term per
+        activation: sum_l T_l diag(a''(h_l) * adj_l) T_l^T, with T_l the tangents of the
+        pre-activation h_l (forward) and adj_l the derivative of w . MLP with respect to a(h_l)
+        (backward). One backward pass over the forward pass's cache.
+        """
+        value, T, cache = self._tangents(x)
+
+        def contract(w: Tensor) -> Tensor:
+            adjoint = w  # d(w . output) / d(pre-activation of the layer after)
+            total = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+            for layer, (tangents, slope, bend) in zip(
+                reversed(self.layers[1:]), reversed(cache), strict=True
+            ):
+                adjoint = adjoint @ layer.weight  # d / d a(h_l)
+                total = total + (tangents * (bend * adjoint).unsqueeze(1)) @ tangents.transpose(1, 2)
+                adjoint = adjoint * slope
+            return total
+
+        return value, T.transpose(1, 2), contract
+
+    def _tangents(self, x: Tensor) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+        """Value, transposed Jacobian (B, n_in, n_out) and, per hidden layer, its pre-activation's
+        tangents (B, n_in, width), a'(h) and a''(h)."""
         # T holds the tangents transposed, (B, n_in, width), so each layer is one batched matmul
         # on the right, the same product as the layer itself.
         activation = ACTIVATIONS_WITH_SLOPE[self.activation]
         T = self.layers[0].weight.T.expand(x.shape[0], -1, -1)
         h = self.layers[0](x)
+        cache = []
         for layer in self.layers[1:]:
-            h, slope = activation(h)
+            h, slope, bend = activation(h)
+            cache.append((T, slope, bend))
             T = T * slope.unsqueeze(1)
             h = layer(h)
             T = T @ layer.weight.T
-        return h, T.transpose(1, 2)
+        return h, T, cache
 
 
 def normalize_to_sphere(v: Tensor) -> Tensor:
@@ -154,3 +189,7 @@ class Decoder(nn.Module):
     def forward_with_jacobian(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(B, k) -> x (B, d) and J_f (B, d, k) in ambient latent coordinates."""
         return self.net.forward_with_jacobian(z)
+
+    def forward_with_curvature(self, z: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """As MLP.forward_with_curvature, in ambient latent coordinates."""
+        return self.net.forward_with_curvature(z)

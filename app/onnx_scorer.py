@@ -92,10 +92,10 @@ class OnnxScorer:
         session = self.sessions.get(method)
         if session is None:
             return self._torch().score(x_raw, method, fpr, explain)
-        results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float32))
+        results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float64))
         return assemble(self.bundle, method, fpr, dict(zip(self.outputs, results, strict=True)), explain)
 
-    def _run(self, session: ort.InferenceSession, x: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+    def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)
         if blocks <= 1:
             return session.run(None, {"x": x})

@@ -106,7 +106,7 @@ def _leaderboard(reports: list[CandidateReport], selected: int) -> str:
         row |= report.fitted.candidate.to_dict()
         row["final_loss"] = report.fitted.loss_curve[-1]
         row["sigma2"] = report.fitted.model.sigma2
-        row["sigma2_normal"] = report.fitted.model.sigma2_normal
+        row["sigma2_projected"] = report.fitted.model.sigma2_projected
         row |= {f"val_loglik_{m}": v for m, v in report.val_log_likelihood.items()}
         row |= {f"val_auc_{m}": v for m, v in report.val_auc.items()}
         rows.append(row)

@@ -5,10 +5,12 @@ with the parts it sums, log_prob = log_prior + log_volume + log_residual, so a c
 row scored as it did. The anomaly score is -log_prob.
 
   likelihood      paper eq. 7: log p(z) - sum_i log s_i(J_f(z) B(z)) + log N(x - f(z); 0, sigma^2 I), z = g(x)
-  encoder         paper eq. 8: log p(g(x')) + sum_i log r_i(B^T J_g(x')) + log N(x - x'; 0, sigma^2 I)
+  encoder         paper eq. 8: log p(z') + sum_i log r_i(B(z')^T J_g(x') Q(x')) + log N(x - x'; 0, sigma^2 I),
+                  x' = f(g(x)), z' = g(x'), Q(x') an orthonormal basis of the manifold's tangent space
   reconstruction  paper eq. 4: log N(x - f(g(x)); 0, sigma^2 I)
   latent          log p(g(x)), the paper's Fig. 1b
-  projected       z refined by Gauss-Newton on |x - f(z)|^2, residual only in the d - m normal directions
+  projected       the Laplace approximation of p(x) = integral N(x; f(z), sigma^2 I) p(z) dz at the
+                  maximum a posteriori z*: a density on R^d whatever the latent size
 
 B(z) is an orthonormal tangent basis (identity for Euclidean latents), m the manifold's dimension.
 Singular values are floored at SINGULAR_VALUE_FLOOR so a degenerate Jacobian gives a large finite
@@ -19,28 +21,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from app.geometry import restrict_to_tangent, retract, tangent_basis
+from app.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
 from app.model import GenerativeModel
+from app.spec import PIVOT_FLOOR, PROJECTION_STEPS, PROJECTION_TOLERANCE, SINGULAR_VALUE_FLOOR
 
-SINGULAR_VALUE_FLOOR = 1e-12
 LOG_2PI = math.log(2 * math.pi)
+# Methods the product computes in float64 throughout, networks included. The projection decides
+# when to stop by comparing objectives and step lengths, which float32 networks would blur at 1e-7,
+# and differently on every CPU; the closed-form methods are well conditioned in float32.
+FLOAT64_METHODS = ("projected",)
+
+
+def scoring_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the product scores `method` in, for networks stored in `dtype`."""
+    return torch.float64 if method in FLOAT64_METHODS else dtype
 
 
 @dataclass(frozen=True)
 class ScoreParts:
     log_prob: Tensor  # (B,) log p(x) under the method; the anomaly score is its negative
     log_prior: Tensor  # (B,) log p(z) at the latent point used
-    log_volume: Tensor  # (B,) signed change-of-variables term (-sum log s for f, +sum log r for g)
+    log_volume: Tensor  # (B,) volume term: -sum log s for f, +sum log r for g, the Laplace term for projected
     log_residual: Tensor  # (B,) log-density of the residual e
     reconstruction_error: Tensor  # (B,) |x - x'|^2 over all d coordinates
-    residual_sq: Tensor  # (B,) squared norm of the residual in log_residual (normal part for projected)
+    residual_sq: Tensor  # (B,) squared norm of the residual in log_residual (0 for latent)
     z: Tensor  # (B, k) latent point used
     x_hat: Tensor  # (B, d) its image x' = f(z)
+    converged: Tensor | None = None  # (B,) projected only: whether the MAP iteration converged
 
     @property
     def score(self) -> Tensor:
@@ -117,23 +129,32 @@ def likelihood(model: GenerativeModel, x: Tensor) -> ScoreParts:
 def encoder(model: GenerativeModel, x: Tensor) -> ScoreParts:
     """Paper eq. 8: the encoder maps the manifold to the latent space, hence +sum(log r).
 
-    The Jacobian is taken at x' = f(g(x)), on the manifold (method notes, departure 3); on the
-    sphere only its tangent-space part B(z')^T J_g counts, which drops the zero singular value of
-    the normalisation.
+    The density of x' = f(g(x)) on the manifold is p(g(x')) |det| of g's Jacobian as a map between
+    the two m-dimensional manifolds: J_g(x') restricted to the manifold's tangent space at x'
+    (orthonormal basis Q(x') of the span of J_f(z) B(z), z = g(x)) and, on the sphere, projected
+    onto the latent tangent space by B(z')^T. J_g over all of R^d would also count how g stretches
+    the directions normal to the manifold, which p(x') does not depend on.
     """
     g = _require_encoder(model, "encoder")
     z0 = g(x)
-    x_hat = model.decoder(z0)
+    x_hat, J_f = model.decoder.forward_with_jacobian(z0)  # (B, d), (B, d, k)
     _check_shapes(model, x, x_hat)
-    z, J = model.encoder.forward_with_jacobian(x_hat)  # (B, k), (B, k, d)
-    basis = tangent_basis(z, model.geometry)
+    tangent = orthonormal_columns(restrict_to_tangent(J_f.double(), z0.double(), model.geometry))  # (B, d, m)
+    z, J_g = model.encoder.forward_with_jacobian(x_hat)  # (B, k), (B, k, d)
+    restricted = J_g.double() @ tangent  # (B, k, m)
+    basis = tangent_basis(z.double(), model.geometry)
     if basis is not None:
-        J = basis.transpose(1, 2) @ J
+        restricted = basis.transpose(1, 2) @ restricted  # (B, m, m)
     e = x - x_hat
     log_prior = model.prior.log_prob(z)
-    log_volume = sum_log_singular_values(J)
+    log_volume = sum_log_singular_values(restricted).to(x.dtype)
     log_residual = log_normal_residual(e, model.sigma2, x.shape[1])
     return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
+
+
+def orthonormal_columns(A: Tensor) -> Tensor:
+    """(B, d, m) of rank m -> (B, d, m) orthonormal columns spanning the same space (reduced QR)."""
+    return torch.linalg.qr(A, mode="reduced").Q
 
 
 def reconstruction(model: GenerativeModel, x: Tensor) -> ScoreParts:
@@ -158,81 +179,216 @@ def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
     return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
 
 
-def project(
-    model: GenerativeModel, x: Tensor, z: Tensor, steps: int, tol: float | None = 1e-7
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Levenberg-Marquardt refinement of z towards argmin |x - f(z)|^2 along the latent manifold.
+def floored_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, m, m) symmetric -> lower-triangular L (B, m, m) with L L^T = A where A is positive
+    definite, and whether any pivot was floored (B,). Each pivot is at least PIVOT_FLOOR times the
+    Frobenius norm of A (which no change of orthonormal basis alters), so an indefinite or singular
+    A still gives a finite factor: the Gauss-Newton Hessian of a mixture prior can be indefinite
+    between its components."""
+    m = A.shape[-1]
+    floor = PIVOT_FLOOR * torch.linalg.matrix_norm(A).clamp(min=1e-300)  # (B,)
+    L = torch.zeros_like(A)
+    floored = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    for j in range(m):
+        row = L[:, j, :j]
+        pivot = A[:, j, j] - (row * row).sum(-1)
+        floored |= pivot < floor
+        L[:, j, j] = torch.sqrt(torch.maximum(pivot, floor))
+        if j + 1 < m:
+            below = A[:, j + 1 :, j] - (L[:, j + 1 :, :j] @ row.unsqueeze(-1)).squeeze(-1)
+            L[:, j + 1 :, j] = below / L[:, j, j : j + 1]
+    return L, floored
 
-    x (B, d), z (B, k) -> z, f(z), U (B, d, m) an orthonormal basis of the manifold's tangent space
-    at f(z), and the singular values s (B, m) of J_f(z) B(z) (float64). Each step solves
-    (J^T J + lambda I) delta = J^T r through the Jacobian's SVD; the damping starts at 1e-3 times
-    the largest diagonal entry of J^T J; a step that does not lower the residual is refused for
-    that row and its damping multiplied by 10 (divided by 10 after a success), so the residual
-    never grows. Gauss-Newton converges only linearly when the residual is large, so it iterates
-    up to `steps` times, stopping early once no row's attempted step exceeds `tol` (relative to
-    |z| + 1); tol=None runs every step, as the exported graph does.
+
+def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
+    """L (B, m, m) lower-triangular, b (B, m, n) -> (L L^T)^-1 b."""
+    y = torch.linalg.solve_triangular(L, b, upper=False)
+    return torch.linalg.solve_triangular(L.transpose(1, 2), y, upper=True)
+
+
+@dataclass(frozen=True)
+class Linearisation:
+    """The MAP objective -log N(x; f(z), sigma2 I) - log p(z) + const and its derivatives at z, in
+    tangent coordinates, all float64."""
+
+    z: Tensor  # (B, k)
+    x_hat: Tensor  # (B, d) f(z), in the network's dtype
+    residual: Tensor  # (B, d) x - f(z)
+    log_prior: Tensor  # (B,)
+    objective: Tensor  # (B,) |x - f(z)|^2 / (2 sigma2) - log p(z)
+    gradient: Tensor  # (B, m)
+    data_curvature: Tensor  # (B, m, m) J^T J / sigma2, J = J_f(z) B(z)
+    hessian: Tensor  # (B, m, m) Gauss-Newton: J^T J / sigma2 - Hess log p(z), the density's
+    newton_hessian: Tensor  # (B, m, m) the objective's exact Hessian, the steps'
+    basis: Tensor | None  # (B, k, m), None for Euclidean latents
+
+    def map(
+        self, fn: Callable[[Tensor, Tensor | None], Tensor], other: Linearisation | None = None
+    ) -> Linearisation:
+        """A new linearisation from fn(field, other's field) for every field (None stays None)."""
+        values: dict[str, Tensor | None] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            values[name] = (
+                None if value is None else fn(value, None if other is None else getattr(other, name))
+            )
+        return Linearisation(**values)  # type: ignore[arg-type]
+
+    def rows(self, index: Tensor) -> Linearisation:
+        return self.map(lambda value, _: value[index])
+
+    def updated(self, rows: Tensor, part: Linearisation) -> Linearisation:
+        """self with the given rows (B',) replaced by part's rows."""
+
+        def put(value: Tensor, new: Tensor | None) -> Tensor:
+            value = value.clone()
+            value[rows] = new
+            return value
+
+        return self.map(put, part)
+
+
+def linearise(
+    model: GenerativeModel, x: Tensor, z: Tensor, sigma2: float, net_dtype: torch.dtype
+) -> Linearisation:
+    """x (B, d), z (B, k) float64 -> the objective's value, gradient and Hessians at z.
+
+    The exact Hessian adds the decoder's curvature weighted by the residual,
+    -Hess(r . f)(z) / sigma2 with r = x - f(z) held fixed: where the residual is large and f bends
+    (a saturating decoder far from the data), Gauss-Newton alone underestimates the curvature many
+    times over and its steps zig-zag.
     """
+    x_hat, J, curvature = model.decoder.forward_with_curvature(z.to(net_dtype))
+    basis = tangent_basis(z, model.geometry)
+    J_ambient = J.double()
+    J = restrict_to_tangent(J_ambient, z, model.geometry)  # (B, d, m)
+    log_prior, prior_gradient, prior_hessian = model.prior.log_prob_derivatives(z)
+    prior_gradient, prior_hessian = riemannian_derivatives(prior_gradient, prior_hessian, z, basis)
+    residual = x - x_hat.double()
+    pull = (J_ambient.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1)  # grad of r . f, (B, k)
+    _, bending = riemannian_derivatives(pull, curvature(residual.to(net_dtype)).double(), z, basis)
+    data_curvature = J.transpose(1, 2) @ J / sigma2
+    hessian = data_curvature - prior_hessian
+    return Linearisation(
+        z=z,
+        x_hat=x_hat,
+        residual=residual,
+        log_prior=log_prior,
+        objective=0.5 * (residual * residual).sum(-1) / sigma2 - log_prior,
+        gradient=-(J.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1) / sigma2 - prior_gradient,
+        data_curvature=data_curvature,
+        hessian=hessian,
+        newton_hessian=hessian - bending / sigma2,
+        basis=basis,
+    )
 
-    def linearise(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        x_hat, J = model.decoder.forward_with_jacobian(z)
-        basis = tangent_basis(z, model.geometry)
-        U, s, Vh = torch.linalg.svd((J if basis is None else J @ basis).double(), full_matrices=False)
-        return x_hat, U, s, Vh, basis
 
-    x_hat, U, s, Vh, basis = linearise(z)
-    err = ((x - x_hat) ** 2).sum(-1)
-    jtj_diagonal = ((Vh.transpose(1, 2) * s.unsqueeze(1)) ** 2).sum(-1)  # diag(V S^2 V^T) = diag(J^T J)
-    damping = 1e-3 * jtj_diagonal.max(-1, keepdim=True).values  # (B, 1)
-    for _ in range(steps):
-        r = (x - x_hat).double().unsqueeze(-1)  # (B, d, 1)
-        coef = (U.transpose(1, 2) @ r).squeeze(-1) * s / (s * s + damping)  # (B, m)
-        step = (Vh.transpose(1, 2) @ coef.unsqueeze(-1)).squeeze(-1).to(z.dtype)  # tangent coordinates
-        if basis is not None:
-            step = (basis @ step.unsqueeze(-1)).squeeze(-1)
-        if tol is not None and bool(
-            (torch.linalg.vector_norm(step, dim=-1) <= tol * (1 + torch.linalg.vector_norm(z, dim=-1))).all()
-        ):
+def map_point(
+    model: GenerativeModel,
+    x: Tensor,
+    z: Tensor,
+    sigma2: float,
+    steps: int = PROJECTION_STEPS,
+    tol: float = PROJECTION_TOLERANCE,
+) -> tuple[Linearisation, Tensor]:
+    """z* = argmax_z log N(x; f(z), sigma2 I) + log p(z), by Levenberg-Marquardt steps from z.
+
+    x (B, d), z (B, k) on the latent manifold -> the linearisation at z* and whether each row
+    converged (B,). Each step solves (H + lambda I) delta = -gradient with H the objective's exact
+    Hessian, and is taken when the objective falls; where H + lambda I is not positive definite
+    (a Cholesky pivot below the floor) it is refused untried. lambda follows Nielsen's rule from the gain
+    ratio rho = actual / predicted decrease: times max(1/3, 1 - (2 rho - 1)^3) after a step taken,
+    times nu (2, doubling while steps are refused) after a step refused; it starts at 1e-3 times
+    the Frobenius norm of H. Nothing depends on the choice of tangent basis. A row stops for good
+    once its next step is no longer than tol (1 + |z|), so its result depends on no other row.
+    The algebra is float64 whatever the network's dtype.
+    """
+    net_dtype = x.dtype
+    x = x.double()
+    current = linearise(model, x, z.double(), sigma2, net_dtype)
+    m = current.newton_hessian.shape[-1]
+    eye = torch.eye(m, dtype=torch.float64, device=x.device)
+    damping = 1e-3 * torch.linalg.matrix_norm(current.newton_hessian).clamp(min=1e-300)
+    growth = torch.full_like(damping, 2.0)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for step in range(steps + 1):
+        L, indefinite = floored_cholesky(current.newton_hessian + damping[:, None, None] * eye)
+        delta = -cholesky_solve(L, current.gradient.unsqueeze(-1)).squeeze(-1)  # (B, m) tangent coordinates
+        ambient = delta if current.basis is None else (current.basis @ delta.unsqueeze(-1)).squeeze(-1)
+        done |= torch.linalg.vector_norm(ambient, dim=-1) <= tol * (
+            1 + torch.linalg.vector_norm(current.z, dim=-1)
+        )
+        if step == steps or bool(done.all()):
             break
-        z_new = retract(z + step, model.geometry)
-        x_new = model.decoder(z_new)
-        err_new = ((x - x_new) ** 2).sum(-1)
-        better = (err_new < err).unsqueeze(-1)
-        z = torch.where(better, z_new, z)
-        err = torch.where(better.squeeze(-1), err_new, err)
-        damping = torch.where(better, damping * 0.1, damping * 10.0)
-        x_hat, U, s, Vh, basis = linearise(z)
-    return z, x_hat, U, s
+        # Only the rows still moving are evaluated; a step that lowers the objective replaces them.
+        active = torch.nonzero(~done).squeeze(-1)
+        trial = linearise(
+            model, x[active], retract(current.z[active] + ambient[active], model.geometry), sigma2, net_dtype
+        )
+        d_active = delta[active]
+        predicted = 0.5 * (d_active * (damping[active, None] * d_active - current.gradient[active])).sum(-1)
+        gain = (current.objective[active] - trial.objective) / predicted
+        taken = (predicted > 0) & (gain > 0) & ~indefinite[active]
+        current = current.updated(active[taken], trial.rows(taken))
+        shrink = torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3)
+        damping[active] = torch.where(taken, damping[active] * shrink, damping[active] * growth[active])
+        growth[active] = torch.where(taken, 2.0, growth[active] * 2)
+    return current, done
 
 
-def projected(model: GenerativeModel, x: Tensor, steps: int = 30, starts: int = 8) -> ScoreParts:
-    """The properly normalised density: residual evaluated only normal to the manifold.
+def laplace_log_volume(hessian: Tensor) -> Tensor:
+    """(m/2) log 2 pi - (1/2) log det H: the volume of the posterior around z* (B,)."""
+    L, _ = floored_cholesky(hessian)
+    m = hessian.shape[-1]
+    return 0.5 * m * LOG_2PI - torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
 
-    x' = f(z*) with z* the projection of x onto the manifold, started from g(x), or, without an
-    encoder (a GAN generator), from `starts` prior samples per row keeping the closest. Then
-    log p(x) = log p(z*) - sum log s_i + log N(P_perp e; 0, sigma^2 I_(d-m)), which integrates to one
-    up to the manifold's curvature within the noise (exactly for a linear decoder).
+
+def effective_dimensions(point: Linearisation) -> Tensor:
+    """tr(H^-1 J^T J / sigma2) (B,), in [0, m]: how many latent directions the data pin down rather
+    than the prior. The noise variance's evidence fixed point uses it (app.train.fit_noise)."""
+    L, _ = floored_cholesky(point.hessian)
+    solved = cholesky_solve(L, point.data_curvature)
+    return solved.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(0, point.hessian.shape[-1])
+
+
+def projected(model: GenerativeModel, x: Tensor, starts: int = 8) -> ScoreParts:
+    """The Laplace approximation of p(x) = integral of N(x; f(z), sigma2 I) p(z) dz, a density on R^d.
+
+    z* is the maximum a posteriori point (map_point), started from g(x), or, without an encoder
+    (a GAN generator), from `starts` prior samples per row keeping the best. With H the
+    Gauss-Newton Hessian at z*,
+        log p(x) = log p(z*) + log N(x - f(z*); 0, sigma2 I_d) + (m/2) log 2 pi - (1/2) log det H,
+    exact for a linear decoder and a Gaussian prior. The prior keeps z* finite where the decoder
+    saturates. sigma2 is the model's sigma2_projected when set. Computed in x's dtype for the
+    networks and float64 for the rest; the product scores this method in float64 throughout.
     """
-    n, d = x.shape
+    n = x.shape[0]
+    sigma2 = model.sigma2_projected if model.sigma2_projected is not None else model.sigma2
     if model.encoder is not None:
         z0, xs = model.encoder(x), x
     else:
         z0, xs = model.prior.rsample(n * starts).to(x.dtype), x.repeat_interleave(starts, dim=0)
-    z, x_hat, U, s = project(model, xs, z0, steps)
-    _check_shapes(model, xs, x_hat)
+    point, converged = map_point(model, xs, z0, sigma2)
+    _check_shapes(model, xs, point.x_hat)
     if model.encoder is None:
-        err = ((xs - x_hat) ** 2).sum(-1).view(n, starts)
-        best = err.argmin(-1) + torch.arange(n, device=x.device) * starts
-        z, x_hat, U, s = z[best], x_hat[best], U[best], s[best]
-    e = x - x_hat
-    m = U.shape[-1]
-    e64 = e.double().unsqueeze(-1)
-    e_normal = (e64 - U @ (U.transpose(1, 2) @ e64)).squeeze(-1).to(e.dtype)
-    sigma2 = model.sigma2_normal if model.sigma2_normal is not None else model.sigma2
-    log_prior = model.prior.log_prob(z)
-    log_volume = -torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1).to(x.dtype)
-    # With m = d (the normalising-flow case) no normal directions remain.
-    log_residual = log_normal_residual(e_normal, sigma2, d - m) if d > m else torch.zeros_like(log_prior)
-    return _parts(log_prior, log_volume, log_residual, e, z, x_hat, e_scored=e_normal)
+        best = point.objective.view(n, starts).argmin(-1) + torch.arange(n, device=x.device) * starts
+        point, converged = point.rows(best), converged[best]
+    return laplace_parts(point, converged, sigma2, x.dtype)
+
+
+def laplace_parts(point: Linearisation, converged: Tensor, sigma2: float, dtype: torch.dtype) -> ScoreParts:
+    """The projected method's parts at a MAP point, in `dtype`."""
+    e = point.residual
+    log_residual = log_normal_of_squared((e * e).sum(-1), sigma2, e.shape[-1])
+    parts = _parts(
+        point.log_prior.to(dtype),
+        laplace_log_volume(point.hessian).to(dtype),
+        log_residual.to(dtype),
+        e.to(dtype),
+        point.z.to(dtype),
+        point.x_hat,
+    )
+    return replace(parts, converged=converged)
 
 
 SCORE_METHODS: dict[str, Callable[[GenerativeModel, Tensor], ScoreParts]] = {

@@ -7,8 +7,9 @@ import torch
 from numpy.typing import NDArray
 
 from app.bundle import METHODS, Bundle
+from app.model import GenerativeModel
 from app.scorer import ScoreOutput, assemble, check_method
-from app.scores import score
+from app.scores import score, scoring_dtype
 
 
 def resolve_device(device: str) -> str:
@@ -19,15 +20,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 class TorchScorer:
+    """dtype: float32, the product's precision (projected in float64 regardless, as the bundle's
+    calibration was scored), or float64 for every method, for reference computations."""
+
     backend = "torch"
     native_methods = METHODS
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
         self.bundle = bundle
         self.device = resolve_device(device)
-        self.model = bundle.build_model(self.device)
-        self.generative = self.model.generative()
+        self.model = bundle.build_model(self.device).with_dtype(DTYPES[dtype])
+        self._generative: dict[torch.dtype, GenerativeModel] = {}
+
+    def generative(self, method: str) -> GenerativeModel:
+        dtype = scoring_dtype(method, self.model.dtype)
+        if dtype not in self._generative:
+            self._generative[dtype] = self.model.with_dtype(dtype).generative()
+        return self._generative[dtype]
 
     def score(
         self,
@@ -37,9 +52,11 @@ class TorchScorer:
         explain: bool = False,
     ) -> ScoreOutput:
         method = check_method(method, self.bundle)
-        x = torch.as_tensor(self.bundle.scaler.transform(x_raw), dtype=torch.float32, device=self.device)
+        generative = self.generative(method)
+        dtype = scoring_dtype(method, self.model.dtype)
+        x = torch.as_tensor(self.bundle.scaler.transform(x_raw), dtype=dtype, device=self.device)
         with torch.no_grad():
-            parts = score(self.generative, x, method)
+            parts = score(generative, x, method)
         names = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error")
         arrays = {n: getattr(parts, n).double().cpu().numpy() for n in names}
         if explain:

@@ -21,7 +21,14 @@ from torch.func import stack_module_state
 from app.distributions import LatentDistribution, StandardNormal
 from app.model import ManifoldModel, VampGaussianPrior, VampVMFPrior
 from app.nn import encode, mlp_forward
-from app.scores import ScoreParts, log_normal_of_squared, score
+from app.scores import (
+    ScoreParts,
+    effective_dimensions,
+    laplace_parts,
+    map_point,
+    score,
+    scoring_dtype,
+)
 from app.spec import Architecture
 
 SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
@@ -206,10 +213,15 @@ def fit_candidates(
     return [f for f in fitted if f is not None]
 
 
+SCORED_PARTS = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error", "residual_sq")
+
+
 def score_rows(
     model: ManifoldModel, x: NDArray[np.float64], method: str, chunk_rows: int = 65_536
 ) -> dict[str, NDArray[np.float64]]:
-    """Score standardised rows in bounded-memory chunks; numpy arrays of the parts, in row order."""
+    """Score standardised rows in bounded-memory chunks, in the precision the product scores `method`
+    in; numpy arrays of the parts (and `converged` for projected), in row order."""
+    model = model.with_dtype(scoring_dtype(method, model.dtype))
     reference = next(model.parameters())
     out: dict[str, list[NDArray[np.float64]]] = {}
     with torch.no_grad():
@@ -218,44 +230,56 @@ def score_rows(
             xb = torch.as_tensor(
                 x[start : start + chunk_rows], dtype=reference.dtype, device=reference.device
             )
-            parts: ScoreParts = score(generative, xb, method)
-            for name in (
-                "log_prob",
-                "log_prior",
-                "log_volume",
-                "log_residual",
-                "reconstruction_error",
-                "residual_sq",
-            ):
-                out.setdefault(name, []).append(getattr(parts, name).double().cpu().numpy())
-            out.setdefault("x_hat", []).append(parts.x_hat.double().cpu().numpy())
+            for name, values in _arrays(score(generative, xb, method)).items():
+                out.setdefault(name, []).append(values)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
-    """Maximum-likelihood sigma^2 from held-out residuals: mean squared residual per direction.
+def _arrays(parts: ScoreParts) -> dict[str, NDArray[np.float64]]:
+    arrays = {name: getattr(parts, name).double().cpu().numpy() for name in SCORED_PARTS}
+    if parts.converged is not None:
+        arrays["converged"] = parts.converged.cpu().numpy()
+    return arrays
 
-    The full residual x - f(g(x)) lives in d directions; the projected residual only in the d - m
-    directions normal to the manifold, so it gets its own estimate. Returns x_val's `projected`
-    parts under the fitted noise: the projection does not depend on sigma^2, so a caller that
-    scores x_val next need not run it again (the same float operations as score_rows).
+
+# The evidence fixed point of the projected model's noise stops when sigma^2 moves by less than this
+# fraction, or after NOISE_ITERATIONS updates.
+NOISE_TOLERANCE = 1e-4
+NOISE_ITERATIONS = 20
+
+
+def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+    """Maximum-likelihood noise variances from held-out rows; returns x_val's `projected` parts.
+
+    sigma2 (likelihood, encoder, reconstruction): mean |x - f(g(x))|^2 / d.
+    sigma2_projected: the maximum of the rows' Laplace evidence (the projected density) over
+    sigma^2. Its stationarity condition is MacKay's fixed point sigma^2 = sum |x - f(z*)|^2 /
+    sum (d - gamma), gamma = tr(H^-1 J^T J / sigma^2) the latent directions the data determine;
+    it is iterated from sigma2, each pass projecting x_val anew. With d = m no direction is left to
+    estimate it from, and sigma2 is used. The parts returned are those of the last pass, scored
+    with the sigma2_projected it ends with, so a caller need not project x_val again.
     """
     d, m = x_val.shape[1], model.arch.intrinsic_dim
     full = score_rows(model, x_val, "reconstruction")["residual_sq"]
     model.sigma2 = max(float(full.mean()) / d, SIGMA2_FLOOR)
-    projected = score_rows(model, x_val, "projected")
-    if d <= m:  # no normal directions: no sigma^2 enters these parts
-        model.sigma2_normal = model.sigma2
-        return projected
-    model.sigma2_normal = max(float(projected["residual_sq"].mean()) / (d - m), SIGMA2_FLOOR)
-    dtype = next(model.parameters()).dtype
-
-    def part(name: str) -> torch.Tensor:  # exact: the parts are the network's dtype, widened
-        return torch.from_numpy(projected[name]).to(dtype)
-
-    log_residual = log_normal_of_squared(part("residual_sq"), model.sigma2_normal, d - m)
-    log_prob = part("log_prior") + part("log_volume") + log_residual
-    return projected | {"log_residual": log_residual.double().numpy(), "log_prob": log_prob.double().numpy()}
+    model.sigma2_projected = model.sigma2
+    if d <= m:
+        return score_rows(model, x_val, "projected")
+    precise = model.with_dtype(scoring_dtype("projected", model.dtype))
+    x = torch.as_tensor(x_val, dtype=precise.dtype, device=next(precise.parameters()).device)
+    with torch.no_grad():
+        generative = precise.generative()
+        start = generative.encoder(x)
+        for iteration in range(NOISE_ITERATIONS):
+            sigma2 = model.sigma2_projected
+            point, converged = map_point(generative, x, start, sigma2)
+            squared = (point.residual * point.residual).sum()
+            updated = max(float(squared / (d - effective_dimensions(point)).sum()), SIGMA2_FLOOR)
+            if abs(updated - sigma2) <= NOISE_TOLERANCE * sigma2 or iteration == NOISE_ITERATIONS - 1:
+                break
+            model.sigma2_projected = updated
+    # map_point with this sigma2 from g(x), as scoring does: these are x_val's projected parts.
+    return _arrays(laplace_parts(point, converged, sigma2, precise.dtype))
 
 
 def expand_grid(

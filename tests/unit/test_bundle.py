@@ -46,12 +46,13 @@ def test_round_trip_rebuilds_the_same_scores(tiny_bundle):
 def test_derived_prior_tensors_are_the_encoded_pseudo_inputs(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     model = bundle.build_model()
+    # float64, from the float32 weights (exact in float64): what the float64 scoring path uses
     with torch.no_grad():
-        locations = model.encoder(model.prior.pseudo_inputs).numpy()
-    np.testing.assert_allclose(bundle.weights["derived.prior.locations"], locations, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(
-        bundle.weights["derived.prior.scales"], np.exp(bundle.weights["prior.log_scales"]), rtol=1e-6
-    )
+        locations = model.double().encoder(model.prior.pseudo_inputs).numpy()
+    assert bundle.weights["derived.prior.locations"].dtype == np.float64
+    np.testing.assert_allclose(bundle.weights["derived.prior.locations"], locations, rtol=1e-13, atol=1e-13)
+    scales = np.exp(bundle.weights["prior.log_scales"].astype(np.float64))
+    np.testing.assert_allclose(bundle.weights["derived.prior.scales"], scales, rtol=1e-13)
 
 
 @pytest.fixture()
@@ -94,7 +95,10 @@ def test_missing_file_is_refused(copy):
 
 def test_other_schema_version_is_refused(copy):
     _rewrite_manifest(copy, lambda m: m.update(schema_version=99))
-    with pytest.raises(BundleError, match="schema version 99, this build reads version 1"):
+    with pytest.raises(BundleError, match="schema version 99, this build reads version 2$"):
+        load_bundle(copy)
+    _rewrite_manifest(copy, lambda m: m.update(schema_version=1))
+    with pytest.raises(BundleError, match="version 1, this build reads version 2: .* retrain it"):
         load_bundle(copy)
 
 

@@ -9,30 +9,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 from scipy.special import expit, ive, logsumexp
 
 from app.bundle import METHODS, load_bundle
 from app.pipeline import TrainRequest, train_bundle
-from app.scores import score
 from app.torch_scorer import TorchScorer
 from app.train import Candidate, FitOptions
+
+from ..tolerances import FLOAT64_PROJECTION_RTOL
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG_2PI = np.log(2 * np.pi)
 REQUIRED = ["schema_version", "name", "version", "features", "scaler", "architecture", "noise"]
 REQUIRED += ["default_method", "default_fpr", "calibration", "files"]
-# The product computes in float32, the reference in float64: log densities of magnitude up to a few
-# hundred agree to rtol 1e-4 plus atol 1e-3; the iterative projection only to its convergence.
-TOL = {"rtol": 1e-4, "atol": 1e-3}
+# The issue's requirement for the served product against this float64 reference, relative to the
+# largest part of each score. The float32 networks' arithmetic bounds the closed forms' error by
+# float32_rtol (tests/tolerances.py) of the same scale, 1.5e-5..3e-5 for these models; measured
+# it is ~1e-6. projected is float64 in the product too.
+REQUIRED_RTOL = 1e-5
 
 
 def read_bundle(path):
     """The loading checks of docs/bundle.md, section 'Loading a bundle'."""
     root = Path(path)
     manifest = json.loads((root / "bundle.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert all(key in manifest for key in REQUIRED)
     assert version_of(manifest) == manifest["version"]
     assert {"weights.safetensors", "calibration.safetensors"} <= set(manifest["files"])
@@ -71,12 +73,16 @@ def weight_shapes(a):
     return shapes | extra[a["prior"]]
 
 
-ACTIVATIONS = {  # name -> h -> (a(h), a'(h))
-    "swish": lambda h: (h * expit(h), expit(h) * (1 + h * (1 - expit(h)))),
-    "tanh": lambda h: (np.tanh(h), 1 - np.tanh(h) ** 2),
-    "relu": lambda h: (np.maximum(h, 0), (h > 0) * 1.0),
-    "softplus": lambda h: (np.logaddexp(0, h), expit(h)),
-    "linear": lambda h: (h, np.ones_like(h)),
+ACTIVATIONS = {  # name -> h -> (a(h), a'(h), a''(h))
+    "swish": lambda h: (
+        h * expit(h),
+        expit(h) * (1 + h * (1 - expit(h))),
+        expit(h) * (1 - expit(h)) * (2 + h * (1 - 2 * expit(h))),
+    ),
+    "tanh": lambda h: (np.tanh(h), 1 - np.tanh(h) ** 2, -2 * np.tanh(h) * (1 - np.tanh(h) ** 2)),
+    "relu": lambda h: (np.maximum(h, 0), (h > 0) * 1.0, np.zeros_like(h)),
+    "softplus": lambda h: (np.logaddexp(0, h), expit(h), expit(h) * (1 - expit(h))),
+    "linear": lambda h: (h, np.ones_like(h), np.zeros_like(h)),
 }
 
 
@@ -87,19 +93,28 @@ class Reference:
         self.sphere = self.a["geometry"] == "sphere"
         self.noise = self.manifest["noise"]
 
-    def mlp(self, net, x):
-        """(B, n_in) -> value (B, n_out) and Jacobian (B, n_out, n_in), by forward mode."""
-        J = np.broadcast_to(np.eye(x.shape[1]), (len(x), x.shape[1], x.shape[1]))
+    def mlp(self, net, x, second=False):
+        """(B, n_in) -> value (B, n_out), Jacobian (B, n_out, n_in) and, if asked, the second
+        derivatives (B, n_out, n_in, n_in), all by forward mode."""
+        n = x.shape[1]
+        J = np.broadcast_to(np.eye(n), (len(x), n, n))
+        S = np.zeros((len(x), n, n, n)) if second else None
         for i in range(self.a["depth"] + 1):
             if i > 0:
-                x, slope = ACTIVATIONS[self.a["activation"]](x)
+                x, slope, bend = ACTIVATIONS[self.a["activation"]](x)
+                if second:
+                    S = (
+                        bend[:, :, None, None] * J[:, :, :, None] * J[:, :, None, :]
+                        + slope[..., None, None] * S
+                    )
                 J = slope[:, :, None] * J
             W, b = self.w[f"{net}.net.layers.{i}.weight"], self.w[f"{net}.net.layers.{i}.bias"]
             x, J = x @ W.T + b, W @ J
-        return x, J
+            S = np.einsum("oh,bhij->boij", W, S) if second else None
+        return x, J, S
 
     def encode(self, x):
-        v, J = self.mlp("encoder", x)
+        v, J, _ = self.mlp("encoder", x)
         if not self.sphere:
             return v, J
         norm = np.linalg.norm(v, axis=1)[:, None]
@@ -110,34 +125,46 @@ class Reference:
         """Any orthonormal basis of z's orthogonal complement (here QR, not the product's Householder)."""
         return np.linalg.qr(z[:, :, None], mode="complete")[0][:, :, 1:]
 
-    def log_prior(self, z):
+    def prior_terms(self, z):
+        """log p(z), its gradient (B, k) and Hessian (B, k, k) in R^k (docs section 6.4)."""
         k = self.a["latent_dim"]
         if self.a["prior"] == "normal":
-            return -0.5 * (z * z).sum(1) - 0.5 * k * LOG_2PI
+            log_p = -0.5 * (z * z).sum(1) - 0.5 * k * LOG_2PI
+            return log_p, -z, np.broadcast_to(-np.eye(k), (len(z), k, k))
         mu = self.encode(self.w["prior.pseudo_inputs"])[0]
-        np.testing.assert_allclose(mu, self.w["derived.prior.locations"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(mu, self.w["derived.prior.locations"], rtol=1e-12, atol=1e-12)
         if self.a["prior"] == "vamp":
             s = np.exp(self.w["prior.log_scales"])
-            np.testing.assert_allclose(s, self.w["derived.prior.scales"], rtol=1e-6)
+            np.testing.assert_allclose(s, self.w["derived.prior.scales"], rtol=1e-12)
             u = (z[:, None, :] - mu[None]) / s[None]
             comp = -0.5 * (u * u).sum(-1) - np.log(s).sum(-1) - 0.5 * k * LOG_2PI
+            a = -(z[:, None, :] - mu[None]) / s[None] ** 2  # component gradients (B, K, k)
+            curvature = np.broadcast_to(-(s**-2), a.shape)  # diagonal component Hessians
         else:
             kappa = np.logaddexp(0, self.w["prior.kappa_raw"])
-            np.testing.assert_allclose(kappa, self.w["derived.prior.kappa"], rtol=1e-6)
+            np.testing.assert_allclose(kappa, self.w["derived.prior.kappa"], rtol=1e-12)
             v = k / 2 - 1
             log_c = v * np.log(kappa) - k / 2 * LOG_2PI - (np.log(ive(v, kappa)) + kappa)
             comp = log_c + kappa * (z @ mu.T)
-        return logsumexp(comp, axis=1) - np.log(len(mu))
+            a = np.broadcast_to(kappa[:, None] * mu, (len(z), *mu.shape))
+            curvature = np.zeros(a.shape)
+        w = np.exp(comp - logsumexp(comp, axis=1, keepdims=True))
+        gradient = np.einsum("bj,bji->bi", w, a)
+        hessian = np.einsum("bj,bji,bjl->bil", w, a, a) - gradient[:, :, None] * gradient[:, None, :]
+        hessian = hessian + np.einsum("bj,bji,il->bil", w, curvature, np.eye(k))
+        return logsumexp(comp, axis=1) - np.log(len(mu)), gradient, hessian
+
+    def log_prior(self, z):
+        return self.prior_terms(z)[0]
 
     def gauss(self, e, sigma2, dims):
         return -0.5 * (e * e).sum(1) / sigma2 - 0.5 * dims * (LOG_2PI + np.log(sigma2))
 
-    def log_sv(self, J=None, s=None):  # sum of log singular values, each floored at 1e-12
-        s = np.linalg.svd(J, compute_uv=False) if s is None else s
-        return np.log(np.maximum(s, 1e-12)).sum(1)
+    def log_sv(self, J):  # sum of log singular values, each floored at 1e-12
+        return np.log(np.maximum(np.linalg.svd(J, compute_uv=False), 1e-12)).sum(1)
 
     def decoder_in_tangent(self, z):
-        x_hat, J = self.mlp("decoder", z)
+        x_hat, J, _ = self.mlp("decoder", z)
         return x_hat, (J @ self.basis(z) if self.sphere else J)
 
     def score(self, x_raw, method):
@@ -148,46 +175,82 @@ class Reference:
         zero = np.zeros(len(x))
         if method == "latent":
             return self.log_prior(z), zero, zero
+        if method == "projected":
+            return self.projected(x, z)
         x_hat, J = self.decoder_in_tangent(z)
         residual = self.gauss(x - x_hat, self.noise["sigma2"], d)
         if method == "reconstruction":
             return zero, zero, residual
         if method == "likelihood":
             return self.log_prior(z), -self.log_sv(J), residual
-        if method == "encoder":
-            z2, Jg = self.encode(x_hat)
-            Jg = self.basis(z2).transpose(0, 2, 1) @ Jg if self.sphere else Jg
-            return self.log_prior(z2), self.log_sv(Jg), residual
-        return self.projected(x, z)
+        # encoder: g restricted to the manifold's tangent space at x' (basis Q), onto z's
+        Q = np.linalg.qr(J, mode="reduced")[0]  # (B, d, m)
+        z2, Jg = self.encode(x_hat)
+        restricted = Jg @ Q
+        restricted = self.basis(z2).transpose(0, 2, 1) @ restricted if self.sphere else restricted
+        return self.log_prior(z2), self.log_sv(restricted), residual
+
+    def riemannian(self, z, gradient, hessian):
+        """Derivatives in R^k -> on the latent manifold, in the basis of self.basis (docs 6.7)."""
+        if not self.sphere:
+            return gradient, hessian
+        B = self.basis(z)
+        bending = np.einsum("bk,bk->b", z, gradient)[:, None, None] * np.eye(B.shape[2])
+        return np.einsum("bkm,bk->bm", B, gradient), B.transpose(0, 2, 1) @ hessian @ B - bending
+
+    def linearise(self, x, z, sigma2):
+        x_hat, J, S = self.mlp("decoder", z, second=True)
+        r = x - x_hat
+        log_p, prior_gradient, prior_hessian = self.prior_terms(z)
+        pull = np.einsum("bok,bo->bk", J, r)  # grad of r . f with r fixed
+        pull_gradient, pull_hessian = self.riemannian(z, pull, np.einsum("bo,boij->bij", r, S))
+        prior_gradient, prior_hessian = self.riemannian(z, prior_gradient, prior_hessian)
+        Jt = J @ self.basis(z) if self.sphere else J
+        gauss_newton = Jt.transpose(0, 2, 1) @ Jt / sigma2 - prior_hessian
+        return {
+            "z": z,
+            "x_hat": x_hat,
+            "log_prior": log_p,
+            "objective": 0.5 * (r * r).sum(1) / sigma2 - log_p,
+            "gradient": -pull_gradient / sigma2 - prior_gradient,
+            "hessian": gauss_newton,
+            "newton": gauss_newton - pull_hessian / sigma2,
+        }
 
     def projected(self, x, z):
-        """The documented Levenberg-Marquardt projection, then the normal-direction residual."""
-
-        def linearise(z):
-            x_hat, J = self.decoder_in_tangent(z)
-            return (x_hat, *np.linalg.svd(J, full_matrices=False))
-
-        x_hat, U, s, Vh = linearise(z)
-        err = ((x - x_hat) ** 2).sum(1)
-        jtj_diagonal = np.einsum("bmn,bm->bn", Vh**2, s**2)  # diag(V S^2 V^T) = diag(J^T J)
-        damping = 1e-3 * jtj_diagonal.max(1, keepdims=True)
-        for _ in range(30):
-            coef = np.einsum("bdm,bd->bm", U, x - x_hat) * s / (s * s + damping)
-            step = np.einsum("bmn,bm->bn", Vh, coef)
-            step = np.einsum("bkm,bm->bk", self.basis(z), step) if self.sphere else step
-            if np.all(np.linalg.norm(step, axis=1) <= 1e-7 * (1 + np.linalg.norm(z, axis=1))):
+        """The documented MAP iteration (section 6.7), then the Laplace approximation."""
+        sigma2, steps, tol = self.noise["sigma2_projected"], 100, 1e-8
+        cur = self.linearise(x, z, sigma2)
+        m = cur["hessian"].shape[1]
+        damping = 1e-3 * np.linalg.norm(cur["newton"], axis=(1, 2))
+        growth = np.full(len(x), 2.0)
+        done = np.zeros(len(x), dtype=bool)
+        for step in range(steps + 1):
+            damped = cur["newton"] + damping[:, None, None] * np.eye(m)
+            delta = -np.linalg.solve(damped, cur["gradient"][:, :, None])[:, :, 0]
+            floor = 1e-12 * np.linalg.norm(damped, axis=(1, 2))
+            definite = np.linalg.eigvalsh(damped)[:, 0] > floor
+            ambient = np.einsum("bkm,bm->bk", self.basis(cur["z"]), delta) if self.sphere else delta
+            done |= np.linalg.norm(ambient, axis=1) <= tol * (1 + np.linalg.norm(cur["z"], axis=1))
+            if step == steps or done.all():
                 break
-            z_new = z + step
-            z_new = z_new / np.linalg.norm(z_new, axis=1)[:, None] if self.sphere else z_new
-            err_new = ((x - self.mlp("decoder", z_new)[0]) ** 2).sum(1)
-            better = err_new < err
-            z, err = np.where(better[:, None], z_new, z), np.where(better, err_new, err)
-            damping = np.where(better[:, None], damping * 0.1, damping * 10.0)
-            x_hat, U, s, Vh = linearise(z)
-        e = x - x_hat
-        e_normal = e - np.einsum("bdm,bm->bd", U, np.einsum("bdm,bd->bm", U, e))
-        log_residual = self.gauss(e_normal, self.noise["sigma2_normal"], x.shape[1] - s.shape[1])
-        return self.log_prior(z), -self.log_sv(s=s), log_residual
+            moved = cur["z"] + ambient
+            moved = moved / np.linalg.norm(moved, axis=1)[:, None] if self.sphere else moved
+            trial = self.linearise(x, moved, sigma2)
+            predicted = 0.5 * (delta * (damping[:, None] * delta - cur["gradient"])).sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gain = (cur["objective"] - trial["objective"]) / predicted
+            taken = (predicted > 0) & (gain > 0) & ~done & definite
+            for key in cur:
+                mask = taken.reshape(-1, *([1] * (cur[key].ndim - 1)))
+                cur[key] = np.where(mask, trial[key], cur[key])
+            shrink = np.maximum(1 / 3, 1 - (2 * np.where(taken, gain, 0.5) - 1) ** 3)
+            damping = np.where(done, damping, np.where(taken, damping * shrink, damping * growth))
+            growth = np.where(done, growth, np.where(taken, 2.0, growth * 2))
+        self.converged = done
+        e = x - cur["x_hat"]
+        log_volume = 0.5 * m * LOG_2PI - 0.5 * np.linalg.slogdet(cur["hessian"])[1]
+        return cur["log_prior"], log_volume, self.gauss(e, sigma2, x.shape[1])
 
 
 def holdout_rows():
@@ -204,7 +267,7 @@ def synthetic_rows(n, seed):
     return 5 + 2 * x + 0.05 * rng.standard_normal((n, 6))
 
 
-@pytest.fixture(scope="module", params=["default", "vmf-sphere", "normal"])
+@pytest.fixture(scope="module", params=["default", "vmf-sphere", "normal", "vamp-tanh-saturated"])
 def case(request, tmp_path_factory):
     """(bundle path, raw rows to score)."""
     if request.param == "default":
@@ -213,35 +276,39 @@ def case(request, tmp_path_factory):
         return ROOT / "models" / "default", x[:120]
     out, values = tmp_path_factory.mktemp("spec") / request.param, synthetic_rows(300, seed=1)
     features = [f"f{i}" for i in range(6)]
-    if request.param == "normal":
-        candidate = Candidate(2, 16, 2, "tanh", "euclidean", "normal")
-    else:
-        candidate = Candidate(3, 16, 2, "softplus", "sphere", "vmf", components=2)
-    # 600 steps: a barely trained tanh decoder saturates, and projections of far rows then drift
-    # towards |z| -> infinity along its flat asymptote, where no two computations agree.
-    train = TrainRequest([candidate], FitOptions(steps=600), fprs=(0.1, 0.05), default_fpr=0.05)
+    candidate = {
+        "normal": Candidate(2, 16, 2, "tanh", "euclidean", "normal"),
+        "vmf-sphere": Candidate(3, 16, 2, "softplus", "sphere", "vmf", components=2),
+        # trained long, its tanh decoder saturates: far rows lie where f is flat, and the least-
+        # squares projection of schema 1 drifted without bound there
+        "vamp-tanh-saturated": Candidate(2, 16, 2, "tanh", "euclidean", "vamp", components=3),
+    }[request.param]
+    steps = 3000 if request.param == "vamp-tanh-saturated" else 600
+    train = TrainRequest([candidate], FitOptions(steps=steps), fprs=(0.1, 0.05), default_fpr=0.05)
     train_bundle(values, features, train, out)
-    return out, np.r_[synthetic_rows(40, seed=2), synthetic_rows(10, seed=3) + 3.0]
+    far = synthetic_rows(10, seed=4) * 4 - 20  # well outside the training range
+    return out, np.r_[synthetic_rows(40, seed=2), synthetic_rows(10, seed=3) + 3.0, far]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_documented_scores_match_the_product(case, method):
     path, x = case
-    reference = Reference(path).score(x, method)
-    bundle = load_bundle(path)
-    if method != "projected":
-        # The served float32 result; projected is left out because on rows far from a briefly trained
-        # manifold the non-convex projection may settle in another local minimum under rounding.
-        out = TorchScorer(bundle).score(x, method)
-        for got, want in zip((out.log_prior, out.log_volume, out.log_residual), reference, strict=True):
-            np.testing.assert_allclose(got, want, **TOL)
-        np.testing.assert_allclose(out.score, -sum(reference), **TOL)
-    with torch.no_grad():  # the same network in float64: the document is exact, iteration included
-        parts = score(
-            bundle.build_model().double().generative(), torch.from_numpy(bundle.scaler.transform(x)), method
-        )
-    for got, want in zip((parts.log_prior, parts.log_volume, parts.log_residual), reference, strict=True):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-7)
+    reference = Reference(path)
+    want = reference.score(x, method)
+    if method == "projected":
+        assert reference.converged.all()
+    out = TorchScorer(load_bundle(path)).score(x, method)  # what the service answers
+    got = (out.log_prior, out.log_volume, out.log_residual)
+    scale = np.maximum(1.0, np.max(np.abs(want), axis=0))
+    for name, g, w in zip(("log_prior", "log_volume", "log_residual"), got, want, strict=True):
+        error = np.abs(g - w) / scale
+        assert error.max() < REQUIRED_RTOL, (name, error.max())
+    np.testing.assert_array_less(np.abs(out.score + sum(want)) / scale, REQUIRED_RTOL)
+    # The product in float64 is this document to rounding, or to the iteration's tolerance.
+    exact = TorchScorer(load_bundle(path), dtype="float64").score(x, method)
+    rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
+    for g, w in zip((exact.log_prior, exact.log_volume, exact.log_residual), want, strict=True):
+        np.testing.assert_array_less(np.abs(g - w) / scale, rtol)
 
 
 def test_documented_p_values_and_thresholds_match_the_product(case):

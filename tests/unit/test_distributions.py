@@ -141,3 +141,34 @@ def test_standard_normal_matches_scipy():
     expected = stats.multivariate_normal(np.zeros(4), np.eye(4)).logpdf(z.numpy())
     got = StandardNormal(4, dtype=torch.float64).log_prob(z).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def _autodiff_derivatives(distribution, z):
+    one = lambda row: distribution.log_prob(row.unsqueeze(0))[0]  # noqa: E731
+    gradient = torch.func.vmap(torch.func.grad(one))(z)
+    hessian = torch.func.vmap(torch.func.hessian(one))(z)
+    return distribution.log_prob(z), gradient, hessian
+
+
+@pytest.mark.parametrize("kind", ["standard", "gaussian mixture", "vmf mixture"])
+def test_log_prob_derivatives_equal_autodiff(kind):
+    # The closed forms (mixture weights times component gradients, minus the outer product of the
+    # mean gradient) against torch.func's gradient and Hessian of log_prob itself.
+    torch.manual_seed(0)
+    k = 4
+    if kind == "standard":
+        distribution = StandardNormal(k, torch.float64)
+        z = torch.randn(50, k, dtype=torch.float64)
+    elif kind == "gaussian mixture":
+        distribution = GaussianMixture(
+            torch.randn(5, k, dtype=torch.float64), torch.rand(5, k, dtype=torch.float64) + 0.2
+        )
+        z = torch.randn(50, k, dtype=torch.float64)
+    else:
+        directions = torch.nn.functional.normalize(torch.randn(5, k, dtype=torch.float64), dim=1)
+        distribution = VonMisesFisherMixture(directions, torch.rand(5, dtype=torch.float64) * 40 + 0.5)
+        z = torch.nn.functional.normalize(torch.randn(50, k, dtype=torch.float64), dim=1)
+    for got, want in zip(
+        distribution.log_prob_derivatives(z), _autodiff_derivatives(distribution, z), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

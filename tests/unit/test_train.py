@@ -6,7 +6,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import least_squares
+from scipy.optimize import minimize_scalar
+from scipy.stats import multivariate_normal
 
 from app.bundle import WEIGHTS, load_bundle
 from app.metrics import roc_auc
@@ -74,36 +75,36 @@ def test_fit_noise_returns_exactly_the_projected_scores_under_the_fitted_noise(d
     x = (manifold_rows(300, seed=2) - 10) / 3
     [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=100))
     model = fitted.model.to(dtype)
-    model.sigma2_normal = 5.0  # a stale value: the returned parts must not have been scored with it
+    model.sigma2_projected = 5.0  # a stale value: the returned parts must not have been scored with it
     returned = fit_noise(model, x)
-    assert model.sigma2_normal != 5.0
+    assert model.sigma2_projected != 5.0
     fresh = score_rows(model, x, "projected")
     assert returned.keys() == fresh.keys()
     for name in fresh:
         np.testing.assert_array_equal(returned[name], fresh[name], err_msg=name)
 
 
-def test_normal_noise_variance_uses_the_projection_onto_the_manifold():
-    # An independent projection: scipy's least squares from g(x) on each row; at the optimum the
-    # residual is normal to the manifold, so sigma2_normal = mean |x - f(z*)|^2 / (d - m).
-    x = (manifold_rows(300, seed=1) - 10) / 3
-    [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=300))
+def test_projected_noise_variance_maximises_the_exact_marginal_likelihood_of_a_linear_model():
+    # A linear decoder (depth 0) with the standard normal prior: the projected density is then the
+    # exact marginal N(b, A A^T + sigma2 I), and the evidence fixed point must be its maximum
+    # likelihood noise variance, found here by scipy's bounded scalar search on the exact density.
+    x = (manifold_rows(400, seed=3) - 10) / 3
+    candidate = Candidate(latent_dim=2, hidden=8, depth=0, activation="linear", prior="normal")
+    [fitted] = fit_candidates(x, [candidate], FitOptions(steps=300))
     model = fitted.model.double()
-    rows = x[:60]
-    fit_noise(model, rows)
+    fit_noise(model, x)
+    A = model.decoder.net.layers[0].weight.detach().numpy()
+    b = model.decoder.net.layers[0].bias.detach().numpy()
 
-    def residual(z, row):
-        with torch.no_grad():
-            return (torch.tensor(row) - model.decoder(torch.tensor(z).unsqueeze(0))[0]).numpy()
+    def negative_log_likelihood(log_sigma2):
+        covariance = A @ A.T + np.exp(log_sigma2) * np.eye(6)
+        return -multivariate_normal(b, covariance).logpdf(x).sum()
 
-    with torch.no_grad():
-        starts = model.encoder(torch.tensor(rows)).numpy()
-    squared = [
-        np.sum(least_squares(residual, z0, args=(row,), xtol=1e-12).fun ** 2)
-        for z0, row in zip(starts, rows, strict=True)
-    ]
-    assert model.sigma2_normal == pytest.approx(np.mean(squared) / (6 - 2), rel=1e-3)
-    assert model.sigma2_normal < model.sigma2 * 6 / 4  # projecting can only shorten the residual
+    best = minimize_scalar(
+        negative_log_likelihood, bounds=(-12, 3), method="bounded", options={"xatol": 1e-9}
+    )
+    assert model.sigma2_projected == pytest.approx(np.exp(best.x), rel=1e-3)
+    assert model.sigma2_projected != pytest.approx(model.sigma2, rel=1e-2)  # the case tells them apart
 
 
 def test_same_data_options_and_seed_give_byte_identical_weights(tmp_path):
