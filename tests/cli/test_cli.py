@@ -13,6 +13,7 @@ from app.pipeline import split_rows
 from app.torch_scorer import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
 
 COLUMNS = [
     "score",
@@ -103,8 +104,9 @@ def test_score_streams_in_chunks_to_parquet_with_the_same_result(trained):
     whole, chunked = pq.read_table(root / "whole.parquet"), pq.read_table(root / "chunked.parquet")
     assert whole.column_names == COLUMNS and chunked.num_rows == 50
     # float32 kernels may block a 7-row batch differently from a 50-row one: equal to rounding
+    rtol = float32_rtol(load_bundle(root / "bundle").architecture)
     for column in COLUMNS[:-1]:
-        np.testing.assert_allclose(chunked[column].to_numpy(), whole[column].to_numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(chunked[column].to_numpy(), whole[column].to_numpy(), rtol=rtol, atol=rtol)
     np.testing.assert_array_equal(chunked["is_anomaly"].to_numpy(), whole["is_anomaly"].to_numpy())
 
 
@@ -129,6 +131,10 @@ def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
 
 
 def test_shipped_default_model_reproduces_its_calibration_scores():
+    # Issue 13's requirement: on any CPU, both backends reproduce the stored calibration scores to
+    # 1e-5 relative. The closed forms' float32 arithmetic bounds their error by float32_rtol
+    # (3e-5 for this model, tests/tolerances.py) with high probability, and typically gives ~1e-7:
+    # a failure here on some CPU is worth a look, not a wider tolerance. projected is float64.
     bundle = load_bundle("models/default")
     assert sum(f.stat().st_size for f in bundle.path.iterdir()) < 1_000_000
     table = read_table("data/breast-cancer-train.csv", label_column="malignant")
@@ -136,7 +142,8 @@ def test_shipped_default_model_reproduces_its_calibration_scores():
     n = table.values.shape[0]
     splits = split_rows(n, rows["validation"] / n, rows["calibration"] / n, fit["seed"])
     assert splits.calibration.size == rows["calibration"]
-    scorer = TorchScorer(bundle)
-    for method, stored in bundle.calibration.items():
-        recomputed = np.sort(scorer.score(table.values[splits.calibration], method).score)
-        np.testing.assert_allclose(recomputed, stored, rtol=1e-5, atol=1e-5)
+    for scorer in (TorchScorer(bundle), OnnxScorer(bundle)):
+        for method, stored in bundle.calibration.items():
+            recomputed = np.sort(scorer.score(table.values[splits.calibration], method).score)
+            rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-5
+            np.testing.assert_allclose(recomputed, stored, rtol=rtol, err_msg=f"{scorer.backend} {method}")

@@ -17,7 +17,10 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.bundle import load_bundle
+
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+from ..tolerances import float32_rtol
 
 
 def free_port() -> int:
@@ -96,9 +99,11 @@ def test_http_scores_equal_the_command_line_on_the_same_file(server, tmp_path):
     expected = pd.read_csv(tmp_path / "scores.csv")
     named = pd.read_csv(tmp_path / "rows.csv").to_dict("records")
     body = httpx.post(f"{server.base}/score", json={"instances": named, "components": True}).json()
-    np.testing.assert_allclose(body["scores"], expected["score"], rtol=1e-6)
+    # the same graphs; the CLI may cut the rows into other blocks (float32 kernels' blocking)
+    rtol = float32_rtol(load_bundle(server.bundle).architecture)
+    np.testing.assert_allclose(body["scores"], expected["score"], rtol=rtol)
     np.testing.assert_allclose(body["p_values"], expected["p_value"], rtol=1e-8)  # CSV keeps 9 digits
-    np.testing.assert_allclose(body["log_volume"], expected["log_volume"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(body["log_volume"], expected["log_volume"], rtol=rtol, atol=rtol)
     assert body["is_anomaly"] == expected["is_anomaly"].tolist()
 
 
