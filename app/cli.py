@@ -68,6 +68,12 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fpr", type=float, help="threshold's false-positive rate (default: the bundle's)")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="default onnx (CPU)")
     p.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, or auto")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="float64: every method in float64 (torch backend), for reference computations",
+    )
     p.add_argument("--chunk-rows", type=int, default=65_536, help="rows held in memory at once")
 
 
@@ -259,7 +265,7 @@ def _score(args: argparse.Namespace) -> int:
     from app.scorer import create_scorer
 
     bundle = load_bundle(args.bundle)
-    scorer = create_scorer(bundle, args.backend, args.device)
+    scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
     rows = 0
     with _writer(args.out) as write:
         for chunk in iter_chunks(args.data, bundle.features, args.chunk_rows):

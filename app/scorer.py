@@ -113,15 +113,22 @@ def assemble(
     )
 
 
-def create_scorer(bundle: Bundle, backend: str = "onnx", device: str = "cpu", threads: int = 0) -> Scorer:
+def create_scorer(
+    bundle: Bundle, backend: str = "onnx", device: str = "cpu", threads: int = 0, dtype: str = "float32"
+) -> Scorer:
     """onnx: onnxruntime on CPU with `threads` per call (0: all cores); torch: PyTorch on `device`
-    (cpu, cuda, or auto = cuda when present)."""
+    (cpu, cuda, or auto = cuda when present). dtype float64 (torch only) scores every method in
+    float64, for reference computations; float32 is the product's precision."""
     if backend == "onnx":
+        if dtype != "float32":
+            raise ValueError(
+                f"dtype {dtype!r} needs the torch backend: the onnx graphs are the product's float32"
+            )
         from app.onnx_scorer import OnnxScorer
 
         return OnnxScorer(bundle, threads)
     if backend == "torch":
         from app.torch_scorer import TorchScorer
 
-        return TorchScorer(bundle, device)
+        return TorchScorer(bundle, device, dtype)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -87,6 +87,21 @@ def test_score_writes_every_column_in_input_order_and_matches_the_scorer(trained
     np.testing.assert_allclose(written["log_likelihood"], -written["score"], rtol=1e-9)
 
 
+def test_score_in_float64_is_the_reference_and_close_to_the_product(trained, tmp_path, capsys):
+    root, rows = trained
+    out = tmp_path / "float64.csv"
+    args = ["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(out), "--dtype", "float64"]
+    assert main([*args, "--backend", "torch"]) == 0
+    written = pd.read_csv(out)
+    bundle = load_bundle(root / "bundle")
+    reference = TorchScorer(bundle, dtype="float64").score(rows)
+    np.testing.assert_allclose(written["score"], reference.score, rtol=1e-8)  # CSV keeps 9 digits
+    product = OnnxScorer(bundle).score(rows)
+    np.testing.assert_allclose(product.score, reference.score, rtol=float32_rtol(bundle.architecture))
+    assert main(args) == 2  # the onnx graphs are the float32 product
+    assert "needs the torch backend" in capsys.readouterr().err
+
+
 def test_score_streams_in_chunks_to_parquet_with_the_same_result(trained):
     root, _ = trained
     main(["score", str(root / "bundle"), str(root / "new.npy"), "--out", str(root / "whole.parquet")])
