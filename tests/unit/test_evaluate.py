@@ -100,7 +100,7 @@ def candidate_rows(val_auc, val_loglik, val_error):
     rows = []
     for i, (auc, loglik, error) in enumerate(zip(val_auc, val_loglik, val_error, strict=True)):
         row = {"candidate": i, "latent_dim": 2, "beta": 1.0, "kernel_width": 1.0}
-        row |= {"val_reconstruction_error": error}
+        row |= {"val_reconstruction_error": error, "projected_rows": 10, "projected_capped": i % 2}
         for m in METHODS:
             row |= {f"val_auc_{m}": auc, f"val_loglik_{m}": loglik, f"test_auc_{m}": 0.5 + 0.1 * i}
         rows.append(row)
@@ -161,6 +161,9 @@ def test_summary_table_means_and_counts_against_a_direct_computation():
             for ds in "abc"
         )
         assert figures["likelihood_beats_reconstruction"][selection] == f"{wins}/3"
+    # candidates 1 and 3 of the 4 in each of 9 splits stopped one row of 10 at the cap
+    assert figures["projected_capped"] == {"rows": 360, "capped": 18, "fraction": 0.05}
+    assert "on 18 of 360 scored rows (5.00%)" in table
 
 
 def test_loda_reader_refuses_mismatched_files_and_unknown_names(tmp_path):
