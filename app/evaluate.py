@@ -32,8 +32,8 @@ from numpy.typing import NDArray
 
 from app.bundle import METHODS, Scaler
 from app.data import read_table
-from app.spec import PROJECTION_STEPS
 from app.metrics import roc_auc
+from app.spec import PROJECTION_STEPS
 from app.train import Candidate, FitOptions, fit_candidates, fit_noise, score_rows
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
