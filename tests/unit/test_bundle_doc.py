@@ -1,0 +1,67 @@
+"""docs/bundle.md section 10 as a reader meets it: its code, run as printed, gives the figures the
+document quotes after it, and the product's own scores."""
+
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.bundle import load_bundle
+from app.torch_scorer import TorchScorer
+
+from .test_bundle_spec import holdout_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "bundle.md").read_text()
+SECTION = DOC[DOC.index("## 10. Worked example") :]
+CODE = re.search(r"```python\n(.*?)```", SECTION, re.DOTALL).group(1)
+
+
+@pytest.fixture(scope="module")
+def run(monkeypatch_module):
+    monkeypatch_module.chdir(ROOT)
+    namespace = {"x_raw": holdout_rows()[1][:2]}
+    exec(compile(CODE, "docs/bundle.md section 10", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def quoted(method):
+    """The table row of `method`: scores, first row's parts, p-values, threshold."""
+    row = re.search(rf"^\| `{method}` \|(.*)\|$", SECTION, re.MULTILINE).group(1)
+    scores, parts, p_values, threshold = (cell.strip() for cell in row.split("|"))
+    numbers = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    return (
+        numbers(scores),
+        numbers(parts),
+        [float(Fraction(p)) for p in p_values.split(",")],
+        float(threshold),
+    )
+
+
+@pytest.mark.parametrize("method", ["likelihood", "encoder", "projected"])
+def test_the_worked_example_gives_the_quoted_figures(run, method):
+    scores, p_values, threshold, flagged = run["results"][method]
+    want_scores, want_parts, want_p, want_threshold = quoted(method)
+    np.testing.assert_allclose(scores, want_scores, atol=5e-5)  # quoted to 4 decimals
+    parts = run[method](run["x"])
+    np.testing.assert_allclose([p[0] for p in parts], want_parts, atol=5e-5)
+    np.testing.assert_array_equal(p_values, want_p)
+    assert threshold == pytest.approx(want_threshold, abs=5e-5)
+    assert flagged.all() and "All six rows are flagged" in SECTION
+
+
+@pytest.mark.parametrize("method", ["likelihood", "encoder", "projected"])
+def test_the_worked_example_is_the_product(run, method):
+    bundle = load_bundle(ROOT / "models" / "default")
+    assert f"`version` `{bundle.version}`" in SECTION
+    reference = TorchScorer(bundle, dtype="float64").score(run["x_raw"], method)
+    rtol = 1e-7 if method == "projected" else 1e-10
+    np.testing.assert_allclose(run["results"][method][0], reference.score, rtol=rtol)
