@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle import METHODS, load_bundle
-from app.spec import PRIOR_GEOMETRY
+from app.bundle.format import METHODS, load_bundle
+from app.model.spec import PRIOR_GEOMETRY
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grid_spec(value: str) -> dict[str, list[Any]]:
-    from app.train import GRIDS
+    from app.train.fit import GRIDS
 
     if value in GRIDS:
         return GRIDS[value]
@@ -156,10 +156,10 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from app.data import read_table
-    from app.pipeline import TrainRequest, train_bundle
-    from app.torch_scorer import resolve_device
-    from app.train import Candidate, FitOptions, expand_grid
+    from app.engine.torch_backend import resolve_device
+    from app.train.data import read_table
+    from app.train.fit import Candidate, FitOptions, expand_grid
+    from app.train.pipeline import TrainRequest, train_bundle
 
     table = read_table(
         args.data,
@@ -261,8 +261,8 @@ def _writer(path: Path) -> Iterator[Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from app.data import iter_chunks
-    from app.scorer import create_scorer
+    from app.engine.scorer import create_scorer
+    from app.train.data import iter_chunks
 
     bundle = load_bundle(args.bundle)
     scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
@@ -320,7 +320,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from app.service.settings import Settings
+    from app.api.settings import Settings
 
     if args.model is not None:
         # Through the environment, so every worker process builds the same settings.
@@ -338,13 +338,13 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
     }
     if args.workers == 1:
-        from app.service.main import create_app
-        from app.service.server import DrainingServer
+        from app.api.main import create_app
+        from app.api.server import DrainingServer
 
         app = create_app(settings)
         DrainingServer(uvicorn.Config(app, **options), app.state.runtime, settings.drain_s).run()
     else:  # uvicorn's supervisor owns the signals: no readiness drain (docs/operations.md)
-        uvicorn.run("app.service.main:create_app", factory=True, workers=args.workers, **options)
+        uvicorn.run("app.api.main:create_app", factory=True, workers=args.workers, **options)
     return 0
 
 
@@ -354,7 +354,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    from app.evaluate import (
+    from app.train.evaluate import (
         EvaluateOptions,
         fitting_steps,
         load_datasets,
@@ -362,7 +362,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         selections,
         summary_table,
     )
-    from app.train import Candidate, FitOptions, expand_grid
+    from app.train.fit import Candidate, FitOptions, expand_grid
 
     started = time.perf_counter()
     datasets = load_datasets(args.data_dir, args.datasets)

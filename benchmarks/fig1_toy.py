@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from app.scores import score
-from app.toy import sample_normal, sample_off_manifold_near, sample_on_manifold_far, toy_model
+from app.model.scores import score
+from app.model.toy import sample_normal, sample_off_manifold_near, sample_on_manifold_far, toy_model
 
 
 def main() -> None:

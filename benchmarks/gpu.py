@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle import METHODS, Bundle, Scaler, load_bundle, save_bundle
-from app.model import ManifoldModel
-from app.spec import Architecture
-from app.torch_scorer import TorchScorer
+from app.bundle.format import METHODS, Bundle, Scaler, load_bundle, save_bundle
+from app.engine.torch_backend import TorchScorer
+from app.model.manifold import ManifoldModel
+from app.model.spec import Architecture
 
 
 def synchronize(device: str) -> None:

@@ -35,7 +35,7 @@ import time
 import httpx
 import numpy as np
 
-from app.bundle import load_bundle
+from app.bundle.format import load_bundle
 from benchmarks.serving import serve
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle import METHODS, Scaler, save_bundle
-from app.model import ManifoldModel
-from app.onnx_scorer import OnnxScorer
-from app.spec import Architecture
-from app.torch_scorer import TorchScorer
+from app.bundle.format import METHODS, Scaler, save_bundle
+from app.engine.onnx_backend import OnnxScorer
+from app.engine.torch_backend import TorchScorer
+from app.model.manifold import ManifoldModel
+from app.model.spec import Architecture
 
 
 def naive(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ import numpy as np
 import orjson
 
 from app import onnx_scorer
-from app.service import routes
-from app.service.main import create_app
-from app.service.settings import Settings
+from app.api import routes
+from app.api.main import create_app
+from app.api.settings import Settings
 
 
 async def call(app: Any, method: str, path: str, body: bytes = b"") -> None:

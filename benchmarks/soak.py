@@ -136,7 +136,7 @@ async def _soak(
 
 def score_body(model: Path, rows: int, seed: int = 0) -> bytes:
     """A /score body of `rows` rows around the bundle's training mean."""
-    from app.bundle import load_bundle
+    from app.bundle.format import load_bundle
 
     bundle = load_bundle(model)
     rng = np.random.default_rng(seed)

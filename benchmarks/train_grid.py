@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from app.model import ManifoldModel
-from app.train import Candidate, FitOptions, fit_candidates, imq_mmd
+from app.model.manifold import ManifoldModel
+from app.train.fit import Candidate, FitOptions, fit_candidates, imq_mmd
 
 
 def plain_loop(x: torch.Tensor, candidate: Candidate, steps: int) -> float:

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.pipeline import TrainRequest, train_bundle
-from app.train import Candidate, FitOptions
+from app.train.fit import Candidate, FitOptions
+from app.train.pipeline import TrainRequest, train_bundle
 
 FEATURES = [f"f{i}" for i in range(6)]
 

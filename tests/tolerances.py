@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from app.spec import Architecture
+from app.model.spec import Architecture
 
 U32 = 2.0**-24
 LAMBDA = 4.0

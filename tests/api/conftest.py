@@ -3,8 +3,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app.service.main import create_app
-from app.service.settings import Settings
+from app.api.main import create_app
+from app.api.settings import Settings
 
 
 def ready_client(settings: Settings) -> TestClient:

@@ -4,9 +4,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from app.bundle import load_bundle
-from app.service.settings import Settings
-from app.torch_scorer import TorchScorer
+from app.api.settings import Settings
+from app.bundle.format import load_bundle
+from app.engine.torch_backend import TorchScorer
 
 from ..conftest import manifold_rows, off_manifold_rows
 from ..tolerances import float32_rtol

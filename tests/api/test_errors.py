@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from app.service.settings import Settings
+from app.api.settings import Settings
 
 from ..conftest import FEATURES
 from .conftest import ready_client
@@ -138,7 +138,7 @@ def test_keys_come_from_the_environment_as_a_comma_separated_list(monkeypatch):
 def test_a_model_that_fails_to_load_keeps_the_process_up_and_answers_503(tmp_path):
     from fastapi.testclient import TestClient
 
-    from app.service.main import create_app
+    from app.api.main import create_app
 
     with TestClient(create_app(Settings(model_path=tmp_path / "absent"))) as client:
         assert client.get("/healthz").status_code == 200

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bundle import load_bundle
-from app.service.settings import Settings
+from app.api.settings import Settings
+from app.bundle.format import load_bundle
 
 from ..conftest import manifold_rows, off_manifold_rows
 from .conftest import ready_client

@@ -4,7 +4,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from app.service.settings import Settings
+from app.api.settings import Settings
 
 from ..conftest import manifold_rows, off_manifold_rows
 from .conftest import ready_client

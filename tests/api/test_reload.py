@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from app.bundle import WEIGHTS, load_bundle
-from app.pipeline import TrainRequest, train_bundle
-from app.service.settings import Settings
-from app.train import Candidate, FitOptions
+from app.api.settings import Settings
+from app.bundle.format import WEIGHTS, load_bundle
+from app.train.fit import Candidate, FitOptions
+from app.train.pipeline import TrainRequest, train_bundle
 
 from ..conftest import FEATURES, manifold_rows
 from .conftest import ready_client

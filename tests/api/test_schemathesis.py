@@ -36,8 +36,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from app.service.main import create_app
-from app.service.settings import Settings
+from app.api.main import create_app
+from app.api.settings import Settings
 
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 ADMIN_KEY = "schemathesis-admin"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.bundle import METHODS, load_bundle
-from app.service.settings import Settings
-from app.torch_scorer import TorchScorer
+from app.api.settings import Settings
+from app.bundle.format import METHODS, load_bundle
+from app.engine.torch_backend import TorchScorer
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 from ..tolerances import float32_rtol

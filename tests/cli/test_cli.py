@@ -5,12 +5,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from app.bundle import load_bundle
+from app.bundle.format import load_bundle
 from app.cli import main
-from app.data import read_table
-from app.onnx_scorer import OnnxScorer
-from app.pipeline import split_rows
-from app.torch_scorer import TorchScorer
+from app.engine.onnx_backend import OnnxScorer
+from app.engine.torch_backend import TorchScorer
+from app.train.data import read_table
+from app.train.pipeline import split_rows
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol

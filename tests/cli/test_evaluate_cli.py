@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.bundle import METHODS
+from app.bundle.format import METHODS
 from app.cli import main
-from app.evaluate import select
-from app.metrics import roc_auc
+from app.train.evaluate import select
+from app.train.metrics import roc_auc
 
 LODA = Path(__file__).resolve().parents[3] / "shared" / "data" / "loda"
 

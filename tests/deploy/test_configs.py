@@ -16,8 +16,8 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.service.main import create_app
-from app.service.settings import Settings
+from app.api.main import create_app
+from app.api.settings import Settings
 
 from ..conftest import manifold_rows
 

@@ -94,7 +94,7 @@ def test_the_cpu_runtime_built_like_the_image_serves_the_model(tiny_bundle, tmp_
         [
             str(venv / "bin/python"),
             "-c",
-            "import app.service.main as m, json, importlib.util as u; "
+            "import app.api.main as m, json, importlib.util as u; "
             "print(json.dumps({'app': m.__file__, "
             "'absent': [n for n in ('torch', 'pandas', 'sklearn', 'tqdm') if u.find_spec(n) is None]}))",
         ],
@@ -113,7 +113,7 @@ def test_the_cpu_runtime_built_like_the_image_serves_the_model(tiny_bundle, tmp_
 
     # The app factory under the venv's uvicorn.
     process, base = start(
-        [str(venv / "bin/uvicorn"), "app.service.main:create_app", "--factory", "--no-access-log"],
+        [str(venv / "bin/uvicorn"), "app.api.main:create_app", "--factory", "--no-access-log"],
         env,
         tmp_path,
         tmp_path / "uvicorn.log",

@@ -344,7 +344,7 @@ def test_requests_a_replica_answers_503_are_retried_on_the_other(stack, tmp_path
         broken = subprocess.Popen(
             [
                 sys.executable,
-                *("-m", "uvicorn", "app.service.main:create_app", "--factory", "--no-access-log"),
+                *("-m", "uvicorn", "app.api.main:create_app", "--factory", "--no-access-log"),
                 *("--host", "127.0.0.1", "--port", str(port)),
             ],
             env=env,

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bundle import WEIGHTS, load_bundle
-from app.pipeline import TrainRequest, train_bundle
-from app.train import Candidate, FitOptions
+from app.bundle.format import WEIGHTS, load_bundle
+from app.train.fit import Candidate, FitOptions
+from app.train.pipeline import TrainRequest, train_bundle
 from benchmarks.soak import run_soak
 
 from ..conftest import FEATURES, manifold_rows

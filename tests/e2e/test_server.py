@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bundle import load_bundle
+from app.bundle.format import load_bundle
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 from ..tolerances import float32_rtol
@@ -44,7 +44,7 @@ def start_server(
     port = free_port()
     variables = os.environ | {"ANOMALY_MODEL_PATH": str(bundle), "ANOMALY_WARMUP_ROWS": "8"} | (env or {})
     program = {
-        "uvicorn": ["-m", "uvicorn", "app.service.main:create_app", "--factory", "--no-access-log"],
+        "uvicorn": ["-m", "uvicorn", "app.api.main:create_app", "--factory", "--no-access-log"],
         "serve": ["-m", "app.cli", "serve"],
     }[command]
     with log.open("w") as out:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.bundle import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
-from app.model import ManifoldModel
-from app.onnx_export import EXPORTED_METHODS
-from app.spec import Architecture, weight_shapes
-from app.torch_scorer import TorchScorer
+from app.bundle.format import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
+from app.engine.torch_backend import TorchScorer
+from app.model.manifold import ManifoldModel
+from app.model.onnx_export import EXPORTED_METHODS
+from app.model.spec import Architecture, weight_shapes
 
 from ..conftest import FEATURES, manifold_rows
 

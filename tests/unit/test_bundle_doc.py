@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
-from app.torch_scorer import TorchScorer
+from app.bundle.format import load_bundle
+from app.engine.torch_backend import TorchScorer
 
 from .test_bundle_spec import holdout_rows
 

@@ -12,10 +12,10 @@ import pytest
 from safetensors.numpy import load_file
 from scipy.special import expit, ive, logsumexp
 
-from app.bundle import METHODS, load_bundle
-from app.pipeline import TrainRequest, train_bundle
-from app.torch_scorer import TorchScorer
-from app.train import Candidate, FitOptions
+from app.bundle.format import METHODS, load_bundle
+from app.engine.torch_backend import TorchScorer
+from app.train.fit import Candidate, FitOptions
+from app.train.pipeline import TrainRequest, train_bundle
 
 from ..tolerances import FLOAT64_PROJECTION_RTOL
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from app.calibration import p_values, threshold
+from app.bundle.calibration import p_values, threshold
 
 
 @pytest.mark.parametrize("n", [10, 99, 1000])

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.data import DataError, Table, iter_chunks, read_table
+from app.train.data import DataError, Table, iter_chunks, read_table
 
 HABERMAN = Path("/work/shared/data/loda/haberman/normal.txt")
 FORMATS = ["data.csv", "data.parquet", "data.pq", "data.npy", "data.txt", "data.dat", "DATA.CSV"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import special, stats
 
-from app.distributions import (
+from app.model.distributions import (
     GaussianMixture,
     StandardNormal,
     VonMisesFisherMixture,

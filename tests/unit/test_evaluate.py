@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from app.bundle import METHODS
-from app.evaluate import (
+from app.bundle.format import METHODS
+from app.train.evaluate import (
     Dataset,
     SplitResult,
     _auc,
@@ -18,7 +18,7 @@ from app.evaluate import (
     stratified_holdout,
     summary_table,
 )
-from app.metrics import roc_auc
+from app.train.metrics import roc_auc
 
 
 def numbered(n_normal: int, n_anomalous: int, d: int = 3) -> Dataset:

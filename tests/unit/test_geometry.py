@@ -2,8 +2,8 @@
 
 import torch
 
-from app.distributions import VonMisesFisherMixture
-from app.geometry import riemannian_derivatives, sphere_tangent_basis
+from app.model.distributions import VonMisesFisherMixture
+from app.model.geometry import riemannian_derivatives, sphere_tangent_basis
 
 F64 = torch.float64
 

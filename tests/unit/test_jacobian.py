@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from app.geometry import sphere_tangent_basis
-from app.nn import Decoder, Encoder
-from app.spec import Architecture
+from app.model.geometry import sphere_tangent_basis
+from app.model.nn import Decoder, Encoder
+from app.model.spec import Architecture
 
 
 def _reference_jacobian(fn, x):

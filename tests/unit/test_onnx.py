@@ -8,14 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.bundle import load_bundle, save_bundle
-from app.model import ManifoldModel
-from app.onnx_export import EXPORTED_METHODS, OUTPUTS, build_graph
-from app.onnx_scorer import OnnxScorer
-from app.scores import score, scoring_dtype
-from app.spec import Architecture
-from app.torch_scorer import TorchScorer
-from app.train import score_rows
+from app.bundle.format import load_bundle, save_bundle
+from app.engine.onnx_backend import OnnxScorer
+from app.engine.torch_backend import TorchScorer
+from app.model.manifold import ManifoldModel
+from app.model.onnx_export import EXPORTED_METHODS, OUTPUTS, build_graph
+from app.model.scores import score, scoring_dtype
+from app.model.spec import Architecture
+from app.train.fit import score_rows
 
 from ..conftest import manifold_rows
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
@@ -51,7 +51,7 @@ def assert_agree(bundle, x, methods=EXPORTED_METHODS):
 
 
 def bundle_from(model, tmp_path, x, name="b"):
-    from app.bundle import METHODS, Scaler
+    from app.bundle.format import METHODS, Scaler
 
     scaler = Scaler.fit(x)
     calibration = {m: -score_rows(model, scaler.transform(x), m)["log_prob"] for m in METHODS}
@@ -139,11 +139,11 @@ def test_onnx_scorer_matches_the_torch_scorer():
 def test_the_onnx_service_path_never_imports_torch():
     program = """
 import sys, time
-from app.service.runtime import load_served
-from app.service.settings import Settings
+from app.api.runtime import load_served
+from app.api.settings import Settings
 served = load_served(Settings(model_path="models/default", backend="onnx", warmup_rows=16))
 served.scorer.score([[1.0] * 30], "likelihood")
-from app.service.main import create_app
+from app.api.main import create_app
 create_app(Settings(backend="onnx"))
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))[:5]
 print("ok")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.service.errors import ServiceError
-from app.service.parsing import ScoreRequest, parse_json, parse_npy
+from app.api.errors import ServiceError
+from app.api.parsing import ScoreRequest, parse_json, parse_npy
 
 FEATURES = ["a", "b", "c"]
 json_values = st.recursive(

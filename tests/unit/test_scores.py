@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.distributions import GaussianMixture, StandardNormal, VonMisesFisherMixture
-from app.model import FunctionMap, GenerativeModel, ManifoldModel
-from app.scores import SCORE_METHODS, encoder, likelihood, projected, score
-from app.spec import Architecture
+from app.model.distributions import GaussianMixture, StandardNormal, VonMisesFisherMixture
+from app.model.manifold import FunctionMap, GenerativeModel, ManifoldModel
+from app.model.scores import SCORE_METHODS, encoder, likelihood, projected, score
+from app.model.spec import Architecture
 
 from ..tolerances import float32_rtol
 

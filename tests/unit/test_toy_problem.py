@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.metrics import roc_auc
-from app.scores import score
-from app.toy import sample_normal, sample_off_manifold_near, sample_on_manifold_far, toy_model
+from app.model.scores import score
+from app.model.toy import sample_normal, sample_off_manifold_near, sample_on_manifold_far, toy_model
+from app.train.metrics import roc_auc
 
 
 def _auc(method, normal, anomalous):

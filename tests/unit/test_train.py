@@ -9,11 +9,9 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.stats import multivariate_normal
 
-from app.bundle import WEIGHTS, load_bundle
-from app.metrics import roc_auc
-from app.pipeline import TrainRequest, split_rows, train_bundle
-from app.torch_scorer import TorchScorer
-from app.train import (
+from app.bundle.format import WEIGHTS, load_bundle
+from app.engine.torch_backend import TorchScorer
+from app.train.fit import (
     GRIDS,
     Candidate,
     FitOptions,
@@ -23,6 +21,8 @@ from app.train import (
     imq_mmd,
     score_rows,
 )
+from app.train.metrics import roc_auc
+from app.train.pipeline import TrainRequest, split_rows, train_bundle
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from app.spec import ACTIVATION_NAMES, Architecture
+from app.model.spec import ACTIVATION_NAMES, Architecture
 
 
 def _swish(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,7 +60,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "linear": lambda h: h,
 }
 assert tuple(ACTIVATIONS) == tuple(ACTIVATIONS_WITH_SLOPE) == ACTIVATION_NAMES, (
-    "app.spec names the activations"
+    "app.model.spec names the activations"
 )
 
 Layers = Sequence[tuple[Tensor, Tensor]]  # (weight (..., out, in), bias (..., out)) per layer

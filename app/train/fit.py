@@ -18,10 +18,10 @@ from numpy.typing import NDArray
 from torch import Tensor
 from torch.func import stack_module_state
 
-from app.distributions import LatentDistribution, StandardNormal
-from app.model import ManifoldModel, VampGaussianPrior, VampVMFPrior
-from app.nn import encode, mlp_forward
-from app.scores import (
+from app.model.distributions import LatentDistribution, StandardNormal
+from app.model.manifold import ManifoldModel, VampGaussianPrior, VampVMFPrior
+from app.model.nn import encode, mlp_forward
+from app.model.scores import (
     ScoreParts,
     effective_dimensions,
     laplace_parts,
@@ -29,7 +29,7 @@ from app.scores import (
     score,
     scoring_dtype,
 )
-from app.spec import Architecture
+from app.model.spec import Architecture
 
 SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
 

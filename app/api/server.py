@@ -15,7 +15,7 @@ from types import FrameType
 
 import uvicorn
 
-from app.service.runtime import Runtime
+from app.api.runtime import Runtime
 
 log = logging.getLogger("anomaly_scores.service")
 

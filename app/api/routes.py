@@ -9,13 +9,13 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from app.bundle import METHODS
-from app.calibration import threshold_name
-from app.scorer import ScoreOutput
-from app.service import schemas
-from app.service.errors import NotReady, UnsupportedMediaType
-from app.service.parsing import ScoreRequest, parse_json, parse_npy
-from app.service.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
+from app.api import schemas
+from app.api.errors import NotReady, UnsupportedMediaType
+from app.api.parsing import ScoreRequest, parse_json, parse_npy
+from app.api.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
+from app.bundle.calibration import threshold_name
+from app.bundle.format import METHODS
+from app.engine.scorer import ScoreOutput
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]

@@ -1,6 +1,6 @@
 """OpenAPI documentation of the request and response bodies.
 
-These models document the API; the request itself is parsed by `app.service.parsing` without
+These models document the API; the request itself is parsed by `app.api.parsing` without
 per-number validation, so a 1000-row batch is not 30 000 pydantic calls.
 """
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.bundle import METHODS
+from app.bundle.format import METHODS
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 

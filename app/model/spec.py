@@ -17,8 +17,8 @@ PriorName = Literal["normal", "vamp", "vmf"]
 PRIOR_GEOMETRY: dict[str, Geometry] = {"normal": "euclidean", "vamp": "euclidean", "vmf": "sphere"}
 
 
-# Numerical constants of the scores, shared by the torch code (app.scores) and the ONNX graphs
-# (app.onnx_export); docs/bundle.md section 6 states them.
+# Numerical constants of the scores, shared by the torch code (app.model.scores) and the ONNX graphs
+# (app.model.onnx_export); docs/bundle.md section 6 states them.
 SINGULAR_VALUE_FLOOR = 1e-12  # each singular value of a volume term is floored here
 PIVOT_FLOOR = 1e-12  # Cholesky pivots of a Hessian: at least this fraction of its Frobenius norm
 PROJECTION_STEPS = 100  # the projection's Levenberg-Marquardt steps at most

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.spec import Geometry
+from app.model.spec import Geometry
 
 
 def sphere_tangent_basis(z: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """The FastAPI app factory: routes parse and delegate, errors map to responses in one place.
 
-uvicorn app.service.main:create_app --factory      (settings from ANOMALY_* variables)
+uvicorn app.api.main:create_app --factory      (settings from ANOMALY_* variables)
 anomaly-scores serve [--model DIR] [--host] [--port]
 """
 
@@ -19,11 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.service.errors import Conflict, ServiceError
-from app.service.logs import RequestLogMiddleware, configure_logging
-from app.service.routes import router
-from app.service.runtime import Runtime, json_response
-from app.service.settings import Settings
+from app.api.errors import Conflict, ServiceError
+from app.api.logs import RequestLogMiddleware, configure_logging
+from app.api.routes import router
+from app.api.runtime import Runtime, json_response
+from app.api.settings import Settings
 
 log = logging.getLogger("anomaly_scores.service")
 

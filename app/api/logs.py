@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.service.metrics import Metrics
+from app.api.metrics import Metrics
 
 access = logging.getLogger("anomaly_scores.access")
 # Probes and scrapes are not scoring traffic: neither counted nor timed.

@@ -29,11 +29,11 @@ from numpy.typing import NDArray
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from app import calibration as cal
-from app.spec import Architecture, weight_shapes
+from app.bundle import calibration as cal
+from app.model.spec import Architecture, weight_shapes
 
 if TYPE_CHECKING:
-    from app.model import ManifoldModel
+    from app.model.manifold import ManifoldModel
 
 # 2: encoder's volume restricted to the manifold, projected as MAP + Laplace with sigma2_projected,
 # graphs take float64 rows, derived prior tensors in float64.
@@ -137,7 +137,7 @@ class Bundle:
         """Rebuild the networks from the stored architecture and load the weights (needs torch)."""
         import torch
 
-        from app.model import ManifoldModel
+        from app.model.manifold import ManifoldModel
 
         model = ManifoldModel(self.architecture)
         state = {
@@ -183,7 +183,7 @@ def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float64
     in float64 from the float32 parameters, as the float64 scoring path computes them."""
     import torch
 
-    from app.distributions import GaussianMixture, VonMisesFisherMixture
+    from app.model.distributions import GaussianMixture, VonMisesFisherMixture
 
     with torch.no_grad():
         prior = model.with_dtype(torch.float64).prior_distribution()
@@ -208,8 +208,8 @@ def _write_onnx(
     scaler: Scaler,
     derived: dict[str, NDArray[np.float64]],
 ) -> dict[str, str]:
-    """One fused scoring graph per exportable method (app.onnx_export), built from the weights."""
-    from app.onnx_export import EXPORTED_METHODS, build_graph
+    """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights."""
+    from app.model.onnx_export import EXPORTED_METHODS, build_graph
 
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
     manifest = {

@@ -17,14 +17,14 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from app.distributions import (
+from app.model.distributions import (
     GaussianMixture,
     LatentDistribution,
     StandardNormal,
     VonMisesFisherMixture,
 )
-from app.nn import Decoder, Encoder
-from app.spec import Architecture, Geometry, intrinsic_dim
+from app.model.nn import Decoder, Encoder
+from app.model.spec import Architecture, Geometry, intrinsic_dim
 
 
 class JacobianMap(Protocol):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from app.spec import (
+from app.model.spec import (
     PIVOT_FLOOR,
     PROJECTION_STEPS,
     PROJECTION_TOLERANCE,
@@ -196,7 +196,7 @@ ACTIVATIONS = {"swish": _swish, "tanh": _tanh, "softplus": _softplus, "relu": _r
 
 
 def _activation(g: Graph, h: str, name: str, order: int, dtype: type) -> list[str]:
-    """[a(h)], [a(h), a'(h)] or [a(h), a'(h), a''(h)] by `order`, as app.nn's activations."""
+    """[a(h)], [a(h), a'(h)] or [a(h), a'(h), a''(h)] by `order`, as app.model.nn's activations."""
     return ACTIVATIONS[name](g, h, order, dtype)
 
 
@@ -425,7 +425,7 @@ def _prior_derivatives(
     g: Graph, z: str, arch: Architecture, weights: dict[str, NDArray[np.float32]]
 ) -> tuple[str, str, str]:
     """log p(z) (B,), gradient (B, k) and Hessian (B, k, k) in float64, as
-    app.distributions' log_prob_derivatives: for a mixture with weights w = softmax(c),
+    app.model.distributions' log_prob_derivatives: for a mixture with weights w = softmax(c),
     grad = sum_j w_j a_j, Hessian = sum_j w_j (C_j + a_j a_j^T) - grad grad^T."""
     k = arch.latent_dim
     if arch.prior == "normal":

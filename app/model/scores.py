@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from app.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
-from app.model import GenerativeModel
-from app.spec import PIVOT_FLOOR, PROJECTION_STEPS, PROJECTION_TOLERANCE, SINGULAR_VALUE_FLOOR
+from app.model.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
+from app.model.manifold import GenerativeModel
+from app.model.spec import PIVOT_FLOOR, PROJECTION_STEPS, PROJECTION_TOLERANCE, SINGULAR_VALUE_FLOOR
 
 LOG_2PI = math.log(2 * math.pi)
 # Methods the product computes in float64 throughout, networks included. The projection decides

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.bundle import Bundle, BundleError
-from app.scorer import ScoreOutput, Scorer, assemble, check_method
+from app.bundle.format import Bundle, BundleError
+from app.engine.scorer import ScoreOutput, Scorer, assemble, check_method
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -73,7 +73,7 @@ class OnnxScorer:
     def _torch(self) -> Scorer:
         if self._fallback is None:
             try:
-                from app.torch_scorer import TorchScorer
+                from app.engine.torch_backend import TorchScorer
             except ImportError as e:
                 raise ValueError(
                     "the 'projected' method runs on the torch backend, and PyTorch is not installed here"

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle import METHODS, Bundle, Scaler, save_bundle
-from app.calibration import DEFAULT_FPRS, check_fpr
-from app.metrics import roc_auc
-from app.train import Candidate, FitOptions, Fitted, fit_candidates, fit_noise, score_rows
+from app.bundle.calibration import DEFAULT_FPRS, check_fpr
+from app.bundle.format import METHODS, Bundle, Scaler, save_bundle
+from app.train.fit import Candidate, FitOptions, Fitted, fit_candidates, fit_noise, score_rows
+from app.train.metrics import roc_auc
 
 MIN_ROWS_PER_SPLIT = 10
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle import METHODS, Bundle, Threshold
+from app.bundle.format import METHODS, Bundle, Threshold
 
 BACKENDS = ("onnx", "torch")
 
@@ -124,11 +124,11 @@ def create_scorer(
             raise ValueError(
                 f"dtype {dtype!r} needs the torch backend: the onnx graphs are the product's float32"
             )
-        from app.onnx_scorer import OnnxScorer
+        from app.engine.onnx_backend import OnnxScorer
 
         return OnnxScorer(bundle, threads)
     if backend == "torch":
-        from app.torch_scorer import TorchScorer
+        from app.engine.torch_backend import TorchScorer
 
         return TorchScorer(bundle, device, dtype)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -15,8 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.concurrency import run_in_threadpool
 
-from app.scorer import ScoreOutput, Scorer
-from app.service.metrics import Metrics
+from app.api.metrics import Metrics
+from app.engine.scorer import ScoreOutput, Scorer
 
 Key = tuple[int, str, float | None, bool]
 

@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from app.service.errors import BadRequest, InvalidInput, PayloadTooLarge
+from app.api.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 OPTIONS = ("method", "threshold", "components", "explain")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.

@@ -19,11 +19,8 @@ from fastapi.responses import Response
 from numpy.typing import NDArray
 from starlette.concurrency import run_in_threadpool
 
-from app.bundle import METHODS, Bundle, load_bundle
-from app.calibration import threshold_name
-from app.scorer import ScoreOutput, Scorer, create_scorer
-from app.service.batching import Coalescer
-from app.service.errors import (
+from app.api.batching import Coalescer
+from app.api.errors import (
     Conflict,
     Forbidden,
     InvalidInput,
@@ -33,8 +30,11 @@ from app.service.errors import (
     ReloadFailed,
     Unauthorized,
 )
-from app.service.metrics import Metrics
-from app.service.settings import Settings
+from app.api.metrics import Metrics
+from app.api.settings import Settings
+from app.bundle.calibration import threshold_name
+from app.bundle.format import METHODS, Bundle, load_bundle
+from app.engine.scorer import ScoreOutput, Scorer, create_scorer
 
 log = logging.getLogger("anomaly_scores.service")
 T = TypeVar("T")

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle import METHODS, Scaler
-from app.data import read_table
-from app.metrics import roc_auc
-from app.spec import PROJECTION_STEPS
-from app.train import Candidate, FitOptions, fit_candidates, fit_noise, score_rows
+from app.bundle.format import METHODS, Scaler
+from app.model.spec import PROJECTION_STEPS
+from app.train.data import read_table
+from app.train.fit import Candidate, FitOptions, fit_candidates, fit_noise, score_rows
+from app.train.metrics import roc_auc
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle import METHODS, Bundle
-from app.model import GenerativeModel
-from app.scorer import ScoreOutput, assemble, check_method
-from app.scores import score, scoring_dtype
+from app.bundle.format import METHODS, Bundle
+from app.engine.scorer import ScoreOutput, assemble, check_method
+from app.model.manifold import GenerativeModel
+from app.model.scores import score, scoring_dtype
 
 
 def resolve_device(device: str) -> str:

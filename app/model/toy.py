@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.distributions import GaussianMixture
-from app.model import FunctionMap, GenerativeModel
+from app.model.distributions import GaussianMixture
+from app.model.manifold import FunctionMap, GenerativeModel
 
 Z_MEAN, Z_STD, NOISE_VAR = 0.5, 0.15, 0.01
 

@@ -1,0 +1,1 @@
+"""Scoring behind one interface (onnx, torch), the served model's lifecycle and the scheduler."""

@@ -1,0 +1,1 @@
+"""The mathematics: networks, latent densities, geometry, the five scores and their ONNX graphs."""

@@ -1,1 +1,0 @@
-"""The HTTP scoring service: a thin FastAPI layer over the bundle and the scorer."""
