@@ -11,7 +11,7 @@ import pytest
 from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
 
-from .test_bundle_spec import holdout_rows
+from .test_reimplementation import holdout_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "bundle.md").read_text()

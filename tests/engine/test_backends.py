@@ -1,0 +1,67 @@
+"""The backends behind create_scorer: the onnx scorer against the torch scorer, row blocks scored in
+parallel, and the onnx serving path free of PyTorch."""
+
+import numpy as np
+
+from app.bundle.format import load_bundle
+from app.engine.onnx_backend import OnnxScorer
+from app.engine.torch_backend import TorchScorer
+
+from ..conftest import manifold_rows
+from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
+
+
+def test_onnx_scorer_matches_the_torch_scorer():
+    bundle = load_bundle("models/default")
+    x = manifold_rows(5, seed=0)[:, :1].repeat(30, axis=1) * 10
+    onnx_scorer, torch_scorer = OnnxScorer(bundle), TorchScorer(bundle)
+    for method, rtol in (
+        ("likelihood", float32_rtol(bundle.architecture)),
+        ("projected", FLOAT64_PROJECTION_RTOL),
+    ):
+        a, b = onnx_scorer.score(x, method, explain=True), torch_scorer.score(x, method, explain=True)
+        np.testing.assert_allclose(a.score, b.score, rtol=rtol)
+        np.testing.assert_array_equal(a.is_anomaly, b.is_anomaly)
+        np.testing.assert_allclose(a.residual_share, b.residual_share, rtol=rtol, atol=rtol)
+
+
+def test_the_onnx_service_path_never_imports_torch():
+    program = """
+import sys, time
+from app.api.runtime import load_served
+from app.api.settings import Settings
+served = load_served(Settings(model_path="models/default", backend="onnx", warmup_rows=16))
+served.scorer.score([[1.0] * 30], "likelihood")
+from app.api.main import create_app
+create_app(Settings(backend="onnx"))
+assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))[:5]
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch):
+    bundle = load_bundle("models/default")
+    rng = np.random.default_rng(3)
+    # 3 blocks of unequal size: 334, 334, 333 rows
+    x = bundle.scaler.mean + rng.standard_normal((1001, len(bundle.features))) * bundle.scaler.scale
+    blocked, whole = OnnxScorer(bundle, threads=3), OnnxScorer(bundle, threads=1)
+    sizes: list[int] = []
+    session = blocked.sessions["likelihood"]
+    run = session.run
+    monkeypatch.setattr(session, "run", lambda names, feed: sizes.append(len(feed["x"])) or run(names, feed))
+    a, b = blocked.score(x, "likelihood", explain=True), whole.score(x, "likelihood", explain=True)
+    assert sorted(sizes) == [333, 334, 334]
+    rtol = float32_rtol(bundle.architecture)
+    for name, column in a.columns().items():
+        # a row's figures do not depend on its neighbours, up to the GEMM kernels' blocking
+        np.testing.assert_allclose(column, b.columns()[name], rtol=rtol, atol=rtol, err_msg=name)
+    np.testing.assert_allclose(a.residual_share, b.residual_share, rtol=rtol, atol=rtol)
+    # too few rows for a second block: one call
+    sizes.clear()
+    blocked.score(x[:200], "likelihood")
+    assert sizes == [200]
