@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle.format import METHODS, load_bundle
+from app.bundle.format import load_bundle
+from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -156,7 +157,7 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from app.engine.torch_backend import resolve_device
+    from app.model.device import resolve_device
     from app.train.data import read_table
     from app.train.fit import Candidate, FitOptions, expand_grid
     from app.train.pipeline import TrainRequest, train_bundle
@@ -261,7 +262,7 @@ def _writer(path: Path) -> Iterator[Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from app.engine.scorer import create_scorer
+    from app.engine.factory import create_scorer
     from app.train.data import iter_chunks
 
     bundle = load_bundle(args.bundle)
@@ -342,7 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
         from app.api.server import DrainingServer
 
         app = create_app(settings)
-        DrainingServer(uvicorn.Config(app, **options), app.state.runtime, settings.drain_s).run()
+        DrainingServer(uvicorn.Config(app, **options), app.state.service, settings.drain_s).run()
     else:  # uvicorn's supervisor owns the signals: no readiness drain (docs/operations.md)
         uvicorn.run("app.api.main:create_app", factory=True, workers=args.workers, **options)
     return 0

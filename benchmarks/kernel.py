@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle.format import METHODS, Scaler, save_bundle
+from app.bundle.format import Scaler, save_bundle
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel
+from app.model.methods import METHODS
 from app.model.spec import Architecture
 
 

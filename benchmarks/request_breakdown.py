@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app import onnx_scorer
 from app.api import routes
 from app.api.main import create_app
 from app.api.settings import Settings
+from app.engine import onnx_backend as onnx_scorer
+from app.model.methods import OUTPUTS
 
 
 async def call(app: Any, method: str, path: str, body: bytes = b"") -> None:
@@ -99,9 +100,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
     app = create_app(Settings(model_path=args.model, log_level="warning"))
-    runtime = app.state.runtime
-    runtime.load()  # what the lifespan's loading thread does
-    served = runtime.served
+    service = app.state.service
+    service.host.load()  # what the lifespan's loading thread does
+    served = service.host.served
     bundle, scorer = served.bundle, served.scorer
     rng = np.random.default_rng(0)
     x = bundle.scaler.mean + rng.standard_normal((args.rows, len(bundle.features))) * bundle.scaler.scale
@@ -120,12 +121,12 @@ def main() -> None:
         return wrapper
 
     originals = (scorer._run, routes.parse_json, onnx_scorer.assemble)
-    observe, respond = runtime.metrics.observe_scores, routes.json_response
+    observe, respond = service.metrics.observe_scores, routes.json_response
     # Instance and module attributes, looked up at call time by the route and the scorer.
     scorer._run = timed("onnxruntime", scorer._run)
     routes.parse_json = timed("parse", routes.parse_json)
     onnx_scorer.assemble = timed("flags_and_p_values", onnx_scorer.assemble)
-    runtime.metrics.observe_scores = timed("metrics", observe)
+    service.metrics.observe_scores = timed("metrics", observe)
     routes.json_response = timed("response", respond)
 
     async def measure() -> dict[str, Any]:
@@ -140,15 +141,15 @@ def main() -> None:
     inside = asyncio.run(measure())
     run, parse, assemble = originals
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
-    x32 = x.astype(np.float32)
-    parts = dict(zip(scorer.outputs, run(session, x32), strict=True))
+    x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
+    parts = dict(zip(OUTPUTS, run(session, x64), strict=True))
     out = assemble(bundle, method, fpr, parts, False)
-    parsed = parse(body, bundle.features, runtime.settings.max_rows)
+    parsed = parse(body, bundle.features, service.settings.max_rows)
     answer = routes._response_body(served, out, parsed)  # the body the route writes
     n = args.requests
     isolated = {
-        "onnxruntime": alone(lambda: run(session, x32), n),
-        "parse": alone(lambda: parse(body, bundle.features, runtime.settings.max_rows), n),
+        "onnxruntime": alone(lambda: run(session, x64), n),
+        "parse": alone(lambda: parse(body, bundle.features, service.settings.max_rows), n),
         "flags_and_p_values": alone(lambda: assemble(bundle, method, fpr, parts, False), n),
         "metrics": alone(lambda: observe(bundle, method, out.threshold.name, out.score, 0), n),
         "response": alone(lambda: respond(answer), n),

@@ -1,22 +1,24 @@
-"""Typed errors carrying their HTTP status; one handler turns them into {"error", "detail"}."""
+"""Errors of the HTTP transport, and the one place every error becomes a response.
+
+Domain errors come from app.engine.errors (and the model's UnknownMethod); these add what only a
+transport can get wrong: keys, media types, body sizes.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-class ServiceError(Exception):
-    status = 500
-    error = "internal error"
+from app.engine.errors import ServiceError
+from app.model.methods import UnknownMethod
 
-    def __init__(self, message: str | None = None, detail: Any = None, headers: dict[str, str] | None = None):
-        super().__init__(message or self.error)
-        self.message = message or self.error
-        self.detail = detail
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "detail": self.detail}
+log = logging.getLogger("anomaly_scores.service")
 
 
 class BadRequest(ServiceError):
@@ -27,6 +29,10 @@ class Unauthorized(ServiceError):
     status, error = 401, "missing or invalid API key"
 
 
+class Forbidden(ServiceError):
+    status, error = 403, "forbidden"
+
+
 class PayloadTooLarge(ServiceError):
     status, error = 413, "payload too large"
 
@@ -35,25 +41,32 @@ class UnsupportedMediaType(ServiceError):
     status, error = 415, "unsupported media type"
 
 
-class InvalidInput(ServiceError):
-    status, error = 422, "invalid input"
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-class NotReady(ServiceError):
-    status, error = 503, "model not ready"
+def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> Response:
+        return json_response(exc.body(), exc.status, exc.headers)
 
+    @app.exception_handler(UnknownMethod)
+    async def unknown_method(_: Request, exc: UnknownMethod) -> Response:
+        return json_response({"error": str(exc), "detail": {"accepted": exc.accepted}}, 422)
 
-class Forbidden(ServiceError):
-    status, error = 403, "forbidden"
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        # Only the fields a client needs: an error's 'input' may be raw bytes or an integer orjson
+        # cannot write, and echoing it back adds nothing.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return json_response({"error": "invalid request", "detail": detail}, 422)
 
-class Conflict(ServiceError):
-    status, error = 409, "conflict"
-
-
-class ReloadFailed(ServiceError):
-    status, error = 422, "reload refused"
-
-
-class Overloaded(ServiceError):
-    status, error = 503, "overloaded"
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return json_response({"error": "internal error", "detail": type(exc).__name__}, 500)

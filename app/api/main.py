@@ -1,4 +1,4 @@
-"""The FastAPI app factory: routes parse and delegate, errors map to responses in one place.
+"""The FastAPI app factory: settings in, the engine's host and scheduler wired to thin routes.
 
 uvicorn app.api.main:create_app --factory      (settings from ANOMALY_* variables)
 anomaly-scores serve [--model DIR] [--host] [--port]
@@ -13,67 +13,87 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
-from app.api.errors import Conflict, ServiceError
+from app.api.errors import register_error_handlers
 from app.api.logs import RequestLogMiddleware, configure_logging
+from app.api.metrics import Metrics
 from app.api.routes import router
-from app.api.runtime import Runtime, json_response
 from app.api.settings import Settings
+from app.engine.errors import Conflict, ServiceError
+from app.engine.host import HostOptions, ModelHost
+from app.engine.scheduler import Scheduler, SchedulerOptions
 
 log = logging.getLogger("anomaly_scores.service")
 
 
-def register_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> Response:
-        return json_response(exc.body(), exc.status, exc.headers)
+@dataclass
+class Service:
+    """What the routes reach through app.state.service."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return json_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
+    settings: Settings
+    metrics: Metrics
+    host: ModelHost
+    scheduler: Scheduler
+    draining: bool = False  # set on SIGTERM: /readyz turns 503 while requests are still served
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        # Only the fields a client needs: an error's 'input' may be raw bytes or an integer orjson
-        # cannot write, and echoing it back adds nothing.
-        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return json_response({"error": "invalid request", "detail": detail}, 422)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return json_response({"error": "internal error", "detail": type(exc).__name__}, 500)
+def build_service(settings: Settings) -> Service:
+    metrics = Metrics()
+    host = ModelHost(
+        HostOptions(
+            model_path=settings.model_path,
+            model_root=settings.model_root,
+            backend=settings.backend,
+            device=settings.device,
+            onnx_threads=settings.onnx_threads,
+            method=settings.method,
+            threshold=settings.threshold,
+            warmup_rows=settings.warmup_rows,
+        ),
+        metrics,
+    )
+    scheduler = Scheduler(
+        SchedulerOptions(
+            max_queue=settings.max_queue,
+            concurrency=settings.scoring_concurrency,
+            timeout_s=settings.request_timeout_s,
+            # torch calls cost a millisecond and more even for one row: always in a thread
+            inline_rows=settings.inline_rows if settings.backend == "onnx" else 0,
+            coalesce_max_rows=settings.coalesce_max_rows if settings.coalesce else None,
+            coalesce_wait_s=settings.coalesce_wait_ms / 1000,
+        ),
+        metrics,
+    )
+    return Service(settings, metrics, host, scheduler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    runtime = Runtime(settings or Settings())
-    configure_logging(runtime.settings.log_level)
+    service = build_service(settings or Settings())
+    configure_logging(service.settings.log_level)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Loading runs beside the server so /healthz answers at once and /readyz says 503 until done.
-        threading.Thread(target=runtime.load, name="model-load", daemon=True).start()
+        threading.Thread(target=service.host.load, name="model-load", daemon=True).start()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(
             NotImplementedError, RuntimeError, ValueError
         ):  # no signals off the main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload_on_signal))
         yield
-        await runtime.drain()
+        await service.scheduler.drain(service.settings.shutdown_grace_s)
 
     def reload_on_signal() -> None:
         """SIGHUP: reload the current model path (a new bundle rolled into the same directory)."""
         try:
-            runtime.reload()
+            service.host.reload()
         except Conflict:
             log.warning("SIGHUP ignored: a reload is already in progress")
         except ServiceError:
-            pass  # a refused reload is logged and counted by Runtime.reload
+            pass  # a refused reload is logged and counted by ModelHost.reload
 
     app = FastAPI(
         title="anomaly-scores",
@@ -81,8 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Anomaly scores for tabular data: the exact manifold likelihood (Smidl, Bim, Pevny 2019).",
         lifespan=lifespan,
     )
-    app.state.runtime = runtime
-    app.add_middleware(RequestLogMiddleware, metrics=runtime.metrics)
+    app.state.service = service
+    app.add_middleware(RequestLogMiddleware, metrics=service.metrics)
     register_error_handlers(app)
     app.include_router(router)
     return app

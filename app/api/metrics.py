@@ -107,10 +107,10 @@ class Metrics:
         self.merged_rows = Histogram(
             "anomaly_coalesced_batch_rows", "Rows per merged scoring batch", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge(
+        self.queue = Gauge(
             "anomaly_queue_depth", "Scoring requests admitted and not yet answered", registry=r
         )
-        self.rejected = Counter(
+        self.rejections = Counter(
             "anomaly_rejected_total",
             "Scoring requests refused with 503 because the queue was full",
             registry=r,
@@ -123,9 +123,28 @@ class Metrics:
         self.default_method = ""
         self.lock = threading.Lock()
 
-    def attach_model(self, bundle: Bundle, method: str) -> None:
+    # app.engine.events.Events: what the scheduler and the model host report
+
+    def model_ready(self, bundle: Bundle, method: str) -> None:
         with self.lock:  # a reload and the first load must not interleave their updates
             self._attach_model(bundle, method)
+
+    def reload_finished(self, succeeded: bool) -> None:
+        self.reloads.labels("success" if succeeded else "failure").inc()
+
+    def queue_depth(self, admitted: int) -> None:
+        self.queue.set(admitted)
+
+    def rejected(self) -> None:
+        self.rejections.inc()
+
+    def timed_out(self) -> None:
+        self.timeouts.inc()
+
+    def merged(self, rows: int, waited: list[float]) -> None:
+        self.merged_rows.observe(rows)
+        for seconds in waited:
+            self.queue_seconds.observe(seconds)
 
     def _attach_model(self, bundle: Bundle, method: str) -> None:
         self.model_info.clear()

@@ -29,7 +29,8 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from app.api.errors import BadRequest, InvalidInput, PayloadTooLarge
+from app.api.errors import BadRequest, PayloadTooLarge
+from app.engine.errors import InvalidInput
 
 OPTIONS = ("method", "threshold", "components", "explain")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.

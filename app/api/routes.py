@@ -1,8 +1,8 @@
-"""The routes: parse, delegate to the scorer off the event loop, answer. No logic of their own."""
+"""The routes: parse, delegate to the engine, answer. No logic of their own."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -10,12 +10,18 @@ from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app.api import schemas
-from app.api.errors import NotReady, UnsupportedMediaType
+from app.api.auth import authorize, authorize_admin
+from app.api.body import read_body
+from app.api.errors import UnsupportedMediaType, json_response
 from app.api.parsing import ScoreRequest, parse_json, parse_npy
-from app.api.runtime import Runtime, Served, json_response, resolve_fpr, resolve_method
 from app.bundle.calibration import threshold_name
-from app.bundle.format import METHODS
+from app.engine.errors import NotReady
+from app.engine.host import Served
 from app.engine.scorer import ScoreOutput
+from app.model.methods import METHODS
+
+if TYPE_CHECKING:
+    from app.api.main import Service
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]
@@ -24,8 +30,8 @@ PARSE_INLINE_BYTES = 1024 * 1024
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def runtime_of(request: Request) -> Runtime:
-    return request.app.state.runtime
+def service_of(request: Request) -> Service:
+    return request.app.state.service
 
 
 def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> dict[str, Any]:
@@ -79,30 +85,30 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
     },
 )
 async def score(request: Request) -> Response:
-    runtime = runtime_of(request)
-    runtime.authorize(request)
-    served = runtime.served_or_503()
+    service = service_of(request)
+    authorize(request, service.settings)
+    served = service.host.served
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in CONTENT_TYPES:
         raise UnsupportedMediaType(
             f"content type {content_type or 'missing'!r}; send one of {CONTENT_TYPES}",
             {"accepted": CONTENT_TYPES},
         )
-    async with runtime.admission():
-        body = await runtime.read_body(request)
-        features, max_rows = served.bundle.features, runtime.settings.max_rows
+    async with service.scheduler.admission():
+        body = await read_body(request, service.settings.max_body_bytes)
+        features, max_rows = served.bundle.features, service.settings.max_rows
         if content_type == "application/json":
             parse, args = parse_json, (body, features, max_rows)
         else:
             parse, args = parse_npy, (body, features, max_rows, dict(request.query_params))
         # A large body is parsed off the event loop, which keeps accepting and answering meanwhile.
         parsed = parse(*args) if len(body) < PARSE_INLINE_BYTES else await run_in_threadpool(parse, *args)
-        method = resolve_method(parsed.method, served.method)
-        fpr = resolve_fpr(served.bundle, parsed.threshold, served.fpr)
-        out = await runtime.score(served.scorer, parsed.x, method, fpr, parsed.explain)
+        method = served.resolve_method(parsed.method)
+        fpr = served.resolve_fpr(parsed.threshold)
+        out = await service.scheduler.score(served.scorer, parsed.x, method, fpr, parsed.explain)
     request.state.rows = parsed.x.shape[0]
     flagged = int(out.is_anomaly.sum())
-    runtime.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)
+    service.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)
     return json_response(_response_body(served, out, parsed))
 
 
@@ -112,17 +118,17 @@ async def score(request: Request) -> Response:
     responses={code: {"model": schemas.ErrorResponse} for code in (401, 403, 409, 422)},
 )
 async def reload(request: Request, body: schemas.ReloadRequest | None = None) -> Response:
-    runtime = runtime_of(request)
-    runtime.authorize_admin(request)
-    path = runtime.resolve_reload_path(body.path if body is not None else None)
-    previous = runtime.served.bundle.version if runtime.served is not None else None
-    served = await run_in_threadpool(runtime.reload, path)
+    service = service_of(request)
+    authorize_admin(request, service.settings)
+    path = service.host.resolve_reload_path(body.path if body is not None else None)
+    previous = service.host.current.bundle.version if service.host.current is not None else None
+    served = await run_in_threadpool(service.host.reload, path)
     return json_response(
         {
             "status": "reloaded",
             "model": {"name": served.bundle.name, "version": served.bundle.version},
             "previous_version": previous,
-            "path": str(runtime.model_path),
+            "path": str(service.host.model_path),
         }
     )
 
@@ -131,24 +137,24 @@ async def reload(request: Request, body: schemas.ReloadRequest | None = None) ->
     "/model", summary="Model metadata", responses={c: {"model": schemas.ErrorResponse} for c in (401, 503)}
 )
 async def model(request: Request) -> Response:
-    runtime = runtime_of(request)
-    runtime.authorize(request)
-    served = runtime.served_or_503()
-    m = served.bundle.manifest
+    service = service_of(request)
+    authorize(request, service.settings)
+    served = service.host.served
+    bundle = served.bundle
     return json_response(
         {
-            "name": m["name"],
-            "version": m["version"],
-            "created": m["created"],
-            "features": m["features"],
+            "name": bundle.name,
+            "version": bundle.version,
+            "created": bundle.created,
+            "features": bundle.features,
             "methods": list(METHODS),
             "default_method": served.method,
             "default_threshold": threshold_name(served.fpr),
-            "thresholds": m["thresholds"],
-            "calibration": m["calibration"],
-            "architecture": m["architecture"],
-            "noise": m["noise"],
-            "training": {k: v for k, v in m.get("training", {}).items() if k != "loss_curve"},
+            "thresholds": bundle.stored_thresholds,
+            "calibration": bundle.calibration_summary,
+            "architecture": bundle.architecture.to_dict(),
+            "noise": bundle.noise,
+            "training": {k: v for k, v in bundle.training.items() if k != "loss_curve"},
         }
     )
 
@@ -162,10 +168,10 @@ async def healthz() -> Response:
     "/readyz", summary="Model loaded and warmed up", responses={503: {"model": schemas.ErrorResponse}}
 )
 async def readyz(request: Request) -> Response:
-    runtime = runtime_of(request)
-    if runtime.draining:
+    service = service_of(request)
+    if service.draining:
         raise NotReady("shutting down: requests are still served while the load balancer drains")
-    served = runtime.served_or_503()
+    served = service.host.served
     return json_response(
         {"status": "ready", "model": {"name": served.bundle.name, "version": served.bundle.version}}
     )
@@ -173,4 +179,4 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(runtime_of(request).metrics.registry), media_type=PROMETHEUS_TEXT)
+    return Response(generate_latest(service_of(request).metrics.registry), media_type=PROMETHEUS_TEXT)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.bundle.format import METHODS
+from app.model.methods import METHODS
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 

@@ -15,19 +15,19 @@ from types import FrameType
 
 import uvicorn
 
-from app.api.runtime import Runtime
+from app.api.main import Service
 
 log = logging.getLogger("anomaly_scores.service")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service, drain_s: float) -> None:
         super().__init__(config)
-        self.runtime, self.drain_s = runtime, drain_s
+        self.service, self.drain_s = service, drain_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.drain_s > 0 and not self.runtime.draining:
-            self.runtime.draining = True
+        if sig == signal.SIGTERM and self.drain_s > 0 and not self.service.draining:
+            self.service.draining = True
             log.info("SIGTERM: draining, /readyz answers 503", extra={"fields": {"drain_s": self.drain_s}})
             timer = threading.Timer(self.drain_s, uvicorn.Server.handle_exit, (self, sig, frame))
             timer.daemon = True

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.bundle import calibration as cal
+from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.safetensors"
 LEADERBOARD = "leaderboard.csv"
 ONNX_FILE = "scoring-{method}.onnx"
-METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
 
 
 class BundleError(ValueError):
@@ -125,6 +125,34 @@ class Bundle:
     @property
     def fprs(self) -> list[float]:
         return [float(f) for f in self.manifest["calibration"]["fprs"]]
+
+    @property
+    def created(self) -> str:
+        return str(self.manifest.get("created", ""))
+
+    @property
+    def noise(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.manifest["noise"].items()}
+
+    @property
+    def graphs(self) -> dict[str, Path]:
+        """The verified ONNX graph of each method that has one."""
+        return {method: self.path / file for method, file in self.manifest.get("onnx", {}).items()}
+
+    @property
+    def stored_thresholds(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{method: {"fpr_<rate>": {"fpr", "value"}}} as written at training; threshold() recomputes."""
+        return dict(self.manifest.get("thresholds", {}))
+
+    @property
+    def calibration_summary(self) -> dict[str, Any]:
+        """Rows per method, the calibrated rates and score quantiles (docs/bundle.md section 2.5)."""
+        return dict(self.manifest["calibration"])
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """How the model was fitted (docs/bundle.md section 2.6); empty for a bundle saved directly."""
+        return dict(self.manifest.get("training") or {})
 
     def threshold(self, method: str, fpr: float) -> Threshold:
         scores = self.calibration[method]
@@ -209,7 +237,7 @@ def _write_onnx(
     derived: dict[str, NDArray[np.float64]],
 ) -> dict[str, str]:
     """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights."""
-    from app.model.onnx_export import EXPORTED_METHODS, build_graph
+    from app.model.onnx_export import build_graph
 
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
     manifest = {
@@ -219,7 +247,7 @@ def _write_onnx(
         "features": features,
     }
     files = {}
-    for method in EXPORTED_METHODS:
+    for method in METHODS:
         name = ONNX_FILE.format(method=method)
         (out / name).write_bytes(build_graph(manifest, weights, method))
         files[method] = name

@@ -1,8 +1,4 @@
-"""The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch.
-
-Bundles written before a method had a graph delegate it to the torch backend when PyTorch is
-installed, and refuse it with a clear error otherwise.
-"""
+"""The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch."""
 
 from __future__ import annotations
 
@@ -15,7 +11,8 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.bundle.format import Bundle, BundleError
-from app.engine.scorer import ScoreOutput, Scorer, assemble, check_method
+from app.engine.scorer import ScoreOutput, assemble, method_or_default
+from app.model.methods import OUTPUTS
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -53,33 +50,18 @@ class OnnxScorer:
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         self.bundle = bundle
         self.threads = threads if threads > 0 else available_cores()
-        graphs = bundle.manifest.get("onnx", {})
+        graphs = bundle.graphs
         if not graphs:
             raise BundleError(
                 f"{bundle.path}: the bundle has no ONNX graphs; re-save it or use the torch backend"
             )
         options = _session_options()
         self.sessions = {
-            method: ort.InferenceSession(
-                (bundle.path / file).read_bytes(), options, providers=["CPUExecutionProvider"]
-            )
-            for method, file in graphs.items()
+            method: ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
+            for method, path in graphs.items()
         }
-        self.native_methods = tuple(self.sessions)
-        self.outputs = [o.name for o in next(iter(self.sessions.values())).get_outputs()]
-        self._fallback: Scorer | None = None
+        self.methods = tuple(self.sessions)
         self._pool: ThreadPoolExecutor | None = None
-
-    def _torch(self) -> Scorer:
-        if self._fallback is None:
-            try:
-                from app.engine.torch_backend import TorchScorer
-            except ImportError as e:
-                raise ValueError(
-                    "the 'projected' method runs on the torch backend, and PyTorch is not installed here"
-                ) from e
-            self._fallback = TorchScorer(self.bundle, "cpu")
-        return self._fallback
 
     def score(
         self,
@@ -88,12 +70,12 @@ class OnnxScorer:
         fpr: float | None = None,
         explain: bool = False,
     ) -> ScoreOutput:
-        method = check_method(method, self.bundle)
+        method = method_or_default(method, self.bundle)
         session = self.sessions.get(method)
         if session is None:
-            return self._torch().score(x_raw, method, fpr, explain)
+            raise BundleError(f"{self.bundle.path}: no ONNX graph for {method!r}; use the torch backend")
         results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float64))
-        return assemble(self.bundle, method, fpr, dict(zip(self.outputs, results, strict=True)), explain)
+        return assemble(self.bundle, method, fpr, dict(zip(OUTPUTS, results, strict=True)), explain)
 
     def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)

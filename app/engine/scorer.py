@@ -1,8 +1,8 @@
-"""Scoring raw rows with a bundle: the backends' common output, thresholds, p-values and choice.
+"""The interface every scoring backend implements, and the output they share.
 
 Torch-free: the onnx backend (the CPU default) never imports PyTorch, so a CPU deployment can
 leave it out. Outputs are plain numpy arrays in input row order, shared by the command line and
-the service.
+the service; app.engine.factory creates a backend by name.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle.format import METHODS, Bundle, Threshold
-
-BACKENDS = ("onnx", "torch")
+from app.bundle.format import Bundle, Threshold
+from app.model.methods import check_method
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class ScoreOutput:
 class Scorer(Protocol):
     bundle: Bundle
     backend: str
-    native_methods: tuple[str, ...]  # scored by this backend itself, without delegating
+    methods: tuple[str, ...]  # the methods this backend can score for its bundle
 
     def score(
         self,
@@ -76,11 +75,8 @@ class Scorer(Protocol):
     ) -> ScoreOutput: ...
 
 
-def check_method(method: str | None, bundle: Bundle) -> str:
-    method = method or bundle.default_method
-    if method not in METHODS:
-        raise ValueError(f"unknown score method {method!r}; choose one of {list(METHODS)}")
-    return method
+def method_or_default(method: str | None, bundle: Bundle) -> str:
+    return check_method(method or bundle.default_method)
 
 
 def assemble(
@@ -90,8 +86,8 @@ def assemble(
     parts: dict[str, NDArray[np.floating]],
     explain: bool,
 ) -> ScoreOutput:
-    """Turn a backend's parts (log_prob, log_prior, log_volume, log_residual, reconstruction_error,
-    residual) into scores, p-values and flags at the threshold of `fpr` (default: the bundle's)."""
+    """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) into
+    scores, p-values and flags at the threshold of `fpr` (default: the bundle's)."""
     threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
     log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
     share = None
@@ -111,24 +107,3 @@ def assemble(
         is_anomaly=-log_likelihood > threshold.value,
         residual_share=share,
     )
-
-
-def create_scorer(
-    bundle: Bundle, backend: str = "onnx", device: str = "cpu", threads: int = 0, dtype: str = "float32"
-) -> Scorer:
-    """onnx: onnxruntime on CPU with `threads` per call (0: all cores); torch: PyTorch on `device`
-    (cpu, cuda, or auto = cuda when present). dtype float64 (torch only) scores every method in
-    float64, for reference computations; float32 is the product's precision."""
-    if backend == "onnx":
-        if dtype != "float32":
-            raise ValueError(
-                f"dtype {dtype!r} needs the torch backend: the onnx graphs are the product's float32"
-            )
-        from app.engine.onnx_backend import OnnxScorer
-
-        return OnnxScorer(bundle, threads)
-    if backend == "torch":
-        from app.engine.torch_backend import TorchScorer
-
-        return TorchScorer(bundle, device, dtype)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

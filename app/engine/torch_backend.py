@@ -1,4 +1,4 @@
-"""The PyTorch backend: any score method, on CPU or CUDA, with batched SVDs."""
+"""The PyTorch backend: every score method, on CPU or CUDA."""
 
 from __future__ import annotations
 
@@ -6,19 +6,12 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle.format import METHODS, Bundle
-from app.engine.scorer import ScoreOutput, assemble, check_method
+from app.bundle.format import Bundle
+from app.engine.scorer import ScoreOutput, assemble, method_or_default
+from app.model.device import resolve_device
 from app.model.manifold import GenerativeModel
+from app.model.methods import METHODS, OUTPUTS
 from app.model.scores import score, scoring_dtype
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
-    return device
-
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -28,7 +21,7 @@ class TorchScorer:
     calibration was scored), or float64 for every method, for reference computations."""
 
     backend = "torch"
-    native_methods = METHODS
+    methods = METHODS
 
     def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str = "float32") -> None:
         if dtype not in DTYPES:
@@ -51,14 +44,13 @@ class TorchScorer:
         fpr: float | None = None,
         explain: bool = False,
     ) -> ScoreOutput:
-        method = check_method(method, self.bundle)
+        method = method_or_default(method, self.bundle)
         generative = self.generative(method)
         dtype = scoring_dtype(method, self.model.dtype)
         x = torch.as_tensor(self.bundle.scaler.transform(x_raw), dtype=dtype, device=self.device)
         with torch.no_grad():
             parts = score(generative, x, method)
-        names = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error")
-        arrays = {n: getattr(parts, n).double().cpu().numpy() for n in names}
+        arrays = {n: getattr(parts, n).double().cpu().numpy() for n in OUTPUTS[:-1]}
         if explain:
             arrays["residual"] = (x - parts.x_hat).double().cpu().numpy()
         return assemble(self.bundle, method, fpr, arrays, explain)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from app.model.methods import OUTPUTS, check_method
 from app.model.spec import (
     PIVOT_FLOOR,
     PROJECTION_STEPS,
@@ -35,8 +36,6 @@ from app.model.spec import (
 )
 
 OPSET = 17
-EXPORTED_METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
-OUTPUTS = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error", "residual")
 LOG_2PI = math.log(2 * math.pi)
 F32, F64 = 1, 11  # onnx.TensorProto.FLOAT, DOUBLE
 BOOL, INT64 = 9, 7
@@ -696,8 +695,7 @@ def build_graph(manifest: dict[str, Any], weights: dict[str, NDArray[np.float32]
     import onnx
     import onnx.helper as h
 
-    if method not in EXPORTED_METHODS:
-        raise ValueError(f"method {method!r} has no ONNX graph; exported: {EXPORTED_METHODS}")
+    check_method(method)
     arch = Architecture.from_dict(manifest["architecture"])
     d, sigma2 = arch.input_dim, float(manifest["noise"]["sigma2"])
     g = Graph()

@@ -28,13 +28,10 @@ from torch import Tensor
 
 from app.model.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
 from app.model.manifold import GenerativeModel
+from app.model.methods import FLOAT64_METHODS, METHODS, check_method
 from app.model.spec import PIVOT_FLOOR, PROJECTION_STEPS, PROJECTION_TOLERANCE, SINGULAR_VALUE_FLOOR
 
 LOG_2PI = math.log(2 * math.pi)
-# Methods the product computes in float64 throughout, networks included. The projection decides
-# when to stop by comparing objectives and step lengths, which float32 networks would blur at 1e-7,
-# and differently on every CPU; the closed-form methods are well conditioned in float32.
-FLOAT64_METHODS = ("projected",)
 
 
 def scoring_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -398,11 +395,8 @@ SCORE_METHODS: dict[str, Callable[[GenerativeModel, Tensor], ScoreParts]] = {
     "latent": latent,
     "projected": projected,
 }
+assert tuple(SCORE_METHODS) == METHODS, "app.model.methods names the methods"
 
 
 def score(model: GenerativeModel, x: Tensor, method: str = "likelihood") -> ScoreParts:
-    try:
-        fn = SCORE_METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown score method {method!r}; choose one of {sorted(SCORE_METHODS)}") from None
-    return fn(model, x)
+    return SCORE_METHODS[check_method(method)](model, x)

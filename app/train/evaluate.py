@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle.format import METHODS, Scaler
+from app.bundle.format import Scaler
+from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
 from app.train.data import read_table
 from app.train.fit import Candidate, FitOptions, fit_candidates, fit_noise, score_rows

@@ -20,6 +20,7 @@ from torch.func import stack_module_state
 
 from app.model.distributions import LatentDistribution, StandardNormal
 from app.model.manifold import ManifoldModel, VampGaussianPrior, VampVMFPrior
+from app.model.methods import OUTPUTS
 from app.model.nn import encode, mlp_forward
 from app.model.scores import (
     ScoreParts,
@@ -213,7 +214,8 @@ def fit_candidates(
     return [f for f in fitted if f is not None]
 
 
-SCORED_PARTS = ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error", "residual_sq")
+# Per row: the method's outputs but the residual vector, and |residual|^2 in log_residual's directions
+SCORED_PARTS = (*OUTPUTS[:-1], "residual_sq")
 
 
 def score_rows(

@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.format import METHODS, Bundle, Scaler, save_bundle
+from app.bundle.format import Bundle, Scaler, save_bundle
+from app.model.methods import METHODS
 from app.train.fit import Candidate, FitOptions, Fitted, fit_candidates, fit_noise, score_rows
 from app.train.metrics import roc_auc
 

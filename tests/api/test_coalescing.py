@@ -1,5 +1,6 @@
 """Coalesced scoring: concurrent requests merged, each answered exactly its own rows."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -50,5 +51,32 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
         a = client.post("/score", json={"instances": batches[0].tolist(), "method": "latent"}).json()
         assert a["method"] == "latent"
         np.testing.assert_allclose(a["scores"], scorer.score(batches[0], "latent").score, rtol=rtol)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_with_coalescing_a_slow_scorer_answers_503_at_the_time_limit(tiny_bundle):
+    # Coalesced batches used to call the thread pool directly: past the limit, past the permits.
+    client = ready_client(
+        Settings(model_path=tiny_bundle, coalesce=True, request_timeout_s=0.2, inline_rows=0, warmup_rows=4)
+    )
+    try:
+        scorer = client.app.state.service.host.served.scorer
+        original = scorer.score
+
+        def slow(*args, **kwargs):
+            time.sleep(1.0)
+            return original(*args, **kwargs)
+
+        scorer.score = slow
+        start = time.perf_counter()
+        response = client.post("/score", json={"instances": manifold_rows(3, seed=5).tolist()})
+        elapsed = time.perf_counter() - start
+        assert response.status_code == 503, response.text
+        assert "did not finish within 0.2 s" in response.json()["error"]
+        assert elapsed < 0.9 and value(scrape(client), "anomaly_timeouts_total") == 1
+        scorer.score = original
+        time.sleep(1.0)  # the abandoned call finishes and gives its permit back
+        assert client.post("/score", json={"instances": manifold_rows(3, seed=6).tolist()}).status_code == 200
     finally:
         client.__exit__(None, None, None)

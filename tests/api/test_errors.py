@@ -46,7 +46,7 @@ def check(response, status: int, *fragments: str) -> dict:
         ('{"rows": [[1,1,1,1,1,1]]}', ["unknown fields ['rows']"]),
         ('{"method": "likelihood"}', ["'instances' is missing"]),
         ("[[1,1,1,1,1,1]]", ["must be a JSON object"]),
-        ('{"instances": [[1,1,1,1,1,1]], "method": "nope"}', ["unknown method 'nope'", "likelihood"]),
+        ('{"instances": [[1,1,1,1,1,1]], "method": "nope"}', ["unknown score method 'nope'", "likelihood"]),
         ('{"instances": [[1,1,1,1,1,1]], "method": 3}', ["'method' must be a string"]),
         (
             '{"instances": [[1,1,1,1,1,1]], "threshold": "fpr_0.5"}',

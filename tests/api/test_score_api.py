@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from app.api.settings import Settings
-from app.bundle.format import METHODS, load_bundle
+from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
+from app.model.methods import METHODS
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 from ..tolerances import float32_rtol
@@ -114,15 +115,15 @@ def test_small_requests_are_scored_on_the_loop_and_answer_as_in_a_thread(tiny_bu
     for inline in (0, 16):
         client = ready_client(Settings(model_path=tiny_bundle, inline_rows=inline, warmup_rows=4))
         try:
-            runtime = client.app.state.runtime
+            scheduler = client.app.state.service.scheduler
             calls = []
-            original = runtime.run_scoring
+            original = scheduler._threaded
 
             async def counting(fn, *args, original=original, calls=calls):
                 calls.append(args[0].shape[0])
                 return await original(fn, *args)
 
-            runtime.run_scoring = counting
+            scheduler._threaded = counting
             answers[inline] = [
                 client.post("/score", json={"instances": part.tolist(), "components": True}).json()
                 for part in (rows[:5], rows)

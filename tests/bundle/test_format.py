@@ -10,7 +10,7 @@ import torch
 from app.bundle.format import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
 from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel
-from app.model.onnx_export import EXPORTED_METHODS
+from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
 
 from ..conftest import FEATURES, manifold_rows
@@ -129,7 +129,7 @@ def test_no_pickle_anywhere(tiny_bundle):
     for file in tiny_bundle.iterdir():
         head = file.read_bytes()[:2]
         assert head not in {b"\x80\x04", b"\x80\x05"}, f"{file.name} looks like a pickle"
-    graphs = {f"scoring-{m}.onnx" for m in EXPORTED_METHODS}
+    graphs = {f"scoring-{m}.onnx" for m in METHODS}
     assert {f.name for f in tiny_bundle.iterdir()} == {
         MANIFEST,
         WEIGHTS,

@@ -12,8 +12,9 @@ import pytest
 from safetensors.numpy import load_file
 from scipy.special import expit, ive, logsumexp
 
-from app.bundle.format import METHODS, load_bundle
+from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
+from app.model.methods import METHODS
 from app.train.fit import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.bundle.format import METHODS
 from app.cli import main
+from app.model.methods import METHODS
 from app.train.evaluate import select
 from app.train.metrics import roc_auc
 

@@ -28,10 +28,13 @@ def test_onnx_scorer_matches_the_torch_scorer():
 def test_the_onnx_service_path_never_imports_torch():
     program = """
 import sys, time
-from app.api.runtime import load_served
+from pathlib import Path
+from app.engine.host import HostOptions, ModelHost
 from app.api.settings import Settings
-served = load_served(Settings(model_path="models/default", backend="onnx", warmup_rows=16))
-served.scorer.score([[1.0] * 30], "likelihood")
+bundle = Path("models/default")
+served = ModelHost(HostOptions(bundle, backend="onnx", warmup_rows=16)).prepare(bundle)
+for method in served.scorer.methods:
+    served.scorer.score([[1.0] * 30], method)
 from app.api.main import create_app
 create_app(Settings(backend="onnx"))
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))[:5]

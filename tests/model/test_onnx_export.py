@@ -10,7 +10,8 @@ import torch
 
 from app.bundle.format import load_bundle, save_bundle
 from app.model.manifold import ManifoldModel
-from app.model.onnx_export import EXPORTED_METHODS, OUTPUTS, build_graph
+from app.model.methods import METHODS, OUTPUTS
+from app.model.onnx_export import build_graph
 from app.model.scores import score, scoring_dtype
 from app.model.spec import Architecture
 from app.train.fit import score_rows
@@ -25,7 +26,7 @@ def run_graph(bundle, method, x):
     return dict(zip(OUTPUTS, session.run(None, {"x": np.asarray(x, dtype=np.float64)}), strict=True))
 
 
-def assert_agree(bundle, x, methods=EXPORTED_METHODS):
+def assert_agree(bundle, x, methods=METHODS):
     """Every output of every graph against torch in the product's precision, relative to the
     largest part of each row's score."""
     model = bundle.build_model()
@@ -48,7 +49,8 @@ def assert_agree(bundle, x, methods=EXPORTED_METHODS):
 
 
 def bundle_from(model, tmp_path, x, name="b"):
-    from app.bundle.format import METHODS, Scaler
+    from app.bundle.format import Scaler
+    from app.model.methods import METHODS
 
     scaler = Scaler.fit(x)
     calibration = {m: -score_rows(model, scaler.transform(x), m)["log_prob"] for m in METHODS}

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from app.bundle.format import METHODS
+from app.model.methods import METHODS
 from app.train.evaluate import (
     Dataset,
     SplitResult,

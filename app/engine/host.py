@@ -1,0 +1,166 @@
+"""The served model's lifecycle, without a transport: load, warm up, reload beside the old, swap.
+
+A request takes the current `Served` once and keeps it, so a reload never changes the model under
+a request in flight and every answer names the version that scored it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.bundle.calibration import threshold_name
+from app.bundle.format import Bundle, load_bundle
+from app.engine.errors import Conflict, InvalidInput, NotReady, ReloadFailed
+from app.engine.events import Events, NoEvents
+from app.engine.factory import create_scorer
+from app.engine.scorer import Scorer
+from app.model.methods import check_method
+
+log = logging.getLogger("anomaly_scores.service")
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    model_path: Path
+    model_root: Path | None = None  # bundles a reload may name lie here (default: model_path's parent)
+    backend: str = "onnx"
+    device: str = "auto"
+    onnx_threads: int = 1
+    method: str | None = None  # default method (default: the bundle's)
+    threshold: str | None = None  # default threshold: a name such as fpr_0.01 or a rate
+    warmup_rows: int = 256
+
+
+@dataclass(frozen=True)
+class Served:
+    """Everything a request needs about the model, swapped as one object."""
+
+    bundle: Bundle
+    scorer: Scorer
+    method: str  # the default method
+    fpr: float  # the default false-positive rate
+
+    def resolve_method(self, method: str | None) -> str:
+        return self.method if method is None else check_method(method)
+
+    def resolve_fpr(self, threshold: str | float | None) -> float:
+        return resolve_fpr(self.bundle, threshold, self.fpr)
+
+
+def resolve_fpr(bundle: Bundle, threshold: str | float | None, fallback: float) -> float:
+    """A threshold named (fpr_0.01) or given as one of the calibrated rates -> that rate."""
+    if threshold is None:
+        return fallback
+    accepted = {threshold_name(f): f for f in bundle.fprs}
+    if isinstance(threshold, str) and threshold in accepted:
+        return accepted[threshold]
+    if not isinstance(threshold, str):
+        for fpr in bundle.fprs:
+            if abs(fpr - threshold) <= 1e-12 * max(1.0, fpr):
+                return fpr
+    raise InvalidInput(
+        f"unknown threshold {threshold!r}; accepted: names {list(accepted)} or rates {bundle.fprs}",
+        {"accepted": list(accepted)},
+    )
+
+
+def _threshold_setting(value: str | None) -> str | float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+class ModelHost:
+    def __init__(self, options: HostOptions, events: Events | None = None) -> None:
+        self.options = options
+        self.events = events or NoEvents()
+        self.current: Served | None = None
+        self.error: str | None = None
+        self.model_path = options.model_path
+        self.reload_lock = threading.Lock()
+
+    def prepare(self, path: Path) -> Served:
+        """Load, check the defaults, and warm up every method the backend scores, so the first
+        request pays no first-call costs."""
+        o = self.options
+        bundle = load_bundle(path)
+        scorer = create_scorer(bundle, o.backend, o.device, o.onnx_threads)
+        method = bundle.default_method if o.method is None else check_method(o.method)
+        fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr)
+        rows = np.repeat(bundle.scaler.mean[None], o.warmup_rows, axis=0)
+        rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
+        for m in scorer.methods:
+            scorer.score(rows, m, fpr)
+        return Served(bundle, scorer, method, fpr)
+
+    def load(self) -> None:
+        """The first load, at start-up; under the reload lock, so an early reload cannot race it.
+        A failure is kept in `error` (readiness reports it); the process stays up."""
+        with self.reload_lock:
+            if self.current is not None:
+                return
+            try:
+                served = self.prepare(self.model_path)
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                fields = {"model_path": str(self.model_path), "error": str(e)}
+                log.error("model load failed", extra={"fields": fields})
+                return
+            self._swap(served, self.model_path)
+            fields = {"name": served.bundle.name, "version": served.bundle.version}
+            log.info("model ready", extra={"fields": fields})
+
+    def reload(self, path: Path | None = None) -> Served:
+        """Load a bundle beside the served one, warm it up, then swap; on any failure keep the old.
+        Blocking (run it in a thread); one reload at a time."""
+        target = self.model_path if path is None else path
+        if not self.reload_lock.acquire(blocking=False):
+            raise Conflict("a reload is already in progress")
+        try:
+            try:
+                served = self.prepare(target)
+            except Exception as e:
+                self.events.reload_finished(False)
+                fields = {"model_path": str(target), "error": f"{type(e).__name__}: {e}"}
+                log.error("reload refused; the previous model keeps serving", extra={"fields": fields})
+                raise ReloadFailed(f"reload of {target} refused: {type(e).__name__}: {e}", fields) from e
+            self._swap(served, target)
+            self.events.reload_finished(True)
+            fields = {"name": served.bundle.name, "version": served.bundle.version, "model_path": str(target)}
+            log.info("model reloaded", extra={"fields": fields})
+            return served
+        finally:
+            self.reload_lock.release()
+
+    def _swap(self, served: Served, path: Path) -> None:
+        self.events.model_ready(served.bundle, served.method)
+        # One assignment: a request holds the Served it started with.
+        self.current, self.error, self.model_path = served, None, path
+
+    @property
+    def served(self) -> Served:
+        if self.current is None:
+            message = "the model is still loading" if self.error is None else "the model failed to load"
+            raise NotReady(message, self.error, headers={"Retry-After": "1"})
+        return self.current
+
+    def resolve_reload_path(self, requested: str | None) -> Path | None:
+        """A bundle path named by an admin must lie inside the configured model root."""
+        if requested is None:
+            return None
+        root = (self.options.model_root or self.options.model_path.parent).resolve()
+        try:
+            path = (root / requested).resolve()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long
+            raise InvalidInput(f"path {requested!r} is not a usable path: {e}", {"root": str(root)}) from None
+        if not path.is_relative_to(root):
+            raise InvalidInput(f"path {requested!r} lies outside the model root {root}", {"root": str(root)})
+        return path

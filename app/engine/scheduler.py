@@ -1,0 +1,188 @@
+"""The scheduler: every scoring call goes through it, whatever path it takes.
+
+It owns the four things that bound the service's work, as text-embeddings-inference's queue does:
+admission (at most `max_queue` requests admitted, the rest refused at once), permits (at most
+`concurrency` scoring calls running), the time limit (a request not answered within `timeout_s`
+gets Overloaded, 503) and the drain (calls still running are awaited at shutdown).
+
+Three paths, one set of rules:
+- threaded: the call runs in a worker thread under a permit, within the time limit;
+- coalesced (`coalesce_max_rows` set): concurrent requests with the same scorer and options wait
+  up to `coalesce_wait_s` to be merged into one call, which runs as a threaded call does; each
+  request still answers within its own time limit;
+- inline: batches of at most `inline_rows` rows are scored on the event loop. They take about
+  0.1 ms, less than the two hand-offs of the GIL a thread costs, and hold the loop meanwhile, so no
+  other call runs beside them: the permit and the time limit have nothing to bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from starlette.concurrency import run_in_threadpool
+
+from app.engine.errors import Overloaded
+from app.engine.events import Events, NoEvents
+from app.engine.scorer import ScoreOutput, Scorer
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_queue: int = 64
+    concurrency: int = 2
+    timeout_s: float = 30.0
+    inline_rows: int = 16
+    coalesce_max_rows: int | None = None  # None: no coalescing
+    coalesce_wait_s: float = 0.002
+
+
+Key = tuple[int, str, float | None, bool]
+
+
+@dataclass
+class _Waiting:
+    x: NDArray[np.float64]
+    future: asyncio.Future[ScoreOutput]
+    since: float
+
+
+@dataclass
+class _Group:
+    scorer: Scorer
+    method: str
+    fpr: float | None
+    explain: bool
+    items: list[_Waiting] = field(default_factory=list)
+    rows: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Scheduler:
+    def __init__(self, options: SchedulerOptions, events: Events | None = None) -> None:
+        self.options = options
+        self.events = events or NoEvents()
+        self.admitted = 0
+        self.permits = asyncio.Semaphore(options.concurrency)
+        self.running: set[asyncio.Future[Any]] = set()  # calls in worker threads, for the drain
+        self.groups: dict[Key, _Group] = {}
+        self.flushes: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        """Bounded queue: beyond max_queue requests admitted, Overloaded at once."""
+        limit = self.options.max_queue
+        if self.admitted >= limit:
+            self.events.rejected()
+            raise Overloaded(
+                f"{self.admitted} scoring requests already queued; the limit is {limit}",
+                {"queued": self.admitted, "limit": limit},
+                headers={"Retry-After": "1"},
+            )
+        self.admitted += 1
+        self.events.queue_depth(self.admitted)
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.events.queue_depth(self.admitted)
+
+    async def score(
+        self, scorer: Scorer, x: NDArray[np.float64], method: str, fpr: float | None, explain: bool
+    ) -> ScoreOutput:
+        if self.options.coalesce_max_rows is not None:
+            return await self._within_limit(self._coalesced(scorer, x, method, fpr, explain))
+        if x.shape[0] <= self.options.inline_rows:
+            return scorer.score(x, method, fpr, explain)
+        return await self._within_limit(self._threaded(scorer.score, x, method, fpr, explain))
+
+    async def _within_limit(self, work: Awaitable[T]) -> T:
+        limit = self.options.timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await work
+        except TimeoutError:
+            self.events.timed_out()
+            raise Overloaded(
+                f"scoring did not finish within {limit} s", {"limit_s": limit}, headers={"Retry-After": "1"}
+            ) from None
+
+    async def _threaded(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn in a worker thread under a permit. A caller that gives up (time limit, client gone)
+        leaves the call running: it keeps its permit until its thread finishes, so abandoned work
+        still counts against the concurrency it really uses, and the drain waits for it."""
+        await self.permits.acquire()
+        task = asyncio.ensure_future(run_in_threadpool(fn, *args))
+        self.running.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self.permits.release()
+        self.running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that gave up was already answered
+
+    async def _coalesced(
+        self, scorer: Scorer, x: NDArray[np.float64], method: str, fpr: float | None, explain: bool
+    ) -> ScoreOutput:
+        loop = asyncio.get_running_loop()
+        key = (id(scorer), method, fpr, explain)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(scorer, method, fpr, explain)
+            group.timer = loop.call_later(self.options.coalesce_wait_s, self._flush, key)
+        waiting = _Waiting(x, loop.create_future(), time.perf_counter())
+        # A request that gave up never reads its future: mark an error there as seen.
+        waiting.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        group.items.append(waiting)
+        group.rows += x.shape[0]
+        if group.rows >= self.options.coalesce_max_rows:  # type: ignore[operator]
+            self._flush(key)
+        # shielded: one request giving up must not cancel the others' batch
+        return await asyncio.shield(waiting.future)
+
+    def _flush(self, key: Key) -> None:
+        group = self.groups.pop(key, None)
+        if group is None:
+            return
+        if group.timer is not None:
+            group.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run_group(group))
+        self.flushes.add(task)  # held until done, so the task is not garbage-collected mid-flight
+        task.add_done_callback(self.flushes.discard)
+
+    async def _run_group(self, group: _Group) -> None:
+        now = time.perf_counter()
+        self.events.merged(group.rows, [now - item.since for item in group.items])
+        x = np.concatenate([item.x for item in group.items]) if len(group.items) > 1 else group.items[0].x
+        args = (x, group.method, group.fpr, group.explain)
+        try:
+            if group.rows <= self.options.inline_rows:
+                out = group.scorer.score(*args)
+            else:
+                out = await self._threaded(group.scorer.score, *args)
+        except Exception as e:  # every waiting request gets the error its own call would have raised
+            for item in group.items:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        start = 0
+        for item in group.items:
+            stop = start + item.x.shape[0]
+            if not item.future.done():
+                item.future.set_result(out.rows(start, stop))
+            start = stop
+
+    async def drain(self, grace_s: float) -> None:
+        """At shutdown: let calls still running finish, within the grace period."""
+        if self.running:
+            await asyncio.wait(list(self.running), timeout=grace_s)

@@ -1,0 +1,33 @@
+"""The score methods and the parts every method reports: defined here once, imported everywhere.
+
+Torch-free, so the serving path, the bundle format and the command line can name methods without
+PyTorch. The mathematics of each method is in app.model.scores, its graph in app.model.onnx_export.
+"""
+
+from __future__ import annotations
+
+METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
+# log p(x) = log_prior + log_volume + log_residual: what each method reports about a row
+PARTS = ("log_prior", "log_volume", "log_residual")
+# What a scoring backend returns per row: the total, its parts, |x - x'|^2 and the residual (d,)
+OUTPUTS = ("log_prob", *PARTS, "reconstruction_error", "residual")
+# Methods the product computes in float64 throughout, networks included. The projection decides
+# when to stop by comparing objectives and step lengths, which float32 networks would blur at 1e-7,
+# and differently on every CPU; the closed-form methods are well conditioned in float32.
+FLOAT64_METHODS = ("projected",)
+
+
+class UnknownMethod(ValueError):
+    """A score method that does not exist; the message lists the ones that do."""
+
+    def __init__(self, method: object) -> None:
+        super().__init__(f"unknown score method {method!r}; choose one of {list(METHODS)}")
+        self.method = method
+        self.accepted = list(METHODS)
+
+
+def check_method(method: str) -> str:
+    """`method` if it names a score method, else UnknownMethod."""
+    if method not in METHODS:
+        raise UnknownMethod(method)
+    return method
