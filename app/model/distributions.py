@@ -1,9 +1,11 @@
-"""Latent densities p(z): standard normal, Gaussian mixture, von Mises-Fisher mixture.
+"""Latent densities p(z): standard normal, Gaussian mixture, von Mises-Fisher mixture, in torch and
+as ONNX nodes side by side.
 
 Plain tensor programs (like torch.distributions): they hold no parameters of their own, so the
 same objects serve training (parameters flow in with gradients) and scoring (frozen tensors).
 Mixtures have uniform weights, as in the VampPrior. Sampling uses torch's global generator, so
-`torch.manual_seed` makes it reproducible.
+`torch.manual_seed` makes it reproducible. Each class's `emit` writes the same log-density (and,
+when asked, its gradient and Hessian in float64) into a graph from a bundle's derived tensors.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ import functools
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
+from app.model.graph import Graph
+
 LOG_2PI = math.log(2 * math.pi)
+Parameters = dict[str, NDArray[np.floating]]  # a bundle's tensors, the derived prior among them
+Emitted = str | tuple[str, str, str]  # log p, or log p with its gradient and Hessian
 
 
 class LatentDistribution(Protocol):
@@ -53,6 +61,16 @@ class StandardNormal:
         hessian = -torch.eye(self.dim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1, -1)
         return self.log_prob(z), -z, hessian
 
+    @staticmethod
+    def emit(
+        g: Graph, z: str, weights: Parameters, k: int, dtype: type, derivatives: bool = False
+    ) -> Emitted:
+        log_p = g.sub(g.mul(g.sum(g.mul(z, z), 1), g.const(-0.5, dtype)), g.const(0.5 * k * LOG_2PI, dtype))
+        if not derivatives:
+            return log_p
+        batch_eye = g.mul(g.unsqueeze(g.unsqueeze(g.sum(z, 1), 1), 2), g.const(0.0, np.float64))
+        return log_p, g.op("Neg", z), g.add(batch_eye, g.const(-np.eye(k), np.float64))
+
     def rsample(self, n: int) -> Tensor:
         return torch.randn(*self.batch_shape, n, self.dim, dtype=self.dtype, device=self.device)
 
@@ -75,6 +93,31 @@ def _mixture_derivatives(
     if curvature is not None:
         hessian = hessian + torch.diag_embed((w.unsqueeze(-1) * curvature).sum(-2))
     return log_p, grad, hessian
+
+
+def _emit_mixture(
+    g: Graph,
+    components: str,
+    count: int,
+    dtype: type,
+    gradients: str | None = None,
+    curvature: NDArray[np.float64] | None = None,
+) -> Emitted:
+    """_mixture_derivatives as nodes: log p from the components c_j (B, K); given their gradients
+    (B, K, k), also grad and Hessian, `curvature` being the components' diagonal Hessians (K, k)."""
+    log_p = g.sub(g.op("ReduceLogSumExp", components, axes=[1], keepdims=0), g.const(math.log(count), dtype))
+    if gradients is None:
+        return log_p
+    w = g.op("Softmax", components, axis=1)  # (B, K)
+    weighted = g.mul(g.unsqueeze(w, 2), gradients)  # (B, K, k)
+    gradient = g.sum(weighted, 1)  # (B, k)
+    outer = g.mul(g.unsqueeze(gradient, 2), g.unsqueeze(gradient, 1))
+    hessian = g.sub(g.matmul(g.transpose(weighted), gradients), outer)
+    if curvature is not None:
+        diagonal = g.matmul(w, g.const(curvature, np.float64))  # (B, k)
+        eye = g.const(np.eye(curvature.shape[1]), np.float64)
+        hessian = g.add(hessian, g.mul(g.unsqueeze(diagonal, 1), eye))
+    return log_p, gradient, hessian
 
 
 def _pick_components(locations: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -113,6 +156,21 @@ class GaussianMixture:
         return _mixture_derivatives(
             mixture.component_log_prob(z), gradients, -inverse_variance.expand_as(gradients)
         )
+
+    @staticmethod
+    def emit(
+        g: Graph, z: str, weights: Parameters, k: int, dtype: type, derivatives: bool = False
+    ) -> Emitted:
+        locations = weights["derived.prior.locations"].astype(dtype)
+        scales = weights["derived.prior.scales"].astype(np.float64)
+        offsets = g.sub(g.unsqueeze(z, 1), g.const(locations, dtype))  # (B, K, k)
+        u = g.div(offsets, g.const(scales, dtype))
+        constant = -np.log(scales).sum(-1) - 0.5 * k * LOG_2PI  # (K,)
+        components = g.add(g.mul(g.sum(g.mul(u, u), 2), g.const(-0.5, dtype)), g.const(constant, dtype))
+        if not derivatives:
+            return _emit_mixture(g, components, len(scales), dtype)
+        gradients = g.op("Neg", g.div(offsets, g.const(scales**2, dtype)))  # -(z - mu_j) / s_j^2
+        return _emit_mixture(g, components, len(scales), dtype, gradients, -(scales**-2))
 
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
         c, means = _pick_components(self.means, n)
@@ -261,7 +319,46 @@ class VonMisesFisherMixture:
         gradients = (kappa.unsqueeze(-1) * directions).expand(z.shape[0], -1, -1)  # (B, K, k)
         return _mixture_derivatives(components, gradients, None)
 
+    @staticmethod
+    def emit(
+        g: Graph, z: str, weights: Parameters, k: int, dtype: type, derivatives: bool = False
+    ) -> Emitted:
+        locations = weights["derived.prior.locations"].astype(dtype)
+        kappa = weights["derived.prior.kappa"].astype(np.float64)
+        # kappa is fixed once trained, so the normaliser is a constant of the graph
+        log_normalizer = vmf_log_normalizer(torch.from_numpy(kappa), k).numpy()
+        cosines = g.matmul(z, g.const(locations.T, dtype))
+        components = g.add(g.mul(cosines, g.const(kappa, dtype)), g.const(log_normalizer, dtype))
+        if not derivatives:
+            return _emit_mixture(g, components, len(kappa), dtype)
+        directions = weights["derived.prior.locations"].astype(np.float64)
+        zeros = g.mul(g.unsqueeze(components, 2), g.const(0.0, np.float64))  # (B, K, 1), for the batch
+        gradients = g.add(zeros, g.const(kappa[:, None] * directions, np.float64))  # kappa_j mu_j
+        return _emit_mixture(g, components, len(kappa), dtype, gradients)
+
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
         c, mu = _pick_components(self.directions, n)
         kappa = torch.gather(self.kappa, -1, c)
         return sample_vmf(mu.reshape(-1, self.dim), kappa.reshape(-1)).reshape(mu.shape)
+
+
+# The density each prior of app.model.spec is, by name.
+DENSITIES: dict[str, type[StandardNormal] | type[GaussianMixture] | type[VonMisesFisherMixture]] = {
+    "normal": StandardNormal,
+    "vamp": GaussianMixture,
+    "vmf": VonMisesFisherMixture,
+}
+
+
+def emit_log_prior(g: Graph, z: str, prior: str, weights: Parameters, k: int, dtype: type) -> str:
+    """log p(z) (B,) of the named prior as nodes, in `dtype`."""
+    log_p = DENSITIES[prior].emit(g, z, weights, k, dtype)
+    assert isinstance(log_p, str)
+    return log_p
+
+
+def emit_prior_derivatives(g: Graph, z: str, prior: str, weights: Parameters, k: int) -> tuple[str, str, str]:
+    """log p(z), its gradient (B, k) and Hessian (B, k, k) in R^k as float64 nodes."""
+    emitted = DENSITIES[prior].emit(g, z, weights, k, np.float64, derivatives=True)
+    assert isinstance(emitted, tuple)
+    return emitted

@@ -1,4 +1,4 @@
-"""Latent geometry: the tangent space of the latent manifold at a point.
+"""Latent geometry: the tangent space of the latent manifold at a point, in torch and as ONNX nodes.
 
 For the Euclidean latent space the tangent space is R^k itself. On the unit sphere S^(k-1) it is
 {v : v . z = 0}, of dimension k - 1; the change of variables onto the data manifold must use that
@@ -7,9 +7,11 @@ space (method notes, departure 2), so every Jacobian of the decoder is restricte
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from app.model.graph import Graph
 from app.model.spec import Geometry
 
 
@@ -65,3 +67,50 @@ def riemannian_derivatives(
         basis.shape[-1], dtype=z.dtype, device=z.device
     )
     return tangent_gradient, basis.transpose(1, 2) @ hessian @ basis - bending
+
+
+# --- as ONNX nodes ---------------------------------------------------------------------------------
+
+
+def emit_normalize(g: Graph, v: str) -> tuple[str, str]:
+    """(v / |v|, |v| (B, 1))."""
+    norm = g.norm(v, keepdims=True)
+    return g.div(v, norm), norm
+
+
+def emit_tangent_basis(g: Graph, z: str, k: int, dtype: type) -> str:
+    """B(z) (B, k, k - 1): the Householder construction of app.geometry.sphere_tangent_basis."""
+    first = g.op(
+        "Slice",
+        z,
+        g.const(np.array([0]), np.int64),
+        g.const(np.array([1]), np.int64),
+        g.const(np.array([1]), np.int64),
+    )
+    sign = g.where(
+        g.op("GreaterOrEqual", first, g.const(0.0, dtype)), g.const(1.0, dtype), g.const(-1.0, dtype)
+    )
+    e1 = np.zeros(k, dtype=dtype)
+    e1[0] = 1.0
+    u = g.add(z, g.mul(sign, g.const(e1, dtype)))
+    scale = g.div(g.const(2.0, dtype), g.sum(g.mul(u, u), 1, keepdims=True))
+    tail = g.op(
+        "Slice",
+        u,
+        g.const(np.array([1]), np.int64),
+        g.const(np.array([k]), np.int64),
+        g.const(np.array([1]), np.int64),
+    )
+    outer = g.mul(g.unsqueeze(g.mul(scale, u), 2), g.unsqueeze(tail, 1))  # (B, k, k-1)
+    return g.sub(g.const(np.eye(k, dtype=dtype)[:, 1:], dtype), outer)
+
+
+def emit_bending(g: Graph, z: str, gradient: str, m: int) -> str:
+    """(z . gradient) I_m (B, m, m): riemannian_derivatives' bending term, for z, gradient (B, k)."""
+    dot = g.unsqueeze(g.unsqueeze(g.sum(g.mul(z, gradient), 1), 1), 2)
+    return g.mul(dot, g.const(np.eye(m), np.float64))
+
+
+def emit_riemannian_hessian(g: Graph, z: str, gradient: str, hessian: str, basis: str, m: int) -> str:
+    """B^T H B - (z . grad) I (B, m, m) from ambient gradient (B, k) and Hessian (B, k, k)."""
+    return g.sub(g.matmul(g.matmul(g.transpose(basis), hessian), basis), emit_bending(g, z, gradient, m))

@@ -1,25 +1,57 @@
-"""Multilayer perceptrons that return their batched Jacobian together with their value.
+"""Multilayer perceptrons that return their batched Jacobian together with their value, in torch
+and as ONNX nodes side by side.
 
 The Jacobian is the analytic layer-by-layer product, carried forward as a stack of tangent vectors
 (forward mode): for an affine layer T <- W T, for an activation T <- a'(h) * T. It costs a few extra
 matrix products per layer, is exact, needs no autograd graph and is a plain tensor program, so it
-exports to ONNX and runs batched on any device. No Python loop over rows.
+runs batched on any device and its graph form is the same products. No Python loop over rows.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from app.model.spec import ACTIVATION_NAMES, Architecture
+from app.model.graph import Graph, onnx_type
+from app.model.spec import ACTIVATION_NAMES, Architecture, layer_names
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation in torch and as ONNX nodes, side by side.
+
+    derivatives: h -> (a(h), a'(h), a''(h)), so the tangent and curvature updates reuse the forward
+    computation; value: a(h) alone, the fast path of the plain forward pass; emit(g, h, order,
+    dtype): the same [a, a', a''][: order + 1] as graph nodes.
+    """
+
+    derivatives: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    value: Callable[[Tensor], Tensor]
+    emit: Callable[[Graph, str, int, type], list[str]]
 
 
 def _swish(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s = torch.sigmoid(h)
     return h * s, s * (1 + h * (1 - s)), s * (1 - s) * (2 + h * (1 - 2 * s))
+
+
+def _emit_swish(g: Graph, h: str, order: int, dtype: type) -> list[str]:
+    s = g.op("Sigmoid", h)
+    out = [g.mul(h, s)]
+    if order >= 1:
+        one = g.const(1.0, dtype)
+        s_complement = g.sub(one, s)
+        out.append(g.mul(s, g.add(one, g.mul(h, s_complement))))
+    if order >= 2:  # s (1 - s) (2 + h (1 - 2 s))
+        bend = g.add(g.const(2.0, dtype), g.mul(h, g.sub(s_complement, s)))
+        out.append(g.mul(g.mul(s, s_complement), bend))
+    return out
 
 
 def _tanh(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -28,9 +60,26 @@ def _tanh(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return t, slope, -2 * t * slope
 
 
+def _emit_tanh(g: Graph, h: str, order: int, dtype: type) -> list[str]:
+    t = g.op("Tanh", h)
+    out = [t]
+    if order >= 1:
+        out.append(g.sub(g.const(1.0, dtype), g.mul(t, t)))
+    if order >= 2:
+        out.append(g.mul(g.mul(t, out[1]), g.const(-2.0, dtype)))
+    return out
+
+
 def _relu(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     positive = (h > 0).to(h.dtype)
     return h * positive, positive, torch.zeros_like(h)
+
+
+def _emit_relu(g: Graph, h: str, order: int, dtype: type) -> list[str]:
+    out = [g.op("Relu", h)]
+    if order >= 1:
+        out.append(g.cast(g.op("Greater", h, g.const(0.0, dtype)), onnx_type(dtype)))
+    return out + [g.mul(h, g.const(0.0, dtype))] * (order >= 2)
 
 
 def _softplus(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,30 +87,42 @@ def _softplus(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return nn.functional.softplus(h), s, s * (1 - s)
 
 
+def _emit_softplus(g: Graph, h: str, order: int, dtype: type) -> list[str]:
+    if dtype is np.float32:
+        out = [g.op("Softplus", h)]
+    else:  # onnxruntime has no float64 Softplus: max(h, 0) + log(1 + exp(-|h|)), exact to rounding
+        tail = g.op("Log", g.add(g.const(1.0, dtype), g.op("Exp", g.op("Neg", g.op("Abs", h)))))
+        out = [g.add(g.op("Relu", h), tail)]
+    if order >= 1:
+        out.append(g.op("Sigmoid", h))
+    if order >= 2:
+        out.append(g.mul(out[1], g.sub(g.const(1.0, dtype), out[1])))
+    return out
+
+
 def _linear(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return h, torch.ones_like(h), torch.zeros_like(h)
 
 
-# Each activation returns (a(h), a'(h), a''(h)) so the tangent and curvature updates reuse the
-# forward computation.
-ACTIVATIONS_WITH_SLOPE: dict[str, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
-    "swish": _swish,
-    "tanh": _tanh,
-    "relu": _relu,
-    "softplus": _softplus,
-    "linear": _linear,
+def _emit_linear(g: Graph, h: str, order: int, dtype: type) -> list[str]:
+    zero = g.mul(h, g.const(0.0, dtype))
+    return [h, g.add(zero, g.const(1.0, dtype)), zero][: order + 1]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "swish": Activation(_swish, nn.functional.silu, _emit_swish),
+    "tanh": Activation(_tanh, torch.tanh, _emit_tanh),
+    "relu": Activation(_relu, torch.relu, _emit_relu),
+    "softplus": Activation(_softplus, nn.functional.softplus, _emit_softplus),
+    "linear": Activation(_linear, lambda h: h, _emit_linear),
 }
-# The value alone, for the plain forward pass (training and reconstruction need no slopes).
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "swish": nn.functional.silu,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "softplus": nn.functional.softplus,
-    "linear": lambda h: h,
-}
-assert tuple(ACTIVATIONS) == tuple(ACTIVATIONS_WITH_SLOPE) == ACTIVATION_NAMES, (
-    "app.model.spec names the activations"
-)
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "app.model.spec names the activations"
+
+
+def emit_activation(g: Graph, h: str, name: str, order: int, dtype: type) -> list[str]:
+    """[a(h)], [a(h), a'(h)] or [a(h), a'(h), a''(h)] by `order`, as graph nodes."""
+    return ACTIVATIONS[name].emit(g, h, order, dtype)
+
 
 Layers = Sequence[tuple[Tensor, Tensor]]  # (weight (..., out, in), bias (..., out)) per layer
 
@@ -76,7 +137,7 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def mlp_forward(x: Tensor, layers: Layers, activation: str) -> Tensor:
     """The MLP as a function of its weights, so stacked training candidates share this code path."""
-    act = ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation].value
     for weight, bias in layers[:-1]:
         x = act(_affine(x, weight, bias))
     return _affine(x, *layers[-1])
@@ -131,7 +192,7 @@ class MLP(nn.Module):
         tangents (B, n_in, width), a'(h) and a''(h)."""
         # T holds the tangents transposed, (B, n_in, width), so each layer is one batched matmul
         # on the right, the same product as the layer itself.
-        activation = ACTIVATIONS_WITH_SLOPE[self.activation]
+        activation = ACTIVATIONS[self.activation].derivatives
         T = self.layers[0].weight.T.expand(x.shape[0], -1, -1)
         h = self.layers[0](x)
         cache = []
@@ -193,3 +254,73 @@ class Decoder(nn.Module):
     def forward_with_curvature(self, z: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """As MLP.forward_with_curvature, in ambient latent coordinates."""
         return self.net.forward_with_curvature(z)
+
+
+# --- the same networks as ONNX nodes, from a bundle's numpy weights -------------------------------
+
+ArrayLayers = list[tuple[NDArray[np.floating], NDArray[np.floating]]]  # (W^T (in, out), b (out,))
+
+
+def numpy_layers(weights: dict[str, NDArray[np.floating]], net: str, depth: int, dtype: type) -> ArrayLayers:
+    """(W^T, b) per layer in `dtype`, transposed once so that every use shares one initializer."""
+    layers = []
+    for i in range(depth + 1):
+        weight, bias = layer_names(net, i)
+        layers.append(
+            (np.ascontiguousarray(weights[weight].T, dtype=dtype), np.asarray(weights[bias], dtype=dtype))
+        )
+    return layers
+
+
+def emit_mlp(g: Graph, x: str, layers: ArrayLayers, activation: str) -> str:
+    dtype = layers[0][0].dtype.type
+    for i, (wt, b) in enumerate(layers):
+        x = g.add(g.matmul(x, g.weight(wt)), g.weight(b))
+        if i < len(layers) - 1:
+            x = emit_activation(g, x, activation, 0, dtype)[0]
+    return x
+
+
+def emit_mlp_with_tangents(
+    g: Graph, x: str, layers: ArrayLayers, activation: str, cache: list[tuple[str, str, str]] | None = None
+) -> tuple[str, str]:
+    """Value (B, out) and transposed Jacobian T = J^T (B, in, out), carried forward layer by layer.
+
+    With a `cache` list, each hidden layer's pre-activation tangents (B, in, width), a'(h) and
+    a''(h) are appended to it, for emit_mlp_curvature.
+    """
+    dtype = layers[0][0].dtype.type
+    w0t, b0 = layers[0]
+    h = g.add(g.matmul(x, g.weight(w0t)), g.weight(b0))
+    tangents = g.weight(w0t)  # (in, width): broadcast over the batch by the first Mul
+    for wt, b in layers[1:]:
+        value, slope, *bend = emit_activation(g, h, activation, 1 if cache is None else 2, dtype)
+        if cache is not None:
+            cache.append((tangents, slope, bend[0]))
+        tangents = g.mul(tangents, g.unsqueeze(slope, 1))  # (B, in, width)
+        h = g.add(g.matmul(value, g.weight(wt)), g.weight(b))
+        tangents = g.matmul(tangents, g.weight(wt))
+    if len(layers) == 1:  # a linear map: J^T is the constant weight, broadcast to the batch
+        zeros = g.mul(g.unsqueeze(g.sum(x, 1, keepdims=True), 2), g.const(0.0, dtype))
+        tangents = g.add(zeros, tangents)
+    return h, tangents
+
+
+def emit_mlp_curvature(
+    g: Graph, cache: list[tuple[str, str, str]], weights_t: list[NDArray[np.floating]], w: str
+) -> str:
+    """app.nn.MLP.forward_with_curvature's contraction: the Hessian of w . MLP(x) (B, in, in) as
+    sum_l T_l diag(a''(h_l) adj_l) T_l^T, adjoints by one backward pass. weights_t: each layer
+    after the first as W (out, in), the transpose of what numpy_layers holds."""
+    adjoint, total = w, None
+    for layer in reversed(range(len(cache))):
+        tangents, slope, bend = cache[layer]
+        adjoint = g.matmul(adjoint, g.weight(weights_t[layer]))  # d / d a(h_l)
+        scaled = g.mul(tangents, g.unsqueeze(g.mul(bend, adjoint), 1))
+        # the first layer's tangents are W_0^T itself (in, width), shared by the batch
+        transposed = g.op("Transpose", tangents) if layer == 0 else g.transpose(tangents)
+        term = g.matmul(scaled, transposed)
+        total = term if total is None else g.add(total, term)
+        adjoint = g.mul(adjoint, slope)
+    assert total is not None
+    return total

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from app.model.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
+from app.model.linalg import cholesky_solve, floored_cholesky, orthonormal_columns, sum_log_singular_values
 from app.model.manifold import GenerativeModel
 from app.model.methods import FLOAT64_METHODS, METHODS, check_method
-from app.model.spec import PIVOT_FLOOR, PROJECTION_STEPS, PROJECTION_TOLERANCE, SINGULAR_VALUE_FLOOR
+from app.model.spec import PROJECTION_STEPS, PROJECTION_TOLERANCE
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -64,18 +65,6 @@ def log_normal_residual(e: Tensor, sigma2: float, dims: int) -> Tensor:
 def log_normal_of_squared(squared: Tensor, sigma2: float, dims: int) -> Tensor:
     """The same from |e|^2 (B,): a new sigma2 rescores residuals without recomputing them."""
     return -0.5 * squared / sigma2 - 0.5 * dims * (LOG_2PI + math.log(sigma2))
-
-
-def sum_log_singular_values(J: Tensor) -> Tensor:
-    """(B, p, q) -> (B,) sum of log singular values, each floored at SINGULAR_VALUE_FLOOR.
-
-    For a d x m Jacobian of rank m this is log sqrt(det(J^T J)), the log of the m-volume
-    stretching factor.
-    """
-    # In float64 even for float32 networks: small singular values of a graded Jacobian keep their
-    # relative accuracy, and the result matches the exported graph's float64 factorisation.
-    s = torch.linalg.svdvals(J.double())
-    return torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1).to(J.dtype)
 
 
 def _parts(
@@ -149,11 +138,6 @@ def encoder(model: GenerativeModel, x: Tensor) -> ScoreParts:
     return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
 
 
-def orthonormal_columns(A: Tensor) -> Tensor:
-    """(B, d, m) of rank m -> (B, d, m) orthonormal columns spanning the same space (reduced QR)."""
-    return torch.linalg.qr(A, mode="reduced").Q
-
-
 def reconstruction(model: GenerativeModel, x: Tensor) -> ScoreParts:
     """Paper eq. 4 as a normalised Gaussian in all d coordinates."""
     z = _require_encoder(model, "reconstruction")(x)
@@ -174,33 +158,6 @@ def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
     log_prior = model.prior.log_prob(z)
     zero = torch.zeros_like(log_prior)
     return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
-
-
-def floored_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, m, m) symmetric -> lower-triangular L (B, m, m) with L L^T = A where A is positive
-    definite, and whether any pivot was floored (B,). Each pivot is at least PIVOT_FLOOR times the
-    Frobenius norm of A (which no change of orthonormal basis alters), so an indefinite or singular
-    A still gives a finite factor: the Gauss-Newton Hessian of a mixture prior can be indefinite
-    between its components."""
-    m = A.shape[-1]
-    floor = PIVOT_FLOOR * torch.linalg.matrix_norm(A).clamp(min=1e-300)  # (B,)
-    L = torch.zeros_like(A)
-    floored = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
-    for j in range(m):
-        row = L[:, j, :j]
-        pivot = A[:, j, j] - (row * row).sum(-1)
-        floored |= pivot < floor
-        L[:, j, j] = torch.sqrt(torch.maximum(pivot, floor))
-        if j + 1 < m:
-            below = A[:, j + 1 :, j] - (L[:, j + 1 :, :j] @ row.unsqueeze(-1)).squeeze(-1)
-            L[:, j + 1 :, j] = below / L[:, j, j : j + 1]
-    return L, floored
-
-
-def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
-    """L (B, m, m) lower-triangular, b (B, m, n) -> (L L^T)^-1 b."""
-    y = torch.linalg.solve_triangular(L, b, upper=False)
-    return torch.linalg.solve_triangular(L.transpose(1, 2), y, upper=True)
 
 
 @dataclass(frozen=True)

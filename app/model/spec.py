@@ -84,6 +84,12 @@ def intrinsic_dim(latent_dim: int, geometry: Geometry) -> int:
     return latent_dim - 1 if geometry == "sphere" else latent_dim
 
 
+def layer_names(net: str, index: int) -> tuple[str, str]:
+    """The names of layer `index`'s weight and bias in network `net` (encoder, decoder): the one
+    place that spells them. app.model.nn's modules are laid out so their state dicts use them."""
+    return f"{net}.net.layers.{index}.weight", f"{net}.net.layers.{index}.bias"
+
+
 def weight_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     """The tensors a bundle's weights file must hold for `arch`, by name (see docs/bundle.md)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -93,8 +99,9 @@ def weight_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     ):
         sizes = [n_in] + [arch.hidden] * arch.depth + [n_out]
         for i in range(len(sizes) - 1):
-            shapes[f"{net}.net.layers.{i}.weight"] = (sizes[i + 1], sizes[i])
-            shapes[f"{net}.net.layers.{i}.bias"] = (sizes[i + 1],)
+            weight, bias = layer_names(net, i)
+            shapes[weight] = (sizes[i + 1], sizes[i])
+            shapes[bias] = (sizes[i + 1],)
     if arch.prior in ("vamp", "vmf"):
         shapes["prior.pseudo_inputs"] = (arch.components, arch.input_dim)
     if arch.prior == "vamp":
