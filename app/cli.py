@@ -7,14 +7,16 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
 from app.bundle.format import load_bundle
 from app.model.methods import METHODS
-from app.model.spec import PRIOR_GEOMETRY
+from app.model.spec import PRIOR_GEOMETRY, Network
+from app.train.options import Candidate, FitOptions
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -24,24 +26,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="CSV with header, Parquet, .npy, or whitespace-separated .txt")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--name", help="model name stored in the bundle (default: the data file's stem)")
-    arch = p.add_argument_group("model (one candidate, or the base of every grid candidate)")
-    arch.add_argument("--latent", type=int, default=4, help="latent size k (default 4)")
-    arch.add_argument("--hidden", type=int, default=64, help="units per hidden layer (default 64)")
-    arch.add_argument("--depth", type=int, default=3, help="hidden layers in encoder and decoder (default 3)")
-    arch.add_argument("--activation", default="swish", choices=["swish", "tanh", "relu", "softplus"])
-    arch.add_argument("--prior", default="vamp", choices=sorted(PRIOR_GEOMETRY), help="default vamp")
-    arch.add_argument(
-        "--geometry", choices=["euclidean", "sphere"], help="default: the prior's (vmf: sphere)"
+    _options_from(
+        p.add_argument_group("model (one candidate, or the base of every grid candidate)"), Candidate
     )
-    arch.add_argument("--components", type=int, default=4, help="mixture components K (default 4)")
-    arch.add_argument("--beta", type=float, default=1.0, help="weight of the MMD term (default 1)")
-    arch.add_argument("--kernel-width", type=float, default=1.0, help="IMQ kernel constant c (default 1)")
     fit = p.add_argument_group("fitting")
-    fit.add_argument("--steps", type=int, default=10_000)
-    fit.add_argument("--batch-size", type=int, default=100)
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    _options_from(fit, FitOptions)
     fit.add_argument("--val-fraction", type=float, default=0.2)
     fit.add_argument("--cal-fraction", type=float, default=0.2)
     fit.add_argument("--grid", help="hyper-parameter search: 'default', 'paper', or a JSON file of lists")
@@ -58,6 +47,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--allow-constant", action="store_true", help="accept constant columns")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _options_from(group: argparse._ArgumentGroup, cls: type) -> None:
+    """One option per field of the dataclass `cls`: its type, choices (a Literal's values), default
+    and the `help` of its metadata, or of the Network field it redeclares with another default."""
+    hints = get_type_hints(cls)
+    declared = {f.name: f.metadata for f in fields(Network)}
+    for f in fields(cls):
+        meta = f.metadata or declared.get(f.name, {})
+        kind = hints[f.name]
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        # The geometry follows the prior unless asked for (a Gaussian is no density on the sphere).
+        default = None if f.name == "geometry" else f.default
+        group.add_argument(
+            meta.get("flag", "--" + f.name.replace("_", "-")),
+            dest=f.name,
+            type=type(choices[0]) if choices else kind,
+            choices=choices,
+            default=default,
+            help=meta["help"] + ("" if default is None else f" (default {default})"),
+        )
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grid_spec(value: str) -> dict[str, list[Any]]:
-    from app.train.fit import GRIDS
+    from app.train.options import GRIDS
 
     if value in GRIDS:
         return GRIDS[value]
@@ -159,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from app.model.device import resolve_device
     from app.train.data import read_table
-    from app.train.fit import Candidate, FitOptions, expand_grid
+    from app.train.options import expand_grid
     from app.train.pipeline import TrainRequest, train_bundle
 
     table = read_table(
@@ -177,27 +187,14 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     d = table.values.shape[1]
-    base = Candidate(
-        latent_dim=args.latent,
-        hidden=args.hidden,
-        depth=args.depth,
-        activation=args.activation,
-        geometry=args.geometry or PRIOR_GEOMETRY[args.prior],
-        prior=args.prior,
-        components=args.components,
-        beta=args.beta,
-        kernel_width=args.kernel_width,
-    )
+    network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
+    network["geometry"] = args.geometry or PRIOR_GEOMETRY[args.prior]
+    base = Candidate(**network)
     candidates = expand_grid(_grid_spec(args.grid), d, base) if args.grid else [base]
     if not args.grid:
         base.architecture(d)  # refuse an impossible single model before any work
-    fit = FitOptions(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=resolve_device(args.device),
-    )
+    fit = FitOptions(**{f.name: getattr(args, f.name) for f in fields(FitOptions)})
+    fit = replace(fit, device=resolve_device(fit.device))
     request = TrainRequest(
         candidates=candidates,
         fit=fit,
@@ -363,7 +360,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         selections,
         summary_table,
     )
-    from app.train.fit import Candidate, FitOptions, expand_grid
+    from app.train.options import expand_grid
 
     started = time.perf_counter()
     datasets = load_datasets(args.data_dir, args.datasets)

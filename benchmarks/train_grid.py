@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from app.model.manifold import ManifoldModel
-from app.train.fit import Candidate, FitOptions, fit_candidates, imq_mmd
+from app.train.fit import fit_candidates, imq_mmd
+from app.train.options import Candidate, FitOptions
 
 
 def plain_loop(x: torch.Tensor, candidate: Candidate, steps: int) -> float:

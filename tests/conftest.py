@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.train.fit import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 
 FEATURES = [f"f{i}" for i in range(6)]

@@ -23,8 +23,8 @@ from app.model.distributions import (
     StandardNormal,
     VonMisesFisherMixture,
 )
-from app.model.nn import Decoder, Encoder
-from app.model.spec import Architecture, Geometry, intrinsic_dim
+from app.model.nn import Decoder, Encoder, encode, mlp_forward
+from app.model.spec import Architecture, Geometry, intrinsic_dim, layer_names
 
 
 class JacobianMap(Protocol):
@@ -93,11 +93,23 @@ class GenerativeModel:
         return intrinsic_dim(self.prior.dim, self.geometry)
 
 
+Encode = Callable[[Tensor], Tensor]
+
+
 class Prior(nn.Module, ABC):
-    """Learnable parameters of p(z); `distribution` turns them into a density given the encoder."""
+    """Learnable parameters of p(z); `distribution` turns them into a density given the encoder,
+    `stacked` does the same for C models trained together from their stacked parameters."""
 
     @abstractmethod
     def distribution(self, encoder: Encoder) -> LatentDistribution: ...
+
+    @staticmethod
+    @abstractmethod
+    def stacked(
+        arch: Architecture, params: dict[str, Tensor], encode: Encode, like: Tensor
+    ) -> LatentDistribution:
+        """params: the state of C models stacked along a leading axis, named as ManifoldModel's;
+        encode: their stacked encoder; like: a tensor of their dtype and device."""
 
 
 class NormalPrior(Prior):
@@ -108,6 +120,13 @@ class NormalPrior(Prior):
     def distribution(self, encoder: Encoder) -> LatentDistribution:
         reference = next(encoder.parameters())  # dtype and device of the model
         return StandardNormal(self.latent_dim, dtype=reference.dtype, device=reference.device)
+
+    @staticmethod
+    def stacked(
+        arch: Architecture, params: dict[str, Tensor], encode: Encode, like: Tensor
+    ) -> LatentDistribution:
+        models = next(iter(params.values())).shape[0]
+        return StandardNormal(arch.latent_dim, like.dtype, like.device, batch_shape=(models,))
 
 
 class VampGaussianPrior(Prior):
@@ -125,6 +144,14 @@ class VampGaussianPrior(Prior):
 
     def distribution(self, encoder: Encoder) -> LatentDistribution:
         return self.from_parameters(encoder(self.pseudo_inputs), self.log_scales)
+
+    @staticmethod
+    def stacked(
+        arch: Architecture, params: dict[str, Tensor], encode: Encode, like: Tensor
+    ) -> LatentDistribution:
+        return VampGaussianPrior.from_parameters(
+            encode(params["prior.pseudo_inputs"]), params["prior.log_scales"]
+        )
 
 
 class VampVMFPrior(Prior):
@@ -146,6 +173,15 @@ class VampVMFPrior(Prior):
 
     def distribution(self, encoder: Encoder) -> LatentDistribution:
         return self.from_parameters(encoder(self.pseudo_inputs), self.kappa_raw)
+
+    @staticmethod
+    def stacked(
+        arch: Architecture, params: dict[str, Tensor], encode: Encode, like: Tensor
+    ) -> LatentDistribution:
+        return VampVMFPrior.from_parameters(encode(params["prior.pseudo_inputs"]), params["prior.kappa_raw"])
+
+
+PRIORS: dict[str, type[Prior]] = {"normal": NormalPrior, "vamp": VampGaussianPrior, "vmf": VampVMFPrior}
 
 
 def build_prior(arch: Architecture) -> Prior:
@@ -170,6 +206,27 @@ class ManifoldModel(nn.Module):
 
     def prior_distribution(self) -> LatentDistribution:
         return self.prior.distribution(self.encoder)
+
+    @staticmethod
+    def stacked_forward(
+        arch: Architecture, params: dict[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, Tensor, LatentDistribution]:
+        """C models of one architecture at once, their state stacked along a leading axis
+        (torch.func.stack_module_state): x (B, d) -> z (C, B, k), x_hat (C, B, d) and their priors,
+        by batched matrix products through the same mlp_forward the single model uses."""
+
+        def layers(net: str) -> list[tuple[Tensor, Tensor]]:
+            names = (layer_names(net, i) for i in range(arch.depth + 1))
+            return [(params[weight], params[bias]) for weight, bias in names]
+
+        encoder_layers = layers("encoder")
+
+        def encoder(v: Tensor) -> Tensor:
+            return encode(v, encoder_layers, arch.activation, arch.geometry)
+
+        z = encoder(x)
+        x_hat = mlp_forward(z, layers("decoder"), arch.activation)
+        return z, x_hat, PRIORS[arch.prior].stacked(arch, params, encoder, x)
 
     @property
     def dtype(self) -> torch.dtype:

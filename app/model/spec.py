@@ -5,7 +5,7 @@ Kept free of torch so a CPU deployment that scores through onnxruntime can read 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
 
 Geometry = Literal["euclidean", "sphere"]
@@ -26,34 +26,33 @@ PROJECTION_TOLERANCE = 1e-8  # a row stops once its next step is below this time
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """Everything needed to rebuild encoder, decoder and prior; stored verbatim in a model bundle."""
+class Network:
+    """The model without the width of the data: encoder, decoder and prior.
 
-    input_dim: int  # d
-    latent_dim: int  # k, the ambient latent size (the sphere S^(k-1) has intrinsic size k - 1)
-    hidden: int = 64
-    depth: int = 3  # hidden layers in each of encoder and decoder
-    activation: ActivationName = "swish"
-    geometry: Geometry = "euclidean"
-    prior: PriorName = "normal"
-    components: int = 1  # K, mixture components of the vamp and vmf priors
+    The base of Architecture (what a bundle stores) and of app.train.fit.Candidate (a point of the
+    hyper-parameter grid), so the fields are declared once; their `help` metadata is what the
+    command line says of them.
+    """
+
+    latent_dim: int = field(
+        metadata={"flag": "--latent", "help": "latent size k (the sphere S^(k-1) has intrinsic size k - 1)"}
+    )
+    hidden: int = field(default=64, metadata={"help": "units per hidden layer"})
+    depth: int = field(default=3, metadata={"help": "hidden layers in each of encoder and decoder"})
+    activation: ActivationName = field(default="swish", metadata={"help": "activation of the hidden layers"})
+    geometry: Geometry = field(default="euclidean", metadata={"help": "latent space; default: the prior's"})
+    prior: PriorName = field(default="normal", metadata={"help": "latent density"})
+    components: int = field(default=1, metadata={"help": "mixture components K of the vamp and vmf priors"})
 
     def __post_init__(self) -> None:
-        if self.input_dim < 1 or self.latent_dim < 1:
-            raise ValueError(
-                f"input_dim and latent_dim must be >= 1, got {self.input_dim}, {self.latent_dim}"
-            )
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATION_NAMES}")
         if self.geometry not in ("euclidean", "sphere"):
             raise ValueError(f"unknown geometry {self.geometry!r}; choose 'euclidean' or 'sphere'")
         if self.geometry == "sphere" and self.latent_dim < 2:
             raise ValueError("a spherical latent space needs latent_dim >= 2 (S^(k-1) with k >= 2)")
-        if self.intrinsic_dim > self.input_dim:
-            raise ValueError(
-                f"latent size {self.intrinsic_dim} (intrinsic) exceeds the data size {self.input_dim}: "
-                "a manifold cannot have more dimensions than the space it lies in"
-            )
         if self.prior not in PRIOR_GEOMETRY:
             raise ValueError(f"unknown prior {self.prior!r}; choose one of {sorted(PRIOR_GEOMETRY)}")
         if PRIOR_GEOMETRY[self.prior] != self.geometry:
@@ -70,6 +69,31 @@ class Architecture:
     def intrinsic_dim(self) -> int:
         """m: the manifold's dimension, k for Euclidean latents and k - 1 on the sphere."""
         return intrinsic_dim(self.latent_dim, self.geometry)
+
+    def network(self) -> Network:
+        """The network fields alone (of an Architecture or a Candidate)."""
+        return Network(**{f.name: getattr(self, f.name) for f in fields(Network)})
+
+
+@dataclass(frozen=True)
+class Architecture(Network):
+    """Everything needed to rebuild encoder, decoder and prior; stored verbatim in a model bundle."""
+
+    input_dim: int = field(kw_only=True)  # d
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {self.input_dim}")
+        if self.intrinsic_dim > self.input_dim:
+            raise ValueError(
+                f"latent size {self.intrinsic_dim} (intrinsic) exceeds the data size {self.input_dim}: "
+                "a manifold cannot have more dimensions than the space it lies in"
+            )
+
+    @classmethod
+    def of(cls, network: Network, input_dim: int) -> Architecture:
+        return cls(**{f.name: getattr(network, f.name) for f in fields(Network)}, input_dim=input_dim)
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Architecture:

@@ -34,8 +34,10 @@ from app.bundle.format import Scaler
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
 from app.train.data import read_table
-from app.train.fit import Candidate, FitOptions, fit_candidates, fit_noise, score_rows
-from app.train.metrics import roc_auc
+from app.train.fit import fit_candidates
+from app.train.options import Candidate, FitOptions
+from app.train import selection as rule
+from app.train.selection import auc, evaluate_candidate
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")
@@ -129,17 +131,6 @@ def stratified_holdout(
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
 
 
-def _auc(labels: NDArray[np.bool_], score: NDArray[np.float64]) -> float:
-    """AUC, NaN where one class is missing; a non-finite score ranks as the most anomalous."""
-    if labels.all() or not labels.any():
-        return math.nan
-    finite = np.isfinite(score)
-    if not finite.all():
-        top = score[finite].max() if finite.any() else 0.0
-        score = np.where(finite, score, top + 1.0)
-    return roc_auc(labels, score)
-
-
 def baseline_scores(
     x_train: NDArray[np.float64], x_test: NDArray[np.float64], seed: int, knn_k: int, trees: int
 ) -> dict[str, NDArray[np.float64]]:
@@ -194,47 +185,39 @@ def evaluate_split(
     fit = replace(options.fit, seed=split)
     rows = []
     for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
-        val_projected = fit_noise(fitted.model, x_val)
+        report = evaluate_candidate(fitted, x_val, y_val, data.x_test, data.y_test)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()
         row |= {"sigma2": fitted.model.sigma2, "sigma2_projected": fitted.model.sigma2_projected}
         row["final_loss"] = fitted.loss_curve[-1]
         for method in METHODS:
-            val = val_projected if method == "projected" else score_rows(fitted.model, x_val, method)
-            test = score_rows(fitted.model, data.x_test, method)
-            row[f"val_loglik_{method}"] = float(np.mean(val["log_prob"]))
-            row[f"val_auc_{method}"] = _auc(y_val, -val["log_prob"])
-            row[f"test_auc_{method}"] = _auc(data.y_test, -test["log_prob"])
+            row[f"val_loglik_{method}"] = report.val_log_likelihood[method]
+            row[f"val_auc_{method}"] = report.val_auc[method]
+            row[f"test_auc_{method}"] = report.test_auc[method]
             if method == "reconstruction":
-                row["val_reconstruction_error"] = float(np.mean(val["reconstruction_error"]))
-            if method == "projected":  # rows whose MAP iteration stopped at its cap, not converged
-                row["projected_rows"] = int(val["converged"].size + test["converged"].size)
-                row["projected_capped"] = int((~val["converged"]).sum() + (~test["converged"]).sum())
+                row["val_reconstruction_error"] = report.val_reconstruction_error
+        row["projected_rows"], row["projected_capped"] = report.projected_rows, report.projected_capped
         rows.append(row)
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     return SplitResult(
         dataset.name,
         split,
         rows,
-        {name: _auc(data.y_test, s) for name, s in baseline.items()},
+        {name: auc(data.y_test, s) for name, s in baseline.items()},
         time.perf_counter() - started,
     )
 
 
 def select(rows: list[dict[str, Any]], method: str, selection: str) -> tuple[int, str]:
-    """Index of the chosen candidate among one split's rows, and the rule that chose it.
-
-    Supervised selection falls back to the unsupervised rule when the validation rows hold one class.
-    """
-    if selection == "supervised":
-        aucs = np.array([r[f"val_auc_{method}"] for r in rows], dtype=float)
-        if not np.isnan(aucs).all():
-            return int(np.nanargmax(aucs)), "validation AUC"
-    if method == "reconstruction":
-        errors = np.array([r["val_reconstruction_error"] for r in rows], dtype=float)
-        return int(np.nanargmin(errors)), "lowest validation reconstruction error"
-    loglik = np.array([r[f"val_loglik_{method}"] for r in rows], dtype=float)
-    return int(np.nanargmax(loglik)), f"highest validation log-likelihood of {method}"
+    """Index of the chosen candidate among one split's rows, and the rule that chose it
+    (app.train.selection.select on the rows' validation figures)."""
+    return rule.select(
+        method,
+        selection == "supervised",
+        [r[f"val_auc_{method}"] for r in rows],
+        [r[f"val_loglik_{method}"] for r in rows],
+        [r["val_reconstruction_error"] for r in rows],
+    )
 
 
 def selections(results: list[SplitResult]) -> list[dict[str, Any]]:

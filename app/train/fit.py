@@ -8,9 +8,8 @@ so this is exactly C independent optimisations that share the mini-batch sequenc
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,10 +17,8 @@ from numpy.typing import NDArray
 from torch import Tensor
 from torch.func import stack_module_state
 
-from app.model.distributions import LatentDistribution, StandardNormal
-from app.model.manifold import ManifoldModel, VampGaussianPrior, VampVMFPrior
+from app.model.manifold import ManifoldModel
 from app.model.methods import OUTPUTS
-from app.model.nn import encode, mlp_forward
 from app.model.scores import (
     ScoreParts,
     effective_dimensions,
@@ -30,61 +27,9 @@ from app.model.scores import (
     score,
     scoring_dtype,
 )
-from app.model.spec import Architecture
+from app.train.options import Candidate, FitOptions
 
 SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One point of the hyper-parameter grid."""
-
-    latent_dim: int = 4
-    hidden: int = 64
-    depth: int = 3
-    activation: str = "swish"
-    geometry: str = "euclidean"
-    prior: str = "vamp"
-    components: int = 4
-    beta: float = 1.0  # weight of the MMD term
-    kernel_width: float = 1.0  # c of the IMQ kernel c / (c + |z - z'|^2)
-
-    def architecture(self, input_dim: int) -> Architecture:
-        return Architecture(
-            input_dim=input_dim,
-            latent_dim=self.latent_dim,
-            hidden=self.hidden,
-            depth=self.depth,
-            activation=self.activation,  # type: ignore[arg-type]
-            geometry=self.geometry,  # type: ignore[arg-type]
-            prior=self.prior,  # type: ignore[arg-type]
-            components=self.components,
-        )
-
-    def group(self) -> tuple[object, ...]:
-        """Candidates with equal groups share an architecture and train stacked."""
-        return (
-            self.latent_dim,
-            self.hidden,
-            self.depth,
-            self.activation,
-            self.geometry,
-            self.prior,
-            self.components,
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    steps: int = 10_000
-    batch_size: int = 100
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "cpu"
-    curve_points: int = 50  # how many averaged points of the loss curve to keep
 
 
 @dataclass
@@ -111,16 +56,6 @@ def imq_mmd(z: Tensor, y: Tensor, width: Tensor) -> Tensor:
     return within - 2 * kernel(z, y).mean((-1, -2))
 
 
-def _stacked_prior(
-    arch: Architecture, params: dict[str, Tensor], locations: Tensor | None, n_models: int, like: Tensor
-) -> LatentDistribution:
-    if arch.prior == "vamp":
-        return VampGaussianPrior.from_parameters(locations, params["prior.log_scales"])
-    if arch.prior == "vmf":
-        return VampVMFPrior.from_parameters(locations, params["prior.kappa_raw"])
-    return StandardNormal(arch.latent_dim, like.dtype, like.device, batch_shape=(n_models,))
-
-
 def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     """Adam with one fused kernel per parameter (PyTorch >= 2.4 on CPU), else multi-tensor Adam:
     the per-tensor loop of the default costs a step about a millisecond of Python."""
@@ -144,21 +79,6 @@ def _fit_group(
             model.prior.pseudo_inputs.data.copy_(x[rows].cpu())
     models = [m.to(opts.device) for m in models]
     params, buffers = stack_module_state(models)
-    n_layers = arch.depth + 1
-
-    def layers(net: str) -> list[tuple[Tensor, Tensor]]:
-        return [
-            (params[f"{net}.net.layers.{i}.weight"], params[f"{net}.net.layers.{i}.bias"])
-            for i in range(n_layers)
-        ]
-
-    def forward(xb: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(B, d) -> z (C, B, k), x_hat (C, B, d), prior locations (C, K, k) for C candidates."""
-        enc = layers("encoder")
-        z = encode(xb, enc, arch.activation, arch.geometry)
-        x_hat = mlp_forward(z, layers("decoder"), arch.activation)
-        pseudo = params.get("prior.pseudo_inputs")
-        return z, x_hat, None if pseudo is None else encode(pseudo, enc, arch.activation, arch.geometry)
 
     beta = torch.tensor([c.beta for c in candidates], dtype=x.dtype, device=opts.device)
     width = torch.tensor([c.kernel_width for c in candidates], dtype=x.dtype, device=opts.device)
@@ -169,8 +89,7 @@ def _fit_group(
     for step in range(1, opts.steps + 1):
         rows = torch.randint(n, (min(opts.batch_size, n),), generator=batches)
         xb = x[rows]
-        z, x_hat, locations = forward(xb)
-        prior = _stacked_prior(arch, params, locations, len(candidates), xb)
+        z, x_hat, prior = ManifoldModel.stacked_forward(arch, params, xb)
         y = prior.rsample(xb.shape[0])
         loss = ((x_hat - xb) ** 2).mean((-1, -2)) + beta * imq_mmd(z, y, width)
         optimizer.zero_grad(set_to_none=True)
@@ -282,49 +201,3 @@ def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDA
             model.sigma2_projected = updated
     # map_point with this sigma2 from g(x), as scoring does: these are x_val's projected parts.
     return _arrays(laplace_parts(point, converged, sigma2, precise.dtype))
-
-
-def expand_grid(
-    grid: dict[str, list[object]], input_dim: int, base: Candidate | None = None
-) -> list[Candidate]:
-    """Cartesian product of the listed values over `base`; latent sizes that do not fit the data are
-    left out (as in the paper: 'if smaller or equal than the data dimension')."""
-    unknown = set(grid) - set(Candidate.__dataclass_fields__)
-    if unknown:
-        raise ValueError(
-            f"unknown grid keys {sorted(unknown)}; known: {sorted(Candidate.__dataclass_fields__)}"
-        )
-    keys = list(grid)
-    out = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        candidate = replace(base or Candidate(), **dict(zip(keys, values, strict=True)))
-        try:
-            candidate.architecture(input_dim)
-        except ValueError as e:
-            if "exceeds the data size" in str(e):
-                continue
-            raise
-        out.append(candidate)
-    if not out:
-        raise ValueError(f"no candidate of the grid fits data with {input_dim} features")
-    return out
-
-
-GRIDS: dict[str, dict[str, list[object]]] = {
-    # The paper's 288 combinations (method notes): vMF mixture prior on the sphere.
-    "paper": {
-        "geometry": ["sphere"],
-        "prior": ["vmf"],
-        "hidden": [32, 64],
-        "latent_dim": [2, 4, 9],
-        "components": [1, 4, 16],
-        "beta": [0.01, 0.1, 1.0, 10.0],
-        "kernel_width": [1.0, 0.1, 0.01, 0.001],
-    },
-    # A small grid that trains in about a minute on two cores.
-    "default": {
-        "latent_dim": [2, 4, 8],
-        "beta": [0.1, 1.0],
-        "kernel_width": [0.1, 1.0],
-    },
-}

@@ -22,8 +22,9 @@ from numpy.typing import NDArray
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
 from app.bundle.format import Bundle, Scaler, save_bundle
 from app.model.methods import METHODS
-from app.train.fit import Candidate, FitOptions, Fitted, fit_candidates, fit_noise, score_rows
-from app.train.metrics import roc_auc
+from app.train.fit import fit_candidates, score_rows
+from app.train.options import Candidate, FitOptions
+from app.train.selection import CandidateReport, evaluate_candidate, select_report
 
 MIN_ROWS_PER_SPLIT = 10
 
@@ -64,13 +65,6 @@ class TrainRequest:
     fprs: tuple[float, ...] | None = None  # None: the defaults that the calibration split can support
     default_fpr: float = 0.01
     name: str = "model"
-
-
-@dataclass
-class CandidateReport:
-    fitted: Fitted
-    val_log_likelihood: dict[str, float]
-    val_auc: dict[str, float]
 
 
 @dataclass
@@ -117,21 +111,6 @@ def _leaderboard(reports: list[CandidateReport], selected: int) -> str:
     return out.getvalue()
 
 
-def evaluate_candidate(
-    fitted: Fitted, x_val: NDArray[np.float64], labels: NDArray[np.bool_] | None
-) -> CandidateReport:
-    """Fit the noise on validation rows, then the mean validation log-likelihood (and AUC) per score."""
-    projected = fit_noise(fitted.model, x_val)
-    log_likelihood, auc = {}, {}
-    for method in METHODS:
-        parts = projected if method == "projected" else score_rows(fitted.model, x_val, method)
-        log_prob = parts["log_prob"]
-        log_likelihood[method] = float(log_prob.mean())
-        if labels is not None:
-            auc[method] = roc_auc(labels, -log_prob)
-    return CandidateReport(fitted, log_likelihood, auc)
-
-
 def train_bundle(
     values: NDArray[np.float64],
     features: list[str],
@@ -155,12 +134,11 @@ def train_bundle(
 
     fitted = fit_candidates(x[splits.train], request.candidates, request.fit, progress)
     reports = [evaluate_candidate(f, x[splits.validation], val_labels) for f in fitted]
-    if val_labels is not None:
-        criterion = f"supervised: highest validation AUC of '{request.method}'"
-        selected = int(np.argmax([r.val_auc[request.method] for r in reports]))
-    else:
-        criterion = f"unsupervised: highest mean validation log-likelihood of '{request.method}'"
-        selected = int(np.argmax([r.val_log_likelihood[request.method] for r in reports]))
+    selected, rule = select_report(reports, request.method, supervised=val_labels is not None)
+    criterion = {
+        "validation AUC": f"supervised: highest validation AUC of '{request.method}'",
+        "lowest validation reconstruction error": "unsupervised: lowest mean validation reconstruction error",
+    }.get(rule, f"unsupervised: highest mean validation log-likelihood of '{request.method}'")
     best = reports[selected].fitted
 
     calibration_scores = {m: -score_rows(best.model, x[cal_rows], m)["log_prob"] for m in METHODS}

@@ -7,7 +7,7 @@ import pytest
 
 from app.api.settings import Settings
 from app.bundle.format import WEIGHTS, load_bundle
-from app.train.fit import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 
 from ..conftest import FEATURES, manifold_rows

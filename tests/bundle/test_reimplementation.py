@@ -15,7 +15,7 @@ from scipy.special import expit, ive, logsumexp
 from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
-from app.train.fit import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 
 from ..tolerances import FLOAT64_PROJECTION_RTOL

@@ -12,7 +12,7 @@ import pytest
 from app.cli import main
 from app.model.methods import METHODS
 from app.train.evaluate import select
-from app.train.metrics import roc_auc
+from app.train.selection import auc
 
 LODA = Path(__file__).resolve().parents[3] / "shared" / "data" / "loda"
 
@@ -71,7 +71,7 @@ def test_knn_baseline_matches_a_direct_computation_on_the_raw_files(quick, loda)
         mean, std = train.mean(0), train.std(0)
         train, test = (train - mean) / std, (test - mean) / std
         distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
-        assert baselines.loc[name, "knn"] == pytest.approx(roc_auc(labels, distances), abs=1e-12)
+        assert baselines.loc[name, "knn"] == pytest.approx(auc(labels, distances), abs=1e-12)
 
 
 def test_table_and_summary_report_the_run(quick):

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.bundle.format import WEIGHTS, load_bundle
-from app.train.fit import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 from benchmarks.soak import run_soak
 

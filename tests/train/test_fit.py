@@ -11,18 +11,10 @@ from scipy.stats import multivariate_normal
 
 from app.bundle.format import WEIGHTS, load_bundle
 from app.engine.torch_backend import TorchScorer
-from app.train.fit import (
-    GRIDS,
-    Candidate,
-    FitOptions,
-    expand_grid,
-    fit_candidates,
-    fit_noise,
-    imq_mmd,
-    score_rows,
-)
-from app.train.metrics import roc_auc
+from app.train.fit import fit_candidates, fit_noise, imq_mmd, score_rows
+from app.train.options import GRIDS, Candidate, FitOptions, expand_grid
 from app.train.pipeline import TrainRequest, split_rows, train_bundle
+from app.train.selection import auc
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 
@@ -166,4 +158,4 @@ def test_trained_model_ranks_off_manifold_points_above_on_manifold_points(tmp_pa
     labels = np.r_[np.zeros(300), np.ones(300)]
     for method in ("likelihood", "projected", "encoder"):
         scores = scorer.score(np.r_[on, off], method).score
-        assert roc_auc(labels, scores) > 0.9, method
+        assert auc(labels, scores) > 0.9, method

@@ -1,0 +1,107 @@
+"""What training is asked for: the candidates of a hyper-parameter grid and the optimiser's options.
+
+Torch-free dataclasses, so the command line can build its options from them without loading
+PyTorch (the serving image has none).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field, replace
+
+from app.model.spec import Architecture, Network, PriorName
+
+
+@dataclass(frozen=True)
+class Candidate(Network):
+    """One point of the hyper-parameter grid: a network and the weights of the WAE objective.
+
+    The product's defaults differ from a bare Network's: a VampPrior of 4 components on a 4-d
+    latent space.
+    """
+
+    latent_dim: int = 4
+    prior: PriorName = "vamp"
+    components: int = 4
+    beta: float = field(default=1.0, metadata={"help": "weight of the MMD term"})
+    kernel_width: float = field(default=1.0, metadata={"help": "c of the IMQ kernel c / (c + |z - z'|^2)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.beta >= 0 and self.kernel_width > 0):
+            raise ValueError(f"beta must be >= 0 and kernel_width > 0, got {self.beta}, {self.kernel_width}")
+
+    def architecture(self, input_dim: int) -> Architecture:
+        return Architecture.of(self, input_dim)
+
+    def group(self) -> Network:
+        """Candidates with equal groups share an architecture and train stacked."""
+        return self.network()
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    steps: int = field(default=10_000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=100, metadata={"help": "rows per step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam's learning rate"})
+    seed: int = field(default=0, metadata={"help": "seeds the split, the initialisation and the batches"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, or auto"})
+    curve_points: int = field(default=50, metadata={"help": "averaged points of the loss curve kept"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.curve_points < 1:
+            raise ValueError(
+                f"steps, batch_size and curve_points must be >= 1, got {self.steps}, {self.batch_size}, "
+                f"{self.curve_points}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def expand_grid(
+    grid: dict[str, list[object]], input_dim: int, base: Candidate | None = None
+) -> list[Candidate]:
+    """Cartesian product of the listed values over `base`; latent sizes that do not fit the data are
+    left out (as in the paper: 'if smaller or equal than the data dimension')."""
+    unknown = set(grid) - set(Candidate.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"unknown grid keys {sorted(unknown)}; known: {sorted(Candidate.__dataclass_fields__)}"
+        )
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        candidate = replace(base or Candidate(), **dict(zip(keys, values, strict=True)))
+        try:
+            candidate.architecture(input_dim)
+        except ValueError as e:
+            if "exceeds the data size" in str(e):
+                continue
+            raise
+        out.append(candidate)
+    if not out:
+        raise ValueError(f"no candidate of the grid fits data with {input_dim} features")
+    return out
+
+
+GRIDS: dict[str, dict[str, list[object]]] = {
+    # The paper's 288 combinations (method notes): vMF mixture prior on the sphere.
+    "paper": {
+        "geometry": ["sphere"],
+        "prior": ["vmf"],
+        "hidden": [32, 64],
+        "latent_dim": [2, 4, 9],
+        "components": [1, 4, 16],
+        "beta": [0.01, 0.1, 1.0, 10.0],
+        "kernel_width": [1.0, 0.1, 0.01, 0.001],
+    },
+    # A small grid that trains in about a minute on two cores.
+    "default": {
+        "latent_dim": [2, 4, 8],
+        "beta": [0.1, 1.0],
+        "kernel_width": [0.1, 1.0],
+    },
+}
