@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
-from app.bundle.format import load_bundle
+from app.bundle.format import SCHEMA_VERSION, Bundle, load_bundle
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
 from app.train.options import Candidate, FitOptions
@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     if not args.quiet:
-        _print_info(result.bundle.manifest)
+        _print_info(result.bundle)
     return 0
 
 
@@ -274,31 +274,31 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_info(manifest: dict[str, Any]) -> None:
-    arch, training = manifest["architecture"], manifest.get("training", {})
+def _print_info(bundle: Bundle) -> None:
+    arch, training, noise, features = bundle.architecture, bundle.training, bundle.noise, bundle.features
     lines = [
-        f"name         {manifest['name']}",
-        f"version      {manifest['version']}  (schema {manifest['schema_version']})",
-        f"created      {manifest['created']}",
-        f"features     {len(manifest['features'])}: {', '.join(manifest['features'][:8])}"
-        + (" ..." if len(manifest["features"]) > 8 else ""),
-        f"model        latent {arch['latent_dim']} ({arch['geometry']}), {arch['depth']} x {arch['hidden']} "
-        f"{arch['activation']}, prior {arch['prior']} K={arch['components']}",
-        f"noise        sigma2 {manifest['noise']['sigma2']:.4g}, projected "
-        f"{manifest['noise']['sigma2_projected']:.4g}",
-        f"default      method {manifest['default_method']}, false-positive rate {manifest['default_fpr']}",
+        f"name         {bundle.name}",
+        f"version      {bundle.version}  (schema {SCHEMA_VERSION})",
+        f"created      {bundle.created}",
+        f"features     {len(features)}: {', '.join(features[:8])}" + (" ..." if len(features) > 8 else ""),
+        f"model        latent {arch.latent_dim} ({arch.geometry}), {arch.depth} x {arch.hidden} "
+        f"{arch.activation}, prior {arch.prior} K={arch.components}",
+        f"noise        sigma2 {noise['sigma2']:.4g}, projected {noise['sigma2_projected']:.4g}",
+        f"default      method {bundle.default_method}, false-positive rate {bundle.default_fpr}",
     ]
     if training:
-        rows = training.get("rows", {})
         lines.append(
             f"selection    {training.get('selection')} among {training.get('candidates')} candidates"
         )
-        lines.append(f"rows         {rows}")
+        lines.append(f"rows         {training.get('rows', {})}")
         hp = training.get("hyper_parameters", {})
         lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")
     lines.append("thresholds   (score above which a row is flagged)")
-    for method, thresholds in manifest["thresholds"].items():
-        marks = "  ".join(f"{name}={t['value']:.4g}" for name, t in thresholds.items())
+    for method in (m for m in METHODS if m in bundle.calibration):
+        marks = "  ".join(
+            f"{bundle.threshold(method, fpr).name}={bundle.threshold(method, fpr).value:.4g}"
+            for fpr in bundle.fprs
+        )
         lines.append(f"  {method:<14} {marks}")
     print("\n".join(lines))
 
@@ -308,7 +308,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(bundle.manifest, indent=2))
     else:
-        _print_info(bundle.manifest)
+        _print_info(bundle)
     return 0
 
 
