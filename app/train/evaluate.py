@@ -33,10 +33,10 @@ from numpy.typing import NDArray
 from app.bundle.format import Scaler
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
+from app.train import selection as rule
 from app.train.data import read_table
 from app.train.fit import fit_candidates
 from app.train.options import Candidate, FitOptions
-from app.train import selection as rule
 from app.train.selection import auc, evaluate_candidate
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
