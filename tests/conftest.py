@@ -1,10 +1,15 @@
-"""Shared fixtures: a small synthetic table with a known manifold, and a tiny trained bundle."""
+"""Shared fixtures: a small synthetic table with a known manifold, a tiny trained bundle, and a helper
+that writes a bundle straight from a model (trained or not) with save_bundle."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from app.bundle.format import Bundle, Scaler, save_bundle
+from app.model.manifold import ManifoldModel
+from app.model.methods import METHODS
+from app.train.fit import score_rows
 from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 
@@ -38,3 +43,20 @@ def tiny_bundle(tmp_path_factory) -> Path:
     )
     train_bundle(manifold_rows(600, seed=0), FEATURES, request, out)
     return out
+
+
+def bundle_from(model: ManifoldModel, out: Path, x: np.ndarray, **options) -> Bundle:
+    """A bundle of `model` as save_bundle writes it, calibrated on the raw rows x: the format does
+    not care how the weights were found, so format tests need no training."""
+    scaler = Scaler.fit(x)
+    calibration = {m: -score_rows(model, scaler.transform(x), m)["log_prob"] for m in METHODS}
+    features = [f"f{i}" for i in range(x.shape[1])]
+    defaults = {"name": out.name, "fprs": (0.1,), "default_fpr": 0.1}
+    return save_bundle(
+        out,
+        model=model,
+        features=features,
+        scaler=scaler,
+        calibration_scores=calibration,
+        **defaults | options,
+    )

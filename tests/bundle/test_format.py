@@ -13,7 +13,7 @@ from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
 
-from ..conftest import FEATURES, manifold_rows
+from ..conftest import FEATURES, bundle_from, manifold_rows
 
 
 @pytest.mark.parametrize(
@@ -31,20 +31,30 @@ def test_documented_weight_shapes_are_the_networks_state(arch):
     assert {k: tuple(v.shape) for k, v in state.items()} == weight_shapes(arch)
 
 
-def test_round_trip_rebuilds_the_same_scores(tiny_bundle):
-    bundle = load_bundle(tiny_bundle)
-    assert bundle.features == FEATURES and bundle.name == "tiny"
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ManifoldModel(Architecture(input_dim=6, latent_dim=2, hidden=16, prior="vamp", components=2))
+    model.sigma2, model.sigma2_projected = 0.5, 0.4
+    out = tmp_path_factory.mktemp("bundles") / "untrained"
+    bundle_from(model, out, manifold_rows(200, seed=0), fprs=(0.1, 0.05), leaderboard_csv="candidate\n0\n")
+    return out
+
+
+def test_round_trip_rebuilds_the_same_scores(untrained_bundle):
+    bundle = load_bundle(untrained_bundle)
+    assert bundle.features == FEATURES and bundle.name == "untrained"
     assert len(bundle.version) == 16 and bundle.version == content_version(bundle.manifest)
     x = manifold_rows(50, seed=5)
-    first, second = TorchScorer(bundle).score(x), TorchScorer(load_bundle(tiny_bundle)).score(x)
+    first, second = TorchScorer(bundle).score(x), TorchScorer(load_bundle(untrained_bundle)).score(x)
     np.testing.assert_array_equal(first.score, second.score)
     # the rebuilt network reproduces the stored calibration scores of its own default method
     assert bundle.calibration[bundle.default_method].dtype == np.float64
     assert np.all(np.diff(bundle.calibration[bundle.default_method]) >= 0)
 
 
-def test_derived_prior_tensors_are_the_encoded_pseudo_inputs(tiny_bundle):
-    bundle = load_bundle(tiny_bundle)
+def test_derived_prior_tensors_are_the_encoded_pseudo_inputs(untrained_bundle):
+    bundle = load_bundle(untrained_bundle)
     model = bundle.build_model()
     # float64, from the float32 weights (exact in float64): what the float64 scoring path uses
     with torch.no_grad():
@@ -56,9 +66,9 @@ def test_derived_prior_tensors_are_the_encoded_pseudo_inputs(tiny_bundle):
 
 
 @pytest.fixture()
-def copy(tiny_bundle, tmp_path):
+def copy(untrained_bundle, tmp_path):
     target = tmp_path / "copy"
-    shutil.copytree(tiny_bundle, target)
+    shutil.copytree(untrained_bundle, target)
     return target
 
 
@@ -125,12 +135,12 @@ def test_garbage_manifest_is_refused(copy):
         load_bundle(copy)
 
 
-def test_no_pickle_anywhere(tiny_bundle):
-    for file in tiny_bundle.iterdir():
+def test_no_pickle_anywhere(untrained_bundle):
+    for file in untrained_bundle.iterdir():
         head = file.read_bytes()[:2]
         assert head not in {b"\x80\x04", b"\x80\x05"}, f"{file.name} looks like a pickle"
     graphs = {f"scoring-{m}.onnx" for m in METHODS}
-    assert {f.name for f in tiny_bundle.iterdir()} == {
+    assert {f.name for f in untrained_bundle.iterdir()} == {
         MANIFEST,
         WEIGHTS,
         CALIBRATION,

@@ -8,14 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.bundle.format import load_bundle, save_bundle
+from app.bundle.format import load_bundle
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS, OUTPUTS
 from app.model.onnx_export import build_graph
 from app.model.scores import score, scoring_dtype
 from app.model.spec import Architecture
-from app.train.fit import score_rows
 
+from ..conftest import bundle_from
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
 
 PARTS = ("log_prior", "log_volume", "log_residual")
@@ -48,25 +48,6 @@ def assert_agree(bundle, x, methods=METHODS):
         np.testing.assert_allclose(got["residual"], residual, rtol=rtol, atol=rtol * np.abs(residual).max())
 
 
-def bundle_from(model, tmp_path, x, name="b"):
-    from app.bundle.format import Scaler
-    from app.model.methods import METHODS
-
-    scaler = Scaler.fit(x)
-    calibration = {m: -score_rows(model, scaler.transform(x), m)["log_prob"] for m in METHODS}
-    features = [f"f{i}" for i in range(x.shape[1])]
-    return save_bundle(
-        tmp_path / name,
-        model=model,
-        name=name,
-        features=features,
-        scaler=scaler,
-        calibration_scores=calibration,
-        fprs=(0.1,),
-        default_fpr=0.1,
-    )
-
-
 def test_default_bundle_graphs_agree_with_torch():
     bundle = load_bundle("models/default")
     import csv
@@ -95,8 +76,8 @@ def test_graphs_agree_for_latent_sizes_2_to_16_with_widely_spread_singular_value
     torch.manual_seed(k)
     d = 20
     arch = Architecture(
-        d,
-        k + (geometry == "sphere"),
+        input_dim=d,
+        latent_dim=k + (geometry == "sphere"),
         hidden=32,
         depth=2,
         activation=activation,
@@ -114,7 +95,7 @@ def test_graphs_agree_for_latent_sizes_2_to_16_with_widely_spread_singular_value
         model.encoder.net.layers[-1].weight.mul_(0.5)
     model.sigma2, model.sigma2_projected = 0.3, 0.3
     x = np.random.default_rng(k).standard_normal((64, d)) * 2 + 1
-    bundle = bundle_from(model, tmp_path, x)
+    bundle = bundle_from(model, tmp_path / "b", x)
     z = model.encoder(torch.tensor(bundle.scaler.transform(x), dtype=torch.float32))
     s = torch.linalg.svdvals(model.decoder.forward_with_jacobian(z)[1].double())
     assert s.min() < 10 * low and s.max() > high / 10
