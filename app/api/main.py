@@ -13,61 +13,17 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
 from app.api.errors import register_error_handlers
 from app.api.logs import RequestLogMiddleware, configure_logging
-from app.api.metrics import Metrics
 from app.api.routes import router
+from app.api.service import build_service
 from app.api.settings import Settings
 from app.engine.errors import Conflict, ServiceError
-from app.engine.host import HostOptions, ModelHost
-from app.engine.scheduler import Scheduler, SchedulerOptions
 
 log = logging.getLogger("anomaly_scores.service")
-
-
-@dataclass
-class Service:
-    """What the routes reach through app.state.service."""
-
-    settings: Settings
-    metrics: Metrics
-    host: ModelHost
-    scheduler: Scheduler
-    draining: bool = False  # set on SIGTERM: /readyz turns 503 while requests are still served
-
-
-def build_service(settings: Settings) -> Service:
-    metrics = Metrics()
-    host = ModelHost(
-        HostOptions(
-            model_path=settings.model_path,
-            model_root=settings.model_root,
-            backend=settings.backend,
-            device=settings.device,
-            onnx_threads=settings.onnx_threads,
-            method=settings.method,
-            threshold=settings.threshold,
-            warmup_rows=settings.warmup_rows,
-        ),
-        metrics,
-    )
-    scheduler = Scheduler(
-        SchedulerOptions(
-            max_queue=settings.max_queue,
-            concurrency=settings.scoring_concurrency,
-            timeout_s=settings.request_timeout_s,
-            # torch calls cost a millisecond and more even for one row: always in a thread
-            inline_rows=settings.inline_rows if settings.backend == "onnx" else 0,
-            coalesce_max_rows=settings.coalesce_max_rows if settings.coalesce else None,
-            coalesce_wait_s=settings.coalesce_wait_ms / 1000,
-        ),
-        metrics,
-    )
-    return Service(settings, metrics, host, scheduler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -14,14 +14,12 @@ from app.api.auth import authorize, authorize_admin
 from app.api.body import read_body
 from app.api.errors import UnsupportedMediaType, json_response
 from app.api.parsing import ScoreRequest, parse_json, parse_npy
+from app.api.service import Service
 from app.bundle.calibration import threshold_name
 from app.engine.errors import NotReady
 from app.engine.host import Served
 from app.engine.scorer import ScoreOutput
 from app.model.methods import METHODS
-
-if TYPE_CHECKING:
-    from app.api.main import Service
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]

@@ -15,7 +15,7 @@ from types import FrameType
 
 import uvicorn
 
-from app.api.main import Service
+from app.api.service import Service
 
 log = logging.getLogger("anomaly_scores.service")
 

@@ -1,0 +1,51 @@
+"""The service's parts, built once from the settings: what the routes reach through app.state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.api.metrics import Metrics
+from app.api.settings import Settings
+from app.engine.host import HostOptions, ModelHost
+from app.engine.scheduler import Scheduler, SchedulerOptions
+
+
+@dataclass
+class Service:
+    """What the routes reach through app.state.service."""
+
+    settings: Settings
+    metrics: Metrics
+    host: ModelHost
+    scheduler: Scheduler
+    draining: bool = False  # set on SIGTERM: /readyz turns 503 while requests are still served
+
+
+def build_service(settings: Settings) -> Service:
+    metrics = Metrics()
+    host = ModelHost(
+        HostOptions(
+            model_path=settings.model_path,
+            model_root=settings.model_root,
+            backend=settings.backend,
+            device=settings.device,
+            onnx_threads=settings.onnx_threads,
+            method=settings.method,
+            threshold=settings.threshold,
+            warmup_rows=settings.warmup_rows,
+        ),
+        metrics,
+    )
+    scheduler = Scheduler(
+        SchedulerOptions(
+            max_queue=settings.max_queue,
+            concurrency=settings.scoring_concurrency,
+            timeout_s=settings.request_timeout_s,
+            # torch calls cost a millisecond and more even for one row: always in a thread
+            inline_rows=settings.inline_rows if settings.backend == "onnx" else 0,
+            coalesce_max_rows=settings.coalesce_max_rows if settings.coalesce else None,
+            coalesce_wait_s=settings.coalesce_wait_ms / 1000,
+        ),
+        metrics,
+    )
+    return Service(settings, metrics, host, scheduler)

@@ -1,0 +1,87 @@
+"""The package layering of app/ (docs/architecture.md), checked on the source: every import, lazy
+ones inside functions included, points down the layers, no module imports itself through others,
+and the serving entry points import no PyTorch when loaded."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parents[1] / "app"
+# What each package may import besides itself; cli.py sits above everything.
+ALLOWED = {
+    "model": set(),
+    "bundle": {"model"},
+    "train": {"model", "bundle"},
+    "engine": {"model", "bundle"},
+    "api": {"model", "bundle", "engine"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(APP.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in APP.rglob("*.py")}
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Modules `path` imports: app modules resolved to the longest existing name, others as written."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # "from app.x import y" may import the module app.x.y itself
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if not name.startswith("app") or name in MODULES}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m not in ("app", "app.cli")))
+def test_imports_point_down_the_layers(module):
+    package = module.split(".")[1]
+    allowed = ALLOWED.get(package)
+    assert allowed is not None, (
+        f"{module}: its package is not in the layering; add it to ALLOWED and the docs"
+    )
+    for name in imports(MODULES[module]):
+        if name.startswith("app.") and name.count(".") >= 1:
+            target = name.split(".")[1]
+            assert target == package or target in allowed, f"{module} imports {name}: {package} -> {target}"
+            assert target != "cli", f"{module} imports the command line"
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {m: {n for n in imports(p) if n.startswith("app.") and n != m} for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError(" -> ".join([*path[path.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("entry", ["app.api.main", "app.cli", "app.engine.onnx_backend"])
+def test_the_serving_entry_points_load_no_torch(entry):
+    # What loading the module runs: its top-level imports and theirs, transitively.
+    seen, todo = set(), [entry]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        found = imports(MODULES[module], top_level_only=True)
+        assert not any(n == "torch" or n.startswith("torch.") for n in found), f"{module} imports torch"
+        todo += [n for n in found if n in MODULES]
+    assert "app.engine.torch_backend" not in seen
