@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle.format import Bundle, Scaler, load_bundle, save_bundle
+from app.bundle.format import Bundle, load_bundle, save_bundle
+from app.bundle.scaler import Scaler
 from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle.format import Scaler, save_bundle
+from app.bundle.format import save_bundle
+from app.bundle.scaler import Scaler
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel

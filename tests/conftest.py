@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bundle.format import Bundle, Scaler, save_bundle
+from app.bundle.format import Bundle, save_bundle
+from app.bundle.scaler import Scaler
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
 from app.train.fit import score_rows

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.bundle import calibration as cal
+from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
 
@@ -48,26 +49,6 @@ ONNX_FILE = "scoring-{method}.onnx"
 
 class BundleError(ValueError):
     """A bundle cannot be loaded: missing, corrupt, truncated, mismatched or from another schema."""
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """Standardisation fitted on the training rows: x_std = (x - mean) / scale."""
-
-    mean: NDArray[np.float64]
-    scale: NDArray[np.float64]
-
-    @classmethod
-    def fit(cls, x: NDArray[np.float64]) -> Scaler:
-        scale = x.std(axis=0)
-        # A constant column carries no information; scale 1 keeps it finite instead of dividing by 0.
-        return cls(x.mean(axis=0), np.where(scale > 0, scale, 1.0))
-
-    def transform(self, x: NDArray[np.floating]) -> NDArray[np.float64]:
-        return (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
 
 @dataclass(frozen=True)

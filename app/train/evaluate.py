@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle.format import Scaler
+from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
 from app.train import selection as rule

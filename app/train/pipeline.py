@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.format import Bundle, Scaler, save_bundle
+from app.bundle.format import Bundle, save_bundle
+from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.train.fit import fit_candidates, score_rows
 from app.train.options import Candidate, FitOptions
