@@ -7,18 +7,11 @@ from app.model.geometry import sphere_tangent_basis
 from app.model.nn import Decoder, Encoder
 from app.model.spec import Architecture
 
+from .differences import central_differences
+
 
 def _reference_jacobian(fn, x):
     return torch.func.vmap(torch.func.jacfwd(lambda row: fn(row.unsqueeze(0)).squeeze(0)))(x)
-
-
-def _central_differences(fn, x, h=1e-6):
-    columns = []
-    for j in range(x.shape[1]):
-        step = torch.zeros_like(x)
-        step[:, j] = h
-        columns.append((fn(x + step) - fn(x - step)) / (2 * h))
-    return torch.stack(columns, dim=-1)
 
 
 @pytest.mark.parametrize("geometry", ["euclidean", "sphere"])
@@ -39,7 +32,7 @@ def test_encoder_and_decoder_jacobians_match_autodiff_and_finite_differences(geo
         # forward-mode autodiff is exact: agreement to rounding
         torch.testing.assert_close(J, _reference_jacobian(net, inputs), rtol=1e-10, atol=1e-12)
         # finite differences with h = 1e-6 carry O(h^2) truncation and O(eps/h) rounding error
-        torch.testing.assert_close(J, _central_differences(net, inputs), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(J, central_differences(net, inputs), rtol=1e-6, atol=1e-7)
 
 
 def test_relu_jacobian_matches_autodiff_away_from_kinks():

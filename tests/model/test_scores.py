@@ -13,12 +13,18 @@ from app.model.scores import SCORE_METHODS, encoder, likelihood, projected, scor
 from app.model.spec import Architecture
 
 from ..tolerances import float32_rtol
+from .differences import central_differences
 
 F64 = torch.float64
 
 
 def _linear(A, b):
     return FunctionMap(lambda z: z @ A.T + b)
+
+
+def _integral(model, points):
+    """Sum of the projected density over grid points, in chunks that bound the memory."""
+    return sum(torch.exp(projected(model, chunk).log_prob).sum().item() for chunk in points.split(200_000))
 
 
 def _grid(x_range, y_range, step):
@@ -107,18 +113,9 @@ def test_encoder_volume_matches_finite_differences_on_a_curved_decoder():
     x = torch.randn(30, 5, dtype=F64)
     parts = encoder(model, x)
     z0 = g(x)
-    J_gf, J_f = _central_differences(lambda z: g(f(z)), z0), _central_differences(f, z0)
+    J_gf, J_f = central_differences(lambda z: g(f(z)), z0, 1e-5), central_differences(f, z0, 1e-5)
     expected = torch.linalg.slogdet(J_gf)[1] - 0.5 * torch.linalg.slogdet(J_f.transpose(1, 2) @ J_f)[1]
     torch.testing.assert_close(parts.log_volume, expected, rtol=0, atol=1e-7)
-
-
-def _central_differences(fn, z, h=1e-5):
-    columns = []
-    for j in range(z.shape[1]):
-        step = torch.zeros_like(z)
-        step[:, j] = h
-        columns.append((fn(z + step) - fn(z - step)) / (2 * h))
-    return torch.stack(columns, dim=-1)
 
 
 @pytest.mark.parametrize("prior", ["standard", "one gaussian"])
@@ -159,8 +156,7 @@ def test_projected_density_integrates_to_one_within_two_percent_for_a_curved_dec
         decoder, StandardNormal(1, F64), "euclidean", sigma2, None, FunctionMap(lambda x: x[:, :1])
     )
     points, cell = _grid((-4.5, 4.5), (-0.6, 10.5), 0.01)
-    total = sum(torch.exp(projected(model, chunk).log_prob).sum().item() for chunk in points.split(200_000))
-    assert total * cell == pytest.approx(1.0, rel=0.02)
+    assert _integral(model, points) * cell == pytest.approx(1.0, rel=0.02)
 
 
 def test_projected_density_on_the_sphere_integrates_to_one_within_two_percent():
@@ -176,8 +172,7 @@ def test_projected_density_on_the_sphere_integrates_to_one_within_two_percent():
         FunctionMap(lambda x: torch.nn.functional.normalize(x, dim=1)),
     )
     points, cell = _grid((-3, 3), (-3, 3), 0.01)
-    total = sum(torch.exp(projected(model, chunk).log_prob).sum().item() for chunk in points.split(200_000))
-    assert total * cell == pytest.approx(1.0, rel=0.02)
+    assert _integral(model, points) * cell == pytest.approx(1.0, rel=0.02)
 
 
 def test_projected_finds_a_stationary_point_of_the_map_objective_where_the_decoder_saturates():
