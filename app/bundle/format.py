@@ -115,6 +115,15 @@ class Bundle:
     def noise(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.manifest["noise"].items()}
 
+    def build_graph(self, method: str) -> bytes:
+        """The ONNX graph of `method` as save_bundle writes it, from this bundle's contents."""
+        from app.model.onnx_export import build_graph
+
+        noise, scaler = self.noise, self.scaler
+        return build_graph(
+            self.architecture, self.weights, method, mean=scaler.mean, scale=scaler.scale, **noise
+        )
+
     @property
     def graphs(self) -> dict[str, Path]:
         """The verified ONNX graph of each method that has one."""
@@ -211,26 +220,18 @@ def _noise(model: ManifoldModel) -> dict[str, float]:
 
 
 def _write_onnx(
-    out: Path,
-    model: ManifoldModel,
-    features: list[str],
-    scaler: Scaler,
-    derived: dict[str, NDArray[np.float64]],
+    out: Path, model: ManifoldModel, scaler: Scaler, derived: dict[str, NDArray[np.float64]]
 ) -> dict[str, str]:
     """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights."""
     from app.model.onnx_export import build_graph
 
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
-    manifest = {
-        "architecture": model.arch.to_dict(),
-        "noise": _noise(model),
-        "scaler": scaler.to_dict(),
-        "features": features,
-    }
+    noise = _noise(model)
     files = {}
     for method in METHODS:
         name = ONNX_FILE.format(method=method)
-        (out / name).write_bytes(build_graph(manifest, weights, method))
+        graph = build_graph(model.arch, weights, method, mean=scaler.mean, scale=scaler.scale, **noise)
+        (out / name).write_bytes(graph)
         files[method] = name
     return files
 
@@ -276,7 +277,7 @@ def save_bundle(
     for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
         (out / written).chmod(0o644)
     files = [WEIGHTS, CALIBRATION]
-    onnx_files = _write_onnx(out, model, features, scaler, derived)
+    onnx_files = _write_onnx(out, model, scaler, derived)
     files += list(onnx_files.values())
     if leaderboard_csv is not None:
         (out / LEADERBOARD).write_text(leaderboard_csv)

@@ -271,24 +271,26 @@ class _Projection:
         }
 
 
-def build_graph(manifest: dict[str, Any], weights: dict[str, NDArray[np.float32]], method: str) -> bytes:
+def build_graph(
+    arch: Architecture,
+    weights: dict[str, NDArray[np.floating]],
+    method: str,
+    *,
+    mean: NDArray[np.float64],
+    scale: NDArray[np.float64],
+    sigma2: float,
+    sigma2_projected: float,
+) -> bytes:
     """Serialized ONNX model: input raw rows x (B, d) float64, outputs OUTPUTS."""
     import onnx
     import onnx.helper as h
 
     check_method(method)
-    arch = Architecture.from_dict(manifest["architecture"])
-    d, sigma2 = arch.input_dim, float(manifest["noise"]["sigma2"])
+    d = arch.input_dim
     g = Graph()
-    scaler = manifest["scaler"]
-    standardised = g.div(
-        g.sub("x", g.const(np.asarray(scaler["mean"]), np.float64)),
-        g.const(np.asarray(scaler["scale"]), np.float64),
-    )
+    standardised = g.div(g.sub("x", g.const(mean, np.float64)), g.const(scale, np.float64))
     if method == "projected":
-        values = _Projection(arch, weights, float(manifest["noise"]["sigma2_projected"])).emit(
-            g, standardised, d
-        )
+        values = _Projection(arch, weights, sigma2_projected).emit(g, standardised, d)
         out_type = F64
     else:
         x = g.cast(standardised, F32)

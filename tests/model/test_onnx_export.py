@@ -11,7 +11,6 @@ import torch
 from app.bundle.format import load_bundle
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS, OUTPUTS
-from app.model.onnx_export import build_graph
 from app.model.scores import score, scoring_dtype
 from app.model.spec import Architecture
 
@@ -22,7 +21,7 @@ PARTS = ("log_prior", "log_volume", "log_residual")
 
 
 def run_graph(bundle, method, x):
-    session = ort.InferenceSession(build_graph(bundle.manifest, bundle.weights, method))
+    session = ort.InferenceSession(bundle.build_graph(method))
     return dict(zip(OUTPUTS, session.run(None, {"x": np.asarray(x, dtype=np.float64)}), strict=True))
 
 
