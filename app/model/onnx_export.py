@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.model.distributions import emit_log_prior, emit_prior_derivatives
-from app.model.geometry import emit_normalize, emit_riemannian_hessian, emit_tangent_basis
+from app.model.geometry import emit_bending, emit_normalize, emit_riemannian_hessian, emit_tangent_basis
 from app.model.graph import BOOL, F32, F64, INT64, OPSET, Graph
 from app.model.linalg import (
     emit_cholesky_solve,
@@ -120,7 +120,8 @@ class _Projection:
         return emit_normalize(g, v)[0] if self.sphere else v
 
     def linearise(self, g: Graph, x: str, z: str) -> dict[str, str]:
-        """app.scores.linearise: objective, gradient and Gauss-Newton Hessian at z (B, k)."""
+        """app.model.scores.linearise: the objective, its gradient, its Gauss-Newton Hessian (the
+        density's) and its exact Hessian (the steps') at z (B, k)."""
         cache: list[tuple[str, str, str]] = []
         x_hat, jt = emit_mlp_with_tangents(g, z, self.dec, self.arch.activation, cache)  # J_f^T (B, k, d)
         basis = self.basis(g, z)
@@ -136,14 +137,20 @@ class _Projection:
         data_gradient = g.squeeze(g.matmul(rows, g.unsqueeze(residual, 2)), 2)  # J^T r (B, m)
         data_curvature = g.mul(g.matmul(rows, g.transpose(rows)), inverse_sigma2)
         hessian = g.sub(data_curvature, prior_hessian)
-        newton = hessian
-        if self.arch.activation not in ("relu", "linear") and self.arch.depth > 0:
-            # - Hess(r . f) / sigma2, r held fixed: Riemannian on the sphere, as for the prior
-            bending = emit_mlp_curvature(g, cache, self.dec_weights, residual)  # (B, k, k)
-            if basis is not None:
-                pull = g.squeeze(g.matmul(jt, g.unsqueeze(residual, 2)), 2)  # J_f^T r (B, k)
-                bending = emit_riemannian_hessian(g, z, pull, bending, basis, self.m)
-            newton = g.sub(hessian, g.mul(bending, inverse_sigma2))
+        # - Hess(r . f) / sigma2 with r held fixed, as app.model.scores.linearise: the decoder's own
+        # curvature C (none for relu, linear or depth 0) and, on the sphere, the bending of great
+        # circles -(z . J_f^T r) I, which a decoder without curvature has too.
+        curved = self.arch.activation not in ("relu", "linear") and self.arch.depth > 0
+        curvature = emit_mlp_curvature(g, cache, self.dec_weights, residual) if curved else None  # (B, k, k)
+        if basis is not None:
+            pull = g.squeeze(g.matmul(jt, g.unsqueeze(residual, 2)), 2)  # J_f^T r (B, k)
+            if curvature is None:
+                bending = g.op("Neg", emit_bending(g, z, pull, self.m))
+            else:
+                bending = emit_riemannian_hessian(g, z, pull, curvature, basis, self.m)
+        else:
+            bending = curvature
+        newton = hessian if bending is None else g.sub(hessian, g.mul(bending, inverse_sigma2))
         return {
             "objective": g.sub(
                 g.mul(g.sum(g.mul(residual, residual), 1), g.const(0.5 / self.sigma2, np.float64)), log_p
