@@ -428,6 +428,10 @@ def _load(root: Path) -> Bundle:
             raise BundleError(f"{root}: {CALIBRATION} lacks the calibration scores of {method!r}")
         if not (np.isfinite(scores).all() and np.all(np.diff(scores) >= 0)):
             raise BundleError(f"{root}: calibration scores of {method!r} must be finite and ascending")
+    for key in ("sigma2", "sigma2_projected"):
+        value = manifest["noise"][key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+            raise BundleError(f"{root}: noise.{key} must be a positive number, got {value!r}")
     d = arch.input_dim
     scaler = manifest["scaler"]
     if len(manifest["features"]) != d or len(scaler["mean"]) != d or len(scaler["scale"]) != d:

@@ -46,7 +46,16 @@ class Served:
     fpr: float  # the default false-positive rate
 
     def resolve_method(self, method: str | None) -> str:
-        return self.method if method is None else check_method(method)
+        if method is None:
+            return self.method
+        if check_method(method) not in self.scorer.methods:
+            accepted = list(self.scorer.methods)
+            raise InvalidInput(
+                f"method {method!r} cannot be scored here: the {self.scorer.backend} backend has no "
+                f"graph for it in this bundle; accepted: {accepted}",
+                {"accepted": accepted},
+            )
+        return method
 
     def resolve_fpr(self, threshold: str | float | None) -> float:
         return resolve_fpr(self.bundle, threshold, self.fpr)
@@ -94,6 +103,10 @@ class ModelHost:
         bundle = load_bundle(path)
         scorer = create_scorer(bundle, o.backend, o.device, o.onnx_threads)
         method = bundle.default_method if o.method is None else check_method(o.method)
+        if method not in scorer.methods:
+            raise ValueError(
+                f"the default method {method!r} cannot be scored by the {o.backend} backend here"
+            )
         fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr)
         rows = np.repeat(bundle.scaler.mean[None], o.warmup_rows, axis=0)
         rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
@@ -141,9 +154,9 @@ class ModelHost:
             self.reload_lock.release()
 
     def _swap(self, served: Served, path: Path) -> None:
-        self.events.model_ready(served.bundle, served.method)
         # One assignment: a request holds the Served it started with.
         self.current, self.error, self.model_path = served, None, path
+        self.events.model_ready(served.bundle, served.method)
 
     @property
     def served(self) -> Served:

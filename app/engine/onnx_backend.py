@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,8 +61,16 @@ class OnnxScorer:
             method: ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
             for method, path in graphs.items()
         }
+        for method, session in self.sessions.items():  # read by name below: all of them, no others
+            names = sorted(o.name for o in session.get_outputs())
+            if names != sorted(OUTPUTS):
+                wanted = sorted(OUTPUTS)
+                raise BundleError(
+                    f"{graphs[method]}: the graph's outputs are {names}; a scoring graph has {wanted}"
+                )
         self.methods = tuple(self.sessions)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def score(
         self,
@@ -75,7 +84,8 @@ class OnnxScorer:
         if session is None:
             raise BundleError(f"{self.bundle.path}: no ONNX graph for {method!r}; use the torch backend")
         results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float64))
-        return assemble(self.bundle, method, fpr, dict(zip(OUTPUTS, results, strict=True)), explain)
+        names = [o.name for o in session.get_outputs()]
+        return assemble(self.bundle, method, fpr, dict(zip(names, results, strict=True)), explain)
 
     def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)
@@ -88,8 +98,9 @@ class OnnxScorer:
         return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="onnx-block")
-            # A reloaded model's scorer is dropped: its threads must not outlive it.
-            weakref.finalize(self, self._pool.shutdown, wait=False)
-        return self._pool
+        with self._pool_lock:  # two first calls at once must not each make a pool
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="onnx-block")
+                # A reloaded model's scorer is dropped: its threads must not outlive it.
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool

@@ -10,9 +10,11 @@ Three paths, one set of rules:
 - coalesced (`coalesce_max_rows` set): concurrent requests with the same scorer and options wait
   up to `coalesce_wait_s` to be merged into one call, which runs as a threaded call does; each
   request still answers within its own time limit;
-- inline: batches of at most `inline_rows` rows are scored on the event loop. They take about
-  0.1 ms, less than the two hand-offs of the GIL a thread costs, and hold the loop meanwhile, so no
-  other call runs beside them: the permit and the time limit have nothing to bound.
+- inline: batches of at most `inline_rows` rows of a closed-form method are scored on the event
+  loop. They take about 0.1 ms, less than the two hand-offs of the GIL a thread costs, so the time
+  limit has nothing to bound; they take no permit, so one inline call may run beside the
+  `concurrency` threaded ones (onnxruntime releases the GIL). The projection (float64, up to 100
+  iterations) always goes to a thread.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from app.engine.errors import Overloaded
 from app.engine.events import Events, NoEvents
 from app.engine.scorer import ScoreOutput, Scorer
+from app.model.methods import FLOAT64_METHODS
 
 T = TypeVar("T")
 
@@ -100,9 +103,12 @@ class Scheduler:
     ) -> ScoreOutput:
         if self.options.coalesce_max_rows is not None:
             return await self._within_limit(self._coalesced(scorer, x, method, fpr, explain))
-        if x.shape[0] <= self.options.inline_rows:
+        if self._inline(x.shape[0], method):
             return scorer.score(x, method, fpr, explain)
         return await self._within_limit(self._threaded(scorer.score, x, method, fpr, explain))
+
+    def _inline(self, rows: int, method: str) -> bool:
+        return rows <= self.options.inline_rows and method not in FLOAT64_METHODS
 
     async def _within_limit(self, work: Awaitable[T]) -> T:
         limit = self.options.timeout_s
@@ -166,14 +172,15 @@ class Scheduler:
         x = np.concatenate([item.x for item in group.items]) if len(group.items) > 1 else group.items[0].x
         args = (x, group.method, group.fpr, group.explain)
         try:
-            if group.rows <= self.options.inline_rows:
+            if self._inline(group.rows, group.method):
                 out = group.scorer.score(*args)
             else:
                 out = await self._threaded(group.scorer.score, *args)
-        except Exception as e:  # every waiting request gets the error its own call would have raised
-            for item in group.items:
-                if not item.future.done():
-                    item.future.set_exception(e)
+        except asyncio.CancelledError:  # shutdown: nobody must wait for an answer that never comes
+            self._fail(group, Overloaded("scoring was cancelled: the service is shutting down"))
+            raise
+        except Exception as e:  # each waiting request gets the error its own call would have raised
+            self._fail(group, e)
             return
         start = 0
         for item in group.items:
@@ -182,7 +189,20 @@ class Scheduler:
                 item.future.set_result(out.rows(start, stop))
             start = stop
 
+    @staticmethod
+    def _fail(group: _Group, error: BaseException) -> None:
+        for item in group.items:
+            if not item.future.done():
+                item.future.set_exception(error)
+
     async def drain(self, grace_s: float) -> None:
-        """At shutdown: let calls still running finish, within the grace period."""
-        if self.running:
-            await asyncio.wait(list(self.running), timeout=grace_s)
+        """At shutdown: let calls still running finish, and merged batches still waiting for a
+        permit start and finish, within the grace period."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.running or self.flushes:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(
+                list(self.running | self.flushes), timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )

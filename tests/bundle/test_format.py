@@ -146,3 +146,16 @@ def test_no_pickle_anywhere(untrained_bundle):
         CALIBRATION,
         "leaderboard.csv",
     } | graphs
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, "0.5", None, True])
+def test_noise_variances_must_be_positive_numbers(copy, value):
+    _rewrite_manifest(copy, lambda m: m["noise"].update(sigma2_projected=value))
+    with pytest.raises(BundleError, match=r"noise\.sigma2_projected must be a positive number"):
+        load_bundle(copy)
+
+
+def test_a_manifest_without_a_noise_variance_is_refused_as_malformed(copy):
+    _rewrite_manifest(copy, lambda m: m["noise"].pop("sigma2_projected"))
+    with pytest.raises(BundleError, match=r"malformed bundle\.json: KeyError: 'sigma2_projected'"):
+        load_bundle(copy)

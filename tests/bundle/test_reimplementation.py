@@ -227,10 +227,10 @@ class Reference:
         growth = np.full(len(x), 2.0)
         done = np.zeros(len(x), dtype=bool)
         for step in range(steps + 1):
-            damped = cur["newton"] + damping[:, None, None] * np.eye(m)
-            delta = -np.linalg.solve(damped, cur["gradient"][:, :, None])[:, :, 0]
-            floor = 1e-12 * np.linalg.norm(damped, axis=(1, 2))
-            definite = np.linalg.eigvalsh(damped)[:, 0] > floor
+            L, definite = cholesky(cur["newton"] + damping[:, None, None] * np.eye(m))
+            delta = -np.linalg.solve(L.transpose(0, 2, 1), np.linalg.solve(L, cur["gradient"][:, :, None]))[
+                :, :, 0
+            ]
             ambient = np.einsum("bkm,bm->bk", self.basis(cur["z"]), delta) if self.sphere else delta
             done |= np.linalg.norm(ambient, axis=1) <= tol * (1 + np.linalg.norm(cur["z"], axis=1))
             if step == steps or done.all():
@@ -250,8 +250,24 @@ class Reference:
             growth = np.where(done, growth, np.where(taken, 2.0, growth * 2))
         self.converged = done
         e = x - cur["x_hat"]
-        log_volume = 0.5 * m * LOG_2PI - 0.5 * np.linalg.slogdet(cur["hessian"])[1]
+        log_volume = 0.5 * m * LOG_2PI - np.log(
+            np.diagonal(cholesky(cur["hessian"])[0], axis1=1, axis2=2)
+        ).sum(1)
         return cur["log_prior"], log_volume, self.gauss(e, sigma2, x.shape[1])
+
+
+def cholesky(A):
+    """(B, m, m) -> L with each pivot floored at 1e-12 times A's Frobenius norm, and whether no
+    pivot needed the floor (docs section 6.7)."""
+    floor = 1e-12 * np.linalg.norm(A, axis=(1, 2))
+    L, definite = np.zeros_like(A), np.ones(len(A), bool)
+    for j in range(A.shape[1]):
+        pivot = A[:, j, j] - (L[:, j, :j] ** 2).sum(1)
+        definite &= pivot >= floor
+        L[:, j, j] = np.sqrt(np.maximum(pivot, floor))
+        below = A[:, j + 1 :, j] - np.einsum("brj,bj->br", L[:, j + 1 :, :j], L[:, j, :j])
+        L[:, j + 1 :, j] = below / L[:, j, j, None]
+    return L, definite
 
 
 def holdout_rows():

@@ -96,6 +96,24 @@ def test_coalesced_batches_share_the_permits_with_every_other_call():
     asyncio.run(run())
 
 
+def test_the_drain_waits_for_merged_batches_still_waiting_for_a_permit():
+    async def run():
+        scheduler = Scheduler(
+            SchedulerOptions(concurrency=1, inline_rows=0, coalesce_max_rows=4096, coalesce_wait_s=0.0)
+        )
+        scorer = SlowScorer(0.3)
+        requests = [
+            asyncio.ensure_future(scheduler.score(scorer, rows(2), m, None, False))
+            for m in ("likelihood", "latent")
+        ]
+        await asyncio.sleep(0.05)  # both batches flushed: one running, one waiting for the permit
+        assert len(scheduler.running) == 1 and len(scheduler.flushes) == 2
+        await scheduler.drain(5.0)
+        assert scorer.calls == [2, 2] and all(r.done() and not r.exception() for r in requests)
+
+    asyncio.run(run())
+
+
 def test_beyond_the_queue_bound_requests_are_refused_at_once():
     async def run():
         events = Counted()
@@ -119,6 +137,7 @@ def test_small_batches_are_scored_inline_and_large_ones_in_a_thread():
         scorer.score = lambda *a: threads.append(threading.get_ident()) or original(*a)
         await scheduler.score(scorer, rows(4), "likelihood", None, False)
         await scheduler.score(scorer, rows(5), "likelihood", None, False)
-        assert threads[0] == caller and threads[1] != caller
+        await scheduler.score(scorer, rows(2), "projected", None, False)  # float64, many iterations
+        assert threads[0] == caller and threads[1] != caller and threads[2] != caller
 
     asyncio.run(run())
