@@ -3,7 +3,7 @@
 A bundle is a directory:
   bundle.json              manifest: schema, identity, features, scaler, architecture, noise,
                            thresholds, calibration and training summaries, file hashes
-  weights.safetensors      network and prior tensors, named as in `app.spec.weight_shapes`, plus
+  weights.safetensors      network and prior tensors, named as in `app.model.spec.weight_shapes`, plus
                            derived prior tensors under `derived.` for re-implementers
   calibration.safetensors  sorted calibration scores, one float64 vector per score method
   leaderboard.csv          every hyper-parameter candidate tried (optional)

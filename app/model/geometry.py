@@ -79,7 +79,7 @@ def emit_normalize(g: Graph, v: str) -> tuple[str, str]:
 
 
 def emit_tangent_basis(g: Graph, z: str, k: int, dtype: type) -> str:
-    """B(z) (B, k, k - 1): the Householder construction of app.geometry.sphere_tangent_basis."""
+    """B(z) (B, k, k - 1): the Householder construction of sphere_tangent_basis above."""
     first = g.op(
         "Slice",
         z,

@@ -109,7 +109,7 @@ def emit_frobenius(g: Graph, a: str) -> str:
 
 
 def emit_floored_cholesky(g: Graph, a: str, m: int) -> tuple[list[list[str]], str]:
-    """app.scores.floored_cholesky unrolled: entries L[i][j] (B, 1), j <= i, of A (B, m, m) float64,
+    """floored_cholesky above, unrolled: entries L[i][j] (B, 1), j <= i, of A (B, m, m) float64,
     and whether any pivot was floored (B,)."""
     entries = [g.ops("Split", [row], m, axis=1) if m > 1 else [row] for row in emit_split_rows(g, a, m)]
     floor = g.mul(

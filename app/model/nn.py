@@ -309,7 +309,7 @@ def emit_mlp_with_tangents(
 def emit_mlp_curvature(
     g: Graph, cache: list[tuple[str, str, str]], weights_t: list[NDArray[np.floating]], w: str
 ) -> str:
-    """app.nn.MLP.forward_with_curvature's contraction: the Hessian of w . MLP(x) (B, in, in) as
+    """MLP.forward_with_curvature's contraction: the Hessian of w . MLP(x) (B, in, in) as
     sum_l T_l diag(a''(h_l) adj_l) T_l^T, adjoints by one backward pass. weights_t: each layer
     after the first as W (out, in), the transpose of what numpy_layers holds."""
     adjoint, total = w, None

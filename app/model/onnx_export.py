@@ -14,7 +14,7 @@ determinant would underflow). `encoder` first makes an orthonormal basis of the 
 space by Gram-Schmidt with re-orthogonalisation (CGS2). m is known at export time, so these are
 unrolled. `projected` runs in float64 throughout: its Levenberg-Marquardt iteration is an ONNX
 Loop that stops when every row has converged or after PROJECTION_STEPS steps, the same per-row
-rule as app.scores.map_point.
+rule as app.model.scores.map_point.
 
 Outputs of every graph: log_prob, log_prior, log_volume, log_residual, reconstruction_error (B,)
 and residual (B, d); float32, float64 for `projected`.
@@ -104,7 +104,7 @@ STATE = (
 
 
 class _Projection:
-    """app.scores.map_point and projected as graph pieces, all float64."""
+    """app.model.scores.map_point and projected as graph pieces, all float64."""
 
     def __init__(self, arch: Architecture, weights: dict[str, NDArray[np.float32]], sigma2: float) -> None:
         self.arch, self.weights, self.sigma2 = arch, weights, sigma2
@@ -240,7 +240,7 @@ class _Projection:
         return h.make_graph(g.nodes, "levenberg_marquardt_step", values, returned, g.initializers)
 
     def emit(self, g: Graph, x: str, d: int) -> dict[str, str]:
-        """The parts of app.scores.projected for standardised rows x (B, d) float64."""
+        """The parts of app.model.scores.projected for standardised rows x (B, d) float64."""
         z = self.retract(g, emit_mlp(g, x, self.enc, self.arch.activation))
         state = self.linearise(g, x, z)
         state["z"] = z

@@ -299,7 +299,7 @@ def laplace_log_volume(hessian: Tensor) -> Tensor:
 
 def effective_dimensions(point: Linearisation) -> Tensor:
     """tr(H^-1 J^T J / sigma2) (B,), in [0, m]: how many latent directions the data pin down rather
-    than the prior. The noise variance's evidence fixed point uses it (app.train.fit_noise)."""
+    than the prior. The noise variance's evidence fixed point uses it (app.train.fit.fit_noise)."""
     L, _ = floored_cholesky(point.hessian)
     solved = cholesky_solve(L, point.data_curvature)
     return solved.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(0, point.hessian.shape[-1])

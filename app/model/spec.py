@@ -29,7 +29,7 @@ PROJECTION_TOLERANCE = 1e-8  # a row stops once its next step is below this time
 class Network:
     """The model without the width of the data: encoder, decoder and prior.
 
-    The base of Architecture (what a bundle stores) and of app.train.fit.Candidate (a point of the
+    The base of Architecture (what a bundle stores) and of app.train.options.Candidate (a point of the
     hyper-parameter grid), so the fields are declared once; their `help` metadata is what the
     command line says of them.
     """

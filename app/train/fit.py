@@ -163,13 +163,15 @@ def _arrays(parts: ScoreParts) -> dict[str, NDArray[np.float64]]:
     return arrays
 
 
-# The evidence fixed point of the projected model's noise stops when sigma^2 moves by less than this
-# fraction, or after NOISE_ITERATIONS updates.
+# The evidence fixed point of the projected model's noise stops when sigma^2 would move by at most
+# this fraction, or after NOISE_ITERATIONS projections of the validation rows.
 NOISE_TOLERANCE = 1e-4
 NOISE_ITERATIONS = 20
 
 
-def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+def fit_noise(
+    model: ManifoldModel, x_val: NDArray[np.float64], chunk_rows: int = 65_536
+) -> dict[str, NDArray[np.float64]]:
     """Maximum-likelihood noise variances from held-out rows; returns x_val's `projected` parts.
 
     sigma2 (likelihood, encoder, reconstruction): mean |x - f(g(x))|^2 / d.
@@ -188,16 +190,22 @@ def fit_noise(model: ManifoldModel, x_val: NDArray[np.float64]) -> dict[str, NDA
         return score_rows(model, x_val, "projected")
     precise = model.with_dtype(scoring_dtype("projected", model.dtype))
     x = torch.as_tensor(x_val, dtype=precise.dtype, device=next(precise.parameters()).device)
+    chunks = x.split(chunk_rows)  # as score_rows, so the parts returned are exactly its
     with torch.no_grad():
         generative = precise.generative()
-        start = generative.encoder(x)
+        starts = [generative.encoder(chunk) for chunk in chunks]
         for iteration in range(NOISE_ITERATIONS):
             sigma2 = model.sigma2_projected
-            point, converged = map_point(generative, x, start, sigma2)
-            squared = (point.residual * point.residual).sum()
-            updated = max(float(squared / (d - effective_dimensions(point)).sum()), SIGMA2_FLOOR)
+            points = [
+                map_point(generative, chunk, start, sigma2)
+                for chunk, start in zip(chunks, starts, strict=True)
+            ]
+            squared = sum(float((p.residual * p.residual).sum()) for p, _ in points)
+            free = sum(float((d - effective_dimensions(p)).sum()) for p, _ in points)
+            updated = max(squared / free, SIGMA2_FLOOR)
             if abs(updated - sigma2) <= NOISE_TOLERANCE * sigma2 or iteration == NOISE_ITERATIONS - 1:
                 break
             model.sigma2_projected = updated
     # map_point with this sigma2 from g(x), as scoring does: these are x_val's projected parts.
-    return _arrays(laplace_parts(point, converged, sigma2, precise.dtype))
+    parts = [_arrays(laplace_parts(point, converged, sigma2, precise.dtype)) for point, converged in points]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
