@@ -88,7 +88,8 @@ def _closed_form(
     return log_prior, zero, emit_mlp(g, z, dec, arch.activation)
 
 
-# The projection's loop-carried state, in this order (see _projection_step).
+# The projection's loop-carried state, in this order (see _Projection.body), and the part of it a
+# step taken replaces.
 STATE = (
     "z",
     "damping",
@@ -101,6 +102,7 @@ STATE = (
     "x_hat",
     "log_prior",
 )
+CHANGING = ("z", "objective", "gradient", "hessian", "newton_hessian", "x_hat", "log_prior")
 
 
 class _Projection:
@@ -188,39 +190,48 @@ class _Projection:
         state = dict(inputs)
         ambient, delta, indefinite = self.step(g, state)
         done = self.converged(g, state, ambient)
-        moved_to = self.retract(g, g.add(state["z"], ambient))
-        trial = self.linearise(g, x, moved_to)
+        # As map_point: only the rows still moving are linearised at their trial point. They are
+        # gathered, and what changes of them scattered back, so the loop's state keeps its shape.
+        active = g.op("NonZero", g.op("Not", done))  # (1, n)
+        rows, index = g.squeeze(active, 0), g.op("Transpose", active)  # (n,), (n, 1)
+
+        def pick(name: str) -> str:
+            return g.op("Gather", name, rows, axis=0)
+
+        mine = {name: pick(state[name]) for name in (*CHANGING, "damping", "growth")}
+        step, lam = pick(delta), mine["damping"]
+        moved_to = self.retract(g, g.add(mine["z"], pick(ambient)))
+        trial = self.linearise(g, pick(x), moved_to)
         trial["z"] = moved_to
         zero = g.const(0.0, np.float64)
-        lam = state["damping"]
         predicted = g.mul(
-            g.sum(g.mul(delta, g.sub(g.mul(g.unsqueeze(lam, 1), delta), state["gradient"])), 1),
+            g.sum(g.mul(step, g.sub(g.mul(g.unsqueeze(lam, 1), step), mine["gradient"])), 1),
             g.const(0.5, np.float64),
         )
         positive = g.op("Greater", predicted, zero)
         gain = g.div(
-            g.sub(state["objective"], trial["objective"]),
+            g.sub(mine["objective"], trial["objective"]),
             g.where(positive, predicted, g.const(1.0, np.float64)),
         )
-        taken = g.op("And", g.op("And", positive, g.op("Greater", gain, zero)), g.op("Not", done))
-        taken = g.op("And", taken, g.op("Not", indefinite))
+        taken = g.op("And", g.op("And", positive, g.op("Greater", gain, zero)), g.op("Not", pick(indefinite)))
         out = dict(state)
-        for name in ("z", "objective", "gradient", "hessian", "newton_hessian", "x_hat", "log_prior"):
-            rank = {"z": 2, "gradient": 2, "x_hat": 2, "hessian": 3, "newton_hessian": 3}.get(name, 1)
+        for name in CHANGING:
             mask = taken
-            for axis in range(1, rank):
+            for axis in range(
+                1, {"z": 2, "gradient": 2, "x_hat": 2, "hessian": 3, "newton_hessian": 3}.get(name, 1)
+            ):
                 mask = g.unsqueeze(mask, axis)
-            out[name] = g.where(mask, trial[name], state[name])
+            out[name] = g.op("ScatterND", state[name], index, g.where(mask, trial[name], mine[name]))
         cube = g.op(
             "Pow",
             g.sub(g.mul(gain, g.const(2.0, np.float64)), g.const(1.0, np.float64)),
             g.const(3.0, np.float64),
         )
         shrink = g.op("Max", g.sub(g.const(1.0, np.float64), cube), g.const(1 / 3, np.float64))
-        moved = g.where(taken, g.mul(lam, shrink), g.mul(lam, state["growth"]))
-        out["damping"] = g.where(done, lam, moved)
-        doubled = g.where(taken, g.const(2.0, np.float64), g.mul(state["growth"], g.const(2.0, np.float64)))
-        out["growth"] = g.where(done, state["growth"], doubled)
+        damping = g.where(taken, g.mul(lam, shrink), g.mul(lam, mine["growth"]))
+        out["damping"] = g.op("ScatterND", state["damping"], index, damping)
+        growth = g.where(taken, g.const(2.0, np.float64), g.mul(mine["growth"], g.const(2.0, np.float64)))
+        out["growth"] = g.op("ScatterND", state["growth"], index, growth)
         out["done"] = done
         remaining = g.op("ReduceMax", g.cast(g.op("Not", done), INT64), keepdims=0)
         outputs = [g.op("Identity", g.cast(remaining, BOOL))] + [
