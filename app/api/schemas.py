@@ -87,7 +87,7 @@ REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 RESPONSE_EXAMPLE: dict[str, Any] = {
-    "model": {"name": "breast-cancer-demo", "version": "dcfa5f58b22cb725"},
+    "model": {"name": "breast-cancer-demo", "version": "753814c52de12a28"},
     "method": "likelihood",
     "threshold": {"name": "fpr_0.1", "fpr": 0.1, "value": 116.8},
     "scores": [61.2, 402.7],
