@@ -98,7 +98,9 @@ def test_graphs_agree_for_latent_sizes_2_to_16_with_widely_spread_singular_value
     z = model.encoder(torch.tensor(bundle.scaler.transform(x), dtype=torch.float32))
     s = torch.linalg.svdvals(model.decoder.forward_with_jacobian(z)[1].double())
     assert s.min() < 10 * low and s.max() > high / 10
-    assert_agree(bundle, x)
+    # encoder also needs the span of J_f itself, whose weakest direction (1e-6 beside 1e3) float32
+    # rounding of J_f cannot fix in any implementation; it is compared on the other models.
+    assert_agree(bundle, x, [m for m in METHODS if m != "encoder"])
 
 
 @pytest.mark.parametrize(
