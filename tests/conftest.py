@@ -1,12 +1,15 @@
-"""Shared fixtures: a small synthetic table with a known manifold, a tiny trained bundle, and a helper
-that writes a bundle straight from a model (trained or not) with save_bundle."""
+"""Shared fixtures: a small synthetic table with a known manifold, a tiny trained bundle, a helper
+that writes a bundle straight from a model (trained or not) with save_bundle, and one that replaces
+a bundle's file as whoever can write the bundle can."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.bundle.format import Bundle, save_bundle
+from app.bundle.format import MANIFEST, Bundle, content_version, save_bundle
 from app.bundle.scaler import Scaler
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
@@ -61,3 +64,12 @@ def bundle_from(model: ManifoldModel, out: Path, x: np.ndarray, **options) -> Bu
         calibration_scores=calibration,
         **defaults | options,
     )
+
+
+def replace_bundle_file(root: Path, name: str, data: bytes) -> None:
+    """Replace a bundle's file and make its manifest vouch for it: hash, size and version recomputed."""
+    (root / name).write_bytes(data)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["version"] = content_version(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))

@@ -1,8 +1,11 @@
 """The package layering of app/ (docs/architecture.md), checked on the source: every import, lazy
 ones inside functions included, points down the layers, no module imports itself through others,
-and the serving entry points import no PyTorch when loaded."""
+and the serving entry points import no PyTorch when loaded; and, run without torch, the graphs are
+built and scored."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,58 @@ def test_the_serving_entry_points_load_no_torch(entry):
         parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
         todo += [n for n in [*found, *parents] if n in MODULES]
     assert "app.engine.torch_backend" not in seen and "app" in seen
+
+
+# A serving install without torch: the graphs rebuilt (as verification does) and scored.
+WITHOUT_TORCH = """
+import sys
+
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+
+from app.bundle.format import load_bundle
+from app.engine.onnx_backend import OnnxScorer
+from app.model.methods import METHODS
+from app.model.onnx_export import build_graph
+
+bundle = load_bundle(sys.argv[1])
+scaler = bundle.scaler
+for method in METHODS:
+    graph = build_graph(
+        bundle.architecture, bundle.weights, method, mean=scaler.mean, scale=scaler.scale, **bundle.noise
+    )
+    assert graph == bundle.graphs[method].read_bytes(), f"{method}: not the graph the bundle was saved with"
+scorer = OnnxScorer(bundle)
+rows = scaler.mean + np.random.default_rng(0).standard_normal((8, len(bundle.features))) * scaler.scale
+for method in METHODS:
+    assert np.isfinite(scorer.score(rows, method).score).all(), method
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def vmf_bundle(tmp_path_factory):
+    """An untrained bundle of the spherical geometry, whose graphs hold the vMF normaliser."""
+    import torch
+
+    from app.model.manifold import ManifoldModel
+    from app.model.spec import Architecture
+
+    from .conftest import bundle_from, manifold_rows
+
+    torch.manual_seed(0)
+    arch = Architecture(input_dim=6, latent_dim=3, hidden=8, geometry="sphere", prior="vmf", components=2)
+    model = ManifoldModel(arch)
+    model.sigma2, model.sigma2_projected = 0.5, 0.4
+    out = tmp_path_factory.mktemp("bundles") / "vmf"
+    bundle_from(model, out, manifold_rows(100, seed=0))
+    return out
+
+
+@pytest.mark.parametrize("bundle", ["tiny_bundle", "vmf_bundle"])
+def test_graphs_are_built_and_scored_without_torch(bundle, request):
+    path = request.getfixturevalue(bundle)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

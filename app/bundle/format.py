@@ -36,6 +36,7 @@ from app.model.spec import Architecture, weight_shapes
 
 if TYPE_CHECKING:
     from app.model.manifold import ManifoldModel
+    from app.model.onnx_export import ExportedGraph
 
 # 2: encoder's volume restricted to the manifold, projected as MAP + Laplace with sigma2_projected,
 # graphs take float64 rows, derived prior tensors in float64.
@@ -117,16 +118,21 @@ class Bundle:
 
     def build_graph(self, method: str) -> bytes:
         """The ONNX graph of `method` as save_bundle writes it, from this bundle's contents."""
-        from app.model.onnx_export import build_graph
+        return self.export_graph(method).model.SerializeToString()
+
+    def export_graph(self, method: str) -> ExportedGraph:
+        """build_graph's model before serialisation, with the names of its computed constants."""
+        from app.model.onnx_export import export_graph
 
         noise, scaler = self.noise, self.scaler
-        return build_graph(
+        return export_graph(
             self.architecture, self.weights, method, mean=scaler.mean, scale=scaler.scale, **noise
         )
 
     @property
     def graphs(self) -> dict[str, Path]:
-        """The verified ONNX graph of each method that has one."""
+        """The ONNX graph file of each method that has one, hash-checked; what it holds is checked
+        by app.bundle.graphs."""
         return {method: self.path / file for method, file in self.manifest.get("onnx", {}).items()}
 
     @property

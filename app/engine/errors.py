@@ -45,3 +45,15 @@ class Conflict(ServiceError):
 
 class ReloadFailed(ServiceError):
     status, error = 422, "reload refused"
+
+
+class LoadTimedOut(ServiceError):
+    """A load did not finish within its time limit; it was abandoned and the old model serves on."""
+
+    status, error = 503, "load timed out"
+
+
+class ScoringFailed(ServiceError):
+    """The backend failed or answered out of shape (a broken graph): the server's fault, not the input's."""
+
+    status, error = 500, "scoring failed"

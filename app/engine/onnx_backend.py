@@ -12,8 +12,9 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.bundle.format import Bundle, BundleError
+from app.bundle.graphs import verified_graphs
+from app.engine.errors import ScoringFailed
 from app.engine.scorer import ScoreOutput, assemble, method_or_default
-from app.model.methods import OUTPUTS
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -51,23 +52,16 @@ class OnnxScorer:
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         self.bundle = bundle
         self.threads = threads if threads > 0 else available_cores()
-        graphs = bundle.graphs
-        if not graphs:
+        if not bundle.graphs:
             raise BundleError(
                 f"{bundle.path}: the bundle has no ONNX graphs; re-save it or use the torch backend"
             )
+        # Only graphs shown to be what the exporter builds from the bundle's weights, outputs included.
         options = _session_options()
         self.sessions = {
-            method: ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-            for method, path in graphs.items()
+            method: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            for method, graph in verified_graphs(bundle).items()
         }
-        for method, session in self.sessions.items():  # read by name below: all of them, no others
-            names = sorted(o.name for o in session.get_outputs())
-            if names != sorted(OUTPUTS):
-                wanted = sorted(OUTPUTS)
-                raise BundleError(
-                    f"{graphs[method]}: the graph's outputs are {names}; a scoring graph has {wanted}"
-                )
         self.methods = tuple(self.sessions)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -83,9 +77,16 @@ class OnnxScorer:
         session = self.sessions.get(method)
         if session is None:
             raise BundleError(f"{self.bundle.path}: no ONNX graph for {method!r}; use the torch backend")
-        results = self._run(session, np.ascontiguousarray(x_raw, dtype=np.float64))
+        x = np.ascontiguousarray(x_raw, dtype=np.float64)
+        try:
+            results = self._run(session, x)
+        except Exception as e:  # onnxruntime's errors (Fail, InvalidArgument, ...) derive from Exception only
+            raise ScoringFailed(
+                f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
+            ) from e
         names = [o.name for o in session.get_outputs()]
-        return assemble(self.bundle, method, fpr, dict(zip(names, results, strict=True)), explain)
+        parts = dict(zip(names, results, strict=True))
+        return assemble(self.bundle, method, fpr, parts, explain, x.shape[0])
 
     def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)

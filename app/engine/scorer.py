@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.format import Bundle, Threshold
+from app.engine.errors import ScoringFailed
 from app.model.methods import check_method
 
 
@@ -85,9 +86,21 @@ def assemble(
     fpr: float | None,
     parts: dict[str, NDArray[np.floating]],
     explain: bool,
+    rows: int,
 ) -> ScoreOutput:
-    """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) into
-    scores, p-values and flags at the threshold of `fpr` (default: the bundle's)."""
+    """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) for
+    `rows` input rows into scores, p-values and flags at the threshold of `fpr` (default: the
+    bundle's). Every call checks that each output has one entry per input row: an answer never pairs
+    a score with the wrong row, whatever the backend did."""
+    d = len(bundle.features)
+    for name, values in parts.items():
+        expected = (rows, d) if name == "residual" else (rows,)
+        if values.shape != expected:
+            raise ScoringFailed(
+                f"the scoring of {method!r} returned {name} of shape {values.shape} for {rows} rows "
+                f"(expected {expected}): the bundle {bundle.path} is broken",
+                {"method": method, "output": name, "shape": list(values.shape), "expected": list(expected)},
+            )
     threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
     log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
     share = None

@@ -53,4 +53,4 @@ class TorchScorer:
         arrays = {n: getattr(parts, n).double().cpu().numpy() for n in OUTPUTS[:-1]}
         if explain:
             arrays["residual"] = (x - parts.x_hat).double().cpu().numpy()
-        return assemble(self.bundle, method, fpr, arrays, explain)
+        return assemble(self.bundle, method, fpr, arrays, explain, x.shape[0])

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torch import Tensor
+from scipy import special
 
 from app.model.graph import Graph
+
+# torch is imported only inside the functions that compute with it, so that the serving install,
+# which has no torch, can build and verify graphs with the emitters (app.bundle.graphs).
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 LOG_2PI = math.log(2 * math.pi)
 Parameters = dict[str, NDArray[np.floating]]  # a bundle's tensors, the derived prior among them
@@ -48,7 +53,7 @@ class StandardNormal:
     def __init__(
         self,
         dim: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype,
         device: torch.device | None = None,
         batch_shape: tuple[int, ...] = (),
     ) -> None:
@@ -58,6 +63,8 @@ class StandardNormal:
         return -0.5 * (z * z).sum(-1) - 0.5 * self.dim * LOG_2PI
 
     def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        import torch
+
         hessian = -torch.eye(self.dim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1, -1)
         return self.log_prob(z), -z, hessian
 
@@ -65,13 +72,17 @@ class StandardNormal:
     def emit(
         g: Graph, z: str, weights: Parameters, k: int, dtype: type, derivatives: bool = False
     ) -> Emitted:
-        log_p = g.sub(g.mul(g.sum(g.mul(z, z), 1), g.const(-0.5, dtype)), g.const(0.5 * k * LOG_2PI, dtype))
+        log_p = g.sub(
+            g.mul(g.sum(g.mul(z, z), 1), g.const(-0.5, dtype)), g.computed(0.5 * k * LOG_2PI, dtype)
+        )
         if not derivatives:
             return log_p
         batch_eye = g.mul(g.unsqueeze(g.unsqueeze(g.sum(z, 1), 1), 2), g.const(0.0, np.float64))
         return log_p, g.op("Neg", z), g.add(batch_eye, g.const(-np.eye(k), np.float64))
 
     def rsample(self, n: int) -> Tensor:
+        import torch
+
         return torch.randn(*self.batch_shape, n, self.dim, dtype=self.dtype, device=self.device)
 
 
@@ -84,6 +95,8 @@ def _mixture_derivatives(
     With weights w = softmax(c): grad = sum_j w_j a_j and
     Hessian = sum_j w_j (C_j + a_j a_j^T) - grad grad^T.
     """
+    import torch
+
     w = torch.softmax(components, dim=-1)  # (B, K)
     log_p = torch.logsumexp(components, dim=-1) - math.log(components.shape[-1])
     grad = (w.unsqueeze(-1) * gradients).sum(-2)  # (B, k)
@@ -105,7 +118,9 @@ def _emit_mixture(
 ) -> Emitted:
     """_mixture_derivatives as nodes: log p from the components c_j (B, K); given their gradients
     (B, K, k), also grad and Hessian, `curvature` being the components' diagonal Hessians (K, k)."""
-    log_p = g.sub(g.op("ReduceLogSumExp", components, axes=[1], keepdims=0), g.const(math.log(count), dtype))
+    log_p = g.sub(
+        g.op("ReduceLogSumExp", components, axes=[1], keepdims=0), g.computed(math.log(count), dtype)
+    )
     if gradients is None:
         return log_p
     w = g.op("Softmax", components, axis=1)  # (B, K)
@@ -114,7 +129,7 @@ def _emit_mixture(
     outer = g.mul(g.unsqueeze(gradient, 2), g.unsqueeze(gradient, 1))
     hessian = g.sub(g.matmul(g.transpose(weighted), gradients), outer)
     if curvature is not None:
-        diagonal = g.matmul(w, g.const(curvature, np.float64))  # (B, k)
+        diagonal = g.matmul(w, g.computed(curvature, np.float64))  # (B, k)
         eye = g.const(np.eye(curvature.shape[1]), np.float64)
         hessian = g.add(hessian, g.mul(g.unsqueeze(diagonal, 1), eye))
     return log_p, gradient, hessian
@@ -122,6 +137,8 @@ def _emit_mixture(
 
 def _pick_components(locations: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Uniformly chosen component per sample: indices (..., n) and their locations (..., n, k)."""
+    import torch
+
     c = torch.randint(locations.shape[-2], (*locations.shape[:-2], n), device=locations.device)
     return c, torch.gather(locations, -2, c.unsqueeze(-1).expand(*c.shape, locations.shape[-1]))
 
@@ -141,11 +158,15 @@ class GaussianMixture:
         self.dim = means.shape[-1]
 
     def component_log_prob(self, z: Tensor) -> Tensor:  # (..., B, k) -> (..., B, K)
+        import torch
+
         u = (z.unsqueeze(-2) - self.means.unsqueeze(-3)) / self.scales.unsqueeze(-3)
         log_det = torch.log(self.scales).sum(-1).unsqueeze(-2)
         return -0.5 * (u * u).sum(-1) - log_det - 0.5 * self.dim * LOG_2PI
 
     def log_prob(self, z: Tensor) -> Tensor:
+        import torch
+
         return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.means.shape[-2])
 
     def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,13 +187,15 @@ class GaussianMixture:
         offsets = g.sub(g.unsqueeze(z, 1), g.const(locations, dtype))  # (B, K, k)
         u = g.div(offsets, g.const(scales, dtype))
         constant = -np.log(scales).sum(-1) - 0.5 * k * LOG_2PI  # (K,)
-        components = g.add(g.mul(g.sum(g.mul(u, u), 2), g.const(-0.5, dtype)), g.const(constant, dtype))
+        components = g.add(g.mul(g.sum(g.mul(u, u), 2), g.const(-0.5, dtype)), g.computed(constant, dtype))
         if not derivatives:
             return _emit_mixture(g, components, len(scales), dtype)
         gradients = g.op("Neg", g.div(offsets, g.const(scales**2, dtype)))  # -(z - mu_j) / s_j^2
         return _emit_mixture(g, components, len(scales), dtype, gradients, -(scales**-2))
 
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
+        import torch
+
         c, means = _pick_components(self.means, n)
         scales = torch.gather(self.scales, -2, c.unsqueeze(-1).expand_as(means))
         return means + scales * torch.randn_like(means)
@@ -201,6 +224,8 @@ def log_bessel_iv_over_power(v: float, kappa: Tensor) -> Tensor:
     Dividing by kappa^v keeps the small-kappa end free of cancellation: it tends to
     -v log 2 - lgamma(v + 1) as kappa -> 0. Differentiable in kappa. Computed in float64.
     """
+    import torch
+
     kappa64 = kappa.to(torch.float64)
     # Both branches are evaluated everywhere (torch.where); clamping keeps each one in its own domain
     # so neither produces inf or NaN, which would poison the gradient of the other.
@@ -231,6 +256,8 @@ def log_bessel_iv_over_power(v: float, kappa: Tensor) -> Tensor:
 
 def log_bessel_iv(v: float, kappa: Tensor) -> Tensor:
     """log I_v(kappa), kappa > 0."""
+    import torch
+
     return log_bessel_iv_over_power(v, kappa) + v * torch.log(kappa)
 
 
@@ -243,8 +270,34 @@ def vmf_log_normalizer(kappa: Tensor, dim: int) -> Tensor:
     return -0.5 * dim * LOG_2PI - log_bessel_iv_over_power(0.5 * dim - 1, kappa)
 
 
+# The graphs' normaliser is a constant computed without torch: above kappa = 1 from scipy's
+# exponentially scaled Bessel function, log I_v = log(ive(v, kappa)) + kappa, accurate to ~1e-15
+# relative, and exact to rounding from there up to orders v = 140 (latent size 282), where ive(v, 1)
+# would underflow. Below, where it underflows sooner (~ (kappa/2)^v / v!), the power series: its
+# terms shrink by a factor kappa^2 / (4 m (v + m)) <= 1/4, so 16 of them are exact to rounding.
+_NUMPY_SERIES_LIMIT = 1.0
+_NUMPY_SERIES_TERMS = 16
+
+
+def numpy_vmf_log_normalizer(kappa: NDArray[np.float64], dim: int) -> NDArray[np.float64]:
+    """vmf_log_normalizer in numpy, float64: log C_k(kappa) for concentrations kappa >= 0."""
+    v = 0.5 * dim - 1
+    kappa = np.asarray(kappa, dtype=np.float64)
+    t = np.minimum(kappa, _NUMPY_SERIES_LIMIT) ** 2 / 4
+    term, total = np.ones_like(t), np.ones_like(t)
+    for m in range(1, _NUMPY_SERIES_TERMS):  # sum_m t^m / (m! (v + 1)_m)
+        term = term * t / (m * (v + m))
+        total = total + term
+    series = np.log(total) - v * math.log(2.0) - special.gammaln(v + 1)
+    large = np.maximum(kappa, _NUMPY_SERIES_LIMIT)
+    scaled = np.log(special.ive(v, large)) + large - v * np.log(large)
+    return -0.5 * dim * LOG_2PI - np.where(kappa < _NUMPY_SERIES_LIMIT, series, scaled)
+
+
 def vmf_mean_resultant_length(kappa: Tensor, dim: int) -> Tensor:
     """A_k(kappa) = E[mu . z] = I_(k/2)(kappa) / I_(k/2-1)(kappa)."""
+    import torch
+
     v = 0.5 * dim - 1
     return torch.exp(log_bessel_iv(v + 1, kappa) - log_bessel_iv(v, kappa))
 
@@ -261,6 +314,8 @@ def sample_vmf(mu: Tensor, kappa: Tensor, proposals: int = 2) -> Tensor:
     al., 2018, without its rejection correction) and mu through the projection of a Gaussian onto
     its tangent space, which is uniform on the tangent sphere and needs no basis.
     """
+    import torch
+
     n, k = mu.shape
     m1 = float(k - 1)
     kappa64 = kappa.to(torch.float64)
@@ -311,6 +366,8 @@ class VonMisesFisherMixture:
         return self.log_normalizer.unsqueeze(-2) + self.kappa.unsqueeze(-2) * cosine
 
     def log_prob(self, z: Tensor) -> Tensor:
+        import torch
+
         return torch.logsumexp(self.component_log_prob(z), dim=-1) - math.log(self.directions.shape[-2])
 
     def log_prob_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -326,9 +383,10 @@ class VonMisesFisherMixture:
         locations = weights["derived.prior.locations"].astype(dtype)
         kappa = weights["derived.prior.kappa"].astype(np.float64)
         # kappa is fixed once trained, so the normaliser is a constant of the graph
-        log_normalizer = vmf_log_normalizer(torch.from_numpy(kappa), k).numpy()
         cosines = g.matmul(z, g.const(locations.T, dtype))
-        components = g.add(g.mul(cosines, g.const(kappa, dtype)), g.const(log_normalizer, dtype))
+        components = g.add(
+            g.mul(cosines, g.const(kappa, dtype)), g.computed(numpy_vmf_log_normalizer(kappa, k), dtype)
+        )
         if not derivatives:
             return _emit_mixture(g, components, len(kappa), dtype)
         directions = weights["derived.prior.locations"].astype(np.float64)
@@ -337,6 +395,8 @@ class VonMisesFisherMixture:
         return _emit_mixture(g, components, len(kappa), dtype, gradients)
 
     def rsample(self, n: int) -> Tensor:  # -> (..., n, k)
+        import torch
+
         c, mu = _pick_components(self.directions, n)
         kappa = torch.gather(self.kappa, -1, c)
         return sample_vmf(mu.reshape(-1, self.dim), kappa.reshape(-1)).reshape(mu.shape)

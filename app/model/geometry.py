@@ -7,12 +7,17 @@ space (method notes, departure 2), so every Jacobian of the decoder is restricte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
 
 from app.model.graph import Graph
 from app.model.spec import Geometry
+
+# torch is imported only inside the functions that compute with it, so that the serving install,
+# which has no torch, can build and verify graphs with the emitters (app.bundle.graphs).
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def sphere_tangent_basis(z: Tensor) -> Tensor:
@@ -24,6 +29,8 @@ def sphere_tangent_basis(z: Tensor) -> Tensor:
     to -s z; H is orthogonal, so its other columns span z's orthogonal complement. Choosing the
     sign of z_1 keeps |u| >= 1, so there is no cancellation anywhere on the sphere.
     """
+    import torch
+
     k = z.shape[-1]
     sign = torch.where(z[..., :1] >= 0, 1.0, -1.0).to(z.dtype)
     u = z.clone()
@@ -47,6 +54,8 @@ def restrict_to_tangent(J: Tensor, z: Tensor, geometry: Geometry) -> Tensor:
 
 def retract(z: Tensor, geometry: Geometry) -> Tensor:
     """Map a point moved along the tangent space back onto the latent manifold."""
+    import torch
+
     return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True) if geometry == "sphere" else z
 
 
@@ -60,6 +69,8 @@ def riemannian_derivatives(
     is B^T H B - (z . grad) I: the second term is the bending of great circles, along which the
     ambient gradient's normal component acts.
     """
+    import torch
+
     if basis is None:
         return gradient, hessian
     tangent_gradient = (basis.transpose(1, 2) @ gradient.unsqueeze(-1)).squeeze(-1)

@@ -37,6 +37,7 @@ class Graph:
         self.count = 0
         # id of a weight array -> (the array, its initializer); holding the array keeps its id unique
         self.weights: dict[int, tuple[NDArray[Any], str]] = {}
+        self.computed_names: set[str] = set()  # see computed(); the root graph's holds the Loop body's
 
     def name(self, hint: str) -> str:
         if self.parent is not None:
@@ -49,6 +50,17 @@ class Graph:
 
         name = self.name("c")
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def computed(self, value: NDArray[Any] | float, dtype: type = np.float32) -> str:
+        """A constant the exporter computes with a logarithm, a power or a Bessel function, which
+        another CPU or library version may round differently in the last place: app.bundle.graphs
+        compares these within a tolerance, every other constant exactly."""
+        name = self.const(value, dtype)
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        root.computed_names.add(name)
         return name
 
     def weight(self, value: NDArray[Any]) -> str:

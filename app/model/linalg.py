@@ -8,12 +8,17 @@ time, unroll Gram-Schmidt and Cholesky in float64. Each pair computes the same q
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
 
 from app.model.graph import F64, Graph
 from app.model.spec import PIVOT_FLOOR, SINGULAR_VALUE_FLOOR
+
+# torch is imported only inside the functions that compute with it, so that the serving install,
+# which has no torch, can build and verify graphs with the emitters (app.bundle.graphs).
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def sum_log_singular_values(J: Tensor) -> Tensor:
@@ -22,6 +27,8 @@ def sum_log_singular_values(J: Tensor) -> Tensor:
     For a d x m Jacobian of rank m this is log sqrt(det(J^T J)), the log of the m-volume
     stretching factor.
     """
+    import torch
+
     # In float64 even for float32 networks: small singular values of a graded Jacobian keep their
     # relative accuracy, and the result matches the exported graph's float64 factorisation.
     s = torch.linalg.svdvals(J.double())
@@ -56,6 +63,8 @@ def emit_sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
 
 def orthonormal_columns(A: Tensor) -> Tensor:
     """(B, d, m) of rank m -> (B, d, m) orthonormal columns spanning the same space (reduced QR)."""
+    import torch
+
     return torch.linalg.qr(A, mode="reduced").Q
 
 
@@ -88,6 +97,8 @@ def floored_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
     Frobenius norm of A (which no change of orthonormal basis alters), so an indefinite or singular
     A still gives a finite factor: the Gauss-Newton Hessian of a mixture prior can be indefinite
     between its components."""
+    import torch
+
     m = A.shape[-1]
     floor = PIVOT_FLOOR * torch.linalg.matrix_norm(A).clamp(min=1e-300)  # (B,)
     L = torch.zeros_like(A)
@@ -134,6 +145,8 @@ def emit_floored_cholesky(g: Graph, a: str, m: int) -> tuple[list[list[str]], st
 
 def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
     """L (B, m, m) lower-triangular, b (B, m, n) -> (L L^T)^-1 b."""
+    import torch
+
     y = torch.linalg.solve_triangular(L, b, upper=False)
     return torch.linalg.solve_triangular(L.transpose(1, 2), y, upper=True)
 

@@ -1,13 +1,16 @@
 """The generative model: encoder g, decoder f, learned prior p(z), noise variance sigma^2.
 
-`ManifoldModel` is the trainable nn.Module; `GenerativeModel` is the frozen view the score
-functions take, so they work equally with hand-written f and g (tests, a GAN generator without
+`ManifoldModel` is the trainable nn.Module, made of the modules below that hold the parameters (the
+MLP, encoder, decoder and priors; their computations are app.model.nn's and
+app.model.distributions' functions of those parameters); `GenerativeModel` is the frozen view the
+score functions take, so they work equally with hand-written f and g (tests, a GAN generator without
 encoder). This module imports no training, bundle or web code.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -23,7 +26,7 @@ from app.model.distributions import (
     StandardNormal,
     VonMisesFisherMixture,
 )
-from app.model.nn import Decoder, Encoder, encode, mlp_forward
+from app.model.nn import encode, encode_with_jacobian, mlp_forward, mlp_with_curvature, mlp_with_jacobian
 from app.model.spec import Architecture, Geometry, intrinsic_dim, layer_names
 
 
@@ -91,6 +94,65 @@ class GenerativeModel:
     @property
     def intrinsic_dim(self) -> int:
         return intrinsic_dim(self.prior.dim, self.geometry)
+
+
+class MLP(nn.Module):
+    """`depth` hidden layers of `hidden` units with `activation`, then a linear output layer."""
+
+    def __init__(self, n_in: int, n_out: int, hidden: int, depth: int, activation: str) -> None:
+        super().__init__()
+        sizes = [n_in] + [hidden] * depth + [n_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.activation = activation
+
+    def weights(self) -> list[tuple[Tensor, Tensor]]:
+        return [(layer.weight, layer.bias) for layer in self.layers]
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, n_in) -> (B, n_out)
+        return mlp_forward(x, self.weights(), self.activation)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
+        return mlp_with_jacobian(x, self.weights(), self.activation)
+
+    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """Value, Jacobian and the contraction w -> sum_o w_o Hessian of output o: see mlp_with_curvature."""
+        return mlp_with_curvature(x, self.weights(), self.activation)
+
+
+class Encoder(nn.Module):
+    """g: R^d -> R^k, or onto the unit sphere S^(k-1) for the spherical geometry."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.geometry = arch.geometry
+        self.net = MLP(arch.input_dim, arch.latent_dim, arch.hidden, arch.depth, arch.activation)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, k)
+        return encode(x, self.net.weights(), self.net.activation, self.geometry)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, d) -> z (B, k) and J_g (B, k, d) in ambient latent coordinates."""
+        return encode_with_jacobian(x, self.net.weights(), self.net.activation, self.geometry)
+
+
+class Decoder(nn.Module):
+    """f: R^k -> R^d. On the sphere only its restriction to S^(k-1) matters."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.net = MLP(arch.latent_dim, arch.input_dim, arch.hidden, arch.depth, arch.activation)
+
+    def forward(self, z: Tensor) -> Tensor:  # (B, k) -> (B, d)
+        return self.net(z)
+
+    def forward_with_jacobian(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, k) -> x (B, d) and J_f (B, d, k) in ambient latent coordinates."""
+        return self.net.forward_with_jacobian(z)
+
+    def forward_with_curvature(self, z: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """As MLP.forward_with_curvature, in ambient latent coordinates."""
+        return self.net.forward_with_curvature(z)
 
 
 Encode = Callable[[Tensor], Tensor]

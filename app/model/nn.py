@@ -5,21 +5,29 @@ The Jacobian is the analytic layer-by-layer product, carried forward as a stack 
 (forward mode): for an affine layer T <- W T, for an activation T <- a'(h) * T. It costs a few extra
 matrix products per layer, is exact, needs no autograd graph and is a plain tensor program, so it
 runs batched on any device and its graph form is the same products. No Python loop over rows.
+
+Both halves are functions of the weights: the torch half takes tensors (the modules holding them as
+parameters are app.model.manifold's), the graph half a bundle's numpy arrays.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torch import Tensor, nn
 
 from app.model.graph import Graph, onnx_type
-from app.model.spec import ACTIVATION_NAMES, Architecture, layer_names
+from app.model.spec import ACTIVATION_NAMES, layer_names
+
+# torch is imported only inside the functions that compute with it, so that the serving install,
+# which has no torch, can build and verify graphs with the emitters (app.bundle.graphs).
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    Layers = Sequence[tuple[Tensor, Tensor]]  # (weight (..., out, in), bias (..., out)) per layer
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class Activation:
 
 
 def _swish(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import torch
+
     s = torch.sigmoid(h)
     return h * s, s * (1 + h * (1 - s)), s * (1 - s) * (2 + h * (1 - 2 * s))
 
@@ -55,6 +65,8 @@ def _emit_swish(g: Graph, h: str, order: int, dtype: type) -> list[str]:
 
 
 def _tanh(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import torch
+
     t = torch.tanh(h)
     slope = 1 - t * t
     return t, slope, -2 * t * slope
@@ -71,6 +83,8 @@ def _emit_tanh(g: Graph, h: str, order: int, dtype: type) -> list[str]:
 
 
 def _relu(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import torch
+
     positive = (h > 0).to(h.dtype)
     return h * positive, positive, torch.zeros_like(h)
 
@@ -83,8 +97,10 @@ def _emit_relu(g: Graph, h: str, order: int, dtype: type) -> list[str]:
 
 
 def _softplus(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import torch
+
     s = torch.sigmoid(h)
-    return nn.functional.softplus(h), s, s * (1 - s)
+    return torch.nn.functional.softplus(h), s, s * (1 - s)
 
 
 def _emit_softplus(g: Graph, h: str, order: int, dtype: type) -> list[str]:
@@ -101,6 +117,8 @@ def _emit_softplus(g: Graph, h: str, order: int, dtype: type) -> list[str]:
 
 
 def _linear(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    import torch
+
     return h, torch.ones_like(h), torch.zeros_like(h)
 
 
@@ -109,11 +127,35 @@ def _emit_linear(g: Graph, h: str, order: int, dtype: type) -> list[str]:
     return [h, g.add(zero, g.const(1.0, dtype)), zero][: order + 1]
 
 
+def _swish_value(h: Tensor) -> Tensor:
+    import torch
+
+    return torch.nn.functional.silu(h)
+
+
+def _tanh_value(h: Tensor) -> Tensor:
+    import torch
+
+    return torch.tanh(h)
+
+
+def _relu_value(h: Tensor) -> Tensor:
+    import torch
+
+    return torch.relu(h)
+
+
+def _softplus_value(h: Tensor) -> Tensor:
+    import torch
+
+    return torch.nn.functional.softplus(h)
+
+
 ACTIVATIONS: dict[str, Activation] = {
-    "swish": Activation(_swish, nn.functional.silu, _emit_swish),
-    "tanh": Activation(_tanh, torch.tanh, _emit_tanh),
-    "relu": Activation(_relu, torch.relu, _emit_relu),
-    "softplus": Activation(_softplus, nn.functional.softplus, _emit_softplus),
+    "swish": Activation(_swish, _swish_value, _emit_swish),
+    "tanh": Activation(_tanh, _tanh_value, _emit_tanh),
+    "relu": Activation(_relu, _relu_value, _emit_relu),
+    "softplus": Activation(_softplus, _softplus_value, _emit_softplus),
     "linear": Activation(_linear, lambda h: h, _emit_linear),
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "app.model.spec names the activations"
@@ -124,12 +166,11 @@ def emit_activation(g: Graph, h: str, name: str, order: int, dtype: type) -> lis
     return ACTIVATIONS[name].emit(g, h, order, dtype)
 
 
-Layers = Sequence[tuple[Tensor, Tensor]]  # (weight (..., out, in), bias (..., out)) per layer
-
-
 def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    import torch
+
     if weight.ndim == 2:
-        return nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
     # Stacked candidates: weight (C, out, in), x (B, in) shared or (C, B, in) -> (C, B, out).
     x = x.expand(weight.shape[0], *x.shape) if x.ndim == 2 else x
     return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
@@ -143,117 +184,84 @@ def mlp_forward(x: Tensor, layers: Layers, activation: str) -> Tensor:
     return _affine(x, *layers[-1])
 
 
-class MLP(nn.Module):
-    """`depth` hidden layers of `hidden` units with `activation`, then a linear output layer."""
+def mlp_with_jacobian(x: Tensor, layers: Layers, activation: str) -> tuple[Tensor, Tensor]:
+    """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
+    value, T, _ = _tangents(x, layers, activation)
+    return value, T.transpose(1, 2)
 
-    def __init__(self, n_in: int, n_out: int, hidden: int, depth: int, activation: str) -> None:
-        super().__init__()
-        sizes = [n_in] + [hidden] * depth + [n_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
-        self.activation = activation
 
-    def weights(self) -> list[tuple[Tensor, Tensor]]:
-        return [(layer.weight, layer.bias) for layer in self.layers]
+def mlp_with_curvature(
+    x: Tensor, layers: Layers, activation: str
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """Value (B, n_out), Jacobian (B, n_out, n_in), and w (B, n_out) -> sum_o w_o times the
+    Hessian of output o, (B, n_in, n_in).
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, n_in) -> (B, n_out)
-        return mlp_forward(x, self.weights(), self.activation)
+    Affine layers have no curvature, so the Hessian of w . MLP(x) collects one term per
+    activation: sum_l T_l diag(a''(h_l) * adj_l) T_l^T, with T_l the tangents of the
+    pre-activation h_l (forward) and adj_l the derivative of w . MLP with respect to a(h_l)
+    (backward). One backward pass over the forward pass's cache.
+    """
+    import torch
 
-    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
-        value, T, _ = self._tangents(x)
-        return value, T.transpose(1, 2)
+    value, T, cache = _tangents(x, layers, activation)
 
-    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """Value (B, n_out), Jacobian (B, n_out, n_in), and w (B, n_out) -> sum_o w_o times the
-        Hessian of output o, (B, n_in, n_in).
+    def contract(w: Tensor) -> Tensor:
+        adjoint = w  # d(w . output) / d(pre-activation of the layer after)
+        total = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+        for (weight, _), (tangents, slope, bend) in zip(reversed(layers[1:]), reversed(cache), strict=True):
+            adjoint = adjoint @ weight  # d / d a(h_l)
+            total = total + (tangents * (bend * adjoint).unsqueeze(1)) @ tangents.transpose(1, 2)
+            adjoint = adjoint * slope
+        return total
 
-        Affine layers have no curvature, so the Hessian of w . MLP(x) collects one term per
-        activation: sum_l T_l diag(a''(h_l) * adj_l) T_l^T, with T_l the tangents of the
-        pre-activation h_l (forward) and adj_l the derivative of w . MLP with respect to a(h_l)
-        (backward). One backward pass over the forward pass's cache.
-        """
-        value, T, cache = self._tangents(x)
+    return value, T.transpose(1, 2), contract
 
-        def contract(w: Tensor) -> Tensor:
-            adjoint = w  # d(w . output) / d(pre-activation of the layer after)
-            total = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-            for layer, (tangents, slope, bend) in zip(
-                reversed(self.layers[1:]), reversed(cache), strict=True
-            ):
-                adjoint = adjoint @ layer.weight  # d / d a(h_l)
-                total = total + (tangents * (bend * adjoint).unsqueeze(1)) @ tangents.transpose(1, 2)
-                adjoint = adjoint * slope
-            return total
 
-        return value, T.transpose(1, 2), contract
-
-    def _tangents(self, x: Tensor) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
-        """Value, transposed Jacobian (B, n_in, n_out) and, per hidden layer, its pre-activation's
-        tangents (B, n_in, width), a'(h) and a''(h)."""
-        # T holds the tangents transposed, (B, n_in, width), so each layer is one batched matmul
-        # on the right, the same product as the layer itself.
-        activation = ACTIVATIONS[self.activation].derivatives
-        T = self.layers[0].weight.T.expand(x.shape[0], -1, -1)
-        h = self.layers[0](x)
-        cache = []
-        for layer in self.layers[1:]:
-            h, slope, bend = activation(h)
-            cache.append((T, slope, bend))
-            T = T * slope.unsqueeze(1)
-            h = layer(h)
-            T = T @ layer.weight.T
-        return h, T, cache
+def _tangents(
+    x: Tensor, layers: Layers, activation: str
+) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """Value, transposed Jacobian (B, n_in, n_out) and, per hidden layer, its pre-activation's
+    tangents (B, n_in, width), a'(h) and a''(h)."""
+    # T holds the tangents transposed, (B, n_in, width), so each layer is one batched matmul
+    # on the right, the same product as the layer itself.
+    derivatives = ACTIVATIONS[activation].derivatives
+    first_weight, first_bias = layers[0]
+    T = first_weight.T.expand(x.shape[0], -1, -1)
+    h = _affine(x, first_weight, first_bias)
+    cache = []
+    for weight, bias in layers[1:]:
+        h, slope, bend = derivatives(h)
+        cache.append((T, slope, bend))
+        T = T * slope.unsqueeze(1)
+        h = _affine(h, weight, bias)
+        T = T @ weight.T
+    return h, T, cache
 
 
 def normalize_to_sphere(v: Tensor) -> Tensor:
+    import torch
+
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
 def encode(x: Tensor, layers: Layers, activation: str, geometry: str) -> Tensor:
+    """g: R^d -> R^k, or onto the unit sphere S^(k-1) for the spherical geometry."""
     v = mlp_forward(x, layers, activation)
     return normalize_to_sphere(v) if geometry == "sphere" else v
 
 
-class Encoder(nn.Module):
-    """g: R^d -> R^k, or onto the unit sphere S^(k-1) for the spherical geometry."""
+def encode_with_jacobian(x: Tensor, layers: Layers, activation: str, geometry: str) -> tuple[Tensor, Tensor]:
+    """(B, d) -> z (B, k) and J_g (B, k, d) in ambient latent coordinates."""
+    import torch
 
-    def __init__(self, arch: Architecture) -> None:
-        super().__init__()
-        self.geometry = arch.geometry
-        self.net = MLP(arch.input_dim, arch.latent_dim, arch.hidden, arch.depth, arch.activation)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, k)
-        return encode(x, self.net.weights(), self.net.activation, self.geometry)
-
-    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, d) -> z (B, k) and J_g (B, k, d) in ambient latent coordinates."""
-        v, J = self.net.forward_with_jacobian(x)
-        if self.geometry == "euclidean":
-            return v, J
-        # d(v/|v|)/dv = (I - z z^T) / |v|: the Jacobian's range is the tangent space at z.
-        norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-        z = v / norm
-        J = (J - z.unsqueeze(-1) * (z.unsqueeze(1) @ J)) / norm.unsqueeze(-1)
-        return z, J
-
-
-class Decoder(nn.Module):
-    """f: R^k -> R^d. On the sphere only its restriction to S^(k-1) matters."""
-
-    def __init__(self, arch: Architecture) -> None:
-        super().__init__()
-        self.net = MLP(arch.latent_dim, arch.input_dim, arch.hidden, arch.depth, arch.activation)
-
-    def forward(self, z: Tensor) -> Tensor:  # (B, k) -> (B, d)
-        return self.net(z)
-
-    def forward_with_jacobian(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, k) -> x (B, d) and J_f (B, d, k) in ambient latent coordinates."""
-        return self.net.forward_with_jacobian(z)
-
-    def forward_with_curvature(self, z: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """As MLP.forward_with_curvature, in ambient latent coordinates."""
-        return self.net.forward_with_curvature(z)
+    v, J = mlp_with_jacobian(x, layers, activation)
+    if geometry == "euclidean":
+        return v, J
+    # d(v/|v|)/dv = (I - z z^T) / |v|: the Jacobian's range is the tangent space at z.
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    z = v / norm
+    J = (J - z.unsqueeze(-1) * (z.unsqueeze(1) @ J)) / norm.unsqueeze(-1)
+    return z, J
 
 
 # --- the same networks as ONNX nodes, from a bundle's numpy weights -------------------------------

@@ -1,13 +1,17 @@
 """The backends behind create_scorer: the onnx scorer against the torch scorer, row blocks scored in
 parallel, and the onnx serving path free of PyTorch."""
 
-import numpy as np
+import shutil
 
-from app.bundle.format import load_bundle
+import numpy as np
+import pytest
+
+from app.bundle.format import BundleError, load_bundle
+from app.engine.errors import ScoringFailed
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 
-from ..conftest import manifold_rows
+from ..conftest import manifold_rows, replace_bundle_file
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
 
 
@@ -23,6 +27,16 @@ def test_onnx_scorer_matches_the_torch_scorer():
         np.testing.assert_allclose(a.score, b.score, rtol=rtol)
         np.testing.assert_array_equal(a.is_anomaly, b.is_anomaly)
         np.testing.assert_allclose(a.residual_share, b.residual_share, rtol=rtol, atol=rtol)
+
+
+def test_the_onnx_scorer_runs_only_the_graphs_the_bundles_weights_give(tmp_path):
+    # Another method's graph in the likelihood file, hashes and version recomputed: the checks of
+    # each tampering are tests/bundle/test_graphs.py's; here, that a load or a reload refuses it.
+    root = tmp_path / "model"
+    shutil.copytree("models/default", root)
+    replace_bundle_file(root, "scoring-likelihood.onnx", (root / "scoring-latent.onnx").read_bytes())
+    with pytest.raises(BundleError, match=r"the 'likelihood' graph is not the graph the exporter builds"):
+        OnnxScorer(load_bundle(root))
 
 
 def test_the_onnx_service_path_never_imports_torch():
@@ -68,3 +82,21 @@ def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch)
     sizes.clear()
     blocked.score(x[:200], "likelihood")
     assert sizes == [200]
+
+
+def test_every_scoring_call_checks_one_output_row_per_input_row(tiny_bundle, monkeypatch):
+    """Defect 6: a graph answering n-1 rows was served (1 score for 2 rows with HTTP 200). Whatever
+    a backend returns, assemble refuses outputs that do not have one entry per input row."""
+    scorer = OnnxScorer(load_bundle(tiny_bundle), threads=1)
+    x = manifold_rows(4, seed=1)
+    assert scorer.score(x, "likelihood").score.shape == (4,)
+    run = scorer._run
+    monkeypatch.setattr(scorer, "_run", lambda session, rows: [out[:-1] for out in run(session, rows)])
+    with pytest.raises(ScoringFailed, match=r"returned log_prob of shape \(3,\) for 4 rows") as failed:
+        scorer.score(x, "likelihood")
+    assert failed.value.status == 500
+    monkeypatch.setattr(
+        scorer, "_run", lambda session, rows: [o[:, :1] if o.ndim == 2 else o for o in run(session, rows)]
+    )
+    with pytest.raises(ScoringFailed, match=r"residual of shape \(4, 1\)"):
+        scorer.score(x, "likelihood", explain=True)

@@ -12,6 +12,7 @@ from app.model.distributions import (
     StandardNormal,
     VonMisesFisherMixture,
     log_bessel_iv,
+    numpy_vmf_log_normalizer,
     sample_vmf,
     vmf_log_normalizer,
     vmf_mean_resultant_length,
@@ -47,6 +48,29 @@ def test_vmf_normalizer_tends_to_the_uniform_density_and_has_the_right_derivativ
         kd = kappa.detach().numpy()
         ratio = special.ive(k / 2, kd) / special.ive(k / 2 - 1, kd)
         np.testing.assert_allclose(kappa.grad.numpy(), -ratio, rtol=1e-8, atol=1e-12)
+
+
+def test_the_graphs_torch_free_normaliser_matches_torchs():
+    # The difference is the torch series/Debye expansion's error, ~1e-9 relative by its construction
+    # (2.5e-11 at most measured here, at kappa = 50 where the expansion takes over): the tolerance is
+    # that bound, relative to max(1, |log C|). Concentrations 0 .. 3e4, both sides of each branch
+    # switch (1 here, 50 there) included.
+    kappa = np.concatenate([[0.0, 1e-300], np.logspace(-8, 4.5, 251), [1 - 1e-12, 1.0, 49.99, 50.0, 50.01]])
+    for k in range(2, 33):
+        want = vmf_log_normalizer(torch.tensor(kappa), k).numpy()
+        np.testing.assert_allclose(numpy_vmf_log_normalizer(kappa, k), want, rtol=1e-9, atol=1e-9)
+
+
+def test_the_graphs_normaliser_is_exact_to_rounding_on_the_two_sphere():
+    # k = 3 has the closed form C = kappa / (4 pi sinh kappa), here without cancellation: the
+    # normaliser is then exact to a few ulps on both branches (the series below kappa = 1).
+    kappa = np.logspace(-8, 4, 241)
+    log_sinh = np.where(
+        kappa < 1, np.log(np.sinh(np.minimum(kappa, 1))), kappa + np.log1p(-np.exp(-2 * kappa)) - math.log(2)
+    )
+    exact = np.log(kappa) - math.log(4 * math.pi) - log_sinh
+    error = np.abs(numpy_vmf_log_normalizer(kappa, 3) - exact) / np.maximum(1.0, np.abs(exact))
+    assert error.max() < 1e-14
 
 
 @pytest.mark.parametrize("k", [3, 5, 16])

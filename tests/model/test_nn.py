@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from app.model.geometry import sphere_tangent_basis
-from app.model.nn import Decoder, Encoder
+from app.model.manifold import Decoder, Encoder
 from app.model.spec import Architecture
 
 from .differences import central_differences

@@ -1,6 +1,7 @@
 """The exported ONNX graphs against the PyTorch implementation, within tolerances derived from the
 arithmetic (tests/tolerances.py): float32 networks for the closed forms, float64 for projected."""
 
+import itertools
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from app.bundle.format import load_bundle
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS, OUTPUTS
+from app.model.onnx_export import GRAPH_OPS, LOOP_METHOD, export_graph
 from app.model.scores import score, scoring_dtype
-from app.model.spec import Architecture
+from app.model.spec import ACTIVATION_NAMES, PRIOR_GEOMETRY, Architecture, weight_shapes
 
 from ..conftest import bundle_from
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
@@ -134,3 +136,62 @@ def test_every_graph_agrees_for_every_activation_and_depth(tmp_path, geometry, p
     # alone can move projected there (docs/bundle.md 6.7): its graph is compared on smooth decoders.
     methods = [m for m in METHODS if not (activation == "relu" and m == "projected")]
     assert_agree(bundle_from(model, tmp_path / "b", x), x, methods)
+
+
+def random_weights(arch, rng):
+    """Tensors of the shapes a bundle of `arch` holds, derived prior included: emission needs no more."""
+    weights = {
+        name: rng.standard_normal(shape).astype(np.float32) for name, shape in weight_shapes(arch).items()
+    }
+    if arch.prior != "normal":
+        locations = rng.standard_normal((arch.components, arch.latent_dim))
+        if arch.prior == "vmf":
+            locations /= np.linalg.norm(locations, axis=1, keepdims=True)
+            weights["derived.prior.kappa"] = rng.uniform(0.5, 80.0, arch.components)
+        else:
+            weights["derived.prior.scales"] = rng.uniform(0.5, 2.0, (arch.components, arch.latent_dim))
+        weights["derived.prior.locations"] = locations
+    return weights
+
+
+def ops_of(graph, inside_loop=False):
+    """(op type, domain, whether in a Loop body) of every node, subgraphs included."""
+    found = set()
+    for node in graph.node:
+        found.add((node.op_type, node.domain, inside_loop))
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                found |= ops_of(attribute.g, inside_loop=True)
+    return found
+
+
+def test_the_allowed_ops_are_exactly_those_the_exporter_emits():
+    # Every method, prior (with its geometry), activation, depth 0 and not (curvature or none), and
+    # manifold size 1 and not (Split and Concat or none).
+    rng = np.random.default_rng(0)
+    emitted: dict[str, set[str]] = {}
+    for (prior, geometry), activation, depth, m in itertools.product(
+        PRIOR_GEOMETRY.items(), ACTIVATION_NAMES, (0, 2), (1, 3)
+    ):
+        arch = Architecture(
+            input_dim=5,
+            latent_dim=m + (geometry == "sphere"),
+            hidden=4,
+            depth=depth,
+            activation=activation,
+            geometry=geometry,
+            prior=prior,
+            components=2,
+        )
+        weights = random_weights(arch, rng)
+        for method in METHODS:
+            model = export_graph(
+                arch, weights, method, mean=np.zeros(5), scale=np.ones(5), sigma2=0.5, sigma2_projected=0.4
+            ).model
+            assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and not model.functions
+            for op, domain, inside_loop in ops_of(model.graph):
+                assert domain == "" and op in GRAPH_OPS, (method, arch, op, domain)
+                assert op != "Loop" or (method == LOOP_METHOD and not inside_loop), (method, arch)
+                emitted.setdefault(op, set()).add(method)
+    assert set(emitted) == GRAPH_OPS  # no op allowed that the exporter never writes
+    assert emitted["Loop"] == {LOOP_METHOD}
