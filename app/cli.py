@@ -1,4 +1,4 @@
-"""The `anomaly-scores` command line: train, score, info, serve, evaluate."""
+"""The `anomaly-scores` command line: train, score, info, serve, evaluate, keygen, sign, verify."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
-from app.bundle.format import SCHEMA_VERSION, Bundle, load_bundle
+from app.bundle.format import SCHEMA_VERSION, Bundle, BundleError, load_bundle
+from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
 from app.train.options import Candidate, FitOptions
+
+if TYPE_CHECKING:
+    from app.api.settings import Settings
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -134,6 +138,30 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing bundles (PEM files)")
+    p.add_argument("--private", type=Path, required=True, help="private key file to create (mode 0600)")
+    p.add_argument("--public", type=Path, required=True, help="public key file to create, for verify")
+
+
+def _add_sign(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sign", help="verify a bundle loads, then sign it: writes bundle.sig into it")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="private key file (PEM, from keygen)")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a bundle's signature against trusted keys, and load it")
+    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        required=True,
+        help="public key file (PEM) whose signatures are accepted (repeat for several)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-scores", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_serve(sub)
     _add_evaluate(sub)
+    _add_keygen(sub)
+    _add_sign(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -312,6 +343,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bundle_within(settings: Settings) -> None:
+    """Refuse a bad, unsigned or untrusted bundle before binding the port, within the load time
+    limit: a daemon thread, so a load stuck on a hung file system ends with the process."""
+    import threading
+    from concurrent.futures import Future
+
+    from app.engine.host import load_trusted
+
+    future: Future[Bundle] = Future()
+
+    def check() -> None:
+        try:
+            future.set_result(load_trusted(settings.model_path, tuple(settings.trusted_keys)))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=check, name="bundle-check", daemon=True).start()
+    try:
+        future.result(settings.load_timeout_s)
+    except TimeoutError:
+        raise BundleError(
+            f"loading {settings.model_path} did not finish within {settings.load_timeout_s:g} s "
+            "(ANOMALY_LOAD_TIMEOUT_S)"
+        ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -324,7 +381,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Through the environment, so every worker process builds the same settings.
         os.environ["ANOMALY_MODEL_PATH"] = str(args.model)
     settings = Settings()
-    load_bundle(settings.model_path)  # refuse a bad bundle before binding the port
+    _check_bundle_within(settings)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found;
     # a no-op handler here turns that into a normal exit with status 0, which orchestrators expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -418,14 +475,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "score": _score, "info": _info, "serve": _serve, "evaluate": _evaluate}
+def _keygen(args: argparse.Namespace) -> int:
+    from app.bundle.signing import generate_keypair
+
+    key_id = generate_keypair(args.private, args.public)
+    print(f"key {key_id}: private {args.private} (keep it secret), public {args.public}", file=sys.stderr)
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from app.bundle.signing import sign_bundle
+
+    info = sign_bundle(args.bundle, args.key)
+    print(f"signed {args.bundle} with key {info.key_id} -> {info.path}", file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from app.bundle.signing import load_verified_bundle
+
+    bundle, info = load_verified_bundle(args.bundle, args.trusted_key)
+    print(f"verified {bundle.name} {bundle.version}: signed by trusted key {info.key_id}, {info.algorithm}")
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "score": _score,
+    "info": _info,
+    "serve": _serve,
+    "evaluate": _evaluate,
+    "keygen": _keygen,
+    "sign": _sign,
+    "verify": _verify,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ValueError as e:  # DataError and BundleError are ValueErrors with a user-facing message
+    except (ValueError, ServiceError) as e:  # DataError, BundleError, ScoringFailed: user-facing messages
         print(f"error: {e}", file=sys.stderr)
         return 2
 
