@@ -6,6 +6,7 @@ transport can get wrong: keys, media types, body sizes.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -33,6 +34,12 @@ class Forbidden(ServiceError):
     status, error = 403, "forbidden"
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time: too slow on average, or not complete within the deadline."""
+
+    status, error = 408, "request timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, error = 413, "payload too large"
 
@@ -41,30 +48,49 @@ class UnsupportedMediaType(ServiceError):
     status, error = 415, "unsupported media type"
 
 
+class ClientClosed(ServiceError):
+    """The client went away before its request was read: not the server's failure. 499 is nginx's
+    code for it, so the 5xx alert does not fire on client behaviour and dashboards can count it."""
+
+    status, error = 499, "client closed the request"
+
+
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def error_response(content: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+    """An error answer that cannot fail: a message may quote client input that orjson refuses to
+    write (a lone surrogate from a \\ud800 escape), which JSON's \\u escapes can still carry."""
+    try:
+        return json_response(content, status, headers)
+    except TypeError:
+        body = json.dumps(content, ensure_ascii=True, default=str).encode()
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> Response:
-        return json_response(exc.body(), exc.status, exc.headers)
+        if isinstance(exc, ClientClosed):
+            log.info("client closed the request before it was read")
+        return error_response(exc.body(), exc.status, exc.headers)
 
     @app.exception_handler(UnknownMethod)
     async def unknown_method(_: Request, exc: UnknownMethod) -> Response:
-        return json_response({"error": str(exc), "detail": {"accepted": exc.accepted}}, 422)
+        return error_response({"error": str(exc), "detail": {"accepted": exc.accepted}}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return json_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
+        return error_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         # Only the fields a client needs: an error's 'input' may be raw bytes or an integer orjson
         # cannot write, and echoing it back adds nothing.
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return json_response({"error": "invalid request", "detail": detail}, 422)
+        return error_response({"error": "invalid request", "detail": detail}, 422)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -38,9 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with contextlib.suppress(
             NotImplementedError, RuntimeError, ValueError
         ):  # no signals off the main thread
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload_on_signal))
+            loop.add_signal_handler(signal.SIGHUP, reload_in_background)
         yield
         await service.scheduler.drain(service.settings.shutdown_grace_s)
+
+    def reload_in_background() -> None:
+        # A daemon thread, not the loop's executor, whose threads the interpreter joins at exit: a
+        # reload waiting out its time limit must not keep a SIGTERM from ending the process.
+        threading.Thread(target=reload_on_signal, name="sighup-reload", daemon=True).start()
 
     def reload_on_signal() -> None:
         """SIGHUP: reload the current model path (a new bundle rolled into the same directory)."""
@@ -49,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Conflict:
             log.warning("SIGHUP ignored: a reload is already in progress")
         except ServiceError:
-            pass  # a refused reload is logged and counted by ModelHost.reload
+            pass  # a refused or abandoned reload is logged and counted by ModelHost
 
     app = FastAPI(
         title="anomaly-scores",

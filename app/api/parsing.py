@@ -22,20 +22,24 @@ import contextlib
 import io
 import itertools
 import json
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 from numpy.typing import NDArray
+from pydantic import ValidationError
 
 from app.api.errors import BadRequest, PayloadTooLarge
+from app.api.schemas import ReloadRequest
 from app.engine.errors import InvalidInput
 
 OPTIONS = ("method", "threshold", "components", "explain")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.
 MAX_ABS_VALUE = 1e15
 KEYS = ("instances", *OPTIONS)
+Body = bytes | bytearray
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,13 @@ class ScoreRequest:
     explain: bool = False
 
 
+# Bounded: a description quotes client input, which may be nested a thousand levels deep.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 40, 40, 4, 4
+
+
 def _describe(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return f"{type(value).__name__} {text[:40]}"
+    return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
 def _column(features: list[str], j: int) -> str:
@@ -77,7 +85,7 @@ def check_values(x: NDArray[np.float64], features: list[str]) -> None:
         )
 
 
-def _only_numbers_in_rows(body: bytes, doc: dict[str, Any]) -> bool:
+def _only_numbers_in_rows(body: Body, doc: dict[str, Any]) -> bool:
     """Whether `instances` holds only numbers and no key repeats (the module docstring's proof)."""
     start, end = body.find(b"["), body.rfind(b"]")
     if any(body.find(c, start, end) != -1 for c in (b'"', b"t", b"f", b"n")):
@@ -163,20 +171,23 @@ def _rows_from_objects(instances: list[Any], features: list[str]) -> NDArray[np.
     return out
 
 
-def _load(body: bytes) -> Any:
+def _load(body: Body) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as strict_error:
         # NaN, Infinity and overflowing literals are not JSON; Python's parser accepts them, so the
-        # caller can say which row holds one instead of a bare syntax error.
+        # caller can say which row holds one instead of a bare syntax error. It also accepts what
+        # orjson rightly refuses, lone surrogates (a \\ud800 escape), which no UTF-8 text can hold:
+        # writing the document back as UTF-8 finds them.
         try:
-            text = body.decode("utf-8")
-            return json.loads(text, parse_constant=float)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            doc = json.loads(body.decode("utf-8"), parse_constant=float)
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except (UnicodeError, ValueError, RecursionError):
             raise BadRequest(f"the body is not valid JSON: {strict_error}") from None
+        return doc
 
 
-def _reject_duplicate_keys(body: bytes) -> None:
+def _reject_duplicate_keys(body: Body) -> None:
     """orjson keeps the last of duplicate keys silently; Python's parser shows every pair."""
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -187,7 +198,10 @@ def _reject_duplicate_keys(body: bytes) -> None:
             seen.add(key)
         return dict(pairs)
 
-    json.loads(body, object_pairs_hook=pairs_hook, parse_constant=float)
+    try:
+        json.loads(body, object_pairs_hook=pairs_hook, parse_constant=float)
+    except RecursionError:  # orjson reads 1024 levels, Python's parser fewer
+        raise BadRequest("the body nests arrays or objects too deeply") from None
 
 
 def _options(doc: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +226,7 @@ def _options(doc: dict[str, Any]) -> dict[str, Any]:
     return {"method": method, "threshold": threshold, **flags}
 
 
-def parse_json(body: bytes, features: list[str], max_rows: int) -> ScoreRequest:
+def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
     doc = _load(body)
     if not isinstance(doc, dict):
         raise InvalidInput('the body must be a JSON object such as {"instances": [[...], ...]}')
@@ -229,11 +243,12 @@ def parse_json(body: bytes, features: list[str], max_rows: int) -> ScoreRequest:
             f"{len(instances)} rows in one request; the limit is {max_rows}",
             {"rows": len(instances), "limit": max_rows},
         )
+    # The options first: a malformed one is refused before the costlier duplicate-key pass.
+    options = _options(doc)
     by_name = isinstance(instances[0], dict)
     only_numbers = not by_name and _only_numbers_in_rows(body, doc)
     if not only_numbers:  # objects are walked row by row anyway; elsewhere a key may repeat
         _reject_duplicate_keys(body)
-    options = _options(doc)
     if by_name:
         x = _rows_from_objects(instances, features)
     else:
@@ -255,33 +270,58 @@ def _flag(value: str | None, name: str) -> bool:
     raise InvalidInput(f"query parameter '{name}' must be true or false, got {value!r}", {"field": name})
 
 
-def parse_npy(body: bytes, features: list[str], max_rows: int, query: dict[str, str]) -> ScoreRequest:
-    """A .npy file (float32 or float64, 2-D, rows in feature order); options as query parameters."""
-    unknown = [k for k in query if k not in OPTIONS]
+def check_query(content_type: str, query: dict[str, str]) -> None:
+    """Options of a JSON request go in its body, of a .npy request in the query; nothing else."""
+    accepted = list(OPTIONS) if content_type == "application/x-npy" else []
+    unknown = [k for k in query if k not in accepted]
     if unknown:
-        raise InvalidInput(
-            f"unknown query parameters {unknown}; accepted: {list(OPTIONS)}", {"unknown": unknown}
-        )
+        where = "query parameters" if accepted else "query parameters (JSON options go in the body)"
+        raise InvalidInput(f"unknown {where} {unknown}; accepted: {accepted}", {"unknown": unknown})
+
+
+def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.floating]:
+    """The matrix of a .npy body, its header checked against the bytes that follow before anything
+    is allocated (np.load allocates what a header promises first), and viewed, not copied."""
+    stream = io.BytesIO(body)
     try:
-        x = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"format version {version} is not 1.0 or 2.0")
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
         raise BadRequest(f"the body is not a valid .npy array: {e}") from None
-    if not isinstance(x, np.ndarray) or x.dtype not in NPY_DTYPES:
-        raise InvalidInput(f"the array's dtype is {getattr(x, 'dtype', type(x))}; send float32 or float64")
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise InvalidInput(f"the array has shape {x.shape}; send a non-empty (rows, {len(features)}) matrix")
-    if x.shape[0] > max_rows:
-        raise PayloadTooLarge(
-            f"{x.shape[0]} rows in one request; the limit is {max_rows}",
-            {"rows": x.shape[0], "limit": max_rows},
-        )
-    if x.shape[1] != len(features):
+    if dtype not in NPY_DTYPES:
+        raise InvalidInput(f"the array's dtype is {dtype}; send float32 or float64")
+    if len(shape) != 2 or shape[0] == 0:
+        raise InvalidInput(f"the array has shape {shape}; send a non-empty (rows, {len(features)}) matrix")
+    rows, columns = shape
+    if rows > max_rows:
+        detail = {"rows": rows, "limit": max_rows}
+        raise PayloadTooLarge(f"{rows} rows in one request; the limit is {max_rows}", detail)
+    if columns != len(features):
         raise InvalidInput(
-            f"the array has {x.shape[1]} columns; the model takes {len(features)} features in this order: "
+            f"the array has {columns} columns; the model takes {len(features)} features in this order: "
             f"{', '.join(features)}",
-            {"values": x.shape[1], "expected": len(features)},
+            {"values": columns, "expected": len(features)},
         )
-    x = np.ascontiguousarray(x, dtype=np.float64)
+    offset = stream.tell()
+    promised, present = rows * columns * dtype.itemsize, len(body) - offset
+    if promised != present:
+        raise BadRequest(
+            f"the .npy header promises {shape} {dtype} ({promised} bytes of data); the body holds {present}",
+            {"promised": promised, "present": present},
+        )
+    x = np.frombuffer(body, dtype=dtype, count=rows * columns, offset=offset)
+    return x.reshape(shape, order="F" if fortran_order else "C")
+
+
+def parse_npy(body: Body, features: list[str], max_rows: int, query: dict[str, str]) -> ScoreRequest:
+    """A .npy file (float32 or float64, 2-D, rows in feature order); options as query parameters."""
+    check_query("application/x-npy", query)
+    x = np.ascontiguousarray(_npy_matrix(body, features, max_rows), dtype=np.float64)
     check_values(x, features)
     threshold: str | float | None = query.get("threshold")
     if threshold is not None:
@@ -294,3 +334,15 @@ def parse_npy(body: bytes, features: list[str], max_rows: int, query: dict[str, 
         components=_flag(query.get("components"), "components"),
         explain=_flag(query.get("explain"), "explain"),
     )
+
+
+def parse_reload(body: Body) -> ReloadRequest:
+    try:  # Python's parser: a reload body is small, and any integer it holds is still JSON
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise BadRequest(f"the body is not valid UTF-8 JSON: {e}") from None
+    try:
+        return ReloadRequest.model_validate(doc)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, er['loc'])) or 'body'}: {er['msg']}" for er in e.errors())
+        raise InvalidInput(f"invalid reload request: {problems}", {"accepted": ["path"]}) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +14,7 @@ from app.api import schemas
 from app.api.auth import authorize, authorize_admin
 from app.api.body import read_body
 from app.api.errors import UnsupportedMediaType, json_response
-from app.api.parsing import ScoreRequest, parse_json, parse_npy
+from app.api.parsing import ScoreRequest, check_query, parse_json, parse_npy, parse_reload
 from app.api.service import Service
 from app.bundle.calibration import threshold_name
 from app.engine.errors import NotReady
@@ -23,13 +24,20 @@ from app.model.methods import METHODS
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]
-PARSE_INLINE_BYTES = 1024 * 1024
+# Below this a body parses in a few milliseconds at worst (a crafted one included): not worth a thread.
+PARSE_INLINE_BYTES = 64 * 1024
+# An admin request names a path: anything longer is no reload request.
+ADMIN_BODY_BYTES = 64 * 1024
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> dict[str, Any]:
@@ -63,7 +71,7 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
             "model": schemas.ScoreResponse,
             "content": {"application/json": {"example": schemas.RESPONSE_EXAMPLE}},
         },
-        **{code: {"model": schemas.ErrorResponse} for code in (400, 401, 413, 415, 422, 503)},
+        **{code: {"model": schemas.ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)},
     },
     openapi_extra={
         "requestBody": {
@@ -86,21 +94,27 @@ async def score(request: Request) -> Response:
     service = service_of(request)
     authorize(request, service.settings)
     served = service.host.served
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type not in CONTENT_TYPES:
         raise UnsupportedMediaType(
             f"content type {content_type or 'missing'!r}; send one of {CONTENT_TYPES}",
             {"accepted": CONTENT_TYPES},
         )
-    async with service.scheduler.admission():
-        body = await read_body(request, service.settings.max_body_bytes)
+    query = dict(request.query_params)
+    check_query(content_type, query)
+    # The body first, then a place in the queue: a stalled upload must not hold a queue slot.
+    async with (
+        read_body(request, service.body_limits, service.bodies) as body,
+        service.scheduler.admission(),
+    ):
         features, max_rows = served.bundle.features, service.settings.max_rows
         if content_type == "application/json":
             parse, args = parse_json, (body, features, max_rows)
         else:
-            parse, args = parse_npy, (body, features, max_rows, dict(request.query_params))
-        # A large body is parsed off the event loop, which keeps accepting and answering meanwhile.
-        parsed = parse(*args) if len(body) < PARSE_INLINE_BYTES else await run_in_threadpool(parse, *args)
+            parse, args = parse_npy, (body, features, max_rows, query)
+        # Larger bodies are parsed off the event loop, which keeps accepting and answering meanwhile.
+        inline = len(body) < PARSE_INLINE_BYTES
+        parsed = parse(*args) if inline else await run_in_threadpool(parse, *args)
         method = served.resolve_method(parsed.method)
         fpr = served.resolve_fpr(parsed.threshold)
         out = await service.scheduler.score(served.scorer, parsed.x, method, fpr, parsed.explain)
@@ -113,14 +127,30 @@ async def score(request: Request) -> Response:
 @router.post(
     "/admin/reload",
     summary="Load a new bundle beside the served one, warm it up, swap atomically",
-    responses={code: {"model": schemas.ErrorResponse} for code in (401, 403, 409, 422)},
+    responses={
+        code: {"model": schemas.ErrorResponse} for code in (400, 401, 403, 408, 409, 413, 415, 422, 503)
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": schemas.ReloadRequest.model_json_schema()}},
+        }
+    },
 )
-async def reload(request: Request, body: schemas.ReloadRequest | None = None) -> Response:
+async def reload(request: Request) -> Response:
     service = service_of(request)
+    # The key before the body: an unauthenticated client gets nothing read or parsed.
     authorize_admin(request, service.settings)
-    path = service.host.resolve_reload_path(body.path if body is not None else None)
+    limits = replace(service.body_limits, max_bytes=ADMIN_BODY_BYTES)
+    async with read_body(request, limits, service.bodies) as body:
+        if body.strip() and media_type(request) != "application/json":
+            raise UnsupportedMediaType(
+                "send the reload request as application/json", {"accepted": ["application/json"]}
+            )
+        requested = parse_reload(body).path if body.strip() else None
+    path = service.host.resolve_reload_path(requested)
     previous = service.host.current.bundle.version if service.host.current is not None else None
-    served = await run_in_threadpool(service.host.reload, path)
+    served = await service.host.reload_async(path)
     return json_response(
         {
             "status": "reloaded",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.api.body import BodyBudget, BodyLimits
 from app.api.metrics import Metrics
 from app.api.settings import Settings
 from app.engine.host import HostOptions, ModelHost
@@ -18,6 +19,8 @@ class Service:
     metrics: Metrics
     host: ModelHost
     scheduler: Scheduler
+    body_limits: BodyLimits
+    bodies: BodyBudget  # bytes of request bodies held at once, across requests
     draining: bool = False  # set on SIGTERM: /readyz turns 503 while requests are still served
 
 
@@ -33,6 +36,8 @@ def build_service(settings: Settings) -> Service:
             method=settings.method,
             threshold=settings.threshold,
             warmup_rows=settings.warmup_rows,
+            load_timeout_s=settings.load_timeout_s,
+            trusted_keys=tuple(settings.trusted_keys),
         ),
         metrics,
     )
@@ -48,4 +53,5 @@ def build_service(settings: Settings) -> Service:
         ),
         metrics,
     )
-    return Service(settings, metrics, host, scheduler)
+    limits = BodyLimits(settings.max_body_bytes, settings.body_timeout_s, settings.body_min_rate)
+    return Service(settings, metrics, host, scheduler, limits, BodyBudget(settings.max_inflight_body_bytes))

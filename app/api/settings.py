@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -20,6 +20,15 @@ class Settings(BaseSettings):
     threshold: str | None = Field(None, description="default threshold: a name such as fpr_0.01 or a rate")
     max_rows: int = Field(10_000, ge=1, description="rows accepted in one request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body size limit")
+    max_inflight_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies being read, parsed or scored at once; beyond, 503 at once",
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this")
+    body_min_rate: float = Field(
+        16 * 1024, gt=0, description="bytes/s a body must average after its first 2 s, else 408"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys for /score and /model; empty = open"
     )
@@ -42,6 +51,11 @@ class Settings(BaseSettings):
         description="onnx backend: cores one scoring call may use (0: every core); calls run in parallel",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="a scoring request taking longer gets a 503")
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated public key files (PEM, Ed25519); when set, only bundles signed "
+        "by one of them are loaded or reloaded",
+    )
     admin_key: str | None = Field(None, description="key for /admin routes; unset = admin routes disabled")
     model_root: Path | None = Field(
         None, description="bundles an admin may load lie here (default: model_path's parent)"
@@ -51,8 +65,20 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long")
     warmup_rows: int = Field(256, ge=1, description="rows scored before /readyz turns 200")
+    load_timeout_s: float = Field(
+        120.0, gt=0, description="a load or reload (checks and warm-up) taking longer is abandoned"
+    )
 
-    @field_validator("api_keys", mode="before")
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> Settings:
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) is below max_body_bytes "
+                f"({self.max_body_bytes}): a body of the largest allowed size could never be read"
+            )
+        return self
+
+    @field_validator("api_keys", "trusted_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

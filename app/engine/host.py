@@ -6,8 +6,10 @@ a request in flight and every answer names the version that scored it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from app.bundle.calibration import threshold_name
 from app.bundle.format import Bundle, load_bundle
-from app.engine.errors import Conflict, InvalidInput, NotReady, ReloadFailed
+from app.engine.errors import Conflict, InvalidInput, LoadTimedOut, NotReady, ReloadFailed
 from app.engine.events import Events, NoEvents
 from app.engine.factory import create_scorer
 from app.engine.scorer import Scorer
@@ -34,6 +36,24 @@ class HostOptions:
     method: str | None = None  # default method (default: the bundle's)
     threshold: str | None = None  # default threshold: a name such as fpr_0.01 or a rate
     warmup_rows: int = 256
+    load_timeout_s: float = 120.0  # a load or reload taking longer is abandoned
+    trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these are loaded
+
+
+# Abandoned loads still running (each holding what it had read): beyond this, reloads are refused
+# until one ends, so a storage outage cannot pile up stuck threads.
+MAX_ABANDONED = 2
+
+
+def load_trusted(path: Path, trusted_keys: tuple[Path, ...]) -> Bundle:
+    """The bundle at `path`; with trusted keys, only if one of them signed it (docs/operations.md)."""
+    if not trusted_keys:
+        return load_bundle(path)
+    from app.bundle.signing import load_verified_bundle
+
+    bundle, info = load_verified_bundle(path, trusted_keys)
+    log.info("bundle signature verified", extra={"fields": {"model_path": str(path), "key_id": info.key_id}})
+    return bundle
 
 
 @dataclass(frozen=True)
@@ -95,12 +115,13 @@ class ModelHost:
         self.error: str | None = None
         self.model_path = options.model_path
         self.reload_lock = threading.Lock()
+        self.abandoned: set[Future[Served]] = set()  # loads past their time limit, still running
 
     def prepare(self, path: Path) -> Served:
         """Load, check the defaults, and warm up every method the backend scores, so the first
         request pays no first-call costs."""
         o = self.options
-        bundle = load_bundle(path)
+        bundle = load_trusted(path, o.trusted_keys)
         scorer = create_scorer(bundle, o.backend, o.device, o.onnx_threads)
         method = bundle.default_method if o.method is None else check_method(o.method)
         if method not in scorer.methods:
@@ -114,14 +135,44 @@ class ModelHost:
             scorer.score(rows, m, fpr)
         return Served(bundle, scorer, method, fpr)
 
+    def _start_prepare(self, path: Path) -> Future[Served]:
+        """prepare(path) in a thread of its own. A daemon thread: one stuck on a hung file system
+        or a runaway graph is abandoned at its time limit and never keeps the process from exiting."""
+        future: Future[Served] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.prepare(path))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="model-load", daemon=True).start()
+        return future
+
+    def _abandon(self, future: Future[Served], path: Path) -> LoadTimedOut:
+        limit = self.options.load_timeout_s
+        self.abandoned.add(future)
+        future.add_done_callback(self.abandoned.discard)
+        fields = {"model_path": str(path), "load_timeout_s": limit}
+        log.error("load abandoned: it did not finish in time", extra={"fields": fields})
+        return LoadTimedOut(
+            f"loading {path} did not finish within {limit:g} s; it was abandoned and the previous "
+            "model keeps serving",
+            fields,
+        )
+
     def load(self) -> None:
         """The first load, at start-up; under the reload lock, so an early reload cannot race it.
         A failure is kept in `error` (readiness reports it); the process stays up."""
         with self.reload_lock:
             if self.current is not None:
                 return
+            future = self._start_prepare(self.model_path)
             try:
-                served = self.prepare(self.model_path)
+                served = future.result(self.options.load_timeout_s)
+            except TimeoutError:
+                self.error = str(self._abandon(future, self.model_path))
+                return
             except Exception as e:
                 self.error = f"{type(e).__name__}: {e}"
                 fields = {"model_path": str(self.model_path), "error": str(e)}
@@ -132,26 +183,62 @@ class ModelHost:
             log.info("model ready", extra={"fields": fields})
 
     def reload(self, path: Path | None = None) -> Served:
-        """Load a bundle beside the served one, warm it up, then swap; on any failure keep the old.
-        Blocking (run it in a thread); one reload at a time."""
+        """Load a bundle beside the served one, warm it up, then swap; on any failure, or past the
+        time limit, keep the old. Blocking; one reload at a time."""
+        target, future = self._begin_reload(path)
+        try:
+            try:
+                served = future.result(self.options.load_timeout_s)
+            except TimeoutError:
+                self.events.reload_finished(False)
+                raise self._abandon(future, target) from None
+            except Exception as e:
+                raise self._refused(target, e) from e
+            return self._finish_reload(served, target)
+        finally:
+            self.reload_lock.release()
+
+    async def reload_async(self, path: Path | None = None) -> Served:
+        """reload for the event loop: waits for the load without holding a worker thread."""
+        target, future = self._begin_reload(path)
+        try:
+            try:
+                async with asyncio.timeout(self.options.load_timeout_s):
+                    served = await asyncio.shield(asyncio.wrap_future(future))
+            except TimeoutError:
+                self.events.reload_finished(False)
+                raise self._abandon(future, target) from None
+            except Exception as e:
+                raise self._refused(target, e) from e
+            return self._finish_reload(served, target)
+        finally:
+            self.reload_lock.release()
+
+    def _begin_reload(self, path: Path | None) -> tuple[Path, Future[Served]]:
         target = self.model_path if path is None else path
         if not self.reload_lock.acquire(blocking=False):
             raise Conflict("a reload is already in progress")
-        try:
-            try:
-                served = self.prepare(target)
-            except Exception as e:
-                self.events.reload_finished(False)
-                fields = {"model_path": str(target), "error": f"{type(e).__name__}: {e}"}
-                log.error("reload refused; the previous model keeps serving", extra={"fields": fields})
-                raise ReloadFailed(f"reload of {target} refused: {type(e).__name__}: {e}", fields) from e
-            self._swap(served, target)
-            self.events.reload_finished(True)
-            fields = {"name": served.bundle.name, "version": served.bundle.version, "model_path": str(target)}
-            log.info("model reloaded", extra={"fields": fields})
-            return served
-        finally:
+        if len(self.abandoned) >= MAX_ABANDONED:
             self.reload_lock.release()
+            raise LoadTimedOut(
+                f"{len(self.abandoned)} abandoned loads are still running; a new one starts when one "
+                "of them ends (restart the process to end them now)",
+                {"abandoned": len(self.abandoned)},
+            )
+        return target, self._start_prepare(target)
+
+    def _refused(self, target: Path, e: Exception) -> ReloadFailed:
+        self.events.reload_finished(False)
+        fields = {"model_path": str(target), "error": f"{type(e).__name__}: {e}"}
+        log.error("reload refused; the previous model keeps serving", extra={"fields": fields})
+        return ReloadFailed(f"reload of {target} refused: {type(e).__name__}: {e}", fields)
+
+    def _finish_reload(self, served: Served, target: Path) -> Served:
+        self._swap(served, target)
+        self.events.reload_finished(True)
+        fields = {"name": served.bundle.name, "version": served.bundle.version, "model_path": str(target)}
+        log.info("model reloaded", extra={"fields": fields})
+        return served
 
     def _swap(self, served: Served, path: Path) -> None:
         # One assignment: a request holds the Served it started with.
@@ -176,4 +263,11 @@ class ModelHost:
             raise InvalidInput(f"path {requested!r} is not a usable path: {e}", {"root": str(root)}) from None
         if not path.is_relative_to(root):
             raise InvalidInput(f"path {requested!r} lies outside the model root {root}", {"root": str(root)})
+        # Its files too: a bundle of symbolic links would load whatever they point at.
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not entry.resolve().is_relative_to(root):
+                    raise InvalidInput(
+                        f"{requested}/{entry.name} links outside the model root {root}", {"root": str(root)}
+                    )
         return path

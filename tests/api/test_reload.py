@@ -72,6 +72,18 @@ def test_reload_swaps_the_model_and_refuses_a_corrupt_one(root, client):
         422,
         "outside the model root",
     )
+    # A bundle inside the root whose files link out of it (issue 15): refused before loading.
+    elsewhere = root.parent / f"{root.name}-elsewhere"
+    shutil.copytree(root / "a", elsewhere)  # a good bundle, outside the root
+    (root / "outside-a").mkdir()
+    for entry in elsewhere.iterdir():
+        (root / "outside-a" / entry.name).symlink_to(entry)
+    check(
+        client.post("/admin/reload", json={"path": "outside-a"}, headers=ADMIN),
+        422,
+        "links outside the model root",
+    )
+    assert version(client) == b
     samples = scrape(client)
     assert value(samples, "anomaly_reloads_total", result="success") == 1
     assert value(samples, "anomaly_reloads_total", result="failure") == 1

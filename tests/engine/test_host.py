@@ -1,13 +1,17 @@
-"""The model host: what a bundle whose graphs cover only some methods can and cannot serve."""
+"""The model host: what a bundle whose graphs cover only some methods can and cannot serve, and loads
+that do not finish in time."""
 
+import asyncio
 import json
 import shutil
+import threading
+import time
 
 import pytest
 
 from app.bundle.format import MANIFEST, content_version
-from app.engine.errors import InvalidInput
-from app.engine.host import HostOptions, ModelHost
+from app.engine.errors import InvalidInput, LoadTimedOut, NotReady
+from app.engine.host import MAX_ABANDONED, HostOptions, ModelHost
 
 
 @pytest.fixture()
@@ -37,3 +41,59 @@ def test_a_default_method_without_a_graph_fails_the_load(without_projected_graph
     host = ModelHost(HostOptions(without_projected_graph, method="projected", warmup_rows=4))
     host.load()
     assert host.current is None and "default method 'projected' cannot be scored" in host.error
+
+
+class SlowHost(ModelHost):
+    """prepare() of a path named 'slow' waits on an event the test sets: a load that hangs."""
+
+    def __init__(self, options: HostOptions) -> None:
+        super().__init__(options)
+        self.release = threading.Event()
+
+    def prepare(self, path):
+        if path.name == "slow":
+            self.release.wait(timeout=60)
+        return super().prepare(path)
+
+
+def test_a_reload_past_its_time_limit_is_abandoned_and_the_old_model_serves_on(tiny_bundle, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(tiny_bundle, root / "current")
+    shutil.copytree(tiny_bundle, root / "slow")
+    host = SlowHost(HostOptions(root / "current", warmup_rows=4, load_timeout_s=0.3))
+    host.load()
+    old = host.served
+    try:
+        with pytest.raises(LoadTimedOut, match=r"did not finish within 0.3 s") as refused:
+            host.reload(root / "slow")
+        assert refused.value.status == 503
+        assert host.served is old and host.model_path == root / "current"
+        # The lock is free again: a good reload goes through beside the abandoned one.
+        assert host.reload(root / "current").bundle.version == old.bundle.version
+        with pytest.raises(LoadTimedOut):
+            asyncio.run(host.reload_async(root / "slow"))
+        # Two abandoned loads still running: a third reload is refused at once, not queued.
+        assert len(host.abandoned) == MAX_ABANDONED
+        with pytest.raises(LoadTimedOut, match="abandoned loads are still running"):
+            host.reload(root / "current")
+    finally:
+        host.release.set()
+    # Once they end, their results are dropped (no swap) and reloads work again.
+    deadline = time.monotonic() + 30
+    while host.abandoned and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not host.abandoned and host.model_path == root / "current"
+    assert host.reload().bundle.version == old.bundle.version
+
+
+def test_a_first_load_past_its_time_limit_leaves_the_host_unready_and_reloadable(tiny_bundle, tmp_path):
+    shutil.copytree(tiny_bundle, tmp_path / "slow")
+    host = SlowHost(HostOptions(tmp_path / "slow", warmup_rows=4, load_timeout_s=0.3))
+    try:
+        host.load()
+        assert host.current is None and "did not finish within 0.3 s" in host.error
+        with pytest.raises(NotReady):
+            host.served  # noqa: B018
+    finally:
+        host.release.set()
+    assert host.reload().bundle.name and host.served is not None

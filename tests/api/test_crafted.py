@@ -1,0 +1,112 @@
+"""Crafted input answers 4xx, never 500 (issue 15, defects 3 and 8 and the minor findings)."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+
+from app.api import routes
+from app.api.settings import Settings
+
+from ..conftest import FEATURES
+from .conftest import ready_client
+from .test_errors import check, post
+
+ROW = "[" + ",".join(["1"] * len(FEATURES)) + "]"
+OBJECT_ROW = "{" + ",".join(f'"{f}": 1' for f in FEATURES)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        # A lone surrogate: orjson refuses it, Python's parser reads it into a str UTF-8 cannot hold.
+        ('{"instances": [' + ROW + '], "\\ud800": 1}', 400, "not valid JSON"),
+        ('{"instances": [' + OBJECT_ROW + ', "\\udfff": 1}]}', 400, "not valid JSON"),
+        ('{"instances": [' + ROW + '], "method": "\\ud800"}', 400, "not valid JSON"),
+        # Nested about 1000 deep: within orjson's limit, beyond Python's recursion in the key check.
+        (
+            '{"instances": [' + ROW + '], "threshold": ' + "[" * 1000 + "]" * 1000 + "}",
+            422,
+            "'threshold' must",
+        ),
+        ('{"instances": [' + ROW + '], "method": ' + "[" * 1000 + "]" * 1000 + "}", 422, "'method' must"),
+        (
+            '{"instances": [' + ROW + '], "method": ' + '{"a":' * 1000 + "1" + "}" * 1000 + "}",
+            422,
+            "'method'",
+        ),
+        ('{"instances": [' + ROW + ', "x"], "z": ' + "[" * 1000 + "]" * 1000 + "}", 422, "unknown fields"),
+        ('{"instances": [' + "[" * 1100 + "]" * 1100 + "]}", 400, "not valid JSON"),
+    ],
+)
+def test_crafted_json_is_refused_with_4xx(client, body, status, fragment):
+    check(post(client, body), status, fragment)
+
+
+def test_a_lying_npy_header_is_refused_before_anything_is_allocated(client):
+    # More rows promised than sent (np.load would allocate what the header promises first).
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (400, len(FEATURES))}
+    )
+    lying = header.getvalue() + b"\x00" * 64
+    check(post(client, lying, "application/x-npy"), 400, "promises (400, 6)", "holds 64")
+    huge = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        huge, {"descr": "<f8", "fortran_order": False, "shape": (500_000_000, 30)}
+    )
+    check(post(client, huge.getvalue() + b"\x00" * 64, "application/x-npy"), 413, "500000000 rows")
+    short = io.BytesIO()
+    np.lib.format.write_array_header_1_0(short, {"descr": "<f8", "fortran_order": False, "shape": (2, 6)})
+    check(post(client, short.getvalue() + b"\x00" * 95, "application/x-npy"), 400, "holds 95")
+
+
+def test_a_fortran_ordered_npy_scores_like_its_c_ordered_copy(client):
+    x = np.random.default_rng(3).standard_normal((5, len(FEATURES)))
+    answers = []
+    for array in (np.ascontiguousarray(x), np.asfortranarray(x)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        response = post(client, buffer.getvalue(), "application/x-npy")
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["scores"])
+    assert answers[0] == answers[1]
+
+
+def test_compressed_bodies_and_stray_query_parameters_are_refused(client):
+    body = '{"instances": [' + ROW + "]}"
+    check(post(client, body, **{"content-encoding": "gzip"}), 415, "content encoding 'gzip'")
+    response = client.post("/score?method=latent", content=body, headers={"content-type": "application/json"})
+    check(response, 422, "unknown query parameters", "['method']")
+
+
+def test_admin_routes_off_answer_403_whatever_the_body(client):
+    for body in (b"\xff\xfe", b"[" * 10_000, b'{"path": 1}'):
+        response = client.post("/admin/reload", content=body, headers={"content-type": "application/json"})
+        check(response, 403, "admin routes are disabled")
+
+
+def test_a_large_body_is_parsed_off_the_event_loop(tiny_bundle, monkeypatch):
+    """Defect 8: bodies under 1 MiB were parsed on the event loop, and crafted ones blocked it for
+    up to 0.8 s. Now only bodies under PARSE_INLINE_BYTES are, and a crafted option is refused
+    before the costlier duplicate-key pass."""
+    threads = []
+    original = routes.parse_json
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(routes, "parse_json", recording)
+    client = ready_client(Settings(model_path=tiny_bundle, warmup_rows=4))
+    try:
+        crafted = '{"instances": [' + ROW + '], "method": [' + ",".join(["{}"] * 340_000) + "]}"
+        assert 64 * 1024 < len(crafted) < 1024 * 1024
+        check(post(client, crafted), 422, "'method' must be a string, got list")
+        small = '{"instances": [' + ROW + "]}"
+        assert post(client, small).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    loop_thread = threads[1]
+    assert threads[0] != loop_thread  # the crafted body: a worker thread

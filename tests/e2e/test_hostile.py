@@ -1,0 +1,294 @@
+"""Hostile and broken clients against a real uvicorn process, over raw sockets where the behaviour is
+about connections: stalled uploads, unauthenticated admin bodies, clients that vanish mid-upload, the
+byte budget, and a load that never finishes. Every wait is bounded."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from app.bundle.format import MANIFEST, WEIGHTS, content_version
+
+from ..conftest import manifold_rows
+from .test_reliability import metric, served_version, wait_for
+from .test_server import Server, free_port, start_server
+
+BODY_TIMEOUT_S = 4.0
+GRACE_S = 2.0  # app.api.body.BodyLimits.grace_s
+
+
+@contextmanager
+def serving(bundle: Path, log: Path, command: str = "uvicorn", **env: str) -> Iterator[Server]:
+    variables = {f"ANOMALY_{k.upper()}": v for k, v in env.items()}
+    server = start_server(bundle, log, command=command, env=variables)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=30)
+
+
+def connect(server: Server) -> socket.socket:
+    host, port = server.base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def send_head(sock: socket.socket, path: str, headers: dict[str, str]) -> None:
+    lines = [f"POST {path} HTTP/1.1", "Host: test", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+
+def read_response(sock: socket.socket, timeout: float) -> tuple[int, dict, bool]:
+    """(status, JSON body, whether the server then closed the connection)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    sock.settimeout(timeout)
+    try:
+        closed = sock.recv(1) == b""
+    except (TimeoutError, ConnectionResetError):
+        closed = False
+    return status, json.loads(rest[:length]), closed
+
+
+def honest(server: Server) -> httpx.Response:
+    return httpx.post(
+        f"{server.base}/score", json={"instances": manifold_rows(2, seed=5).tolist()}, timeout=10
+    )
+
+
+def test_stalled_uploads_hold_no_queue_slot_and_are_cut_off(tiny_bundle, tmp_path):
+    """Defect 1: stalled uploads took every queue slot (honest /score answered 503) and were never cut."""
+    with serving(tiny_bundle, tmp_path / "s.log", max_queue="4", body_timeout_s=str(BODY_TIMEOUT_S)) as s:
+        stalled = []
+        for i in range(8):  # twice the queue
+            sock = connect(s)
+            if i % 2:
+                send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": "1000"})
+                sock.sendall(b"{")
+            else:  # chunked, without the last chunk
+                send_head(
+                    sock, "/score", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+                )
+                sock.sendall(b"1\r\n{\r\n")
+            stalled.append(sock)
+        time.sleep(0.3)
+        for _ in range(3):
+            assert honest(s).status_code == 200
+        # A byte, then nothing: cut off once the average rate falls below the minimum after the grace.
+        started = time.monotonic()
+        for sock in stalled:
+            status, body, closed = read_response(sock, timeout=BODY_TIMEOUT_S + 5)
+            assert status == 408 and "slower than" in body["error"], body
+            assert closed
+            sock.close()
+        assert time.monotonic() - started < BODY_TIMEOUT_S + 2
+        assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="408") == 8
+
+
+def test_a_slow_but_steady_upload_is_cut_at_the_deadline(tiny_bundle, tmp_path):
+    """A client that keeps the minimum rate still has to finish within the deadline."""
+    with serving(tiny_bundle, tmp_path / "s.log", body_timeout_s="3", body_min_rate="64") as s:
+        sock = connect(s)
+        send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": "100000"})
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b" " * 200)  # 200 bytes every 0.25 s: 800 bytes/s, well above 64
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sock.settimeout(0.25)
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    status, body, _ = read_response(sock, timeout=5)
+                    break
+            except TimeoutError:
+                continue
+        assert status == 408 and "within 3 s" in body["error"], body
+        sock.close()
+
+
+def test_admin_bodies_are_not_read_before_the_key_is_checked(tiny_bundle, tmp_path):
+    """Defect 2: /admin/reload read and parsed any body, unauthenticated, even with admin routes off."""
+    head = {"Content-Type": "application/json", "Content-Length": str(64 * 1024 * 1024)}
+    with serving(tiny_bundle, tmp_path / "off.log") as s:
+        sock = connect(s)
+        send_head(sock, "/admin/reload", head)
+        sock.sendall(b"[" * 1000)  # the rest never comes: the answer must not wait for it
+        status, body, _ = read_response(sock, timeout=5)
+        assert status == 403 and "disabled" in body["error"]
+        sock.close()
+    with serving(tiny_bundle, tmp_path / "on.log", admin_key="secret") as s:
+        sock = connect(s)
+        send_head(sock, "/admin/reload", head)
+        status, body, _ = read_response(sock, timeout=5)
+        assert status == 401
+        sock.close()
+        sock = connect(s)
+        send_head(sock, "/admin/reload", head | {"X-Admin-Key": "secret"})
+        status, body, closed = read_response(sock, timeout=5)
+        assert status == 413 and closed, body
+        sock.close()
+
+
+def test_a_client_vanishing_mid_upload_is_counted_as_499_not_500(tiny_bundle, tmp_path):
+    """Defect 4: ClientDisconnect was counted as code="500" with a traceback."""
+    with serving(tiny_bundle, tmp_path / "s.log") as s:
+        for _ in range(3):
+            sock = connect(s)
+            send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": "5000"})
+            sock.sendall(b'{"instances": [[')
+            time.sleep(0.2)
+            sock.close()
+        wait_for(
+            lambda: metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 3,
+            "three requests counted as 499",
+            timeout=10,
+        )
+        assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="500") == 0
+        assert honest(s).status_code == 200
+        log = s.log.read_text()
+        assert "Traceback" not in log and "ClientDisconnect" not in log
+
+
+def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
+    """Defect 5: only the queue length bounded the memory of bodies in flight."""
+    body_limit, budget = 32 * 1024, 64 * 1024
+    with serving(
+        tiny_bundle, tmp_path / "s.log", max_body_bytes=str(body_limit), max_inflight_body_bytes=str(budget)
+    ) as s:
+        holders = []
+        for _ in range(2):  # 2 x 30 KiB held, partly sent
+            sock = connect(s)
+            send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": str(body_limit)})
+            sock.sendall(b" " * (30 * 1024))
+            holders.append(sock)
+        time.sleep(0.5)
+        sock = connect(s)
+        send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": "10000"})
+        sock.sendall(b" " * 10000)
+        status, body, closed = read_response(sock, timeout=5)
+        assert status == 503 and "memory budget" in body["error"] and closed, body
+        sock.close()
+        for holder in holders:
+            holder.close()
+        # The budget is given back when the holders go.
+        wait_for(lambda: honest(s).status_code == 200, "an honest request after the holders left", 10)
+
+
+def _stuck_bundle(tiny_bundle: Path, out: Path) -> Path:
+    """A bundle whose weights file claims 200 GB (sparse): hashing it takes minutes, as a load from a
+    hung network file system would. No test hook: the product code runs unchanged."""
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    size = 200 * 1024**3
+    with (out / WEIGHTS).open("r+b") as f:
+        f.truncate(size)
+    manifest["files"][WEIGHTS]["bytes"] = size
+    manifest["version"] = content_version(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_load_that_never_finishes_is_abandoned_and_sigterm_still_ends_the_process(tiny_bundle, tmp_path):
+    """Defect 7: a stuck reload held the reload lock for good (every later reload 409, SIGHUP
+    ignored) and the process needed SIGKILL after SIGTERM."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_bundle, root / "current")
+    _stuck_bundle(tiny_bundle, root / "stuck")
+    with serving(
+        root / "current",
+        tmp_path / "s.log",
+        command="serve",
+        admin_key="k",
+        load_timeout_s="2",
+        shutdown_grace_s="5",
+    ) as s:
+        version = served_version(s.base)
+        reload = {"X-Admin-Key": "k"}
+        started = time.monotonic()
+        r = httpx.post(f"{s.base}/admin/reload", json={"path": "stuck"}, headers=reload, timeout=30)
+        assert r.status_code == 503 and "did not finish within 2 s" in r.json()["error"], r.text
+        assert time.monotonic() - started < 10
+        assert honest(s).status_code == 200 and served_version(s.base) == version
+        # The lock was given back: a good reload goes through while the abandoned one still hashes.
+        r = httpx.post(f"{s.base}/admin/reload", json={"path": "current"}, headers=reload, timeout=30)
+        assert r.status_code == 200, r.text
+        os.kill(s.process.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        s.process.send_signal(signal.SIGTERM)
+        assert s.process.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def _launch(program: list[str], bundle: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    variables = (
+        os.environ | {"ANOMALY_MODEL_PATH": str(bundle)} | {f"ANOMALY_{k.upper()}": v for k, v in env.items()}
+    )
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, *program, "--host", "127.0.0.1", "--port", str(port)],
+            env=variables,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_ends_the_process_while_a_startup_load_is_stuck(tiny_bundle, tmp_path):
+    stuck = _stuck_bundle(tiny_bundle, tmp_path / "stuck")
+    log = tmp_path / "s.log"
+    program = ["-m", "uvicorn", "app.api.main:create_app", "--factory"]
+    process, base = _launch(program, stuck, log, load_timeout_s="60")
+    try:
+
+        def alive() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(alive, "the server to answer /healthz", timeout=60)
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # still hashing
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_serve_command_refuses_a_bundle_that_does_not_load_in_time(tiny_bundle, tmp_path):
+    stuck = _stuck_bundle(tiny_bundle, tmp_path / "stuck")
+    log = tmp_path / "s.log"
+    process, _ = _launch(["-m", "app.cli", "serve"], stuck, log, load_timeout_s="2")
+    try:
+        assert process.wait(timeout=60) == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "error: loading" in log.read_text() and "did not finish within 2 s" in log.read_text()
