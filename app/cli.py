@@ -252,11 +252,24 @@ def _train(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _writer(path: Path) -> Iterator[Any]:
-    """Append-only writer of column dicts as CSV or Parquet, chosen by the suffix."""
+    """Append-only writer of column dicts as CSV or Parquet, chosen by the suffix. Rows go to a
+    partial file renamed to `path` only when every chunk was written: a run that fails halfway
+    leaves no output that could pass for a whole one."""
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out must end in one of {OUTPUT_SUFFIXES}, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with _format_writer(partial, suffix) as write:
+            yield write
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _format_writer(path: Path, suffix: str) -> Iterator[Any]:
     if suffix == ".csv":
         import pandas as pd
 

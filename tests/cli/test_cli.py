@@ -162,3 +162,30 @@ def test_shipped_default_model_reproduces_its_calibration_scores():
             recomputed = np.sort(scorer.score(table.values[splits.calibration], method).score)
             rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-5
             np.testing.assert_allclose(recomputed, stored, rtol=rtol, err_msg=f"{scorer.backend} {method}")
+
+
+def test_a_scoring_failure_exits_2_with_error_and_writes_no_misaligned_rows(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """onnxruntime failures printed a traceback; an answer short of rows was written as if whole."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    root, _ = trained
+    args = ["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(tmp_path / "o.csv")]
+    original = OnnxScorer._run
+
+    def fails(self, session, x):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : a node failed")
+
+    monkeypatch.setattr(OnnxScorer, "_run", fails)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: onnxruntime failed on the graph of 'likelihood'") and "Traceback" not in err
+    monkeypatch.undo()
+    monkeypatch.setattr(OnnxScorer, "_run", lambda self, s, x: [out[:-1] for out in original(self, s, x)])
+    assert main(args) == 2
+    assert "returned log_prob of shape (49,) for 50 rows" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither a partial nor a misaligned output file
+    monkeypatch.undo()
+    assert main(args) == 0 and len(pd.read_csv(tmp_path / "o.csv")) == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["o.csv"]
