@@ -143,14 +143,14 @@ def main() -> None:
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
     x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
     parts = dict(zip(OUTPUTS, run(session, x64), strict=True))
-    out = assemble(bundle, method, fpr, parts, False)
+    out = assemble(bundle, method, fpr, parts, False, x64.shape[0])
     parsed = parse(body, bundle.features, service.settings.max_rows)
     answer = routes._response_body(served, out, parsed)  # the body the route writes
     n = args.requests
     isolated = {
         "onnxruntime": alone(lambda: run(session, x64), n),
         "parse": alone(lambda: parse(body, bundle.features, service.settings.max_rows), n),
-        "flags_and_p_values": alone(lambda: assemble(bundle, method, fpr, parts, False), n),
+        "flags_and_p_values": alone(lambda: assemble(bundle, method, fpr, parts, False, x64.shape[0]), n),
         "metrics": alone(lambda: observe(bundle, method, out.threshold.name, out.score, 0), n),
         "response": alone(lambda: respond(answer), n),
     }

@@ -14,7 +14,7 @@ from app.api import schemas
 from app.api.auth import authorize, authorize_admin
 from app.api.body import read_body
 from app.api.errors import UnsupportedMediaType, json_response
-from app.api.parsing import ScoreRequest, check_query, parse_json, parse_npy, parse_reload
+from app.api.parsing import ScoreRequest, check_query, parse_is_cheap, parse_json, parse_npy, parse_reload
 from app.api.service import Service
 from app.bundle.calibration import threshold_name
 from app.engine.errors import NotReady
@@ -24,8 +24,6 @@ from app.model.methods import METHODS
 
 router = APIRouter()
 CONTENT_TYPES = ["application/json", "application/x-npy"]
-# Below this a body parses in a few milliseconds at worst (a crafted one included): not worth a thread.
-PARSE_INLINE_BYTES = 64 * 1024
 # An admin request names a path: anything longer is no reload request.
 ADMIN_BODY_BYTES = 64 * 1024
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
@@ -112,8 +110,8 @@ async def score(request: Request) -> Response:
             parse, args = parse_json, (body, features, max_rows)
         else:
             parse, args = parse_npy, (body, features, max_rows, query)
-        # Larger bodies are parsed off the event loop, which keeps accepting and answering meanwhile.
-        inline = len(body) < PARSE_INLINE_BYTES
+        # Costlier bodies are parsed off the event loop, which keeps accepting and answering meanwhile.
+        inline = parse_is_cheap(body, content_type)
         parsed = parse(*args) if inline else await run_in_threadpool(parse, *args)
         method = served.resolve_method(parsed.method)
         fpr = served.resolve_fpr(parsed.threshold)
