@@ -6,7 +6,7 @@ per-number validation, so a 1000-row batch is not 30 000 pydantic calls.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -16,9 +16,12 @@ Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 class ScoreRequest(BaseModel):
-    instances: list[list[float]] | list[dict[str, float]] = Field(
-        ..., description="rows in the model's feature order, or objects keyed by feature name", min_length=1
-    )
+    # min_length on each list, not on the union: on a union pydantic writes minLength, a string
+    # keyword that no validator applies to an array.
+    instances: (
+        Annotated[list[list[float]], Field(min_length=1)]
+        | Annotated[list[dict[str, float]], Field(min_length=1)]
+    ) = Field(..., description="rows in the model's feature order, or objects keyed by feature name")
     method: Method | None = Field(None, description="score method; default: the service's")
     threshold: str | float | None = Field(
         None, description="a threshold's name (e.g. fpr_0.01) or a calibrated false-positive rate"

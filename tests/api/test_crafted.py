@@ -114,3 +114,12 @@ def test_a_large_body_is_parsed_off_the_event_loop(tiny_bundle, monkeypatch):
     crafted, small, numbers = threads
     assert crafted != small  # the crafted body: a worker thread; the small one: the event loop's
     assert numbers == small  # rows of numbers parse in milliseconds: not worth two GIL hand-offs
+
+
+def test_the_documented_schema_requires_a_non_empty_instances_array_as_the_service_does(client):
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    instances = body["properties"]["instances"]
+    assert "minLength" not in instances  # a string keyword: on an array it constrained nothing
+    assert [branch["minItems"] for branch in instances["anyOf"]] == [1, 1]
+    check(post(client, '{"instances": []}'), 422, "non-empty list of rows")
