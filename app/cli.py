@@ -357,8 +357,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check_bundle_within(settings: Settings) -> None:
-    """Refuse a bad, unsigned or untrusted bundle before binding the port, within the load time
-    limit: a daemon thread, so a load stuck on a hung file system ends with the process."""
+    """Refuse a bad, unsigned or untrusted bundle, or one whose graphs fail their checks, before
+    binding the port, within the load time limit: in a daemon thread, so a load stuck on a hung
+    file system ends with the process."""
     import threading
     from concurrent.futures import Future
 
@@ -368,7 +369,12 @@ def _check_bundle_within(settings: Settings) -> None:
 
     def check() -> None:
         try:
-            future.set_result(load_trusted(settings.model_path, tuple(settings.trusted_keys)))
+            bundle = load_trusted(settings.model_path, tuple(settings.trusted_keys))
+            if settings.backend == "onnx":
+                from app.bundle.graphs import verified_graphs
+
+                verified_graphs(bundle)
+            future.set_result(bundle)
         except BaseException as e:
             future.set_exception(e)
 

@@ -12,7 +12,7 @@ from app.engine.torch_backend import TorchScorer
 from app.train.data import read_table
 from app.train.pipeline import split_rows
 
-from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+from ..conftest import FEATURES, manifold_rows, off_manifold_rows, replace_bundle_file
 from ..tolerances import FLOAT64_PROJECTION_RTOL, float32_rtol
 
 COLUMNS = [
@@ -189,3 +189,15 @@ def test_a_scoring_failure_exits_2_with_error_and_writes_no_misaligned_rows(
     monkeypatch.undo()
     assert main(args) == 0 and len(pd.read_csv(tmp_path / "o.csv")) == 50
     assert [p.name for p in tmp_path.iterdir()] == ["o.csv"]
+
+
+def test_serve_refuses_a_bundle_with_a_swapped_graph_before_binding(tiny_bundle, tmp_path, capsys):
+    """Defect 6 at the serve command: the graphs are checked before the port is bound."""
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    replace_bundle_file(tampered, "scoring-likelihood.onnx", (tampered / "scoring-latent.onnx").read_bytes())
+    assert main(["serve", "--model", str(tampered), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "likelihood" in err and "scoring-likelihood.onnx" in err

@@ -3,6 +3,8 @@ arithmetic (tests/tolerances.py): float32 networks for the closed forms, float64
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -195,3 +197,11 @@ def test_the_allowed_ops_are_exactly_those_the_exporter_emits():
                 emitted.setdefault(op, set()).add(method)
     assert set(emitted) == GRAPH_OPS  # no op allowed that the exporter never writes
     assert emitted["Loop"] == {LOOP_METHOD}
+
+
+def test_docs_bundle_md_lists_exactly_the_allowed_op_types():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "bundle.md").read_text()
+    section = text[text.index("## 8b.") : text.index("## 9.")]
+    listed = re.search(r"\(`GRAPH_OPS` there; opset 17\): (.*?); there are no", section, re.DOTALL)
+    assert listed is not None
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(GRAPH_OPS)
