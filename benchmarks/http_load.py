@@ -8,7 +8,10 @@ compose stack runs two replicas) on a free loopback port, times process start to
 which is itself the bottleneck: its figures are a floor), with 16 concurrent connections:
   - the no-op ceiling: GET /healthz of the same app,
   - single-row POST /score: requests/s, p50 and p99 latency,
-  - 1000-row JSON batches and 1000-row .npy batches: rows/s.
+  - 1000-row JSON batches and 1000-row .npy batches: rows/s;
+  - the same 1000 rows through the Open Inference Protocol's /v2/models/<name>/infer, as JSON and
+    with the binary tensor extension (FP32 in, the four default outputs binary out): rows/s, and the
+    binary figure as a share of the .npy one.
 The load generator shares the machine's cores with the server, so the figures are a floor.
 """
 
@@ -34,6 +37,7 @@ import time
 
 import httpx
 import numpy as np
+from numpy.typing import NDArray
 
 from app.bundle.format import load_bundle
 from benchmarks.serving import serve
@@ -71,7 +75,6 @@ local f = io.open("{body}", "rb")
 wrk.method = "{method}"
 wrk.body = f:read("*all")
 f:close()
-wrk.headers["Content-Type"] = "{content_type}"
 """
 
 
@@ -83,13 +86,16 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
-def wrk(url: str, seconds: int, connections: int, body: bytes | None = None, content_type: str = "") -> dict:
+def wrk(
+    url: str, seconds: int, connections: int, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> dict:
     """requests/s, p50 and p99 from `wrk --latency`, for a GET, or a POST of `body`."""
     with tempfile.TemporaryDirectory() as tmp:
         command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
         if body is not None:
             (Path(tmp) / "body").write_bytes(body)
-            script = WRK_SCRIPT.format(body=Path(tmp) / "body", method="POST", content_type=content_type)
+            script = WRK_SCRIPT.format(body=Path(tmp) / "body", method="POST")
+            script += "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
             (Path(tmp) / "post.lua").write_text(script)
             command += ["-s", str(Path(tmp) / "post.lua")]
         out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
@@ -103,31 +109,41 @@ def wrk(url: str, seconds: int, connections: int, body: bytes | None = None, con
     }
 
 
-def measure(
-    url: str, args: argparse.Namespace, single: bytes, batch_json: bytes, batch_npy: bytes
-) -> tuple[str, dict, dict, dict, dict]:
-    """The no-op, single-row, 1000-row JSON and 1000-row .npy figures, with wrk where installed."""
-    if shutil.which("wrk"):
-        return (
-            "wrk",
-            wrk(f"{url}/healthz", args.seconds, args.connections),
-            wrk(f"{url}/score", args.seconds, args.connections, single, "application/json"),
-            wrk(f"{url}/score", args.seconds, args.connections, batch_json, "application/json"),
-            wrk(f"{url}/score", args.seconds, args.connections, batch_npy, "application/x-npy"),
-        )
-    json_headers = {"content-type": "application/json"}
-    npy_headers = {"content-type": "application/x-npy"}
+Case = tuple[str, bytes | None, dict[str, str]]  # path, body (None: GET), headers
 
-    def run(count: int, request) -> dict[str, float]:  # type: ignore[no-untyped-def]
+
+def measure(url: str, args: argparse.Namespace, cases: dict[str, Case]) -> tuple[str, dict[str, dict]]:
+    """Each case's figures, with wrk where installed."""
+    if shutil.which("wrk"):
+        figures = {
+            name: wrk(f"{url}{path}", args.seconds, args.connections, body, headers)
+            for name, (path, body, headers) in cases.items()
+        }
+        return "wrk", figures
+
+    def run(path: str, body: bytes | None, headers: dict[str, str], count: int) -> dict[str, float]:
+        def request(client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+            return client.get(path) if body is None else client.post(path, content=body, headers=headers)
+
         return asyncio.run(load(url, count, args.connections, request))
 
-    return (
-        "httpx (async)",
-        run(args.requests, lambda c: c.get("/healthz")),
-        run(args.requests, lambda c: c.post("/score", content=single, headers=json_headers)),
-        run(args.batches, lambda c: c.post("/score", content=batch_json, headers=json_headers)),
-        run(args.batches, lambda c: c.post("/score", content=batch_npy, headers=npy_headers)),
-    )
+    figures = {
+        name: run(path, body, headers, args.requests if name in ("noop", "single") else args.batches)
+        for name, (path, body, headers) in cases.items()
+    }
+    return "httpx (async)", figures
+
+
+def v2_bodies(rows: NDArray[np.float64]) -> tuple[bytes, bytes, dict[str, str]]:
+    """The Open Inference Protocol's JSON request and its binary-extension form, with its header."""
+    shape = list(rows.shape)
+    as_json = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP64", "data": rows.ravel().tolist()}]}
+    data = rows.astype("<f4").tobytes()
+    parameters = {"binary_data_size": len(data)}
+    header = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "parameters": parameters}]}
+    header |= {"parameters": {"binary_data_output": True}}
+    head = json.dumps(header).encode()
+    return json.dumps(as_json).encode(), head + data, {"Inference-Header-Content-Length": str(len(head))}
 
 
 def main() -> None:
@@ -151,8 +167,23 @@ def main() -> None:
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32))
     batch_npy = buffer.getvalue()
+    v2_json, v2_binary, v2_headers = v2_bodies(rows)
+    infer = f"/v2/models/{bundle.name}/infer"
+    json_type, npy_type = {"Content-Type": "application/json"}, {"Content-Type": "application/x-npy"}
+    cases: dict[str, Case] = {
+        "noop": ("/healthz", None, {}),
+        "single": ("/score", single, json_type),
+        "json": ("/score", batch_json, json_type),
+        "npy": ("/score", batch_npy, npy_type),
+        "v2_json": (infer, v2_json, json_type),
+        "v2_binary": (infer, v2_binary, {"Content-Type": "application/octet-stream"} | v2_headers),
+    }
     with serve(args.model, settings, workers=args.workers) as server:
-        generator, noop, one, many_json, many_npy = measure(server.url, args, single, batch_json, batch_npy)
+        generator, figures = measure(server.url, args, cases)
+    noop, one = figures["noop"], figures["single"]
+    rows_per_s = {
+        name: figures[name]["requests_per_s"] * 1000 for name in ("json", "npy", "v2_json", "v2_binary")
+    }
     print(
         json.dumps(
             {
@@ -164,8 +195,11 @@ def main() -> None:
                 "noop_requests_per_s": round(noop["requests_per_s"]),
                 "single_row": {k: round(v, 2) for k, v in one.items()},
                 "single_row_over_noop": round(one["requests_per_s"] / noop["requests_per_s"], 2),
-                "json_1000_rows_per_s": round(many_json["requests_per_s"] * 1000),
-                "npy_1000_rows_per_s": round(many_npy["requests_per_s"] * 1000),
+                "json_1000_rows_per_s": round(rows_per_s["json"]),
+                "npy_1000_rows_per_s": round(rows_per_s["npy"]),
+                "v2_json_1000_rows_per_s": round(rows_per_s["v2_json"]),
+                "v2_binary_1000_rows_per_s": round(rows_per_s["v2_binary"]),
+                "v2_binary_over_npy": round(rows_per_s["v2_binary"] / rows_per_s["npy"], 2),
             },
             indent=2,
         )

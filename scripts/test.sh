@@ -3,6 +3,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh" "train,serve,sign,dev"
+bash "$root/scripts/setup_clients.sh"
 cd "$root"
 .venv/bin/ruff check app tests benchmarks
 set +e

@@ -40,6 +40,10 @@ class RequestTimeout(ServiceError):
     status, error = 408, "request timeout"
 
 
+class NotFound(ServiceError):
+    status, error = 404, "not found"
+
+
 class PayloadTooLarge(ServiceError):
     status, error = 413, "payload too large"
 
@@ -60,9 +64,14 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def error_response(content: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    request: Request, content: dict[str, Any], status: int, headers: dict[str, str] | None = None
+) -> Response:
     """An error answer that cannot fail: a message may quote client input that orjson refuses to
-    write (a lone surrogate from a \\ud800 escape), which JSON's \\u escapes can still carry."""
+    write (a lone surrogate from a \\ud800 escape), which JSON's \\u escapes can still carry.
+    Under /v2, the Open Inference Protocol's error document: {"error": "..."} alone."""
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        content = {"error": content["error"]}
     try:
         return json_response(content, status, headers)
     except TypeError:
@@ -72,27 +81,28 @@ def error_response(content: Any, status: int, headers: dict[str, str] | None = N
 
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> Response:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         if isinstance(exc, ClientClosed):
             log.info("client closed the request before it was read")
-        return error_response(exc.body(), exc.status, exc.headers)
+        return error_response(request, exc.body(), exc.status, exc.headers)
 
     @app.exception_handler(UnknownMethod)
-    async def unknown_method(_: Request, exc: UnknownMethod) -> Response:
-        return error_response({"error": str(exc), "detail": {"accepted": exc.accepted}}, 422)
+    async def unknown_method(request: Request, exc: UnknownMethod) -> Response:
+        return error_response(request, {"error": str(exc), "detail": {"accepted": exc.accepted}}, 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response({"error": str(exc.detail), "detail": None}, exc.status_code, exc.headers)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        content = {"error": str(exc.detail), "detail": None}
+        return error_response(request, content, exc.status_code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         # Only the fields a client needs: an error's 'input' may be raw bytes or an integer orjson
         # cannot write, and echoing it back adds nothing.
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return error_response({"error": "invalid request", "detail": detail}, 422)
+        return error_response(request, {"error": "invalid request", "detail": detail}, 422)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return json_response({"error": "internal error", "detail": type(exc).__name__}, 500)
+        return error_response(request, {"error": "internal error", "detail": type(exc).__name__}, 500)

@@ -19,10 +19,20 @@ from app.api.metrics import Metrics
 
 access = logging.getLogger("anomaly_scores.access")
 # Probes and scrapes are not scoring traffic: neither counted nor timed.
-UNCOUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
+UNCOUNTED = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 KNOWN = frozenset(
     {"/score", "/model", "/admin/reload", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 )
+
+
+def endpoint_of(path: str) -> str:
+    """The metrics label of a path: the route, with the Open Inference Protocol's model names and
+    versions left out (one label for every /infer), or "other"."""
+    if path in KNOWN:
+        return path
+    if path.startswith("/v2/models/"):
+        return "/v2/infer" if path.endswith("/infer") else "/v2/models"
+    return "/v2" if path == "/v2" else "other"
 
 
 class JsonFormatter(logging.Formatter):
@@ -85,7 +95,7 @@ class RequestLogMiddleware:
             elapsed = time.perf_counter() - start
             path = scope["path"]
             if path not in UNCOUNTED:
-                endpoint = path if path in KNOWN else "other"
+                endpoint = endpoint_of(path)
                 self.metrics.requests.labels(endpoint, str(status)).inc()
                 self.metrics.duration.labels(endpoint).observe(elapsed)
             rows = scope.get("state", {}).get("rows")

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api import v2
 from app.api.errors import register_error_handlers
 from app.api.logs import RequestLogMiddleware, configure_logging
 from app.api.routes import router
@@ -66,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLogMiddleware, metrics=service.metrics)
     register_error_handlers(app)
     app.include_router(router)
+    app.include_router(v2.router)
     return app

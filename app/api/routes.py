@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from app.api import schemas
 from app.api.auth import authorize, authorize_admin
 from app.api.body import read_body
 from app.api.errors import UnsupportedMediaType, json_response
-from app.api.parsing import ScoreRequest, check_query, parse_is_cheap, parse_json, parse_npy, parse_reload
+from app.api.parsing import ScoreRequest, check_query, parse_json, parse_npy, parse_reload
+from app.api.scoring import score_body
 from app.api.service import Service
 from app.bundle.calibration import threshold_name
 from app.engine.errors import NotReady
@@ -100,25 +100,15 @@ async def score(request: Request) -> Response:
         )
     query = dict(request.query_params)
     check_query(content_type, query)
-    # The body first, then a place in the queue: a stalled upload must not hold a queue slot.
-    async with (
-        read_body(request, service.body_limits, service.bodies) as body,
-        service.scheduler.admission(),
-    ):
-        features, max_rows = served.bundle.features, service.settings.max_rows
-        if content_type == "application/json":
-            parse, args = parse_json, (body, features, max_rows)
-        else:
-            parse, args = parse_npy, (body, features, max_rows, query)
-        # Costlier bodies are parsed off the event loop, which keeps accepting and answering meanwhile.
-        inline = parse_is_cheap(body, content_type)
-        parsed = parse(*args) if inline else await run_in_threadpool(parse, *args)
-        method = served.resolve_method(parsed.method)
-        fpr = served.resolve_fpr(parsed.threshold)
-        out = await service.scheduler.score(served.scorer, parsed.x, method, fpr, parsed.explain)
-    request.state.rows = parsed.x.shape[0]
-    flagged = int(out.is_anomaly.sum())
-    service.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)
+    features, max_rows = served.bundle.features, service.settings.max_rows
+    if content_type == "application/json":
+        parsed, out = await score_body(
+            request, service, served, content_type, lambda body: parse_json(body, features, max_rows)
+        )
+    else:
+        parsed, out = await score_body(
+            request, service, served, content_type, lambda body: parse_npy(body, features, max_rows, query)
+        )
     return json_response(_response_body(served, out, parsed))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.model.methods import METHODS
 
@@ -72,6 +72,95 @@ class ScoreResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: Any = None
+
+
+# The Open Inference Protocol's documents (kserve/open-inference-protocol, inference_rest.md), for
+# the OpenAPI description of /v2; app.api.inference_protocol parses and writes them.
+V2Parameters = dict[str, bool | int | float | str]
+
+
+class V2Error(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    error: str
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(..., description="-1: any size")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2RequestInput(BaseModel):
+    name: Literal["x"]
+    shape: list[int] = Field(..., min_length=2, max_length=2, description="[rows, features]")
+    datatype: Literal["FP32", "FP64"]
+    parameters: V2Parameters | None = Field(None, description="binary_data_size with the binary extension")
+    data: list[float] | list[list[float]] | None = Field(None, description="row-major, flat or nested")
+
+
+class V2RequestOutput(BaseModel):
+    name: Literal[
+        "score",
+        "is_anomaly",
+        "p_value",
+        "log_likelihood",
+        "log_prior",
+        "log_volume",
+        "log_residual",
+        "reconstruction_error",
+    ]
+    parameters: V2Parameters | None = Field(None, description="binary_data: true for binary data")
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    model_name: str | None = Field(None, description="if sent (KServe's client does), the path's name")
+    parameters: V2Parameters | None = Field(None, description="method, threshold, binary_data_output")
+    inputs: list[V2RequestInput] = Field(..., min_length=1, max_length=1)
+    outputs: list[V2RequestOutput] | None = None
+
+
+class V2ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP64", "BOOL"]
+    parameters: V2Parameters | None = None
+    data: list[float] | list[bool] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: V2Parameters
+    outputs: list[V2ResponseOutput]
 
 
 REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {

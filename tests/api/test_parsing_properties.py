@@ -135,3 +135,50 @@ def test_fast_path_falls_back_to_the_exact_walk(body, fragment):
     with pytest.raises(ServiceError) as error:
         parse_json(body.encode(), FEATURES, 50)
     assert fragment in error.value.message
+
+
+def _duplicates_by_pythons_parser(body: bytes) -> bool:
+    found = False
+
+    def hook(pairs):  # type: ignore[no-untyped-def]
+        nonlocal found
+        keys = [k for k, _ in pairs]
+        found |= len(keys) != len(set(keys))
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=hook)
+    return found
+
+
+# Objects written by hand, so keys may repeat; keys and strings from a small alphabet with escapes,
+# so the byte counts of reject_duplicate_keys meet every case: a key equal to a value, a key
+# inside another string, a key written with an escape.
+keys = st.sampled_from(['"a"', '"b"', '"ab"', '"\\u0061"', '"a\\"b"', '","', '":"'])
+json_texts = st.recursive(
+    st.sampled_from(["1", "2.5", "true", "null", '"a"', '"b a"', '"\\u0062"', '","']),
+    lambda children: (
+        st.lists(children, max_size=4).map(lambda items: "[" + ",".join(items) + "]")
+        | st.lists(st.tuples(keys, children), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{k}: {v}" for k, v in pairs) + "}"
+        )
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(json_texts)
+def test_the_byte_count_duplicate_check_agrees_with_pythons_parser(text):
+    import orjson
+
+    from app.api.parsing import reject_duplicate_keys
+
+    body = text.encode()
+    doc = orjson.loads(body)
+    try:
+        reject_duplicate_keys(body, doc)
+        refused = False
+    except ServiceError as e:
+        assert e.status == 422 and "duplicate key" in e.message
+        refused = True
+    assert refused == _duplicates_by_pythons_parser(body)

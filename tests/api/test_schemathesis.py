@@ -82,6 +82,15 @@ def test_the_tested_schema_is_the_served_one(client):
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",
+        "GET /v2",
+        "GET /v2/health/live",
+        "GET /v2/health/ready",
+        "GET /v2/models/{name}",
+        "GET /v2/models/{name}/versions/{version}",
+        "GET /v2/models/{name}/ready",
+        "GET /v2/models/{name}/versions/{version}/ready",
+        "POST /v2/models/{name}/infer",
+        "POST /v2/models/{name}/versions/{version}/infer",
     }
 
 

@@ -485,3 +485,34 @@ def test_service_hpa_pdb_and_servicemonitor_point_at_the_deployment(manifests):
     monitor = manifests["ServiceMonitor"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
+
+
+def test_the_kserve_predictor_serves_the_v2_protocol_from_its_storage_uri():
+    service = load_yaml(ROOT / "deploy/kserve/inferenceservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = service["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # where KServe mounts what STORAGE_URI names
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["STORAGE_URI"].startswith("pvc://anomaly-models/")
+    assert env["ANOMALY_MODEL_PATH"] == "/mnt/models"  # the storage initializer's destination
+    port = container["ports"][0]["containerPort"]
+    assert port == 8000  # the image's entrypoint: serve --port 8000
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    kubernetes = load_yaml(ROOT / "deploy/kubernetes/deployment.yaml")["spec"]["template"]["spec"]
+    assert predictor["terminationGracePeriodSeconds"] == kubernetes["terminationGracePeriodSeconds"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert int(env["ANOMALY_SHUTDOWN_GRACE_S"]) + 10 < predictor["terminationGracePeriodSeconds"]
+
+
+def test_the_v2_probes_the_kserve_predictor_uses_answer_as_it_expects(tiny_bundle):
+    with TestClient(create_app(Settings(model_path=tiny_bundle, warmup_rows=4))) as client:
+        assert client.get("/v2/health/live").json() == {"live": True}
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/v2/health/ready")).status_code != 200:
+            assert ready.status_code == 503 and ready.json() == {"ready": False}
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ready.json() == {"ready": True}

@@ -1,0 +1,266 @@
+"""The Open Inference Protocol (KServe V2, spoken by MLServer and Triton): its request and response
+documents, JSON and with the binary tensor data extension, for the scorer below /score.
+
+One input tensor `x`, FP32 or FP64, shape [n, d], the bundle's features in order: `data` flat
+(row-major) or nested, or, with the binary extension, n*d little-endian values after the JSON header
+(`Inference-Header-Content-Length` bytes). Request parameters: `method`, `threshold` (a name such as
+fpr_0.01, or a calibrated rate) and `binary_data_output`. Outputs, all [n] but `is_anomaly` BOOL and
+the rest FP64: OUTPUT_NAMES; without `outputs` in the request, DEFAULT_OUTPUTS. Each output is JSON
+or binary (`parameters.binary_data`, else the request's `binary_data_output`).
+Specification: github.com/kserve/open-inference-protocol, specification/protocol/inference_rest.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from app.api.errors import BadRequest, PayloadTooLarge
+from app.api.parsing import Body, ScoreRequest, check_values, describe, reject_duplicate_keys
+from app.engine.errors import InvalidInput
+from app.engine.scorer import ScoreOutput
+
+INPUT = "x"
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["binary_tensor_data"]
+# name -> (datatype, the ScoreOutput field); p_value and the parts as /score names them
+OUTPUTS: dict[str, tuple[str, str]] = {
+    "score": ("FP64", "score"),
+    "is_anomaly": ("BOOL", "is_anomaly"),
+    "p_value": ("FP64", "p_value"),
+    "log_likelihood": ("FP64", "log_likelihood"),
+    "log_prior": ("FP64", "log_prior"),
+    "log_volume": ("FP64", "log_volume"),
+    "log_residual": ("FP64", "log_residual"),
+    "reconstruction_error": ("FP64", "reconstruction_error"),
+}
+OUTPUT_NAMES = tuple(OUTPUTS)
+DEFAULT_OUTPUTS = ("score", "is_anomaly", "p_value", "log_likelihood")
+INPUT_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+WIRE_DTYPES = {"FP64": np.dtype("<f8"), "BOOL": np.dtype("u1")}  # binary outputs, little-endian
+# model_name: not in the specification's request, but KServe's client sends it
+REQUEST_KEYS = ("id", "model_name", "parameters", "inputs", "outputs")
+REQUEST_PARAMETERS = ("method", "threshold", "binary_data_output")
+INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
+
+
+@dataclass(frozen=True)
+class InferRequest(ScoreRequest):
+    id: str | None = None
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    binary: frozenset[str] = field(default_factory=frozenset)  # outputs answered as binary data
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {describe(value)}")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what} must be true or false, got {describe(value)}")
+    return value
+
+
+def _header_and_binary(body: Body, header_length: str | None) -> tuple[Any, memoryview]:
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length!r} must be a byte count within the "
+                f"body's {len(body)} bytes"
+            )
+        split = int(header_length)
+        json_part, binary = memoryview(body)[:split], memoryview(body)[split:]
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"the inference request is not valid JSON: {e}") from None
+    reject_duplicate_keys(bytes(json_part) if isinstance(json_part, memoryview) else json_part, doc)
+    return doc, binary
+
+
+def _input_rows(
+    tensor: dict[str, Any], binary: memoryview, features: list[str], max_rows: int
+) -> tuple[NDArray[np.float64], int]:
+    """The (n, d) rows of the input tensor and how many binary bytes it used."""
+    unknown = [k for k in tensor if k not in INPUT_KEYS]
+    if unknown:
+        raise InvalidInput(f"unknown input fields {unknown}; accepted: {list(INPUT_KEYS)}")
+    name, d = tensor.get("name"), len(features)
+    if name != INPUT:
+        raise InvalidInput(
+            f"input {describe(name)}: this model's one input is {INPUT!r}", {"accepted": [INPUT]}
+        )
+    datatype = tensor.get("datatype")
+    if datatype not in INPUT_DTYPES:
+        raise InvalidInput(
+            f"input 'x' has datatype {describe(datatype)}; send one of {list(INPUT_DTYPES)}",
+            {"accepted": list(INPUT_DTYPES)},
+        )
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(type(s) is int for s in shape)
+        or shape[1] != d
+        or shape[0] < 1
+    ):
+        raise InvalidInput(
+            f"input 'x' has shape {describe(shape)}; send [rows, {d}], the features in this order: "
+            f"{', '.join(features)}",
+            {"expected": [-1, d]},
+        )
+    n = shape[0]
+    if n > max_rows:
+        raise PayloadTooLarge(
+            f"{n} rows in one request; the limit is {max_rows}", {"rows": n, "limit": max_rows}
+        )
+    parameters = _object(tensor.get("parameters", {}), "input 'x' parameters")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise InvalidInput("input 'x' has both data and binary_data_size; send one")
+        dtype = INPUT_DTYPES[datatype]
+        expected = n * d * dtype.itemsize
+        if type(size) is not int or size != expected:
+            raise InvalidInput(
+                f"input 'x' binary_data_size is {describe(size)}; {shape} {datatype} takes {expected} bytes"
+            )
+        if len(binary) < size:
+            raise BadRequest(f"input 'x' promises {size} bytes of binary data; the body holds {len(binary)}")
+        x = np.frombuffer(binary[:size], dtype=dtype).reshape(n, d)
+        return np.asarray(x, dtype=np.float64), size
+    if "data" not in tensor:
+        raise InvalidInput("input 'x' has no data: send data, or binary_data_size with the binary extension")
+    return _json_rows(tensor["data"], n, d, features), 0
+
+
+def _json_rows(data: Any, n: int, d: int, features: list[str]) -> NDArray[np.float64]:
+    if not isinstance(data, list):
+        raise InvalidInput(f"input 'x' data must be an array, got {describe(data)}")
+    flat = data
+    if data and all(type(row) is list for row in data):  # nested: [[...], ...], one list per row
+        if len(data) != n or any(len(row) != d for row in data):
+            raise InvalidInput(f"input 'x' data must be {n} rows of {d} values, as its shape says")
+        flat = list(itertools.chain.from_iterable(data))
+    if len(flat) != n * d:
+        raise InvalidInput(f"input 'x' data has {len(flat)} values; its shape [{n}, {d}] takes {n * d}")
+    kinds = set(map(type, flat))
+    if not kinds <= {int, float}:  # bool is its own type: true and false are no measurements either
+        k = next(i for i, v in enumerate(flat) if type(v) not in (int, float))
+        i, j = divmod(k, d)
+        raise InvalidInput(
+            f"input 'x' row {i}, column {j} ('{features[j]}'): expected a number, got {describe(flat[k])}",
+            {"row": i, "column": features[j]},
+        )
+    try:
+        return np.array(flat, dtype=np.float64).reshape(n, d)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidInput("input 'x' holds an integer too large for a float") from None
+
+
+def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...], frozenset[str]]:
+    requested = doc.get("outputs")
+    if requested is None:
+        return DEFAULT_OUTPUTS, frozenset(DEFAULT_OUTPUTS if binary_default else ())
+    if not isinstance(requested, list) or not requested:
+        raise InvalidInput("'outputs' must be a non-empty array of {\"name\": ...} objects")
+    names, binary = [], set()
+    for item in requested:
+        output = _object(item, "each of 'outputs'")
+        name = output.get("name")
+        if name not in OUTPUTS:
+            raise InvalidInput(
+                f"unknown output {describe(name)}; this model's outputs: {list(OUTPUT_NAMES)}",
+                {"accepted": list(OUTPUT_NAMES)},
+            )
+        if name in names:
+            raise InvalidInput(f"output {name!r} requested twice")
+        parameters = _object(output.get("parameters", {}), f"output {name!r} parameters")
+        if _flag(parameters.get("binary_data", binary_default), f"output {name!r} binary_data"):
+            binary.add(name)
+        names.append(name)
+    return tuple(names), frozenset(binary)
+
+
+def parse_infer(
+    body: Body, header_length: str | None, model: str, features: list[str], max_rows: int
+) -> InferRequest:
+    doc, binary = _header_and_binary(body, header_length)
+    doc = _object(doc, "the inference request")
+    unknown = [k for k in doc if k not in REQUEST_KEYS]
+    if unknown:
+        raise InvalidInput(f"unknown fields {unknown}; accepted: {list(REQUEST_KEYS)}", {"unknown": unknown})
+    if doc.get("model_name", model) != model:
+        raise InvalidInput(f"'model_name' is {describe(doc['model_name'])}, the path names {model!r}")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"'id' must be a string, got {describe(request_id)}")
+    parameters = _object(doc.get("parameters", {}), "'parameters'")
+    unknown = [k for k in parameters if k not in REQUEST_PARAMETERS]
+    if unknown:
+        raise InvalidInput(
+            f"unknown parameters {unknown}; accepted: {list(REQUEST_PARAMETERS)}", {"unknown": unknown}
+        )
+    method = parameters.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidInput(f"parameter 'method' must be a string, got {describe(method)}")
+    threshold = parameters.get("threshold")
+    if isinstance(threshold, int | float) and not isinstance(threshold, bool):
+        threshold = float(threshold)
+    elif threshold is not None and not isinstance(threshold, str):
+        raise InvalidInput(f"parameter 'threshold' must be a name or a rate, got {describe(threshold)}")
+    binary_default = _flag(parameters.get("binary_data_output", False), "parameter 'binary_data_output'")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise InvalidInput(f"'inputs' must hold exactly one tensor, {INPUT!r}; got {describe(inputs)}")
+    x, used = _input_rows(_object(inputs[0], "the input"), binary, features, max_rows)
+    if used != len(binary):
+        raise BadRequest(f"the body holds {len(binary) - used} bytes after the binary data of its inputs")
+    check_values(x, features)
+    outputs, binary_outputs = _outputs(doc, binary_default)
+    return InferRequest(
+        x=x, method=method, threshold=threshold, id=request_id, outputs=outputs, binary=binary_outputs
+    )
+
+
+def encode_response(
+    model: tuple[str, str], out: ScoreOutput, request: InferRequest
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: JSON alone, or JSON then the binary outputs in order."""
+    n = out.score.shape[0]
+    outputs, chunks = [], []
+    for name in request.outputs:
+        datatype, attribute = OUTPUTS[name]
+        values = getattr(out, attribute)
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [n]}
+        if name in request.binary:
+            raw = np.ascontiguousarray(values, dtype=WIRE_DTYPES[datatype]).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = values
+        outputs.append(tensor)
+    threshold = out.threshold
+    document: dict[str, Any] = {"model_name": model[0], "model_version": model[1]}
+    if request.id is not None:
+        document["id"] = request.id
+    document["parameters"] = {
+        "method": out.method,
+        "threshold": threshold.name,
+        "threshold_fpr": threshold.fpr,
+        "threshold_value": threshold.value,
+    }
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, {}
+    return b"".join([header, *chunks]), {"Inference-Header-Content-Length": str(len(header))}

@@ -1,0 +1,262 @@
+"""The Open Inference Protocol routes (/v2): every document checked against schemas written from the
+specification (oip_schemas.py), answers equal to /score's, JSON and binary tensors, every error path."""
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+from app.api.settings import Settings
+from app.bundle.format import load_bundle
+
+from ..conftest import FEATURES, manifold_rows, off_manifold_rows
+from . import oip_schemas as spec
+from .conftest import ready_client
+from .test_metrics import scrape, value
+
+D = len(FEATURES)
+ROWS = np.r_[manifold_rows(4, seed=21), off_manifold_rows(3, seed=22)]
+
+
+@pytest.fixture(scope="module")
+def v2(tiny_bundle):
+    c = ready_client(Settings(model_path=tiny_bundle, max_rows=500, warmup_rows=4))
+    bundle = load_bundle(tiny_bundle)
+    c.model, c.version = bundle.name, bundle.version
+    yield c
+    c.__exit__(None, None, None)
+
+
+def infer_path(client, version: bool = False) -> str:
+    return f"/v2/models/{client.model}" + (f"/versions/{client.version}" if version else "") + "/infer"
+
+
+def tensor(rows: np.ndarray, datatype: str = "FP64", nested: bool = False) -> dict:
+    data = rows.tolist() if nested else rows.ravel().tolist()
+    return {"name": "x", "shape": list(rows.shape), "datatype": datatype, "data": data}
+
+
+def binary_body(document: dict, *chunks: bytes) -> tuple[bytes, dict]:
+    header = json.dumps(document).encode()
+    return header + b"".join(chunks), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def decode(response) -> dict[str, np.ndarray]:
+    """The outputs of a response, JSON or binary, as arrays (the binary extension's layout)."""
+    length = response.headers.get("inference-header-content-length")
+    body = response.content
+    header = json.loads(body if length is None else body[: int(length)])
+    jsonschema.validate(header, spec.INFER_RESPONSE)
+    offset, arrays = int(length or 0), {}
+    for output in header["outputs"]:
+        size = output.get("parameters", {}).get("binary_data_size")
+        dtype = {"FP64": "<f8", "BOOL": "?"}[output["datatype"]]
+        if size is None:
+            arrays[output["name"]] = np.asarray(output["data"], dtype=dtype)
+        else:
+            arrays[output["name"]] = np.frombuffer(body[offset : offset + size], dtype=dtype)
+            offset += size
+        assert arrays[output["name"]].shape == tuple(output["shape"])
+    assert offset == (len(body) if length is not None else 0)
+    return arrays
+
+
+def score_answer(client, rows: np.ndarray, **options) -> dict:
+    response = client.post("/score", json={"instances": rows.tolist(), "components": True, **options})
+    assert response.status_code == 200
+    return response.json()
+
+
+def check_error(response, status: int, fragment: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    jsonschema.validate(body, spec.ERROR)  # {"error": "..."} and nothing else
+    assert fragment in body["error"], body["error"]
+
+
+def test_health_and_metadata_documents_follow_the_specification(v2):
+    jsonschema.validate(v2.get("/v2/health/live").json(), spec.LIVE)
+    ready = v2.get("/v2/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    server = v2.get("/v2").json()
+    jsonschema.validate(server, spec.SERVER_METADATA)
+    assert "binary_tensor_data" in server["extensions"]
+    for path in (f"/v2/models/{v2.model}", f"/v2/models/{v2.model}/versions/{v2.version}"):
+        metadata = v2.get(path).json()
+        jsonschema.validate(metadata, spec.MODEL_METADATA)
+        assert metadata["versions"] == [v2.version]
+        assert metadata["inputs"] == [{"name": "x", "datatype": "FP64", "shape": [-1, D]}]
+        ready = v2.get(f"{path}/ready").json()
+        jsonschema.validate(ready, spec.MODEL_READY)
+        assert ready == {"name": v2.model, "ready": True}
+
+
+@pytest.mark.parametrize(("datatype", "nested", "version"), [("FP64", False, False), ("FP32", True, True)])
+def test_json_inference_equals_score(v2, datatype, nested, version):
+    rows = ROWS.astype(np.float32).astype(np.float64) if datatype == "FP32" else ROWS
+    outputs = ["score", "is_anomaly", "p_value", "log_likelihood", "log_prior", "log_volume", "log_residual"]
+    outputs.append("reconstruction_error")
+    request = {
+        "id": "abc",
+        "inputs": [tensor(rows, datatype, nested)],
+        "outputs": [{"name": n} for n in outputs],
+    }
+    response = v2.post(infer_path(v2, version), json=request)
+    assert response.status_code == 200, response.text
+    header = response.json()
+    assert (
+        header["id"] == "abc" and header["model_name"] == v2.model and header["model_version"] == v2.version
+    )
+    got, expected = decode(response), score_answer(v2, rows)
+    assert header["parameters"]["method"] == expected["method"]
+    assert header["parameters"]["threshold"] == expected["threshold"]["name"]
+    np.testing.assert_array_equal(got["score"], expected["scores"])
+    np.testing.assert_array_equal(got["is_anomaly"], expected["is_anomaly"])
+    np.testing.assert_array_equal(got["p_value"], expected["p_values"])
+    for name in ("log_likelihood", "log_prior", "log_volume", "log_residual", "reconstruction_error"):
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_binary_tensors_in_and_out_equal_score(v2):
+    request = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [len(ROWS), D],
+                "datatype": "FP64",
+                "parameters": {"binary_data_size": ROWS.nbytes},
+            }
+        ],
+        "outputs": [
+            {"name": "score", "parameters": {"binary_data": True}},
+            {"name": "is_anomaly", "parameters": {"binary_data": True}},
+            {"name": "p_value"},
+        ],
+        "parameters": {"method": "latent", "threshold": 0.01},
+    }
+    body, headers = binary_body(request, ROWS.astype("<f8").tobytes())
+    response = v2.post(infer_path(v2), content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    got, expected = decode(response), score_answer(v2, ROWS, method="latent", threshold=0.01)
+    assert list(got) == ["score", "is_anomaly", "p_value"]
+    np.testing.assert_array_equal(got["score"], expected["scores"])
+    np.testing.assert_array_equal(got["is_anomaly"], expected["is_anomaly"])
+    np.testing.assert_array_equal(got["p_value"], expected["p_values"])
+    # binary_data_output: every output binary, unless an output says otherwise
+    request = {"inputs": [tensor(ROWS)], "parameters": {"binary_data_output": True}}
+    response = v2.post(infer_path(v2), json=request)
+    header_length = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.content[:header_length])
+    assert all("data" not in o for o in header["outputs"])
+    np.testing.assert_array_equal(decode(response)["score"], score_answer(v2, ROWS)["scores"])
+
+
+def bad(rows=ROWS, **changes) -> dict:
+    request = {"inputs": [tensor(rows)]}
+    for key, change in changes.items():
+        if key.startswith("x_"):
+            request["inputs"][0][key[2:]] = change
+        else:
+            request[key] = change
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_body", "status", "fragment"),
+    [
+        (bad(x_name="input0"), 422, "this model's one input is 'x'"),
+        (bad(x_datatype="INT64"), 422, "send one of ['FP32', 'FP64']"),
+        (bad(x_shape=[len(ROWS), D + 1]), 422, f"send [rows, {D}]"),
+        (bad(x_shape=[len(ROWS) + 1, D]), 422, "data has"),
+        (bad(x_data=[1.0] * (len(ROWS) * D - 1) + ["1"]), 422, "expected a number, got str"),
+        (bad(x_data=[True] * (len(ROWS) * D)), 422, "row 0, column 0 ('f0'): expected a number, got bool"),
+        (bad(x_data=[1e300] * (len(ROWS) * D)), 422, "the limit is 1e+15"),
+        (bad(x_extra=1), 422, "unknown input fields ['extra']"),
+        (bad(inputs=[]), 422, "exactly one tensor"),
+        (bad(outputs=[{"name": "nope"}]), 422, "unknown output str 'nope'"),
+        (bad(outputs=[{"name": "score"}, {"name": "score"}]), 422, "requested twice"),
+        (bad(parameters={"priority": 1}), 422, "unknown parameters ['priority']"),
+        (bad(parameters={"method": "nope"}), 422, "unknown score method"),
+        (bad(parameters={"threshold": "fpr_0.5"}), 422, "unknown threshold"),
+        (bad(parameters={"binary_data_output": "yes"}), 422, "must be true or false"),
+        (bad(id=7), 422, "'id' must be a string"),
+        (bad(model_name="other"), 422, "the path names"),
+        (bad(extra=1), 422, "unknown fields ['extra']"),
+        (bad(np.zeros((501, D))), 413, "501 rows in one request; the limit is 500"),
+    ],
+)
+def test_refusals_are_the_protocols_error_documents(v2, request_body, status, fragment):
+    check_error(v2.post(infer_path(v2), json=request_body), status, fragment)
+
+
+def test_malformed_bodies_and_binary_framing_are_refused(v2):
+    path = infer_path(v2)
+    check_error(
+        v2.post(path, content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"
+    )
+    check_error(v2.post(path, content=b'{"inputs": [], "inputs": []}'), 422, "duplicate key 'inputs'")
+    size = ROWS.nbytes
+    request = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": list(ROWS.shape),
+                "datatype": "FP64",
+                "parameters": {"binary_data_size": size},
+            }
+        ]
+    }
+    body, headers = binary_body(request, ROWS.tobytes())
+    check_error(v2.post(path, content=body + b"\x00", headers=headers), 400, "1 bytes after the binary data")
+    check_error(v2.post(path, content=body[:-8], headers=headers), 400, f"promises {size} bytes")
+    check_error(
+        v2.post(path, content=body, headers={"Inference-Header-Content-Length": "x"}), 400, "byte count"
+    )
+    check_error(
+        v2.post(path, content=body, headers={"Inference-Header-Content-Length": str(len(body) + 1)}),
+        400,
+        "byte count",
+    )
+    request["inputs"][0]["parameters"]["binary_data_size"] = size - 8
+    body, headers = binary_body(request, ROWS.tobytes())
+    check_error(v2.post(path, content=body, headers=headers), 422, f"takes {size} bytes")
+
+
+def test_unknown_models_and_versions_are_404(v2):
+    check_error(v2.post("/v2/models/nope/infer", json=bad()), 404, f"this server serves '{v2.model}'")
+    check_error(v2.get(f"/v2/models/{v2.model}/versions/0000"), 404, f"serves version '{v2.version}'")
+    check_error(v2.get(f"/v2/models/{v2.model}/versions/0000/ready"), 404, "has no version")
+    check_error(v2.get("/v2/models/nope"), 404, "unknown model 'nope'")
+
+
+def test_v2_shares_the_keys_metrics_and_limits_of_score(tiny_bundle):
+    client = ready_client(
+        Settings(model_path=tiny_bundle, api_keys=["k"], max_body_bytes=4096, warmup_rows=4)
+    )
+    try:
+        model = load_bundle(tiny_bundle).name
+        path = f"/v2/models/{model}/infer"
+        check_error(client.post(path, json=bad()), 401, "API key")
+        check_error(client.get(f"/v2/models/{model}"), 401, "API key")
+        assert client.get("/v2/health/ready").status_code == 200  # probes need no key
+        key = {"X-API-Key": "k"}
+        assert client.post(path, json=bad(), headers=key).status_code == 200
+        big = bad(np.zeros((400, D)))
+        check_error(client.post(path, json=big, headers=key), 413, "the limit is 4096")
+        check_error(client.post(path, json=bad(), headers=key | {"content-encoding": "gzip"}), 415, "gzip")
+        samples = scrape(client)
+        assert value(samples, "anomaly_requests_total", endpoint="/v2/infer", code="200") == 1
+        assert value(samples, "anomaly_requests_total", endpoint="/v2/infer", code="413") == 1
+        assert value(samples, "anomaly_requests_total", endpoint="/v2/models", code="401") == 1
+        assert value(
+            samples,
+            "anomaly_rows_scored_total",
+            model=model,
+            version=load_bundle(tiny_bundle).version,
+            method="likelihood",
+        ) == len(ROWS)
+    finally:
+        client.__exit__(None, None, None)
