@@ -24,7 +24,9 @@ class ScoreRequest(BaseModel):
     ) = Field(..., description="rows in the model's feature order, or objects keyed by feature name")
     method: Method | None = Field(None, description="score method; default: the service's")
     threshold: str | float | None = Field(
-        None, description="a threshold's name (e.g. fpr_0.01) or a calibrated false-positive rate"
+        None,
+        description="a false-positive rate, as a number (0.05) or a name (fpr_0.05): any rate from 1/n "
+        "(n calibration scores) up to 1; the threshold is derived from the stored calibration scores",
     )
     components: bool = Field(
         False, description="add log_prior, log_volume, log_residual, reconstruction_error"

@@ -32,9 +32,11 @@ async def score_body(
         # Costlier bodies are parsed off the event loop, which keeps accepting and answering meanwhile.
         parsed = parse(body) if parse_is_cheap(body, kind) else await run_in_threadpool(parse, body)
         method = served.resolve_method(parsed.method)
-        fpr = served.resolve_fpr(parsed.threshold)
+        fpr = served.resolve_fpr(parsed.threshold, method)
         out = await service.scheduler.score(served.scorer, parsed.x, method, fpr, parsed.explain)
     request.state.rows = parsed.x.shape[0]
     flagged = int(out.is_anomaly.sum())
-    service.metrics.observe_scores(served.bundle, method, out.threshold.name, out.score, flagged)
+    # Rates other than the calibrated ones share one label: a client must not mint time series.
+    label = out.threshold.name if out.threshold.fpr in served.bundle.fprs else "other"
+    service.metrics.observe_scores(served.bundle, method, label, out.score, flagged)
     return parsed, out

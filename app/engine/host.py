@@ -7,6 +7,7 @@ a request in flight and every answer names the version that scored it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future
@@ -77,25 +78,37 @@ class Served:
             )
         return method
 
-    def resolve_fpr(self, threshold: str | float | None) -> float:
-        return resolve_fpr(self.bundle, threshold, self.fpr)
+    def resolve_fpr(self, threshold: str | float | None, method: str) -> float:
+        return resolve_fpr(self.bundle, threshold, self.fpr, method)
 
 
-def resolve_fpr(bundle: Bundle, threshold: str | float | None, fallback: float) -> float:
-    """A threshold named (fpr_0.01) or given as one of the calibrated rates -> that rate."""
+def resolve_fpr(bundle: Bundle, threshold: str | float | None, fallback: float, method: str) -> float:
+    """A threshold named (fpr_0.05) or given as a rate -> that rate. Any rate in (0, 1) that the
+    method's n calibration scores can resolve (at least 1/n) is accepted, as at training time: the
+    threshold is derived from the stored scores on the spot (app.bundle.calibration)."""
     if threshold is None:
         return fallback
-    accepted = {threshold_name(f): f for f in bundle.fprs}
-    if isinstance(threshold, str) and threshold in accepted:
-        return accepted[threshold]
-    if not isinstance(threshold, str):
-        for fpr in bundle.fprs:
-            if abs(fpr - threshold) <= 1e-12 * max(1.0, fpr):
-                return fpr
-    raise InvalidInput(
-        f"unknown threshold {threshold!r}; accepted: names {list(accepted)} or rates {bundle.fprs}",
-        {"accepted": list(accepted)},
-    )
+    names = {threshold_name(f): f for f in bundle.fprs}
+    rate: float | None = None
+    if isinstance(threshold, str):
+        if threshold in names:
+            return names[threshold]
+        with contextlib.suppress(ValueError):
+            rate = float(threshold.removeprefix("fpr_"))
+    else:
+        rate = float(threshold)
+    n = bundle.calibration[method].size
+    if rate is None or not 1 / n <= rate < 1:
+        raise InvalidInput(
+            f"threshold {threshold!r}: give a false-positive rate from 1/n = {1 / n:.3g} ({n} calibration "
+            f"scores of {method!r}) up to 1, as a number or a name such as fpr_0.05; calibrated at "
+            f"training: {list(names)}",
+            {"accepted": list(names), "min_rate": 1 / n},
+        )
+    for fpr in bundle.fprs:  # a calibrated rate keeps its name, whatever its float spelling
+        if abs(fpr - rate) <= 1e-12 * max(1.0, fpr):
+            return fpr
+    return rate
 
 
 def _threshold_setting(value: str | None) -> str | float | None:
@@ -128,7 +141,7 @@ class ModelHost:
             raise ValueError(
                 f"the default method {method!r} cannot be scored by the {o.backend} backend here"
             )
-        fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr)
+        fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr, method)
         rows = np.repeat(bundle.scaler.mean[None], o.warmup_rows, axis=0)
         rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
         for m in scorer.methods:

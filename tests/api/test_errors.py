@@ -49,10 +49,15 @@ def check(response, status: int, *fragments: str) -> dict:
         ('{"instances": [[1,1,1,1,1,1]], "method": "nope"}', ["unknown score method 'nope'", "likelihood"]),
         ('{"instances": [[1,1,1,1,1,1]], "method": 3}', ["'method' must be a string"]),
         (
-            '{"instances": [[1,1,1,1,1,1]], "threshold": "fpr_0.5"}',
-            ["unknown threshold 'fpr_0.5'", "fpr_0.1"],
+            '{"instances": [[1,1,1,1,1,1]], "threshold": "fpr_0.00001"}',
+            [
+                "threshold 'fpr_0.00001': give a false-positive rate from 1/n",
+                "calibrated at training",
+                "fpr_0.1",
+            ],
         ),
-        ('{"instances": [[1,1,1,1,1,1]], "threshold": 0.2}', ["unknown threshold 0.2"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": 1.5}', ["threshold 1.5: give a false-positive rate"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": "high"}', ["threshold 'high': give a false-positive"]),
         ('{"instances": [[1,1,1,1,1,1]], "components": "yes"}', ["'components' must be true or false"]),
     ],
 )

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from app.api.settings import Settings
+from app.bundle import calibration
 from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
@@ -133,3 +134,17 @@ def test_small_requests_are_scored_on_the_loop_and_answer_as_in_a_thread(tiny_bu
             client.__exit__(None, None, None)
     assert threaded_calls == {0: [5, 40], 16: [40]}
     assert answers[0] == answers[16]
+
+
+def test_any_rate_the_calibration_resolves_is_a_threshold_on_the_spot(client, tiny_bundle):
+    """Issue 17: thresholds existed only at the rates chosen at training time. Any rate >= 1/n now
+    gives the threshold and flags of app.bundle.calibration's rule on the stored scores."""
+    bundle = load_bundle(tiny_bundle)
+    rows = np.r_[manifold_rows(20, seed=31), off_manifold_rows(20, seed=32)]
+    scores_sorted = bundle.calibration["likelihood"]
+    for threshold, rate in ((0.05, 0.05), ("fpr_0.05", 0.05), (0.25, 0.25), (0.1, 0.1)):
+        body = client.post("/score", json={"instances": rows.tolist(), "threshold": threshold}).json()
+        expected = calibration.threshold(scores_sorted, rate)
+        assert body["threshold"] == {"name": calibration.threshold_name(rate), "fpr": rate, "value": expected}
+        assert body["is_anomaly"] == [s > expected for s in body["scores"]]
+        assert body["is_anomaly"] == [p <= rate for p in body["p_values"]]
