@@ -29,6 +29,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a table and write a bundle")
     p.add_argument("data", type=Path, help="CSV with header, Parquet, .npy, or whitespace-separated .txt")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--force", action="store_true", help="replace a bundle already at --out")
     p.add_argument("--name", help="model name stored in the bundle (default: the data file's stem)")
     _options_from(
         p.add_argument_group("model (one candidate, or the base of every grid candidate)"), Candidate
@@ -50,6 +51,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--missing", choices=["error", "drop"], default="error", help="rows with missing values"
     )
     data.add_argument("--allow-constant", action="store_true", help="accept constant columns")
+    _add_column_options(data)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -74,6 +76,22 @@ def _options_from(group: argparse._ArgumentGroup, cls: type) -> None:
         )
 
 
+def _add_column_options(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--id-column",
+        action="append",
+        default=[],
+        help="a column identifying rows (repeat): never a feature; `score` writes it beside the scores",
+    )
+    group.add_argument(
+        "--ignore-columns", default="", help="comma-separated columns to leave out of the features"
+    )
+
+
+def _columns_left_out(args: argparse.Namespace) -> list[str]:
+    return [*args.id_column, *(c.strip() for c in args.ignore_columns.split(",") if c.strip())]
+
+
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a file's rows with a bundle")
     p.add_argument("bundle", type=Path)
@@ -90,6 +108,16 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="float64: every method in float64 (torch backend), for reference computations",
     )
     p.add_argument("--chunk-rows", type=int, default=65_536, help="rows held in memory at once")
+    p.add_argument(
+        "--missing",
+        choices=["error", "skip", "impute"],
+        default="error",
+        help="rows with missing values: stop (default), leave out (the output's `row` column shows "
+        "which rows are there), or fill with the training means (the `imputed` column counts the cells)",
+    )
+    p.add_argument(
+        "--id-column", action="append", default=[], help="a column identifying rows (repeat), written first"
+    )
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -195,21 +223,46 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
     return spec
 
 
+@contextmanager
+def _needs(extra: str) -> Iterator[None]:
+    """Imports of an optional extra: a missing package is an `error:` naming the install, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise ValueError(
+            f"this command needs the package {e.name!r}: pip install 'anomaly-scores[{extra}]'"
+        ) from e
+
+
 def _train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    with _needs("train"):
+        from tqdm import tqdm
 
-    from app.model.device import resolve_device
-    from app.train.data import read_table
-    from app.train.options import expand_grid
-    from app.train.pipeline import TrainRequest, train_bundle
+        from app.model.device import resolve_device
+        from app.train.data import MissingValue, label_like_columns, read_table
+        from app.train.options import expand_grid
+        from app.train.pipeline import TrainRequest, train_bundle
 
-    table = read_table(
-        args.data,
-        label_column=args.label_column,
-        labels_path=args.labels,
-        missing=args.missing,
-        allow_constant=args.allow_constant,
-    )
+    # Every option is checked before the data is read or anything is written.
+    network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
+    network["geometry"] = args.geometry or PRIOR_GEOMETRY[args.prior]
+    base = Candidate(**network)
+    grid = _grid_spec(args.grid) if args.grid else None
+    fit = FitOptions(**{f.name: getattr(args, f.name) for f in fields(FitOptions)})
+    fit = replace(fit, device=resolve_device(fit.device))
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
+        raise ValueError(f"--out {args.out} exists and is not empty; pass --force to replace it")
+    try:
+        table = read_table(
+            args.data,
+            label_column=args.label_column,
+            labels_path=args.labels,
+            missing=args.missing,
+            allow_constant=args.allow_constant,
+            exclude=_columns_left_out(args),
+        )
+    except MissingValue as e:
+        raise ValueError(f"{e} (--missing drop leaves rows with missing values out)") from e
     if table.dropped_rows:
         shown = ", ".join(str(r + 1) for r in table.dropped_rows[:10])
         more = "" if len(table.dropped_rows) <= 10 else f" and {len(table.dropped_rows) - 10} more"
@@ -217,15 +270,16 @@ def _train(args: argparse.Namespace) -> int:
             f"dropped {len(table.dropped_rows)} rows with missing values (rows {shown}{more})",
             file=sys.stderr,
         )
+    for name in label_like_columns(table):
+        print(
+            f"warning: column {name!r} holds only 0 and 1 and is named like a label; it is trained on as a "
+            f"feature. If it marks anomalies, pass --label-column {name} (or --ignore-columns {name})",
+            file=sys.stderr,
+        )
     d = table.values.shape[1]
-    network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
-    network["geometry"] = args.geometry or PRIOR_GEOMETRY[args.prior]
-    base = Candidate(**network)
-    candidates = expand_grid(_grid_spec(args.grid), d, base) if args.grid else [base]
-    if not args.grid:
+    candidates = expand_grid(grid, d, base) if grid is not None else [base]
+    if grid is None:
         base.architecture(d)  # refuse an impossible single model before any work
-    fit = FitOptions(**{f.name: getattr(args, f.name) for f in fields(FitOptions)})
-    fit = replace(fit, device=resolve_device(fit.device))
     request = TrainRequest(
         candidates=candidates,
         fit=fit,
@@ -304,17 +358,44 @@ def _format_writer(path: Path, suffix: str) -> Iterator[Any]:
 
 def _score(args: argparse.Namespace) -> int:
     from app.engine.factory import create_scorer
-    from app.train.data import iter_chunks
+
+    with _needs("train"):
+        from app.train.data import MissingValue, iter_chunks
 
     bundle = load_bundle(args.bundle)
     scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
-    rows = 0
+    fill = bundle.scaler.mean if args.missing == "impute" else None
+    chunks = iter_chunks(
+        args.data,
+        bundle.features,
+        args.chunk_rows,
+        id_columns=args.id_column,
+        missing=args.missing,
+        fill=fill,
+    )
+    rows = read = imputed = 0
     with _writer(args.out) as write:
-        for chunk in iter_chunks(args.data, bundle.features, args.chunk_rows):
-            output = scorer.score(chunk, args.method, args.fpr)
-            write(output.columns())
-            rows += chunk.shape[0]
-    print(f"scored {rows} rows with {bundle.name} {bundle.version} -> {args.out}", file=sys.stderr)
+        try:
+            for chunk in chunks:
+                output = scorer.score(chunk.values, args.method, args.fpr)
+                columns: dict[str, Any] = dict(chunk.ids)
+                if args.missing == "skip":
+                    columns["row"] = chunk.rows + 1  # 1-based, as the messages count rows
+                columns |= output.columns()
+                if chunk.imputed is not None:
+                    columns["imputed"] = chunk.imputed
+                    imputed += int((chunk.imputed > 0).sum())
+                write(columns)
+                rows += chunk.values.shape[0]
+                read = int(chunk.rows[-1]) + 1 if chunk.rows.size else read
+        except MissingValue as e:
+            raise ValueError(f"{e} (--missing skip leaves such rows out, --missing impute fills them)") from e
+    skipped = f", {read - rows} rows with missing values left out" if args.missing == "skip" else ""
+    filled = f", {imputed} rows with training means filled in" if args.missing == "impute" else ""
+    print(
+        f"scored {rows} rows{skipped}{filled} with {bundle.name} {bundle.version} -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -267,8 +269,61 @@ def save_bundle(
         raise BundleError(f"no calibration scores for the default method {default_method!r}")
     if default_fpr not in fprs:
         raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the destination and moved into place whole: an interrupted or failed save never
+    # leaves a half-written bundle where one is expected (a rename within one directory is atomic).
+    out = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    try:
+        _write_bundle(
+            out,
+            model=model,
+            name=name,
+            features=features,
+            scaler=scaler,
+            fprs=fprs,
+            calibration_scores=calibration_scores,
+            default_method=default_method,
+            default_fpr=default_fpr,
+            training=training,
+            leaderboard_csv=leaderboard_csv,
+            build=build,
+        )
+        load_bundle(out)  # what is moved into place has been read back and verified
+        _move_into_place(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return load_bundle(final)
+
+
+def _move_into_place(staged: Path, final: Path) -> None:
+    """`staged` becomes `final`; a bundle already there is replaced (the caller decided it may be)."""
+    if final.exists():
+        old = final.parent / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        staged.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staged.rename(final)
+
+
+def _write_bundle(
+    out: Path,
+    *,
+    model: ManifoldModel,
+    name: str,
+    features: list[str],
+    scaler: Scaler,
+    calibration_scores: dict[str, NDArray[np.float64]],
+    fprs: tuple[float, ...],
+    default_method: str,
+    default_fpr: float,
+    training: dict[str, Any] | None,
+    leaderboard_csv: str | None,
+    build: dict[str, Any] | None,
+) -> None:
+    arch = model.arch
 
     derived = _derived_prior_tensors(model)
     tensors = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
@@ -320,7 +375,6 @@ def save_bundle(
     }
     manifest["version"] = content_version(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    return load_bundle(out)
 
 
 _REQUIRED = (
@@ -340,6 +394,8 @@ _REQUIRED = (
 
 def _read_manifest(root: Path) -> dict[str, Any]:
     manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such directory" if not root.exists() else f"{root} is not a directory")
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
     try:

@@ -30,6 +30,37 @@ class DataError(ValueError):
     """A user's data file cannot be used; the message names the file and the row and/or column."""
 
 
+class MissingValue(DataError):
+    """A missing value where the caller's policy does not allow one: the caller can name its option."""
+
+
+# Column names that usually hold anomaly labels, not measurements (compared lower-cased).
+LABEL_LIKE_NAMES = frozenset(
+    {
+        "label",
+        "labels",
+        "target",
+        "class",
+        "anomaly",
+        "anomalies",
+        "outlier",
+        "is_anomaly",
+        "y",
+        "ground_truth",
+    }
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Consecutive rows of a file being scored: their values, their ids, and how missing values went."""
+
+    values: np.ndarray  # (m, d) float64, the rows kept
+    rows: np.ndarray  # (m,) 0-based row numbers in the file, so rows skipped for missing values show
+    ids: dict[str, list[Any]]  # id column -> its values for the kept rows, as the file holds them
+    imputed: np.ndarray | None  # (m,) cells filled in per row, with missing="impute"
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields with == has no single truth value
 class Table:
     """A data file as a checked matrix: every value finite, enough rows, no constant column unless allowed."""
@@ -276,26 +307,22 @@ def read_table(
     missing: Literal["error", "drop"] = "error",
     min_rows: int = 2,
     allow_constant: bool = False,
+    exclude: Sequence[str] = (),
 ) -> Table:
     """Read a whole data file into a checked Table.
 
     label_column names a column of 0/1 (or true/false) anomaly labels, which is not a feature; labels_path is
     instead a separate file of them, one per data row (text, one per line, or a one-column CSV with a header).
     missing="drop" removes rows with a missing value rather than failing, and lists them in dropped_rows;
-    an infinite value or a missing label is always an error.
+    an infinite value or a missing label is always an error. exclude names columns that are not
+    features (ids, anything to leave out); they must exist.
     """
     if missing not in ("error", "drop"):
         raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
     if label_column is not None and labels_path is not None:
         raise ValueError("give label_column or labels_path, not both")
     source = _open(Path(path))
-    features = list(range(len(source.names)))
-    if label_column is not None:
-        if label_column not in source.names:
-            raise source.error(f"no label column {label_column!r}; the columns are {_quoted(source.names)}")
-        features.remove(source.names.index(label_column))
-    if not features:
-        raise source.error("has no feature columns besides the label column")
+    features = _feature_columns(source, label_column, exclude)
 
     values, keep, labels = _read_rows(source, features, label_column, missing)
     if labels_path is not None:
@@ -319,6 +346,25 @@ def read_table(
     return Table(values, feature_names, labels, dropped)
 
 
+def _feature_columns(source: _Source, label_column: str | None, exclude: Sequence[str]) -> list[int]:
+    """Every column but the label and the excluded ones, each of which must exist."""
+    features = list(range(len(source.names)))
+    if label_column is not None:
+        if label_column not in source.names:
+            raise source.error(f"no label column {label_column!r}; the columns are {_quoted(source.names)}")
+        features.remove(source.names.index(label_column))
+    for name in exclude:
+        if not source.by_name:
+            raise source.error(f"has no column names, so no column {name!r} can be left out")
+        if name not in source.names:
+            raise source.error(f"no column {name!r} to leave out; the columns are {_quoted(source.names)}")
+        if source.names.index(name) in features:
+            features.remove(source.names.index(name))
+    if not features:
+        raise source.error("has no feature columns besides the label and left-out columns")
+    return features
+
+
 def _read_rows(
     source: _Source, features: list[int], label_column: str | None, missing: Literal["error", "drop"]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -339,26 +385,73 @@ def _read_rows(
     return np.concatenate(blocks), np.concatenate(complete), labels
 
 
-def iter_chunks(path: str | Path, feature_names: list[str], chunk_rows: int = 65536) -> Iterator[np.ndarray]:
-    """Stream a file in chunks of at most chunk_rows rows, each (rows, len(feature_names)) float64, in order.
+def iter_chunks(
+    path: str | Path,
+    feature_names: list[str],
+    chunk_rows: int = 65536,
+    *,
+    id_columns: Sequence[str] = (),
+    missing: Literal["error", "skip", "impute"] = "error",
+    fill: np.ndarray | None = None,
+) -> Iterator[Chunk]:
+    """Stream a file in chunks of at most chunk_rows rows, in order, with their ids.
 
     Memory stays bounded by chunk_rows whatever the file size. CSV and Parquet columns are chosen by name in
     feature_names order (others, such as a label column, are ignored); .npy and text files have no names, so
-    their width must equal len(feature_names). Values are checked as read_table checks them, but a missing
-    value is always an error here, since there is no caller-visible place to report dropped rows.
-    The file and its columns are checked on the call, not on the first chunk.
+    their width must equal len(feature_names) and they have no id columns. Values are checked as read_table
+    checks them. A missing value is an error (MissingValue), a skipped row (missing="skip", its number
+    absent from Chunk.rows) or replaced by `fill`'s value for its column (missing="impute", counted per
+    row in Chunk.imputed). The file and its columns are checked on the call, not on the first chunk.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    if missing not in ("error", "skip", "impute"):
+        raise ValueError(f"missing must be 'error', 'skip' or 'impute', got {missing!r}")
+    if missing == "impute" and (fill is None or fill.shape != (len(feature_names),)):
+        raise ValueError("missing='impute' needs one fill value per feature")
     source = _open(Path(path))
-    columns = source.select(feature_names)
-    return _chunks(source, columns, list(feature_names), chunk_rows)
+    if id_columns and not source.by_name:
+        raise source.error("has no column names, so it has no id column")
+    columns = source.select([*feature_names, *id_columns])
+    return _chunks(source, columns, list(feature_names), chunk_rows, missing, fill)
 
 
-def _chunks(source: _Source, columns: list[int], names: list[str], chunk_rows: int) -> Iterator[np.ndarray]:
+def _chunks(
+    source: _Source,
+    columns: list[int],
+    names: list[str],
+    chunk_rows: int,
+    missing: Literal["error", "skip", "impute"],
+    fill: np.ndarray | None,
+) -> Iterator[Chunk]:
+    d = len(names)
+    id_names = [source.names[j] for j in columns[d:]]
     for batch in source.batches(columns, chunk_rows):
-        values, _ = _matrix(source, batch, batch.columns, names, missing="error")
-        yield values
+        values, incomplete = _matrix(
+            source, batch, batch.columns[:d], names, "error" if missing == "error" else "drop"
+        )
+        rows = np.arange(batch.start, batch.start + batch.n_rows)
+        keep = ~incomplete if missing == "skip" else np.ones(batch.n_rows, dtype=bool)
+        imputed = None
+        if missing == "impute":
+            absent = np.isnan(values)
+            imputed = absent.sum(axis=1)
+            values = np.where(absent, fill, values)  # type: ignore[arg-type]
+        ids = {name: _as_list(column)[keep] for name, column in zip(id_names, batch.columns[d:], strict=True)}
+        yield Chunk(values[keep], rows[keep], {k: v.tolist() for k, v in ids.items()}, imputed)
+
+
+def _as_list(column: _Column) -> np.ndarray:
+    return column if isinstance(column, np.ndarray) else np.asarray(column.to_pylist(), dtype=object)
+
+
+def label_like_columns(table: Table) -> list[str]:
+    """Feature columns whose name and 0/1 values suggest anomaly labels trained on by mistake."""
+    found = []
+    for j, name in enumerate(table.feature_names):
+        if name.strip().lower() in LABEL_LIKE_NAMES and np.isin(table.values[:, j], (0.0, 1.0)).all():
+            found.append(name)
+    return found
 
 
 def _open(path: Path, *, labels: bool = False) -> _Source:
@@ -413,8 +506,10 @@ def _matrix(
     fatal = np.isinf(values) if missing == "drop" else nonfinite
     if fatal.any():
         i, j = np.argwhere(fatal)[0]  # row-major, so the first bad cell in file order is reported
-        what = "an infinite value" if np.isinf(values[i, j]) else "a missing value"
-        raise source.error(f"{source.where(batch, i)}, column {names[j]!r} holds {what}")
+        message = f"{source.where(batch, i)}, column {names[j]!r} holds"
+        if np.isinf(values[i, j]):
+            raise source.error(f"{message} an infinite value")
+        raise MissingValue(f"{source.path}: {message} a missing value")
     return values, nonfinite.any(axis=1)
 
 

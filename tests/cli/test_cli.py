@@ -133,7 +133,7 @@ def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
     assert (
         main(["score", str(tmp_path / "nope"), str(root / "new.csv"), "--out", str(tmp_path / "o.csv")]) == 2
     )
-    assert "bundle.json is missing" in capsys.readouterr().err
+    assert "nope: no such directory" in capsys.readouterr().err
     assert (
         main(["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(tmp_path / "o.json")]) == 2
     )
@@ -201,3 +201,107 @@ def test_serve_refuses_a_bundle_with_a_swapped_graph_before_binding(tiny_bundle,
     assert main(["serve", "--model", str(tampered), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "likelihood" in err and "scoring-likelihood.onnx" in err
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory):
+    """A table as a new user brings it: an id column, a label, a missing value (issue 17)."""
+    root = tmp_path_factory.mktemp("wine")
+    rows = manifold_rows(300, seed=41)
+    table = pd.DataFrame(rows, columns=FEATURES)
+    table.insert(0, "sample_id", [f"W{i:04d}" for i in range(len(table))])
+    table["label"] = 0
+    table.loc[::30, "label"] = 1
+    table.loc[5, FEATURES[2]] = np.nan
+    table.to_csv(root / "wine.csv", index=False)
+    return root, table
+
+
+def train_args(root, out, *extra):  # type: ignore[no-untyped-def]
+    return [
+        "train",
+        str(root / "wine.csv"),
+        "--out",
+        str(out),
+        "--steps",
+        "60",
+        "--latent",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsys):
+    root, table = wine
+    out = tmp_path / "bundle"
+    assert main(train_args(root, out)) == 2
+    assert "column 'sample_id' is not numeric" in capsys.readouterr().err
+    assert main(train_args(root, out, "--id-column", "sample_id")) == 2
+    err = capsys.readouterr().err
+    assert "row 6" in err and "holds a missing value (--missing drop leaves" in err
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))  # nothing half-written
+    assert main(train_args(root, out, "--id-column", "sample_id", "--missing", "drop")) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 rows with missing values (rows 6)" in err
+    assert "warning: column 'label' holds only 0 and 1 and is named like a label" in err
+    assert load_bundle(out).features == [*FEATURES, "label"]
+    # An existing bundle is replaced only when asked.
+    args = train_args(root, out, "--id-column", "sample_id", "--missing", "drop", "--label-column", "label")
+    assert main(args) == 2
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    bundle = load_bundle(out)
+    assert bundle.features == FEATURES and not list(tmp_path.glob(".bundle*"))
+
+    scored = tmp_path / "scores.csv"
+    base = ["score", str(out), str(root / "wine.csv"), "--out", str(scored), "--id-column", "sample_id"]
+    assert main(base) == 2
+    assert "(--missing skip leaves such rows out, --missing impute fills them)" in capsys.readouterr().err
+    assert not scored.exists()
+
+    assert main([*base, "--missing", "skip"]) == 0
+    assert "scored 299 rows, 1 rows with missing values left out" in capsys.readouterr().err
+    skipped = pd.read_csv(scored)
+    assert list(skipped.columns[:2]) == ["sample_id", "row"] and 6 not in skipped["row"].tolist()
+    assert skipped["sample_id"].tolist() == [f"W{r - 1:04d}" for r in skipped["row"]]
+
+    assert main([*base, "--missing", "impute"]) == 0
+    assert "300 rows, 1 rows with training means filled in" in capsys.readouterr().err
+    imputed = pd.read_csv(scored)
+    assert imputed["sample_id"].tolist() == table["sample_id"].tolist()
+    assert imputed["imputed"].tolist() == [1 if i == 5 else 0 for i in range(len(table))]
+    filled = table[FEATURES].to_numpy(copy=True)
+    filled[5, 2] = bundle.scaler.mean[2]
+    expected = OnnxScorer(bundle).score(filled).score
+    np.testing.assert_allclose(imputed["score"], expected, rtol=1e-8)  # CSV keeps 9 significant digits
+    # Skipping moves rows within their batch: float32 arithmetic per row may round differently there.
+    rtol = float32_rtol(bundle.architecture)
+    np.testing.assert_allclose(skipped["score"], np.delete(expected, 5), rtol=rtol)
+
+
+def test_options_are_checked_before_the_data_is_read(tmp_path, capsys):
+    missing_file = tmp_path / "absent.csv"
+    for option, message in (("--steps", "steps, batch_size"), ("--batch-size", "steps, batch_size")):
+        assert main(["train", str(missing_file), "--out", str(tmp_path / "b"), option, "0", "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_command_whose_extra_is_missing_says_what_to_install(trained, tmp_path):
+    """In a venv with only [serve], `score` met a ModuleNotFoundError for pyarrow."""
+    import subprocess
+    import sys
+
+    root, _ = trained
+    program = (
+        "import sys; sys.modules['pyarrow'] = None\n"
+        "from app.cli import main\n"
+        f"sys.exit(main(['score', {str(root / 'bundle')!r}, {str(root / 'new.csv')!r}, '--out', "
+        f"{str(tmp_path / 'o.csv')!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert (
+        "error: this command needs the package 'pyarrow': pip install 'anomaly-scores[train]'"
+        in result.stderr
+    )

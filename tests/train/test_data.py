@@ -478,7 +478,7 @@ def test_chunks_concatenate_to_the_whole_table(tmp_path, name):
     path = _write(tmp_path / name, _values(50))
     table = read_table(path)
 
-    chunks = list(iter_chunks(path, table.feature_names, chunk_rows=7))
+    chunks = [chunk.values for chunk in iter_chunks(path, table.feature_names, chunk_rows=7)]
 
     assert [len(chunk) for chunk in chunks] == [7] * 7 + [1]
     assert all(chunk.dtype == np.float64 and chunk.flags.c_contiguous for chunk in chunks)
@@ -490,7 +490,7 @@ def test_chunks_select_columns_by_name_in_the_requested_order(tmp_path, name):
     values = _values(20)
     path = _write(tmp_path / name, values, ["a", "label", "b", "c"])
 
-    chunks = list(iter_chunks(path, ["c", "a"], chunk_rows=6))
+    chunks = [chunk.values for chunk in iter_chunks(path, ["c", "a"], chunk_rows=6)]
 
     np.testing.assert_array_equal(np.concatenate(chunks), values[:, [3, 0]])
 
@@ -544,3 +544,44 @@ def test_chunks_check_the_file_on_the_call_not_on_first_use(tmp_path):
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.parquet"])
+def test_chunks_carry_ids_and_skip_or_impute_missing_values_row_by_row(tmp_path, name):
+    """Issue 17: one empty cell stopped a whole file, and results matched inputs only by position."""
+    values = _values(20)
+    values[[3, 11], [1, 2]] = np.nan
+    frame = pd.DataFrame(values, columns=["a", "b", "c", "d"])
+    frame.insert(0, "id", [f"W{i:03d}" for i in range(20)])
+    path = tmp_path / name
+    frame.to_csv(path, index=False) if name.endswith("csv") else frame.to_parquet(path, index=False)
+    features = ["a", "b", "c", "d"]
+
+    _error(lambda: list(iter_chunks(path, features, id_columns=["id"])), "row 4", "column 'b'", "missing")
+    skipped = list(iter_chunks(path, features, 6, id_columns=["id"], missing="skip"))
+    rows = np.concatenate([c.rows for c in skipped])
+    np.testing.assert_array_equal(rows, [i for i in range(20) if i not in (3, 11)])
+    assert [i for c in skipped for i in c.ids["id"]] == [f"W{i:03d}" for i in rows]
+    np.testing.assert_array_equal(np.concatenate([c.values for c in skipped]), values[rows])
+
+    fill = np.array([10.0, 20.0, 30.0, 40.0])
+    imputed = list(iter_chunks(path, features, 6, id_columns=["id"], missing="impute", fill=fill))
+    got = np.concatenate([c.values for c in imputed])
+    expected = values.copy()
+    expected[3, 1], expected[11, 2] = 20.0, 30.0
+    np.testing.assert_array_equal(got, expected)
+    counts = np.concatenate([c.imputed for c in imputed])
+    np.testing.assert_array_equal(np.flatnonzero(counts), [3, 11])
+    assert [i for c in imputed for i in c.ids["id"]] == frame["id"].tolist()
+
+
+def test_excluded_columns_are_left_out_of_the_features_and_must_exist(tmp_path):
+    frame = pd.DataFrame(_values(10), columns=["a", "b", "c", "d"])
+    frame.insert(0, "sample_id", [f"S{i}" for i in range(10)])
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+
+    table = read_table(path, exclude=["sample_id", "d"])
+    assert table.feature_names == ["a", "b", "c"]
+    _error(lambda: read_table(path, exclude=["nope"]), "no column 'nope' to leave out")
+    _error(lambda: read_table(_write(tmp_path / "e.npy", _values(5)), exclude=["x0"]), "has no column names")
