@@ -7,7 +7,16 @@ from collections.abc import Iterator
 
 import numpy as np
 from numpy.typing import NDArray
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -64,6 +73,12 @@ class Metrics:
         disable_created_metrics()  # *_created series only double the exposition; dashboards never use them
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process itself (process_*: resident memory, CPU seconds, open and maximum file descriptors,
+        # start time; read from /proc, so Linux only) and the interpreter (python_info, python_gc_*),
+        # as the default registry would have them: this registry is the only one /metrics serves.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
             "anomaly_requests_total",
             "Requests by endpoint and status code (health and metrics excluded)",
@@ -84,7 +99,10 @@ class Metrics:
             "anomaly_batch_rows", "Rows per scoring request", buckets=BATCH_BUCKETS, registry=r
         )
         self.flagged = Counter(
-            "anomaly_flagged_total", "Rows flagged, by threshold", ["threshold"], registry=r
+            "anomaly_flagged_total",
+            "Rows flagged, by threshold and method",
+            ["threshold", "method"],
+            registry=r,
         )
         self.threshold = Gauge(
             "anomaly_threshold", "Threshold values of the default method", ["threshold"], registry=r
@@ -119,6 +137,10 @@ class Metrics:
             "anomaly_timeouts_total", "Scoring requests that exceeded the time limit", registry=r
         )
         self.reloads = Counter("anomaly_reloads_total", "Model reloads by result", ["result"], registry=r)
+        for result in ("success", "failure"):
+            # Both series exist at 0 from the start: increase() cannot see a counter's first sample as
+            # an increase, so a failure series born at 1 would never fire the ReloadFailed alert.
+            self.reloads.labels(result)
         self.score: ScoreHistogram | None = None
         self.default_method = ""
         self.lock = threading.Lock()
@@ -166,6 +188,6 @@ class Metrics:
     ) -> None:
         self.rows.labels(bundle.name, bundle.version, method).inc(scores.size)
         self.batch_rows.observe(scores.size)
-        self.flagged.labels(threshold).inc(flagged)
+        self.flagged.labels(threshold, method).inc(flagged)
         if method == self.default_method and self.score is not None:
             self.score.observe(scores)

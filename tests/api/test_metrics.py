@@ -1,6 +1,10 @@
 """/metrics moves by exactly what was sent, and probes are not counted as scoring traffic."""
 
 import json
+import os
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +67,7 @@ def test_counters_move_by_exactly_the_rows_and_requests_sent(fresh):
         assert all(dict(labels).get("endpoint") != probe for _, labels in after)
     assert delta("anomaly_batch_rows_count") == 4 and delta("anomaly_batch_rows_sum") == rows + 6
     threshold = bundle.threshold(default, bundle.default_fpr)
-    assert delta("anomaly_flagged_total", threshold=threshold.name) == flagged
+    assert delta("anomaly_flagged_total", threshold=threshold.name, method=default) == flagged
     # the score histogram sees the default method's rows only, bucketed at calibration quantiles
     assert delta("anomaly_score_count") == rows
     assert delta("anomaly_score_sum") == pytest.approx(sum(scores), rel=1e-9)
@@ -89,3 +93,86 @@ def test_gauges_describe_the_model_and_its_thresholds(fresh):
         assert value(samples, "anomaly_threshold_fpr", threshold=t.name) == fpr
     assert client.get("/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
     assert json.loads(client.get("/readyz").text)["model"]["version"] == bundle.version
+
+
+def test_flagged_rows_are_counted_per_method_and_threshold(fresh):
+    client, bundle = fresh
+    default, other_method = bundle.default_method, "reconstruction"
+    calibrated = bundle.threshold(default, max(bundle.fprs)).name  # the widest: it flags rows here
+    assert 0.3 not in bundle.fprs and 0.25 not in bundle.fprs  # uncalibrated: threshold="other"
+    rows = np.r_[manifold_rows(20, seed=5), off_manifold_rows(20, seed=6)].tolist()
+    requests = [
+        {"threshold": calibrated},
+        {"threshold": calibrated, "method": other_method},
+        {"threshold": 0.3, "method": other_method},
+        {"threshold": 0.3},
+        {"threshold": 0.25},  # another uncalibrated rate: the same series
+        {"method": other_method},  # the default rate: a series at 0 or more
+    ]
+    before = scrape(client)
+    expected: dict[tuple[str, str], int] = {}
+    for options in requests:
+        body = client.post("/score", json={"instances": rows, **options}).json()
+        method = options.get("method", default)
+        fpr = max(bundle.fprs) if "threshold" in options else bundle.default_fpr
+        label = "other" if isinstance(options.get("threshold"), float) else bundle.threshold(method, fpr).name
+        expected[label, method] = expected.get((label, method), 0) + sum(body["is_anomaly"])
+    after = scrape(client)
+    # every series the assertion below tells apart has rows in it
+    for key in (
+        (calibrated, default),
+        (calibrated, other_method),
+        ("other", default),
+        ("other", other_method),
+    ):
+        assert expected[key] > 0, key
+    flagged = {
+        (dict(labels)["threshold"], dict(labels)["method"]): v - before.get((name, labels), 0.0)
+        for (name, labels), v in after.items()
+        if name == "anomaly_flagged_total"
+    }
+    assert {k: v for k, v in flagged.items() if v} == {k: v for k, v in expected.items() if v}
+    assert all(
+        set(dict(labels)) == {"threshold", "method"} for n, labels in after if n == "anomaly_flagged_total"
+    )
+
+
+def test_reload_results_are_exported_at_zero_before_any_reload(fresh):
+    """increase() never counts a counter's first sample, so a failure series born at 1 would keep the
+    ReloadFailed alert silent: both series exist from start-up."""
+    client, _ = fresh
+    samples = scrape(client)
+    for result in ("success", "failure"):
+        assert (("anomaly_reloads_total", (("result", result),))) in samples
+        assert value(samples, "anomaly_reloads_total", result=result) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process metrics are read from /proc")
+def test_process_and_interpreter_metrics_come_with_the_apps_own(fresh):
+    client, _ = fresh
+    samples = scrape(client)
+    rss = value(samples, "process_resident_memory_bytes")
+    assert 10 * 2**20 < rss <= value(samples, "process_virtual_memory_bytes")  # numpy and a model loaded
+    open_fds, max_fds = value(samples, "process_open_fds"), value(samples, "process_max_fds")
+    assert 3 <= open_fds <= max_fds  # stdin, stdout, stderr at least
+    assert open_fds == pytest.approx(len(os.listdir("/proc/self/fd")), abs=20)  # TestClient: this process
+    cpu = value(samples, "process_cpu_seconds_total")
+    assert 0 < cpu <= time.process_time() + 1
+    start = value(samples, "process_start_time_seconds")
+    assert time.time() - 86400 < start <= time.time()
+    client.post("/score", json={"instances": manifold_rows(2000, seed=9).tolist()})
+    assert value(scrape(client), "process_cpu_seconds_total") >= cpu
+    version = sys.version_info
+    assert (
+        value(
+            samples,
+            "python_info",
+            implementation=sys.implementation.name.replace("cpython", "CPython"),
+            major=str(version.major),
+            minor=str(version.minor),
+            patchlevel=str(version.micro),
+            version=f"{version.major}.{version.minor}.{version.micro}",
+        )
+        == 1
+    )
+    assert ("python_gc_collections_total", (("generation", "0"),)) in samples

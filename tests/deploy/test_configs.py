@@ -29,14 +29,19 @@ PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (Debian package prometheus; scripts/system-deps.sh)"
 )
+# Alert -> its `for` (None: fires at the first evaluation that finds it true).
 REQUIRED_ALERTS = {
     "ReplicaDown": "1m",
+    "NoReplicaUp": "1m",
     "HighErrorRate": "5m",
     "HighLatencyP99": "5m",
     "FlaggedRateFarAboveCalibrated": "15m",
+    "ModelVersionSkew": "30m",
+    "ReloadFailed": None,
 }
-# A metric name in PromQL: the service's own, or `up` (Prometheus' per-target series).
-METRIC = re.compile(r"\b(anomaly_[a-z_]+|up)\b")
+# A metric name in PromQL: the service's own, the process and interpreter collectors' (process_*,
+# python_*), or `up` (Prometheus' per-target series).
+METRIC = re.compile(r"\b(anomaly_[a-z_]+|process_[a-z_]+|python_[a-z_]+|up)\b")
 
 
 def load_yaml(path: Path) -> Any:
@@ -96,7 +101,7 @@ def test_the_required_alerts_exist_with_their_durations_and_annotations(exported
     rules = alert_rules()
     for name, duration in REQUIRED_ALERTS.items():
         assert name in rules, f"alert {name} missing"
-        assert rules[name]["for"] == duration, name
+        assert rules[name].get("for") == duration, name
     for name, rule in rules.items():
         assert {"summary", "description"} <= rule["annotations"].keys(), name
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
@@ -104,7 +109,28 @@ def test_the_required_alerts_exist_with_their_durations_and_annotations(exported
         assert used, f"{name} uses no metric"
         assert_exported(used, exported, f"alert {name}")
     assert "anomaly_threshold_fpr" in rules["FlaggedRateFarAboveCalibrated"]["expr"]
+    assert "by (job, method, threshold)" in rules["FlaggedRateFarAboveCalibrated"]["expr"]
     assert 'endpoint="/score"' in rules["HighLatencyP99"]["expr"]
+    assert re.fullmatch(
+        r'increase\(anomaly_reloads_total\{result="failure"\}\[\d+m\]\) > 0', rules["ReloadFailed"]["expr"]
+    )
+    assert "anomaly_reloads_total" in exported  # its series exist before any reload: see metrics.py
+
+
+def test_the_target_alerts_watch_the_scorers_scrape_job():
+    """ReplicaDown sees a target that is down, NoReplicaUp no target up at all (down or gone): both on
+    the job that scrapes the scorers, which absent() cannot label by itself."""
+    config = load_yaml(PROMETHEUS / "prometheus.yml")
+    (job,) = [
+        j["job_name"]
+        for j in config["scrape_configs"]
+        if all(t.startswith("scorer") for group in j["static_configs"] for t in group["targets"])
+    ]
+    rules = alert_rules()
+    assert rules["ReplicaDown"]["expr"] == f'up{{job="{job}"}} == 0'
+    assert re.fullmatch(rf'absent\(up\{{job="{job}"\}} == 1\)', rules["NoReplicaUp"]["expr"])
+    assert rules["NoReplicaUp"]["labels"]["job"] == job
+    assert rules["NoReplicaUp"]["labels"]["severity"] == "critical"
 
 
 def test_the_alert_unit_tests_show_every_alert_firing_and_silent():
@@ -123,17 +149,42 @@ def test_promtool_runs_the_alert_unit_tests():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def broken_rules(tmp_path: Path, alert: str, **changes: str) -> None:
+    """alerts.yml in tmp_path, with `changes` made to one alert's rule."""
+    spec = load_yaml(PROMETHEUS / "alerts.yml")
+    (rule,) = [rule for group in spec["groups"] for rule in group["rules"] if rule.get("alert") == alert]
+    rule.update(changes)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
 @needs_promtool
-@pytest.mark.parametrize("alert", sorted(REQUIRED_ALERTS))
+@pytest.mark.parametrize("alert", sorted(alert_rules()))
 def test_the_alert_unit_tests_fail_when_an_alert_cannot_fire(alert, tmp_path):
     """The unit tests have teeth: an alert whose `for` never elapses fails them."""
-    spec = load_yaml(PROMETHEUS / "alerts.yml")
-    for group in spec["groups"]:
-        for rule in group["rules"]:
-            if rule.get("alert") == alert:
-                rule["for"] = "1000h"
-    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    broken_rules(tmp_path, alert, **{"for": "1000h"})
     shutil.copy(PROMETHEUS / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    result = promtool("test", "rules", tmp_path / "alerts_test.yml")
+    assert result.returncode != 0
+    assert f"alertname: {alert}" in result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("alert", sorted(alert_rules()))
+def test_the_silent_alert_unit_tests_fail_when_an_alert_always_fires(alert, tmp_path):
+    """The silent cases have teeth too: kept alone (they pass with the real rule), they fail when the
+    rule fires whatever the series."""
+    tests = load_yaml(PROMETHEUS / "alerts_test.yml")
+    groups = []
+    for group in tests["tests"]:
+        cases = [c for c in group["alert_rule_test"] if c["alertname"] == alert and not c.get("exp_alerts")]
+        if cases:
+            groups.append({**group, "alert_rule_test": cases})
+    assert groups, f"{alert} is never shown silent"
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump({**tests, "tests": groups}, sort_keys=False))
+    shutil.copy(PROMETHEUS / "alerts.yml", tmp_path / "alerts.yml")
+    result = promtool("test", "rules", tmp_path / "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken_rules(tmp_path, alert, expr="vector(1)", **{"for": "0m"})
     result = promtool("test", "rules", tmp_path / "alerts_test.yml")
     assert result.returncode != 0
     assert f"alertname: {alert}" in result.stdout + result.stderr
@@ -153,19 +204,41 @@ def test_prometheus_scrapes_each_scorer_not_the_load_balancer():
 # ---------------------------------------------------------------- Grafana
 
 
+def datasource_refs(node: Any) -> list[Any]:
+    """Every `datasource` a dashboard names, at any depth (panels, targets, variables)."""
+    if isinstance(node, dict):
+        own = [node["datasource"]] if "datasource" in node else []
+        return own + [ref for value in node.values() for ref in datasource_refs(value)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in datasource_refs(item)]
+    return []
+
+
+def test_the_dashboard_takes_its_datasource_from_a_variable_not_a_uid():
+    dashboard = json.loads((GRAFANA / "dashboards/anomaly-scores.json").read_text())
+    variables = dashboard["templating"]["list"]
+    (variable,) = [v for v in variables if v["type"] == "datasource"]
+    assert variable["name"] == "datasource" and variable["query"] == "prometheus"
+    assert not variable.get("current"), "a chosen datasource would pin a uid of one Grafana"
+    assert variables[0] is variable, "the variables below query through it"
+    refs = datasource_refs(dashboard)
+    assert len(refs) > len(dashboard["panels"])  # panels, their targets and the query variable
+    pinned = [ref for ref in refs if ref != {"type": "prometheus", "uid": "${datasource}"}]
+    assert not pinned, pinned
+    # The compose stack's Grafana has this one Prometheus datasource: the variable's first choice.
+    datasources = load_yaml(GRAFANA / "provisioning/datasources/prometheus.yml")["datasources"]
+    assert [d["type"] for d in datasources] == ["prometheus"]
+
+
 def test_the_dashboard_queries_only_exported_metrics_and_has_every_panel(exported):
     dashboard = json.loads((GRAFANA / "dashboards/anomaly-scores.json").read_text())
-    datasource = load_yaml(GRAFANA / "provisioning/datasources/prometheus.yml")["datasources"][0]
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     exprs = []
     for panel in panels:
-        assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
         assert panel["targets"], panel["title"]
-        for target in panel["targets"]:
-            assert target["datasource"]["uid"] == datasource["uid"]
-            exprs.append(target["expr"])
+        exprs += [target["expr"] for target in panel["targets"]]
     exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     used = {name for expr in exprs for name in METRIC.findall(expr)}
     assert_exported(used, exported, "the dashboard")
@@ -179,7 +252,18 @@ def test_the_dashboard_queries_only_exported_metrics_and_has_every_panel(exporte
         "anomaly_flagged_total",  # flagged rate against the false-positive rate
         "anomaly_threshold_fpr",
         "anomaly_model_info",  # model version per replica
+        "anomaly_reloads_total",  # reloads by result
+        "process_resident_memory_bytes",  # each replica's memory, CPU and file descriptors
+        "process_cpu_seconds_total",
+        "process_open_fds",
     }
+    for expr in exprs:
+        if "process_" in expr:  # Prometheus exports process_* of its own, under its own job
+            assert 'job="anomaly-scores"' in expr, expr
+    # Flagged per row scored: numerator and denominator matched per method.
+    (flagged,) = [e for e in exprs if "anomaly_flagged_total" in e]
+    assert "sum by (method, threshold) (rate(anomaly_flagged_total" in flagged
+    assert "/ on (method) group_left sum by (method) (rate(anomaly_rows_scored_total" in flagged
     joined = "\n".join(exprs)
     for q in ("0.5", "0.9", "0.99"):
         assert re.search(
