@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import v2
+from app.api.docs import TAGS, install_openapi, mount_docs
 from app.api.errors import register_error_handlers
 from app.api.logs import RequestLogMiddleware, configure_logging
 from app.api.routes import router
@@ -62,10 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Anomaly scores for tabular data: the exact manifold likelihood (Smidl, Bim, Pevny 2019).",
         lifespan=lifespan,
+        openapi_tags=TAGS,
+        # FastAPI's own pages load their assets from a CDN: mount_docs serves them from the package.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(RequestLogMiddleware, metrics=service.metrics)
     register_error_handlers(app)
     app.include_router(router)
     app.include_router(v2.router)
+    mount_docs(app)
+    install_openapi(app, service)
     return app

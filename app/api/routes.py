@@ -28,6 +28,45 @@ CONTENT_TYPES = ["application/json", "application/x-npy"]
 ADMIN_BODY_BYTES = 64 * 1024
 # The classic text format, which every Prometheus release (Debian's included) scrapes.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# The options of a .npy body, documented as query parameters. Documentation only: FastAPI does not
+# parse them (app.api.parsing does, and refuses them on a JSON request, whose options are in its body).
+# No `default` or `example`: Swagger UI would fill them in and send them with a JSON "Try it out".
+NPY_ONLY = (
+    "Only with an `application/x-npy` body: a JSON request takes its options in the body and is "
+    "refused (422) when it sends query parameters. "
+)
+NPY_QUERY_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "method",
+        "in": "query",
+        "required": False,
+        "description": NPY_ONLY + "Score method; default: the service's.",
+        "schema": {"type": "string", "enum": list(METHODS)},
+    },
+    {
+        "name": "threshold",
+        "in": "query",
+        "required": False,
+        "description": NPY_ONLY + "A false-positive rate (0.05) or a threshold's name (fpr_0.05); "
+        "default: the service's.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "components",
+        "in": "query",
+        "required": False,
+        "description": NPY_ONLY + "Add log_prior, log_volume, log_residual, reconstruction_error "
+        "(default false).",
+        "schema": {"type": "boolean"},
+    },
+    {
+        "name": "explain",
+        "in": "query",
+        "required": False,
+        "description": NPY_ONLY + "Add each feature's share of the squared residual (default false).",
+        "schema": {"type": "boolean"},
+    },
+]
 
 
 def service_of(request: Request) -> Service:
@@ -62,7 +101,12 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
 
 @router.post(
     "/score",
+    tags=["scoring"],
     summary="Score rows",
+    description="Anomaly scores, conformal p-values and flags for a batch of rows: a JSON document "
+    "(rows as lists in the model's feature order, or objects keyed by feature name; options in the "
+    "body) or a NumPy `.npy` float32/float64 matrix (options as query parameters). Errors name the "
+    "row and column at fault. The examples are built from the served model's features.",
     response_model=None,
     responses={
         200: {
@@ -72,6 +116,7 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
         **{code: {"model": schemas.ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)},
     },
     openapi_extra={
+        "parameters": NPY_QUERY_PARAMETERS,
         "requestBody": {
             "required": True,
             "content": {
@@ -85,7 +130,7 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
                     "options as query parameters method, threshold, components, explain",
                 },
             },
-        }
+        },
     },
 )
 async def score(request: Request) -> Response:
@@ -114,7 +159,12 @@ async def score(request: Request) -> Response:
 
 @router.post(
     "/admin/reload",
+    tags=["admin"],
     summary="Load a new bundle beside the served one, warm it up, swap atomically",
+    description="Needs the admin key (X-Admin-Key; the route is disabled, 403, without ANOMALY_ADMIN_KEY). "
+    "Without a body, reloads the current path (a new bundle rolled into the same directory); with "
+    '`{"path": ...}`, loads a bundle directory inside the model root. The old model serves until the '
+    "new one is loaded and warmed up; on any failure it keeps serving. One reload at a time (409).",
     responses={
         code: {"model": schemas.ErrorResponse} for code in (400, 401, 403, 408, 409, 413, 415, 422, 503)
     },
@@ -150,7 +200,12 @@ async def reload(request: Request) -> Response:
 
 
 @router.get(
-    "/model", summary="Model metadata", responses={c: {"model": schemas.ErrorResponse} for c in (401, 503)}
+    "/model",
+    tags=["model"],
+    summary="Model metadata",
+    description="The served bundle: name, version, feature order, score methods, default method and "
+    "threshold, stored thresholds, calibration summary, architecture, noise and training summary.",
+    responses={c: {"model": schemas.ErrorResponse} for c in (401, 503)},
 )
 async def model(request: Request) -> Response:
     service = service_of(request)
@@ -175,13 +230,23 @@ async def model(request: Request) -> Response:
     )
 
 
-@router.get("/healthz", summary="Process alive")
+@router.get(
+    "/healthz",
+    tags=["operations"],
+    summary="Process alive",
+    description="Liveness: 200 as soon as the process answers, before the model is loaded.",
+)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
 @router.get(
-    "/readyz", summary="Model loaded and warmed up", responses={503: {"model": schemas.ErrorResponse}}
+    "/readyz",
+    tags=["operations"],
+    summary="Model loaded and warmed up",
+    description="Readiness: 200 once the model is loaded and warmed up; 503 while it loads, when it "
+    "failed to load, and while the process drains on SIGTERM.",
+    responses={503: {"model": schemas.ErrorResponse}},
 )
 async def readyz(request: Request) -> Response:
     service = service_of(request)
@@ -193,6 +258,13 @@ async def readyz(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics",
+    description="Requests, latencies, queue, scores and model state in Prometheus' text format "
+    "(docs/metrics.md).",
+    response_class=PlainTextResponse,
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(service_of(request).metrics.registry), media_type=PROMETHEUS_TEXT)

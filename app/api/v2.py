@@ -52,14 +52,24 @@ def _served(service: Service, name: str, version: str | None) -> Served:
     return served
 
 
-@router.get("", summary="Server metadata", responses={200: {"model": schemas.V2ServerMetadata}, **ERRORS})
+@router.get(
+    "",
+    summary="Server metadata",
+    description="The server's name, version and protocol extensions.",
+    responses={200: {"model": schemas.V2ServerMetadata}, **ERRORS},
+)
 async def server_metadata(request: Request) -> Response:
     authorize(request, _service(request).settings)
     version = metadata.version("anomaly-scores")
     return json_response({"name": "anomaly-scores", "version": version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live", summary="Server live", responses={200: {"model": schemas.V2Live}})
+@router.get(
+    "/health/live",
+    summary="Server live",
+    description="Liveness: true as soon as the process answers.",
+    responses={200: {"model": schemas.V2Live}},
+)
 async def live() -> Response:
     return json_response({"live": True})
 
@@ -67,6 +77,8 @@ async def live() -> Response:
 @router.get(
     "/health/ready",
     summary="Server ready",
+    description="Readiness: true (200) once the model is loaded and warmed up, false (503) before and "
+    "while draining.",
     responses={200: {"model": schemas.V2Ready}, 503: {"model": schemas.V2Ready}},
 )
 async def ready(request: Request) -> Response:
@@ -119,6 +131,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return Response(body, media_type=media, headers=headers)
 
 
+METADATA_DOC = "The served model's input tensor 'x' ([rows, features]) and outputs; 404 for another model."
+READY_DOC = "Whether the named model is served and ready; 404 for another model."
 INFER_DOC = {
     "summary": "Infer: score the rows of input 'x'",
     "description": f"Input 'x' (FP32 or FP64, [rows, features]); outputs {list(OUTPUTS)} (default "
@@ -142,7 +156,10 @@ INFER_DOC = {
 
 
 @router.get(
-    "/models/{name}", summary="Model metadata", responses={200: {"model": schemas.V2ModelMetadata}, **ERRORS}
+    "/models/{name}",
+    summary="Model metadata",
+    description=METADATA_DOC,
+    responses={200: {"model": schemas.V2ModelMetadata}, **ERRORS},
 )
 async def model_metadata(request: Request, name: str) -> Response:
     return await _model_metadata(request, name, None)
@@ -151,6 +168,7 @@ async def model_metadata(request: Request, name: str) -> Response:
 @router.get(
     "/models/{name}/versions/{version}",
     summary="Model metadata, by version",
+    description=METADATA_DOC,
     responses={200: {"model": schemas.V2ModelMetadata}, **ERRORS},
 )
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
@@ -158,7 +176,10 @@ async def model_version_metadata(request: Request, name: str, version: str) -> R
 
 
 @router.get(
-    "/models/{name}/ready", summary="Model ready", responses={200: {"model": schemas.V2ModelReady}, **ERRORS}
+    "/models/{name}/ready",
+    summary="Model ready",
+    description=READY_DOC,
+    responses={200: {"model": schemas.V2ModelReady}, **ERRORS},
 )
 async def model_ready(request: Request, name: str) -> Response:
     return await _model_ready(request, name, None)
@@ -167,6 +188,7 @@ async def model_ready(request: Request, name: str) -> Response:
 @router.get(
     "/models/{name}/versions/{version}/ready",
     summary="Model ready, by version",
+    description=READY_DOC,
     responses={200: {"model": schemas.V2ModelReady}, **ERRORS},
 )
 async def model_version_ready(request: Request, name: str, version: str) -> Response:
