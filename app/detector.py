@@ -1,0 +1,186 @@
+"""The Python API: a scikit-learn outlier detector over the same pipeline and bundle as the command line.
+
+    >>> import numpy as np
+    >>> from app.detector import ManifoldDetector
+    >>> rng = np.random.default_rng(0)
+    >>> t = rng.uniform(-1, 1, size=(400, 1))
+    >>> X = np.hstack([t, t**2, -t]) + 0.01 * rng.standard_normal((400, 3))  # rows near a curve
+    >>> detector = ManifoldDetector(latent_dim=1, hidden=16, steps=300, fpr=0.05).fit(X)
+    >>> far = np.array([[0.0, 1.0, 0.0]])  # off the curve
+    >>> bool(detector.score_samples(far)[0] < detector.score_samples(X[:1])[0])
+    True
+    >>> detector.predict(np.vstack([X[:1], far])).tolist()
+    [1, -1]
+
+scikit-learn's conventions (OutlierMixin, as IsolationForest and LocalOutlierFactor have them):
+`score_samples` is the log-likelihood of the bundle's method (higher = more normal),
+`decision_function` is it minus `offset_` (negative = flagged at the false-positive rate `fpr`),
+`predict` is +1 for inliers and -1 for outliers. For PyOD's convention (higher = more anomalous,
+labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `p_value` gives
+the conformal p-values. A fitted detector is a bundle: `save(path)` writes it (the same directory
+`anomaly-scores train` writes and the service loads) and `ManifoldDetector.load(path)` reads one.
+Rows may be numpy arrays or pandas DataFrames, whose column names become the feature names and are
+then required (in any order) at scoring time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from app.bundle.format import Bundle, load_bundle
+from app.engine.factory import create_scorer
+from app.engine.scorer import ScoreOutput, Scorer
+from app.model.methods import METHODS
+from app.model.spec import PRIOR_GEOMETRY
+from app.train.options import Candidate, FitOptions
+
+
+class ManifoldDetector(OutlierMixin, BaseEstimator):
+    """An anomaly detector trained as `anomaly-scores train` trains one model, scored as the service
+    scores: the paper's likelihood by default (Smidl, Bim, Pevny 2019). Parameters are those of
+    app.train.options (Candidate, FitOptions); `method` picks the score, `fpr` the false-positive
+    rate whose calibrated threshold `predict` applies (any rate from 1/n of the calibration rows)."""
+
+    def __init__(
+        self,
+        *,
+        latent_dim: int = 4,
+        hidden: int = 64,
+        depth: int = 3,
+        activation: str = "swish",
+        prior: str = "vamp",
+        components: int = 4,
+        beta: float = 1.0,
+        kernel_width: float = 1.0,
+        steps: int = 10_000,
+        batch_size: int = 100,
+        lr: float = 1e-3,
+        seed: int = 0,
+        method: str = "likelihood",
+        fpr: float = 0.01,
+        backend: str = "onnx",
+    ) -> None:
+        self.latent_dim, self.hidden, self.depth, self.activation = latent_dim, hidden, depth, activation
+        self.prior, self.components, self.beta, self.kernel_width = prior, components, beta, kernel_width
+        self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
+        self.method, self.fpr, self.backend = method, fpr, backend
+
+    def fit(self, X: Any, y: Any = None) -> ManifoldDetector:
+        """Train on the rows of X (no labels: `y` is ignored, as for every unsupervised detector)."""
+        from app.train.pipeline import TrainRequest, train_bundle
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        values = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        names = [
+            str(n) for n in getattr(self, "feature_names_in_", [f"x{j}" for j in range(values.shape[1])])
+        ]
+        candidate = Candidate(
+            latent_dim=self.latent_dim,
+            hidden=self.hidden,
+            depth=self.depth,
+            activation=self.activation,  # type: ignore[arg-type]
+            prior=self.prior,  # type: ignore[arg-type]
+            geometry=PRIOR_GEOMETRY[self.prior],
+            components=self.components,
+            beta=self.beta,
+            kernel_width=self.kernel_width,
+        )
+        fit = FitOptions(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        # The detector's rate is the bundle's calibrated default, so a saved and loaded detector flags alike.
+        request = TrainRequest(
+            [candidate], fit, method=self.method, fprs=(self.fpr,), default_fpr=self.fpr, name="detector"
+        )
+        self._use(train_bundle(values, names, request, self._directory() / "bundle").bundle)
+        return self
+
+    def _directory(self) -> Path:
+        """A scratch directory for the fitted bundle, removed with the detector."""
+        directory = Path(tempfile.mkdtemp(prefix="anomaly-scores-"))
+        weakref.finalize(self, shutil.rmtree, directory, True)
+        return directory
+
+    def __getstate__(self) -> dict[str, Any]:
+        # onnxruntime's sessions do not pickle: a fitted detector pickles as its bundle's files.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("bundle_", "scorer_")}
+        if "bundle_" in self.__dict__:
+            files = self.bundle_.path.iterdir()
+            state["bundle_files_"] = {f.name: f.read_bytes() for f in files if f.is_file()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        files = state.pop("bundle_files_", None)
+        self.__dict__.update(state)
+        if files is not None:
+            directory = self._directory() / "bundle"
+            directory.mkdir()
+            for name, data in files.items():
+                (directory / name).write_bytes(data)
+            self._use(load_bundle(directory))
+
+    def _use(self, bundle: Bundle) -> None:
+        self.bundle_ = bundle
+        self.scorer_: Scorer = create_scorer(bundle, self.backend, threads=1)
+        self.n_features_in_ = len(bundle.features)
+        self.threshold_ = bundle.threshold(self.method, self.fpr).value
+        self.offset_ = -self.threshold_
+
+    def _score(self, X: Any) -> ScoreOutput:
+        check_is_fitted(self, "bundle_")
+        names = getattr(self, "feature_names_in_", None)
+        if names is not None and hasattr(X, "columns") and set(X.columns) == set(names):
+            X = X[list(names)]  # a DataFrame's columns are matched by name, whatever their order
+        values = validate_data(self, X, dtype=np.float64, reset=False)
+        return self.scorer_.score(values, self.method, self.fpr)
+
+    def score_samples(self, X: Any) -> NDArray[np.float64]:
+        """log p(x) of `method` per row: higher = more normal."""
+        return self._score(X).log_likelihood
+
+    def decision_function(self, X: Any) -> NDArray[np.float64]:
+        """score_samples minus offset_: negative for the rows flagged at `fpr`."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: Any) -> NDArray[np.int64]:
+        """+1 inlier, -1 outlier (flagged at the false-positive rate `fpr`)."""
+        return np.where(self._score(X).is_anomaly, -1, 1)
+
+    def anomaly_score(self, X: Any) -> NDArray[np.float64]:
+        """-log p(x): higher = more anomalous (PyOD's decision_function convention)."""
+        return self._score(X).score
+
+    def is_anomaly(self, X: Any) -> NDArray[np.int64]:
+        """1 for the rows flagged at `fpr`, else 0 (PyOD's predict convention)."""
+        return self._score(X).is_anomaly.astype(np.int64)
+
+    def p_value(self, X: Any) -> NDArray[np.float64]:
+        """Conformal p-values against the held-out calibration scores."""
+        return self._score(X).p_value
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to `path` (a directory; an existing bundle there is replaced)."""
+        check_is_fitted(self, "bundle_")
+        target = Path(path)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(self.bundle_.path, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, **params: Any) -> ManifoldDetector:
+        """A fitted detector from a bundle (written by save, `anomaly-scores train` or the trainer)."""
+        bundle = load_bundle(path)
+        detector = cls(**({"method": bundle.default_method, "fpr": bundle.default_fpr} | params))
+        detector._use(bundle)
+        if bundle.features != [f"x{j}" for j in range(len(bundle.features))]:
+            detector.feature_names_in_ = np.asarray(bundle.features, dtype=object)
+        return detector

@@ -1,0 +1,108 @@
+"""The Python API (app/detector.py): the same bundle and scores as the command line and the service,
+scikit-learn's conventions and checks where they apply, pickling, DataFrames by column name."""
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from app.bundle import calibration
+from app.bundle.format import load_bundle
+from app.detector import ManifoldDetector
+from app.engine.onnx_backend import OnnxScorer
+
+from .conftest import FEATURES, manifold_rows, off_manifold_rows
+
+SMALL = {"latent_dim": 1, "hidden": 8, "components": 1, "steps": 20, "fpr": 0.1}
+# Checks that fit on fewer than 50 rows: training holds out validation and calibration rows, at least
+# 10 each (app.train.pipeline.MIN_ROWS_PER_SPLIT), so these cannot apply; each fails with that message.
+NEEDS_MORE_ROWS = "fits on fewer than 50 rows; training needs 10 training, validation and calibration rows"
+TINY_DATA_CHECKS = [
+    "check_fit_score_takes_y",
+    "check_estimators_overwrite_params",
+    "check_dont_overwrite_parameters",
+    "check_estimators_fit_returns_self",
+    "check_readonly_memmap_input",
+    "check_n_features_in_after_fitting",
+    "check_estimators_dtypes",
+    "check_pipeline_consistency",
+    "check_estimators_nan_inf",
+    "check_estimators_pickle",
+    "check_f_contiguous_array_estimator",
+    "check_classifier_data_not_an_array",
+    "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance",
+    "check_fit2d_1feature",
+    "check_dict_unchanged",
+    "check_fit2d_predict1d",
+]
+
+
+@parametrize_with_checks(
+    [ManifoldDetector(**SMALL)],
+    expected_failed_checks=lambda _: dict.fromkeys(TINY_DATA_CHECKS, NEEDS_MORE_ROWS),
+)
+def test_scikit_learn_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rows = pd.DataFrame(manifold_rows(600, seed=51), columns=FEATURES)
+    return ManifoldDetector(latent_dim=2, hidden=16, steps=200, fpr=0.05).fit(rows), rows
+
+
+def test_scores_are_the_bundles_as_the_command_line_and_service_give_them(fitted, tmp_path):
+    detector, _ = fitted
+    new = np.r_[manifold_rows(30, seed=52), off_manifold_rows(30, seed=53)]
+    saved = detector.save(tmp_path / "bundle")
+    reference = OnnxScorer(load_bundle(saved)).score(new, "likelihood", 0.05)
+    np.testing.assert_array_equal(detector.score_samples(new), reference.log_likelihood)
+    np.testing.assert_array_equal(detector.anomaly_score(new), reference.score)
+    np.testing.assert_array_equal(detector.p_value(new), reference.p_value)
+    np.testing.assert_array_equal(detector.is_anomaly(new), reference.is_anomaly.astype(int))
+    # scikit-learn's conventions: negative decision = flagged at fpr = predict -1
+    threshold = calibration.threshold(load_bundle(saved).calibration["likelihood"], 0.05)
+    assert detector.threshold_ == threshold and detector.offset_ == -threshold
+    decision = detector.decision_function(new)
+    np.testing.assert_array_equal(detector.predict(new), np.where(decision < 0, -1, 1))
+    np.testing.assert_array_equal(decision < 0, reference.is_anomaly)
+    assert (detector.predict(new[30:]) == -1).mean() > (detector.predict(new[:30]) == -1).mean()
+
+
+def test_dataframe_columns_are_the_features_matched_by_name(fitted):
+    detector, rows = fitted
+    assert list(detector.feature_names_in_) == FEATURES and detector.bundle_.features == FEATURES
+    shuffled = rows[FEATURES[::-1]]
+    np.testing.assert_array_equal(detector.score_samples(shuffled), detector.score_samples(rows))
+    with pytest.raises(ValueError, match="feature names"):
+        detector.score_samples(rows.rename(columns={FEATURES[0]: "other"}))
+
+
+def test_save_load_and_pickle_give_the_same_detector(fitted, tmp_path):
+    detector, rows = fitted
+    loaded = ManifoldDetector.load(detector.save(tmp_path / "b"))
+    unpickled = pickle.loads(pickle.dumps(detector))
+    expected = detector.score_samples(rows)
+    for other in (loaded, unpickled):
+        np.testing.assert_array_equal(other.score_samples(rows), expected)
+        assert other.threshold_ == detector.threshold_ and list(other.feature_names_in_) == FEATURES
+    assert loaded.get_params()["fpr"] == 0.05 and loaded.method == "likelihood"
+
+
+def test_too_few_rows_or_an_unresolvable_rate_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="each split needs at least 10"):
+        ManifoldDetector(**SMALL).fit(manifold_rows(30, seed=54))
+    with pytest.raises(ValueError, match=r"below 1/n"):
+        ManifoldDetector(**(SMALL | {"fpr": 0.001})).fit(manifold_rows(200, seed=55))
+
+
+def test_the_modules_documented_example_runs_as_printed():
+    import doctest
+
+    import app.detector
+
+    result = doctest.testmod(app.detector, verbose=False)
+    assert result.attempted >= 6 and result.failed == 0
