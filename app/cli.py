@@ -418,6 +418,9 @@ def _print_info(bundle: Bundle) -> None:
         lines.append(f"rows         {training.get('rows', {})}")
         hp = training.get("hyper_parameters", {})
         lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")
+        # What training had to decide for the user (a default rate that the calibration rows could
+        # not resolve, a single-class validation split) is said here too, not only when it ran.
+        lines += [f"note         {note}" for note in training.get("notes", [])]
     lines.append("thresholds   (score above which a row is flagged)")
     for method in (m for m in METHODS if m in bundle.calibration):
         marks = "  ".join(

@@ -91,6 +91,12 @@ def _choose_fprs(request: TrainRequest, n_cal: int, notes: list[str]) -> tuple[t
         if not fprs:
             raise ValueError(f"{n_cal} calibration rows cannot calibrate any of {DEFAULT_FPRS}")
     default = request.default_fpr if request.default_fpr in fprs else min(fprs, key=lambda f: abs(f - 0.01))
+    if default != request.default_fpr:
+        notes.append(
+            f"the default false-positive rate is {default}, not the {request.default_fpr} asked for, which "
+            f"{n_cal} calibration rows cannot resolve; any rate from 1/{n_cal} = {1 / n_cal:.3g} can be "
+            "asked for when scoring"
+        )
     return fprs, default
 
 

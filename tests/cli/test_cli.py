@@ -253,6 +253,11 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     assert main([*args, "--force"]) == 0
     bundle = load_bundle(out)
     assert bundle.features == FEATURES and not list(tmp_path.glob(".bundle*"))
+    assert main(["info", str(out)]) == 0  # the fallback of the default rate is said, not only at training
+    assert (
+        "note         the default false-positive rate is 0.1, not the 0.01 asked for"
+        in capsys.readouterr().out
+    )
 
     scored = tmp_path / "scores.csv"
     base = ["score", str(out), str(root / "wine.csv"), "--out", str(scored), "--id-column", "sample_id"]
