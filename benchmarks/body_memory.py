@@ -1,6 +1,6 @@
 """Memory a request body costs the service: peak RSS growth for one and for N concurrent large bodies.
 
-Starts `uvicorn app.api.main:create_app --factory` on 127.0.0.1 (stopped by its PID at the end),
+Starts `anomaly-scores serve` on 127.0.0.1 (benchmarks/serving.py; stopped by its PID at the end),
 sends JSON (or .npy) bodies of about --mb MiB each (rows of the served model's width), and prints
 the process's peak resident memory (VmHWM) above its idle level, per body byte.
 
@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,12 +19,7 @@ import numpy as np
 import orjson
 
 from app.bundle.format import load_bundle
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.serving import serve
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -62,27 +51,15 @@ def main() -> None:
     parser.add_argument("--npy", action="store_true")
     args = parser.parse_args()
     payload, content_type = body(len(load_bundle(args.model).features), args.mb, args.npy)
-    port = free_port()
-    env = os.environ | {
-        "ANOMALY_MODEL_PATH": str(args.model),
+    settings = {
         "ANOMALY_MAX_ROWS": "10000000",
         "ANOMALY_MAX_BODY_BYTES": str(len(payload) + 1024),
         "ANOMALY_MAX_INFLIGHT_BODY_BYTES": str((len(payload) + 1024) * args.concurrent),
         "ANOMALY_MAX_QUEUE": str(args.concurrent),
         "ANOMALY_REQUEST_TIMEOUT_S": "600",
-        "ANOMALY_LOG_LEVEL": "warning",
     }
-    command = [sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--port", str(port)]
-    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--log-level", "warning"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with serve(args.model, settings) as server:
+        base = server.url
         idle = peak_rss_mb(server.pid)
         headers = {"content-type": content_type}
         statuses: list[int] = []
@@ -105,9 +82,6 @@ def main() -> None:
         print(f"one body:      peak RSS +{one:.0f} MB ({one / size:.1f} x the body)")
         per_body = many / size / args.concurrent
         print(f"{args.concurrent} at once:  peak RSS +{many:.0f} MB ({per_body:.1f} x per body)")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

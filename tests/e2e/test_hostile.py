@@ -2,16 +2,13 @@
 about connections: stalled uploads, unauthenticated admin bodies, clients that vanish mid-upload, the
 byte budget, and a load that never finishes. Every wait is bounded."""
 
+import functools
 import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,22 +17,15 @@ from app.bundle.format import MANIFEST, WEIGHTS, content_version
 
 from ..conftest import manifold_rows
 from .test_reliability import metric, served_version, wait_for
-from .test_server import Server, free_port, start_server
+from .test_reliability import serving as reliability_serving
+from .test_server import Server, start_server
 
 BODY_TIMEOUT_S = 4.0
 GRACE_S = 2.0  # app.api.body.BodyLimits.grace_s
 
 
-@contextmanager
-def serving(bundle: Path, log: Path, command: str = "uvicorn", **env: str) -> Iterator[Server]:
-    variables = {f"ANOMALY_{k.upper()}": v for k, v in env.items()}
-    server = start_server(bundle, log, command=command, env=variables)
-    try:
-        yield server
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=30)
+# Plain uvicorn unless a test asks for the serve command.
+serving = functools.partial(reliability_serving, command="uvicorn")
 
 
 def connect(server: Server) -> socket.socket:
@@ -243,26 +233,11 @@ def test_a_load_that_never_finishes_is_abandoned_and_sigterm_still_ends_the_proc
         assert s.process.wait(timeout=30) in (0, -signal.SIGTERM)
 
 
-def _launch(program: list[str], bundle: Path, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    variables = (
-        os.environ | {"ANOMALY_MODEL_PATH": str(bundle)} | {f"ANOMALY_{k.upper()}": v for k, v in env.items()}
-    )
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, *program, "--host", "127.0.0.1", "--port", str(port)],
-            env=variables,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return process, f"http://127.0.0.1:{port}"
-
-
 def test_sigterm_ends_the_process_while_a_startup_load_is_stuck(tiny_bundle, tmp_path):
     stuck = _stuck_bundle(tiny_bundle, tmp_path / "stuck")
     log = tmp_path / "s.log"
-    program = ["-m", "uvicorn", "app.api.main:create_app", "--factory"]
-    process, base = _launch(program, stuck, log, load_timeout_s="60")
+    server = start_server(stuck, log, env={"ANOMALY_LOAD_TIMEOUT_S": "60"}, wait_ready=False)
+    process, base = server.process, server.base
     try:
 
         def alive() -> bool:
@@ -284,7 +259,7 @@ def test_sigterm_ends_the_process_while_a_startup_load_is_stuck(tiny_bundle, tmp
 def test_the_serve_command_refuses_a_bundle_that_does_not_load_in_time(tiny_bundle, tmp_path):
     stuck = _stuck_bundle(tiny_bundle, tmp_path / "stuck")
     log = tmp_path / "s.log"
-    process, _ = _launch(["-m", "app.cli", "serve"], stuck, log, load_timeout_s="2")
+    process = start_server(stuck, log, "serve", {"ANOMALY_LOAD_TIMEOUT_S": "2"}, wait_ready=False).process
     try:
         assert process.wait(timeout=60) == 2
     finally:

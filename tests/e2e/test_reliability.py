@@ -34,8 +34,10 @@ UNREAD_WINDOW_S = 0.5
 
 
 @contextmanager
-def serving(bundle: Path, log: Path) -> Iterator[Server]:
-    server = start_server(bundle, log, command="serve")
+def serving(bundle: Path, log: Path, command: str = "serve", **env: str) -> Iterator[Server]:
+    """A server for the block, killed after it whatever happened; env: ANOMALY_<NAME> settings."""
+    variables = {f"ANOMALY_{k.upper()}": v for k, v in env.items()}
+    server = start_server(bundle, log, command=command, env=variables)
     try:
         yield server
     finally:

@@ -38,9 +38,14 @@ class Server:
 
 
 def start_server(
-    bundle: Path, log: Path, command: str = "uvicorn", env: dict[str, str] | None = None
+    bundle: Path,
+    log: Path,
+    command: str = "uvicorn",
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> Server:
-    """`uvicorn`: the app factory under plain uvicorn; `serve`: the product's own command."""
+    """`uvicorn`: the app factory under plain uvicorn; `serve`: the product's own command. Returns
+    once /readyz says 200, or at once with wait_ready=False."""
     port = free_port()
     variables = os.environ | {"ANOMALY_MODEL_PATH": str(bundle), "ANOMALY_WARMUP_ROWS": "8"} | (env or {})
     program = {
@@ -55,6 +60,8 @@ def start_server(
             stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log, bundle)
+    if not wait_ready:
+        return server
     deadline = time.monotonic() + 90
     while True:
         try:
