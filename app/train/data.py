@@ -145,6 +145,17 @@ class _CsvSource(_Source):
         duplicates = [name for name, count in Counter(names).items() if count > 1]
         if duplicates:
             raise self.error(f"duplicate column name(s) in the header: {_quoted(duplicates)}")
+        if len(names) == 1 and ";" in names[0]:
+            raise self.error(
+                f"has one column, named {names[0][:60]!r}: it looks separated by semicolons; "
+                "save it with commas (a spreadsheet's 'CSV (comma delimited)')"
+            )
+        # pandas writes 0, 1, 2, ... as the header of an unnamed frame: whole numbers can be names.
+        if all(_is_float(name) for name in names) and not all(name.isdigit() for name in names):
+            raise self.error(
+                "its first line holds numbers, not column names: a CSV file needs a header line "
+                "(headerless numbers can be a whitespace-separated .txt file)"
+            )
         self.names = names
 
     def _reader(self) -> pa_csv.CSVStreamingReader:
@@ -631,6 +642,14 @@ def _ragged_csv_row(path: Path) -> tuple[int, int, int, int] | None:
         except csv.Error:  # e.g. a field over the csv module's size limit: fall back to Arrow's message
             return None
     return None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _quoted(names: Sequence[str], limit: int = 20) -> str:

@@ -585,3 +585,16 @@ def test_excluded_columns_are_left_out_of_the_features_and_must_exist(tmp_path):
     assert table.feature_names == ["a", "b", "c"]
     _error(lambda: read_table(path, exclude=["nope"]), "no column 'nope' to leave out")
     _error(lambda: read_table(_write(tmp_path / "e.npy", _values(5)), exclude=["x0"]), "has no column names")
+
+
+def test_a_semicolon_separated_or_headerless_csv_gets_a_hint(tmp_path):
+    """Issue 17: both got errors with no hint of what was wrong with the file."""
+    semicolons = tmp_path / "s.csv"
+    semicolons.write_text("a;b;c\n1;2;3\n4;5;6\n")
+    _error(lambda: read_table(semicolons), "looks separated by semicolons", "save it with commas")
+    headerless = tmp_path / "h.csv"
+    headerless.write_text("1.5,2,3\n4,5,6\n7,8,9\n")
+    _error(lambda: read_table(headerless), "first line holds numbers, not column names", "needs a header")
+    unnamed = tmp_path / "u.csv"
+    pd.DataFrame(_values(5)).to_csv(unnamed, index=False)  # header 0,1,2,3: names, as pandas writes them
+    assert read_table(unnamed).feature_names == ["0", "1", "2", "3"]
