@@ -37,9 +37,12 @@ from app.api.schemas import ReloadRequest
 from app.engine.errors import InvalidInput
 
 OPTIONS = ("method", "threshold", "components", "explain")
+# Identifiers a JSON request may carry to have them echoed beside the scores: `ids`, one per row, or
+# `id_key`, a key of every object row that is no feature. Never scored, never logged.
+ID_FIELDS = ("ids", "id_key")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.
 MAX_ABS_VALUE = 1e15
-KEYS = ("instances", *OPTIONS)
+KEYS = ("instances", *OPTIONS, *ID_FIELDS)
 Body = bytes | bytearray
 
 
@@ -50,6 +53,7 @@ class ScoreRequest:
     threshold: str | float | None = None
     components: bool = False
     explain: bool = False
+    ids: list[str | int] | None = None  # echoed in the answer, one per row
 
 
 # Bounded: a description quotes client input, which may be nested a thousand levels deep.
@@ -149,15 +153,25 @@ def _rows_from_lists(instances: list[Any], features: list[str], only_numbers: bo
     return np.array(instances, dtype=np.float64)
 
 
-def _rows_from_objects(instances: list[Any], features: list[str]) -> NDArray[np.float64]:
+def _rows_from_objects(
+    instances: list[Any], features: list[str], id_key: str | None
+) -> tuple[NDArray[np.float64], list[Any] | None]:
+    """The rows, and each row's `id_key` value when the request declares one."""
     known = set(features)
     out = np.empty((len(instances), len(features)), dtype=np.float64)
-    for i, row in enumerate(instances):
-        if not isinstance(row, dict):
+    ids: list[Any] | None = None if id_key is None else []
+    for i, given in enumerate(instances):
+        if not isinstance(given, dict):
             raise InvalidInput(
-                f"instances[{i}] is a {type(row).__name__}; rows must all be objects or all lists",
+                f"instances[{i}] is a {type(given).__name__}; rows must all be objects or all lists",
                 {"row": i},
             )
+        row = given
+        if ids is not None:
+            if id_key not in row:
+                raise InvalidInput(f"instances[{i}] has no {id_key!r}, the declared id_key", {"row": i})
+            row = {k: v for k, v in given.items() if k != id_key}
+            ids.append(given[id_key])
         if len(row) != len(features) or not known.issuperset(row):
             missing = [f for f in features if f not in row]
             unknown = [k for k in row if k not in known]
@@ -169,7 +183,23 @@ def _rows_from_objects(instances: list[Any], features: list[str]) -> NDArray[np.
         for j, value in enumerate(values):
             _check_cell(value, i, j, features)
         out[i] = values
-    return out
+    return out, ids
+
+
+def _ids(doc: dict[str, Any], n: int, by_name: bool) -> tuple[list[Any] | None, str | None]:
+    """`ids` (one string or integer per row) or `id_key` (object rows only), checked."""
+    ids, id_key = doc.get("ids"), doc.get("id_key")
+    if ids is not None and id_key is not None:
+        raise InvalidInput("send ids or id_key, not both")
+    if id_key is not None and (not isinstance(id_key, str) or not by_name):
+        raise InvalidInput("'id_key' names a key of the object rows: a string, with rows as objects")
+    if ids is not None:
+        if not isinstance(ids, list) or len(ids) != n:
+            raise InvalidInput(f"'ids' must be a list of one id per row ({n}), got {describe(ids)}")
+        bad = next((i for i, v in enumerate(ids) if type(v) not in (str, int)), None)
+        if bad is not None:
+            raise InvalidInput(f"ids[{bad}] must be a string or an integer, got {describe(ids[bad])}")
+    return ids, id_key
 
 
 def _load(body: Body) -> Any:
@@ -285,15 +315,17 @@ def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
     # The options first: a malformed one is refused before the costlier duplicate-key pass.
     options = _options(doc)
     by_name = isinstance(instances[0], dict)
+    ids, id_key = _ids(doc, len(instances), by_name)
     only_numbers = not by_name and _only_numbers_in_rows(body, doc)
     if not only_numbers:  # where the rows are proven numbers, the proof covers the keys too
         reject_duplicate_keys(body, doc)
     if by_name:
-        x = _rows_from_objects(instances, features)
+        x, keyed = _rows_from_objects(instances, features, id_key)
+        ids = keyed if keyed is not None else ids
     else:
         x = _rows_from_lists(instances, features, only_numbers)
     check_values(x, features)
-    return ScoreRequest(x=x, **options)
+    return ScoreRequest(x=x, ids=ids, **options)
 
 
 NPY_DTYPES = (np.dtype("<f4"), np.dtype("<f8"), np.dtype(">f4"), np.dtype(">f8"))

@@ -94,6 +94,8 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
             "log_residual": out.log_residual,
             "reconstruction_error": out.reconstruction_error,
         }
+    if request.ids is not None:
+        body["ids"] = request.ids
     if request.explain:
         body["explain"] = {"features": served.bundle.features, "residual_share": out.residual_share}
     return body

@@ -32,6 +32,12 @@ class ScoreRequest(BaseModel):
         False, description="add log_prior, log_volume, log_residual, reconstruction_error"
     )
     explain: bool = Field(False, description="add each feature's share of the squared residual")
+    ids: list[str | int] | None = Field(
+        None, description="one identifier per row, echoed as the answer's ids (not scored, not logged)"
+    )
+    id_key: str | None = Field(
+        None, description="rows as objects: this key of every row is its identifier, echoed as ids"
+    )
 
 
 class ReloadRequest(BaseModel):
@@ -68,6 +74,7 @@ class ScoreResponse(BaseModel):
     log_volume: list[float] | None = None
     log_residual: list[float] | None = None
     reconstruction_error: list[float] | None = None
+    ids: list[str | int] | None = Field(None, description="the request's ids or id_key values, in row order")
     explain: Explanation | None = None
 
 

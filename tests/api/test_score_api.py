@@ -148,3 +148,26 @@ def test_any_rate_the_calibration_resolves_is_a_threshold_on_the_spot(client, ti
         assert body["threshold"] == {"name": calibration.threshold_name(rate), "fpr": rate, "value": expected}
         assert body["is_anomaly"] == [s > expected for s in body["scores"]]
         assert body["is_anomaly"] == [p <= rate for p in body["p_values"]]
+
+
+def test_ids_are_echoed_beside_the_scores_never_scored(client):
+    """Issue 17: results matched inputs only by position, and named rows with an id key were 422."""
+    rows = manifold_rows(3, seed=61)
+    plain = client.post("/score", json={"instances": rows.tolist()}).json()
+    with_ids = client.post("/score", json={"instances": rows.tolist(), "ids": ["a", 7, "c"]}).json()
+    assert with_ids["ids"] == ["a", 7, "c"] and with_ids["scores"] == plain["scores"]
+    named = [
+        dict(zip(FEATURES, r, strict=True)) | {"sample_id": f"S{i}"} for i, r in enumerate(rows.tolist())
+    ]
+    keyed = client.post("/score", json={"instances": named, "id_key": "sample_id"}).json()
+    assert keyed["ids"] == ["S0", "S1", "S2"] and keyed["scores"] == plain["scores"]
+    assert "ids" not in plain
+    for body, fragment in (
+        ({"instances": rows.tolist(), "ids": ["a"]}, "one id per row (3)"),
+        ({"instances": rows.tolist(), "ids": ["a", True, "c"]}, "ids[1] must be a string or an integer"),
+        ({"instances": rows.tolist(), "id_key": "sample_id"}, "with rows as objects"),
+        ({"instances": named, "id_key": "other"}, "has no 'other', the declared id_key"),
+        ({"instances": named}, "unknown features ['sample_id']"),
+    ):
+        response = client.post("/score", json=body)
+        assert response.status_code == 422 and fragment in response.json()["error"], response.text
