@@ -1,4 +1,4 @@
-"""The `anomaly-scores` command line: train, score, info, serve, evaluate, keygen, sign, verify."""
+"""The `anomaly-scores` command line: train, score, info, report, serve, evaluate, keygen, sign, verify."""
 
 from __future__ import annotations
 
@@ -126,6 +126,33 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page: a bundle's training and calibration, a data file's scores",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "data", type=Path, nargs="?", help="optional table to score (CSV, Parquet, .npy or text, as `score`)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write (.html), figures inside")
+    p.add_argument(
+        "--label-column", help="column of DATA holding 0/1 anomaly labels: adds ROC and precision-recall"
+    )
+    p.add_argument(
+        "--id-column",
+        action="append",
+        default=[],
+        help="a column of DATA identifying rows (repeat), shown beside the highest scores",
+    )
+    p.add_argument(
+        "--missing",
+        choices=["error", "skip", "impute"],
+        default="error",
+        help="rows of DATA with missing values: stop (default), leave out, or fill with the training means",
+    )
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP (settings: ANOMALY_* environment variables)")
     p.add_argument(
@@ -196,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_score(sub)
     _add_info(sub)
+    _add_report(sub)
     _add_serve(sub)
     _add_evaluate(sub)
     _add_keygen(sub)
@@ -440,6 +468,45 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    if args.out.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--out must end in .html, got {args.out.name!r}")
+    if args.data is None and (args.label_column or args.id_column or args.missing != "error"):
+        raise ValueError("--label-column, --id-column and --missing describe DATA: give a data file too")
+    with _needs("train"):
+        # Imported now, not after the data was scored: a missing extra costs no wait.
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+
+        from app.report import render_report, score_data
+        from app.train.data import MissingValue
+
+    bundle = load_bundle(args.bundle)
+    data = None
+    if args.data is not None:
+        from app.engine.factory import create_scorer
+
+        with _needs("serve"):  # the onnx backend runs on onnxruntime, which the serve extra installs
+            scorer = create_scorer(bundle, "onnx")
+        try:
+            data = score_data(
+                bundle,
+                scorer,
+                args.data,
+                label_column=args.label_column,
+                id_columns=args.id_column,
+                missing=args.missing,
+            )
+        except MissingValue as e:
+            raise ValueError(f"{e} (--missing skip leaves such rows out, --missing impute fills them)") from e
+    page = render_report(bundle, data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page, encoding="utf-8")
+    scored = "" if data is None else f" and {data.rows.size} rows of {args.data}"
+    print(f"report of {bundle.name} {bundle.version}{scored} -> {args.out}", file=sys.stderr)
+    return 0
+
+
 def _check_bundle_within(settings: Settings) -> None:
     """Refuse a bad, unsigned or untrusted bundle, or one whose graphs fail their checks, before
     binding the port, within the load time limit: in a daemon thread, so a load stuck on a hung
@@ -606,6 +673,7 @@ COMMANDS = {
     "train": _train,
     "score": _score,
     "info": _info,
+    "report": _report,
     "serve": _serve,
     "evaluate": _evaluate,
     "keygen": _keygen,

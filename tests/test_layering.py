@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 APP = Path(__file__).resolve().parents[1] / "app"
-# What each package may import besides itself; cli.py and detector.py (the Python API) sit above everything.
+# What each package may import besides itself; cli.py, detector.py (the Python API) and report.py (the
+# HTML report, which scores with the engine and reads data with train) sit above everything.
 ALLOWED = {
     "model": set(),
     "bundle": {"model"},
@@ -53,7 +54,11 @@ def imports(path: Path, at_import: bool = False) -> set[str]:
     return {name for name in found if not name.startswith("app") or name in MODULES}
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if m not in ("app", "app.cli", "app.detector")))
+# The package itself and the modules above the layers.
+ABOVE = ("app", "app.cli", "app.detector", "app.report")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m not in ABOVE))
 def test_imports_point_down_the_layers(module):
     package = module.split(".")[1]
     allowed = ALLOWED.get(package)
@@ -99,6 +104,13 @@ def test_the_serving_entry_points_load_no_torch(entry):
         parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
         todo += [n for n in [*found, *parents] if n in MODULES]
     assert "app.engine.torch_backend" not in seen and "app" in seen
+
+
+def test_the_report_module_loads_without_its_plotting_packages():
+    # The command line imports app.report inside `report` only; still, loading it must not need the
+    # `train` extra, so that a missing matplotlib is the command's clear error, not an ImportError.
+    found = {name.split(".")[0] for name in imports(MODULES["app.report"], at_import=True)}
+    assert not found & {"matplotlib", "sklearn", "pandas", "pyarrow", "torch", "onnxruntime"}, found
 
 
 # A serving install without torch: the graphs rebuilt (as verification does) and scored.

@@ -456,6 +456,21 @@ def _as_list(column: _Column) -> np.ndarray:
     return column if isinstance(column, np.ndarray) else np.asarray(column.to_pylist(), dtype=object)
 
 
+def read_label_column(path: str | Path, column: str) -> np.ndarray:
+    """One column of 0/1 (or true/false) anomaly labels, as bool, one per data row in file order, so
+    it lines up with iter_chunks' Chunk.rows. Only CSV and Parquet name their columns; a missing or
+    non-0/1 label is an error naming its row, as read_table's label column."""
+    source = _open(Path(path))
+    if not source.by_name:
+        raise source.error(f"has no column names, so no label column {column!r}")
+    if column not in source.names:
+        raise source.error(f"no label column {column!r}; the columns are {_quoted(source.names)}")
+    what = f"label column {column!r}"
+    j = source.names.index(column)
+    blocks = [_labels(source, batch, batch.columns[0], what) for batch in source.batches([j], _READ_CHUNK)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=bool)
+
+
 def label_like_columns(table: Table) -> list[str]:
     """Feature columns whose name and 0/1 values suggest anomaly labels trained on by mistake."""
     found = []

@@ -2,23 +2,15 @@
 every other host unreachable: the operations appear, so the pages need nothing but the service; and
 Swagger UI's "Try it out" on POST /score, with the example it shows, answers 200."""
 
-import json
-import re
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
 
+from ..browser import dump_dom, needs_chromium, open_browser
 from .test_server import Server, start_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (scripts/system-deps.sh installs Debian's package)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +25,8 @@ def server(tiny_bundle, tmp_path_factory):
         s.process.wait()
 
 
-def chromium(profile: Path, *arguments: str) -> list[str]:
-    return [
-        str(CHROMIUM),
-        "--headless",
-        "--disable-gpu",
-        "--no-sandbox",  # as root (CI) chromium refuses to start with its sandbox
-        f"--user-data-dir={profile}",  # a fresh profile: nothing cached from an earlier run
-        # Any host but the server's resolves to nothing: a CDN asset would fail to load, as offline.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--disable-background-networking",
-        "--no-first-run",
-        *arguments,
-    ]
-
-
 def render(server: Server, page: str, profile: Path) -> str:
-    """The DOM once the page's scripts have run (virtual time: as long as they need, no longer)."""
-    command = chromium(profile, "--virtual-time-budget=10000", "--dump-dom", f"{server.base}{page}")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return dump_dom(f"{server.base}{page}", profile)
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
@@ -67,60 +40,10 @@ def test_the_docs_render_every_operation_offline(server, tmp_path, page):
         assert tag in dom, (page, tag)
 
 
-class Page:
-    """Just enough of the Chrome DevTools Protocol to run JavaScript in a page of a headless chromium."""
-
-    def __init__(self, socket: ClientConnection) -> None:
-        self.socket = socket
-        self.calls = 0
-
-    def call(self, method: str, **params: object) -> dict:
-        self.calls += 1
-        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
-        while True:  # events arrive too; only the answer to this call matters
-            message = json.loads(self.socket.recv(timeout=30))
-            if message.get("id") == self.calls:
-                assert "error" not in message, message
-                return message["result"]
-
-    def evaluate(self, expression: str) -> object:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 30) -> object:
-        """The expression's value once truthy; an element found counts as true (it has no JSON value)."""
-        deadline = time.monotonic() + timeout
-        while not (value := self.evaluate(f"(v => v instanceof Node || v)({expression})")):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.1)
-        return value
-
-
 @pytest.fixture()
 def browser(tmp_path):
-    """A headless chromium to drive (DevTools on a free port), stopped by its PID afterwards."""
-    log = tmp_path / "chromium.log"
-    with log.open("w") as out:
-        command = chromium(tmp_path / "profile", "--remote-debugging-port=0", "about:blank")
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not (found := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", log.read_text())):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
-        targets = httpx.get(f"http://127.0.0.1:{found.group(1)}/json/list", timeout=10).json()
-        with connect(
-            next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"], max_size=None
-        ) as socket:
-            yield Page(socket)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with open_browser(tmp_path) as page:
+        yield page
 
 
 def test_try_it_out_on_score_answers_200_in_the_browser(server, browser):
