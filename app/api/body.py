@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -37,11 +37,13 @@ class BodyLimits:
 
 
 class BodyBudget:
-    """Bytes of request bodies held at once. Only the event loop touches it, so it needs no lock."""
+    """Bytes of request bodies held at once. Only the event loop touches it, so it needs no lock.
+    `observe` is told every new total (the service's gauge)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, observe: Callable[[int], None] | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self.observe = observe
 
     def take(self, size: int) -> None:
         if self.held + size > self.limit:
@@ -51,9 +53,13 @@ class BodyBudget:
                 headers={"Retry-After": "1", **CLOSE},
             )
         self.held += size
+        if self.observe is not None:
+            self.observe(self.held)
 
     def give(self, size: int) -> None:
         self.held -= size
+        if self.observe is not None:
+            self.observe(self.held)
 
 
 def check_encoding(request: Request) -> None:

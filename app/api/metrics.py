@@ -128,6 +128,11 @@ class Metrics:
         self.queue = Gauge(
             "anomaly_queue_depth", "Scoring requests admitted and not yet answered", registry=r
         )
+        self.body_bytes = Gauge(
+            "anomaly_request_body_bytes",
+            "Bytes of request bodies being read, parsed or scored (limit: ANOMALY_MAX_INFLIGHT_BODY_BYTES)",
+            registry=r,
+        )
         self.rejections = Counter(
             "anomaly_rejected_total",
             "Scoring requests refused with 503 because the queue was full",

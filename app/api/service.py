@@ -54,4 +54,5 @@ def build_service(settings: Settings) -> Service:
         metrics,
     )
     limits = BodyLimits(settings.max_body_bytes, settings.body_timeout_s, settings.body_min_rate)
-    return Service(settings, metrics, host, scheduler, limits, BodyBudget(settings.max_inflight_body_bytes))
+    bodies = BodyBudget(settings.max_inflight_body_bytes, metrics.body_bytes.set)
+    return Service(settings, metrics, host, scheduler, limits, bodies)

@@ -176,7 +176,12 @@ def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
             send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": str(body_limit)})
             sock.sendall(b" " * (30 * 1024))
             holders.append(sock)
-        time.sleep(0.5)
+        # Until the server holds both (the gauge of bytes in flight), the third could still fit.
+        wait_for(
+            lambda: metric(s.base, "anomaly_request_body_bytes") >= 2 * 30 * 1024,
+            "both partial bodies held by the server",
+            timeout=10,
+        )
         sock = connect(s)
         send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": "10000"})
         sock.sendall(b" " * 10000)
@@ -186,7 +191,10 @@ def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
         for holder in holders:
             holder.close()
         # The budget is given back when the holders go.
-        wait_for(lambda: honest(s).status_code == 200, "an honest request after the holders left", 10)
+        wait_for(
+            lambda: metric(s.base, "anomaly_request_body_bytes") == 0, "the budget given back", timeout=10
+        )
+        assert honest(s).status_code == 200
 
 
 def _stuck_bundle(tiny_bundle: Path, out: Path) -> Path:
