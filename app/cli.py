@@ -509,29 +509,19 @@ def _report(args: argparse.Namespace) -> int:
 
 def _check_bundle_within(settings: Settings) -> None:
     """Refuse a bad, unsigned or untrusted bundle, or one whose graphs fail their checks, before
-    binding the port, within the load time limit: in a daemon thread, so a load stuck on a hung
-    file system ends with the process."""
-    import threading
-    from concurrent.futures import Future
-
-    from app.engine.host import load_trusted
-
-    future: Future[Bundle] = Future()
+    binding the port, within the load time limit (a load stuck on a hung file system ends with the
+    process: it runs in a daemon thread)."""
+    from app.engine.host import in_daemon_thread, load_trusted
 
     def check() -> None:
-        try:
-            bundle = load_trusted(settings.model_path, tuple(settings.trusted_keys))
-            if settings.backend == "onnx":
-                from app.bundle.graphs import verified_graphs
+        bundle = load_trusted(settings.model_path, tuple(settings.trusted_keys))
+        if settings.backend == "onnx":
+            from app.bundle.graphs import verified_graphs
 
-                verified_graphs(bundle)
-            future.set_result(bundle)
-        except BaseException as e:
-            future.set_exception(e)
+            verified_graphs(bundle)
 
-    threading.Thread(target=check, name="bundle-check", daemon=True).start()
     try:
-        future.result(settings.load_timeout_s)
+        in_daemon_thread("bundle-check", check).result(settings.load_timeout_s)
     except TimeoutError:
         raise BundleError(
             f"loading {settings.model_path} did not finish within {settings.load_timeout_s:g} s "

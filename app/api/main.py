@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,7 +24,8 @@ from app.api.logs import RequestLogMiddleware, configure_logging
 from app.api.routes import router
 from app.api.service import build_service
 from app.api.settings import Settings
-from app.engine.errors import Conflict, ServiceError
+from app.engine.errors import Conflict
+from app.engine.host import Served
 
 log = logging.getLogger("anomaly_scores.service")
 
@@ -40,23 +42,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with contextlib.suppress(
             NotImplementedError, RuntimeError, ValueError
         ):  # no signals off the main thread
-            loop.add_signal_handler(signal.SIGHUP, reload_in_background)
+            loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
         yield
         await service.scheduler.drain(service.settings.shutdown_grace_s)
 
-    def reload_in_background() -> None:
-        # A daemon thread, not the loop's executor, whose threads the interpreter joins at exit: a
-        # reload waiting out its time limit must not keep a SIGTERM from ending the process.
-        threading.Thread(target=reload_on_signal, name="sighup-reload", daemon=True).start()
-
     def reload_on_signal() -> None:
         """SIGHUP: reload the current model path (a new bundle rolled into the same directory)."""
-        try:
-            service.host.reload()
-        except Conflict:
+        service.host.reload_in_background().add_done_callback(reload_done)
+
+    def reload_done(outcome: Future[Served]) -> None:
+        error = outcome.exception()
+        if isinstance(error, Conflict):
             log.warning("SIGHUP ignored: a reload is already in progress")
-        except ServiceError:
-            pass  # a refused or abandoned reload is logged and counted by ModelHost
+        # any other failure (refused, abandoned) is logged and counted by ModelHost
 
     app = FastAPI(
         title="anomaly-scores",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -190,7 +191,7 @@ async def reload(request: Request) -> Response:
         requested = parse_reload(body).path if body.strip() else None
     path = service.host.resolve_reload_path(requested)
     previous = service.host.current.bundle.version if service.host.current is not None else None
-    served = await service.host.reload_async(path)
+    served = await asyncio.wrap_future(service.host.reload_in_background(path))
     return json_response(
         {
             "status": "reloaded",

@@ -123,7 +123,7 @@ class Bundle:
         return self.export_graph(method).model.SerializeToString()
 
     def export_graph(self, method: str) -> ExportedGraph:
-        """build_graph's model before serialisation, with the names of its computed constants."""
+        """The graph of `method` before serialisation, with the names of its computed constants."""
         from app.model.onnx_export import export_graph
 
         noise, scaler = self.noise, self.scaler
@@ -231,15 +231,15 @@ def _write_onnx(
     out: Path, model: ManifoldModel, scaler: Scaler, derived: dict[str, NDArray[np.float64]]
 ) -> dict[str, str]:
     """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights."""
-    from app.model.onnx_export import build_graph
+    from app.model.onnx_export import export_graph
 
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
     noise = _noise(model)
     files = {}
     for method in METHODS:
         name = ONNX_FILE.format(method=method)
-        graph = build_graph(model.arch, weights, method, mean=scaler.mean, scale=scaler.scale, **noise)
-        (out / name).write_bytes(graph)
+        exported = export_graph(model.arch, weights, method, mean=scaler.mean, scale=scaler.scale, **noise)
+        (out / name).write_bytes(exported.model.SerializeToString())
         files[method] = name
     return files
 

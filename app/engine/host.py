@@ -6,13 +6,14 @@ a request in flight and every answer names the version that scored it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,6 +42,8 @@ class HostOptions:
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these are loaded
 
 
+T = TypeVar("T")
+
 # Abandoned loads still running (each holding what it had read): beyond this, reloads are refused
 # until one ends, so a storage outage cannot pile up stuck threads.
 MAX_ABANDONED = 2
@@ -55,6 +58,23 @@ def load_trusted(path: Path, trusted_keys: tuple[Path, ...]) -> Bundle:
     bundle, info = load_verified_bundle(path, trusted_keys)
     log.info("bundle signature verified", extra={"fields": {"model_path": str(path), "key_id": info.key_id}})
     return bundle
+
+
+def in_daemon_thread(name: str, fn: Callable[..., T], *args: Any) -> Future[T]:
+    """fn(*args) in a thread of its own, its outcome in the future. A daemon thread, not an
+    executor's, whose threads the interpreter joins at exit: a load stuck on a hung file system
+    is abandoned at its time limit and never keeps a SIGTERM from ending the process."""
+    future: Future[T] = Future()
+    future.set_running_or_notify_cancel()  # running: a waiter that gives up cannot cancel it under fn
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)
@@ -149,18 +169,7 @@ class ModelHost:
         return Served(bundle, scorer, method, fpr)
 
     def _start_prepare(self, path: Path) -> Future[Served]:
-        """prepare(path) in a thread of its own. A daemon thread: one stuck on a hung file system
-        or a runaway graph is abandoned at its time limit and never keeps the process from exiting."""
-        future: Future[Served] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(self.prepare(path))
-            except BaseException as e:
-                future.set_exception(e)
-
-        threading.Thread(target=run, name="model-load", daemon=True).start()
-        return future
+        return in_daemon_thread("model-load", self.prepare, path)
 
     def _abandon(self, future: Future[Served], path: Path) -> LoadTimedOut:
         limit = self.options.load_timeout_s
@@ -211,21 +220,10 @@ class ModelHost:
         finally:
             self.reload_lock.release()
 
-    async def reload_async(self, path: Path | None = None) -> Served:
-        """reload for the event loop: waits for the load without holding a worker thread."""
-        target, future = self._begin_reload(path)
-        try:
-            try:
-                async with asyncio.timeout(self.options.load_timeout_s):
-                    served = await asyncio.shield(asyncio.wrap_future(future))
-            except TimeoutError:
-                self.events.reload_finished(False)
-                raise self._abandon(future, target) from None
-            except Exception as e:
-                raise self._refused(target, e) from e
-            return self._finish_reload(served, target)
-        finally:
-            self.reload_lock.release()
+    def reload_in_background(self, path: Path | None = None) -> Future[Served]:
+        """reload without blocking the caller (the event loop awaits the future wrapped; SIGHUP
+        only logs its outcome)."""
+        return in_daemon_thread("model-reload", self.reload, path)
 
     def _begin_reload(self, path: Path | None) -> tuple[Path, Future[Served]]:
         target = self.model_path if path is None else path

@@ -319,23 +319,6 @@ class ExportedGraph:
     computed: frozenset[str]
 
 
-def build_graph(
-    arch: Architecture,
-    weights: dict[str, NDArray[np.floating]],
-    method: str,
-    *,
-    mean: NDArray[np.float64],
-    scale: NDArray[np.float64],
-    sigma2: float,
-    sigma2_projected: float,
-) -> bytes:
-    """Serialized ONNX model: input raw rows x (B, d) float64, outputs OUTPUTS."""
-    exported = export_graph(
-        arch, weights, method, mean=mean, scale=scale, sigma2=sigma2, sigma2_projected=sigma2_projected
-    )
-    return exported.model.SerializeToString()
-
-
 def export_graph(
     arch: Architecture,
     weights: dict[str, NDArray[np.floating]],
@@ -346,7 +329,8 @@ def export_graph(
     sigma2: float,
     sigma2_projected: float,
 ) -> ExportedGraph:
-    """build_graph's model before serialisation, with the names of its computed constants."""
+    """One method's scoring graph (input raw rows x (B, d) float64, outputs OUTPUTS), with the names of
+    its computed constants; `.model.SerializeToString()` is the file a bundle holds."""
     import onnx
     import onnx.helper as h
 

@@ -1,7 +1,6 @@
 """The model host: what a bundle whose graphs cover only some methods can and cannot serve, and loads
 that do not finish in time."""
 
-import asyncio
 import json
 import shutil
 import threading
@@ -76,7 +75,7 @@ def test_a_reload_past_its_time_limit_is_abandoned_and_the_old_model_serves_on(t
         # The lock is free again: a good reload goes through beside the abandoned one.
         assert host.reload(root / "current").bundle.version == old.bundle.version
         with pytest.raises(LoadTimedOut):
-            asyncio.run(host.reload_async(root / "slow"))
+            host.reload_in_background(root / "slow").result(timeout=60)
         # Two abandoned loads still running: a third reload is refused at once, not queued.
         assert len(host.abandoned) == MAX_ABANDONED
         with pytest.raises(LoadTimedOut, match="abandoned loads are still running"):
