@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 
 import numpy as np
 
-from app.bundle.format import SCHEMA_VERSION, Bundle, BundleError, load_bundle
+from app.bundle.format import Bundle, BundleError, load_bundle
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
@@ -50,7 +50,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--missing", choices=["error", "drop"], default="error", help="rows with missing values"
     )
-    data.add_argument("--allow-constant", action="store_true", help="accept constant columns")
     _add_column_options(data)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -269,7 +268,7 @@ def _train(args: argparse.Namespace) -> int:
         from app.model.device import resolve_device
         from app.train.data import MissingValue, label_like_columns, read_table
         from app.train.options import expand_grid
-        from app.train.pipeline import TrainRequest, train_bundle
+        from app.train.pipeline import TrainRequest, constant_columns, constants_note, train_bundle
 
     # Every option is checked before the data is read or anything is written.
     network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
@@ -286,7 +285,6 @@ def _train(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             labels_path=args.labels,
             missing=args.missing,
-            allow_constant=args.allow_constant,
             exclude=_columns_left_out(args),
         )
     except MissingValue as e:
@@ -304,7 +302,10 @@ def _train(args: argparse.Namespace) -> int:
             f"feature. If it marks anomalies, pass --label-column {name} (or --ignore-columns {name})",
             file=sys.stderr,
         )
-    d = table.values.shape[1]
+    constants = constant_columns(table.values, table.feature_names)
+    if constants:  # said before the training, not only in the notes after it
+        print(f"warning: {constants_note(constants)}", file=sys.stderr)
+    d = table.values.shape[1] - len(constants)
     candidates = expand_grid(grid, d, base) if grid is not None else [base]
     if grid is None:
         base.architecture(d)  # refuse an impossible single model before any work
@@ -326,7 +327,8 @@ def _train(args: argparse.Namespace) -> int:
             table.values, table.feature_names, request, args.out, labels=table.labels, progress=bar.update
         )
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        if not constants or note != constants_note(constants):
+            print(f"note: {note}", file=sys.stderr)
     if not args.quiet:
         _print_info(result.bundle)
     return 0
@@ -392,10 +394,10 @@ def _score(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle)
     scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
-    fill = bundle.scaler.mean if args.missing == "impute" else None
+    fill = bundle.fill_values if args.missing == "impute" else None
     chunks = iter_chunks(
         args.data,
-        bundle.features,
+        bundle.columns,
         args.chunk_rows,
         id_columns=args.id_column,
         missing=args.missing,
@@ -409,7 +411,7 @@ def _score(args: argparse.Namespace) -> int:
                 columns: dict[str, Any] = dict(chunk.ids)
                 if args.missing == "skip":
                     columns["row"] = chunk.rows + 1  # 1-based, as the messages count rows
-                columns |= output.columns()
+                columns |= output.columns(list(bundle.constants))
                 if chunk.imputed is not None:
                     columns["imputed"] = chunk.imputed
                     imputed += int((chunk.imputed > 0).sum())
@@ -427,11 +429,18 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _constants_text(constants: dict[str, float]) -> str:
+    return (
+        ", ".join(f"{name} = {value:g}" for name, value in constants.items())
+        + " (constant in training, kept out of the model: a row that differs there is flagged)"
+    )
+
+
 def _print_info(bundle: Bundle) -> None:
     arch, training, noise, features = bundle.architecture, bundle.training, bundle.noise, bundle.features
     lines = [
         f"name         {bundle.name}",
-        f"version      {bundle.version}  (schema {SCHEMA_VERSION})",
+        f"version      {bundle.version}  (schema {bundle.manifest['schema_version']})",
         f"created      {bundle.created}",
         f"features     {len(features)}: {', '.join(features[:8])}" + (" ..." if len(features) > 8 else ""),
         f"model        latent {arch.latent_dim} ({arch.geometry}), {arch.depth} x {arch.hidden} "
@@ -439,6 +448,8 @@ def _print_info(bundle: Bundle) -> None:
         f"noise        sigma2 {noise['sigma2']:.4g}, projected {noise['sigma2_projected']:.4g}",
         f"default      method {bundle.default_method}, false-positive rate {bundle.default_fpr}",
     ]
+    if bundle.constants:
+        lines.append(f"constants    {_constants_text(bundle.constants)}")
     if training:
         lines.append(
             f"selection    {training.get('selection')} among {training.get('candidates')} candidates"

@@ -20,7 +20,9 @@ labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `
 the conformal p-values. A fitted detector is a bundle: `save(path)` writes it (the same directory
 `anomaly-scores train` writes and the service loads) and `ManifoldDetector.load(path)` reads one.
 Rows may be numpy arrays or pandas DataFrames, whose column names become the feature names and are
-then required (in any order) at scoring time.
+then required (in any order) at scoring time. A column that holds one value in every training row is
+kept out of the networks (`constants_`: name -> value); a scored row that differs there is flagged
+with p-value 0 and shows in `constant_mismatch`.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
     def _use(self, bundle: Bundle) -> None:
         self.bundle_ = bundle
         self.scorer_: Scorer = create_scorer(bundle, self.backend, threads=1)
-        self.n_features_in_ = len(bundle.features)
+        self.n_features_in_ = len(bundle.columns)
+        self.constants_ = bundle.constants
         self.threshold_ = bundle.threshold(self.method, self.fpr).value
         self.offset_ = -self.threshold_
 
@@ -166,6 +169,11 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         """Conformal p-values against the held-out calibration scores."""
         return self._score(X).p_value
 
+    def constant_mismatch(self, X: Any) -> NDArray[np.bool_]:
+        """(n, len(constants_)): whether each row differs from each column that was constant in
+        training (constants_, in order). Such rows are flagged by predict and have p-value 0."""
+        return self._score(X).constant_mismatch
+
     def save(self, path: str | Path) -> Path:
         """Write the bundle to `path` (a directory; an existing bundle there is replaced)."""
         check_is_fitted(self, "bundle_")
@@ -181,6 +189,6 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         bundle = load_bundle(path)
         detector = cls(**({"method": bundle.default_method, "fpr": bundle.default_fpr} | params))
         detector._use(bundle)
-        if bundle.features != [f"x{j}" for j in range(len(bundle.features))]:
-            detector.feature_names_in_ = np.asarray(bundle.features, dtype=object)
+        if bundle.columns != [f"x{j}" for j in range(len(bundle.columns))]:
+            detector.feature_names_in_ = np.asarray(bundle.columns, dtype=object)
         return detector

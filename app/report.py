@@ -84,8 +84,8 @@ def score_data(
     # The labels are read first, so a wrong --label-column fails before any scoring is done.
     file_labels = None if label_column is None else read_label_column(path, label_column)
     methods = report_methods(bundle, scorer.methods, labelled=file_labels is not None)
-    fill = bundle.scaler.mean if missing == "impute" else None
-    chunks = iter_chunks(path, bundle.features, chunk_rows, id_columns=id_columns, missing=missing, fill=fill)
+    fill = bundle.fill_values if missing == "impute" else None
+    chunks = iter_chunks(path, bundle.columns, chunk_rows, id_columns=id_columns, missing=missing, fill=fill)
     rows: list[NDArray[np.int64]] = []
     ids: dict[str, list[Any]] = {name: [] for name in id_columns}
     scores: dict[str, list[NDArray[np.float64]]] = {m: [] for m in methods}
@@ -227,6 +227,11 @@ def _model_section(bundle: Bundle) -> str:
         ("version", bundle.version),
         ("created", bundle.created or "not recorded"),
         ("features", f"{len(features)}: {shown}"),
+        *(
+            [("constant columns", ", ".join(f"{k} = {v:g}" for k, v in bundle.constants.items()))]
+            if bundle.constants
+            else []
+        ),
         (
             "architecture",
             f"latent {arch.latent_dim} ({arch.geometry}), {arch.depth} x {arch.hidden} {arch.activation}, "

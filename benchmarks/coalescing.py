@@ -19,8 +19,6 @@ import argparse
 import json
 import shutil
 
-import numpy as np
-
 from app.bundle.format import load_bundle
 from benchmarks.http_load import wrk
 from benchmarks.serving import serve
@@ -36,10 +34,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("needs wrk (apt-get install wrk)")
     bundle = load_bundle(args.model)
-    row = (
-        bundle.scaler.mean
-        + np.random.default_rng(0).standard_normal(len(bundle.features)) * bundle.scaler.scale
-    )
+    row = bundle.sample_rows(1)[0]
     single = json.dumps({"instances": [row.tolist()]}).encode()
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     for _ in range(args.rounds):

@@ -63,8 +63,7 @@ def spec_bundle(directory: Path, geometry: str, prior: str) -> Bundle:
 
 
 def measure(bundle: Bundle, batch: int, repeats: int) -> dict[str, object]:
-    rng = np.random.default_rng(0)
-    x = bundle.scaler.mean + rng.standard_normal((batch, len(bundle.features))) * bundle.scaler.scale
+    x = bundle.sample_rows(batch)
     gpu, cpu = TorchScorer(bundle, "cuda"), TorchScorer(bundle, "cpu")
     report: dict[str, object] = {"architecture": dataclasses.asdict(bundle.architecture)}
     for method in METHODS:

@@ -160,8 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = {"ANOMALY_MAX_ROWS": "10000"} | dict(item.split("=", 1) for item in args.env)
     bundle = load_bundle(args.model)
-    rng = np.random.default_rng(0)
-    rows = bundle.scaler.mean + rng.standard_normal((1000, len(bundle.features))) * bundle.scaler.scale
+    rows = bundle.sample_rows(1000)
     single = json.dumps({"instances": rows[:1].tolist()}).encode()
     batch_json = json.dumps({"instances": rows.tolist()}).encode()
     buffer = io.BytesIO()

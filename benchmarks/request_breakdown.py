@@ -104,8 +104,7 @@ def main() -> None:
     service.host.load()  # what the lifespan's loading thread does
     served = service.host.served
     bundle, scorer = served.bundle, served.scorer
-    rng = np.random.default_rng(0)
-    x = bundle.scaler.mean + rng.standard_normal((args.rows, len(bundle.features))) * bundle.scaler.scale
+    x = bundle.sample_rows(args.rows)
     body = orjson.dumps({"instances": x.tolist()})
 
     spent: dict[str, float] = defaultdict(float)
@@ -143,14 +142,17 @@ def main() -> None:
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
     x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
     parts = dict(zip(OUTPUTS, run(session, x64), strict=True))
-    out = assemble(bundle, method, fpr, parts, False, x64.shape[0])
+    mismatch = bundle.split_columns(x64)[1]
+    out = assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch)
     parsed = parse(body, bundle.features, service.settings.max_rows)
     answer = routes._response_body(served, out, parsed)  # the body the route writes
     n = args.requests
     isolated = {
         "onnxruntime": alone(lambda: run(session, x64), n),
         "parse": alone(lambda: parse(body, bundle.features, service.settings.max_rows), n),
-        "flags_and_p_values": alone(lambda: assemble(bundle, method, fpr, parts, False, x64.shape[0]), n),
+        "flags_and_p_values": alone(
+            lambda: assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch), n
+        ),
         "metrics": alone(lambda: observe(bundle, method, out.threshold.name, out.score, 0), n),
         "response": alone(lambda: respond(answer), n),
     }

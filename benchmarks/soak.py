@@ -34,7 +34,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
-import numpy as np
 
 from benchmarks.serving import serve
 
@@ -139,8 +138,7 @@ def score_body(model: Path, rows: int, seed: int = 0) -> bytes:
     from app.bundle.format import load_bundle
 
     bundle = load_bundle(model)
-    rng = np.random.default_rng(seed)
-    x = bundle.scaler.mean + rng.standard_normal((rows, len(bundle.features))) * bundle.scaler.scale
+    x = bundle.sample_rows(rows, seed)
     return json.dumps({"instances": x.tolist()}).encode()
 
 

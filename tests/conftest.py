@@ -1,6 +1,6 @@
-"""Shared fixtures: a small synthetic table with a known manifold, a tiny trained bundle, a helper
-that writes a bundle straight from a model (trained or not) with save_bundle, and one that replaces
-a bundle's file as whoever can write the bundle can."""
+"""Shared fixtures: a small synthetic table with a known manifold, a tiny trained bundle (and one
+trained with constant columns), a helper that writes a bundle straight from a model (trained or not)
+with save_bundle, and one that replaces a bundle's file as whoever can write the bundle can."""
 
 import hashlib
 import json
@@ -47,6 +47,32 @@ def tiny_bundle(tmp_path_factory) -> Path:
     )
     train_bundle(manifold_rows(600, seed=0), FEATURES, request, out)
     return out
+
+
+# "site" sits between features and is not exactly representable in float32; "zero" is the edge case
+# of the relative tolerance: any value but 0 differs from it.
+SITE, ZERO = 0.1, 0.0
+CONSTANT_COLUMNS = [FEATURES[0], "site", *FEATURES[1:], "zero"]
+
+
+def with_constants(features: np.ndarray, site: float = SITE, zero: float = ZERO) -> np.ndarray:
+    """Rows of CONSTANT_COLUMNS from rows of FEATURES."""
+    n = features.shape[0]
+    return np.c_[features[:, :1], np.full(n, site), features[:, 1:], np.full(n, zero)]
+
+
+@pytest.fixture(scope="session")
+def constant_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("constants") / "bundle"
+    request = TrainRequest(
+        candidates=[Candidate(latent_dim=2, hidden=16, components=2)],
+        fit=FitOptions(steps=150, batch_size=64),
+        fprs=(0.1,),
+        default_fpr=0.1,
+        name="constants",
+    )
+    result = train_bundle(with_constants(manifold_rows(400, seed=3)), CONSTANT_COLUMNS, request, out)
+    return result
 
 
 def bundle_from(model: ManifoldModel, out: Path, x: np.ndarray, **options) -> Bundle:

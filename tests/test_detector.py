@@ -92,6 +92,22 @@ def test_save_load_and_pickle_give_the_same_detector(fitted, tmp_path):
     assert loaded.get_params()["fpr"] == 0.05 and loaded.method == "likelihood"
 
 
+def test_a_constant_column_is_kept_out_and_a_row_that_differs_there_is_flagged(tmp_path):
+    rows = pd.DataFrame(manifold_rows(300, seed=56), columns=FEATURES).assign(unit=3.0)
+    detector = ManifoldDetector(**(SMALL | {"steps": 100})).fit(rows)
+    assert detector.constants_ == {"unit": 3.0} and detector.bundle_.features == FEATURES
+    assert detector.n_features_in_ == len(FEATURES) + 1
+    new = rows.iloc[:4].copy()
+    new.loc[new.index[2], "unit"] = 4.0
+    np.testing.assert_array_equal(detector.constant_mismatch(new), [[False], [False], [True], [False]])
+    assert detector.predict(new)[2] == -1 and detector.p_value(new)[2] == 0
+    # The column's value enters nothing else: the row's likelihood is its features'.
+    np.testing.assert_array_equal(detector.score_samples(new), detector.score_samples(rows.iloc[:4]))
+    loaded = ManifoldDetector.load(detector.save(tmp_path / "b"))
+    assert list(loaded.feature_names_in_) == [*FEATURES, "unit"]
+    np.testing.assert_array_equal(loaded.constant_mismatch(new), detector.constant_mismatch(new))
+
+
 def test_too_few_rows_or_an_unresolvable_rate_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="each split needs at least 10"):
         ManifoldDetector(**SMALL).fit(manifold_rows(30, seed=54))

@@ -121,7 +121,7 @@ def install_openapi(app: FastAPI, service: Service) -> None:
 
 def add_examples(document: dict[str, Any], served: Served | None, settings: Settings) -> None:
     paths = document["paths"]
-    features = FALLBACK_FEATURES if served is None else served.bundle.features
+    features = FALLBACK_FEATURES if served is None else served.bundle.columns
     if served is not None:
         content = paths["/score"]["post"]["requestBody"]["content"]["application/json"]
         content["examples"] = score_examples(served)
@@ -146,17 +146,18 @@ def _rounded(value: float) -> float:
 
 
 def example_rows(served: Served) -> list[list[float]]:
-    """The training rows' mean, and a row four standard deviations above it in every feature."""
-    scaler = served.bundle.scaler
-    return [
-        [_rounded(m) for m in scaler.mean],
-        [_rounded(m + 4 * s) for m, s in zip(scaler.mean, scaler.scale, strict=True)],
-    ]
+    """The training rows' mean, and a row four standard deviations above it in every feature; constant
+    columns at their value exactly (rounded, it would differ from training)."""
+    bundle = served.bundle
+    scaler = bundle.scaler
+    mean = dict(zip(bundle.features, map(_rounded, scaler.mean), strict=True)) | bundle.constants
+    far = dict(zip(bundle.features, map(_rounded, scaler.mean + 4 * scaler.scale), strict=True))
+    return [[mean[c] for c in bundle.columns], [(far | bundle.constants)[c] for c in bundle.columns]]
 
 
 def score_examples(served: Served) -> dict[str, dict[str, Any]]:
     rows = example_rows(served)
-    named: dict[str, Any] = {"instances": [dict(zip(served.bundle.features, rows[0], strict=True))]}
+    named: dict[str, Any] = {"instances": [dict(zip(served.bundle.columns, rows[0], strict=True))]}
     # The strictest threshold stored for the default method: a name the bundle is sure to resolve.
     stored = served.bundle.stored_thresholds.get(served.method, {})
     if stored:

@@ -4,8 +4,9 @@ documents, JSON and with the binary tensor data extension, for the scorer below 
 One input tensor `x`, FP32 or FP64, shape [n, d], the bundle's features in order: `data` flat
 (row-major) or nested, or, with the binary extension, n*d little-endian values after the JSON header
 (`Inference-Header-Content-Length` bytes). Request parameters: `method`, `threshold` (a name such as
-fpr_0.01, or a calibrated rate) and `binary_data_output`. Outputs, all [n] but `is_anomaly` BOOL and
-the rest FP64: OUTPUT_NAMES; without `outputs` in the request, DEFAULT_OUTPUTS. Each output is JSON
+fpr_0.01, or a calibrated rate) and `binary_data_output`. Outputs, all [n] FP64 but `is_anomaly`
+BOOL [n] and `constant_mismatch` BOOL [n, c] (c: the model's constant columns): OUTPUT_NAMES; without
+`outputs` in the request, DEFAULT_OUTPUTS, and `constant_mismatch` where c > 0. Each output is JSON
 or binary (`parameters.binary_data`, else the request's `binary_data_output`).
 Specification: github.com/kserve/open-inference-protocol, specification/protocol/inference_rest.md.
 """
@@ -38,6 +39,8 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "log_volume": ("FP64", "log_volume"),
     "log_residual": ("FP64", "log_residual"),
     "reconstruction_error": ("FP64", "reconstruction_error"),
+    # [n, c] for a model with c constant columns (its metadata's order): the row's value differs there
+    "constant_mismatch": ("BOOL", "constant_mismatch"),
 }
 OUTPUT_NAMES = tuple(OUTPUTS)
 DEFAULT_OUTPUTS = ("score", "is_anomaly", "p_value", "log_likelihood")
@@ -54,6 +57,8 @@ class InferRequest(ScoreRequest):
     id: str | None = None
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     binary: frozenset[str] = field(default_factory=frozenset)  # outputs answered as binary data
+    # No `outputs` in the request: the model's constant_mismatch is added where it has constant columns.
+    default_outputs: bool = True
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -192,7 +197,7 @@ def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...]
 
 
 def parse_infer(
-    body: Body, header_length: str | None, model: str, features: list[str], max_rows: int
+    body: Body, header_length: str | None, model: str, columns: list[str], max_rows: int
 ) -> InferRequest:
     doc, binary = _header_and_binary(body, header_length)
     doc = _object(doc, "the inference request")
@@ -222,13 +227,21 @@ def parse_infer(
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput(f"'inputs' must hold exactly one tensor, {INPUT!r}; got {describe(inputs)}")
-    x, used = _input_rows(_object(inputs[0], "the input"), binary, features, max_rows)
+    x, used = _input_rows(_object(inputs[0], "the input"), binary, columns, max_rows)
     if used != len(binary):
         raise BadRequest(f"the body holds {len(binary) - used} bytes after the binary data of its inputs")
-    check_values(x, features)
+    check_values(x, columns)
     outputs, binary_outputs = _outputs(doc, binary_default)
+    if "outputs" not in doc and binary_default:
+        binary_outputs |= {"constant_mismatch"}
     return InferRequest(
-        x=x, method=method, threshold=threshold, id=request_id, outputs=outputs, binary=binary_outputs
+        x=x,
+        method=method,
+        threshold=threshold,
+        id=request_id,
+        outputs=outputs,
+        binary=binary_outputs,
+        default_outputs="outputs" not in doc,
     )
 
 
@@ -236,18 +249,20 @@ def encode_response(
     model: tuple[str, str], out: ScoreOutput, request: InferRequest
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON alone, or JSON then the binary outputs in order."""
-    n = out.score.shape[0]
     outputs, chunks = [], []
-    for name in request.outputs:
+    names = request.outputs
+    if request.default_outputs and out.constant_mismatch.shape[1]:
+        names += ("constant_mismatch",)
+    for name in names:
         datatype, attribute = OUTPUTS[name]
         values = getattr(out, attribute)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [n]}
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if name in request.binary:
             raw = np.ascontiguousarray(values, dtype=WIRE_DTYPES[datatype]).tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            tensor["data"] = values
+            tensor["data"] = values.ravel() if values.ndim > 1 else values
         outputs.append(tensor)
     threshold = out.threshold
     document: dict[str, Any] = {"model_name": model[0], "model_version": model[1]}

@@ -20,7 +20,7 @@ from app.api.service import Service
 from app.bundle.calibration import threshold_name
 from app.engine.errors import NotReady
 from app.engine.host import Served
-from app.engine.scorer import ScoreOutput
+from app.engine.scorer import ScoreOutput, mismatch_names
 from app.model.methods import METHODS
 
 router = APIRouter()
@@ -95,6 +95,9 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
             "log_residual": out.log_residual,
             "reconstruction_error": out.reconstruction_error,
         }
+    constants = served.bundle.constants
+    if constants:
+        body["constant_mismatch"] = mismatch_names(out.constant_mismatch, list(constants))
     if request.ids is not None:
         body["ids"] = request.ids
     if request.explain:
@@ -107,7 +110,8 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
     tags=["scoring"],
     summary="Score rows",
     description="Anomaly scores, conformal p-values and flags for a batch of rows: a JSON document "
-    "(rows as lists in the model's feature order, or objects keyed by feature name; options in the "
+    "(rows as lists in the model's column order, GET /model's `columns`, or objects keyed by column "
+    "name; options in the "
     "body) or a NumPy `.npy` float32/float64 matrix (options as query parameters). Errors name the "
     "row and column at fault. The examples are built from the served model's features.",
     response_model=None,
@@ -148,14 +152,14 @@ async def score(request: Request) -> Response:
         )
     query = dict(request.query_params)
     check_query(content_type, query)
-    features, max_rows = served.bundle.features, service.settings.max_rows
+    columns, max_rows = served.bundle.columns, service.settings.max_rows
     if content_type == "application/json":
         parsed, out = await score_body(
-            request, service, served, content_type, lambda body: parse_json(body, features, max_rows)
+            request, service, served, content_type, lambda body: parse_json(body, columns, max_rows)
         )
     else:
         parsed, out = await score_body(
-            request, service, served, content_type, lambda body: parse_npy(body, features, max_rows, query)
+            request, service, served, content_type, lambda body: parse_npy(body, columns, max_rows, query)
         )
     return json_response(_response_body(served, out, parsed))
 
@@ -206,7 +210,8 @@ async def reload(request: Request) -> Response:
     "/model",
     tags=["model"],
     summary="Model metadata",
-    description="The served bundle: name, version, feature order, score methods, default method and "
+    description="The served bundle: name, version, the columns a row holds (in order), the features "
+    "the networks take and the constant columns kept out of them, score methods, default method and "
     "threshold, stored thresholds, calibration summary, architecture, noise and training summary.",
     responses={c: {"model": schemas.ErrorResponse} for c in (401, 503)},
 )
@@ -220,7 +225,9 @@ async def model(request: Request) -> Response:
             "name": bundle.name,
             "version": bundle.version,
             "created": bundle.created,
+            "columns": bundle.columns,
             "features": bundle.features,
+            "constants": bundle.constants,
             "methods": list(METHODS),
             "default_method": served.method,
             "default_threshold": threshold_name(served.fpr),

@@ -21,7 +21,10 @@ class ScoreRequest(BaseModel):
     instances: (
         Annotated[list[list[float]], Field(min_length=1)]
         | Annotated[list[dict[str, float]], Field(min_length=1)]
-    ) = Field(..., description="rows in the model's feature order, or objects keyed by feature name")
+    ) = Field(
+        ...,
+        description="rows in the model's column order (GET /model: columns), or objects keyed by column name",
+    )
     method: Method | None = Field(None, description="score method; default: the service's")
     threshold: str | float | None = Field(
         None,
@@ -74,6 +77,11 @@ class ScoreResponse(BaseModel):
     log_volume: list[float] | None = None
     log_residual: list[float] | None = None
     reconstruction_error: list[float] | None = None
+    constant_mismatch: list[list[str]] | None = Field(
+        None,
+        description="only for a model with constant columns (GET /model: constants): per row, those whose "
+        "value differs from training; such a row is flagged with p-value 0",
+    )
     ids: list[str | int] | None = Field(None, description="the request's ids or id_key values, in row order")
     explain: Explanation | None = None
 
@@ -144,6 +152,7 @@ class V2RequestOutput(BaseModel):
         "log_volume",
         "log_residual",
         "reconstruction_error",
+        "constant_mismatch",
     ]
     parameters: V2Parameters | None = Field(None, description="binary_data: true for binary data")
 

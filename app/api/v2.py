@@ -91,14 +91,17 @@ async def _model_metadata(request: Request, name: str, version: str | None) -> R
     service = _service(request)
     authorize(request, service.settings)
     bundle = _served(service, name, version).bundle
-    d = len(bundle.features)
+    d, c = len(bundle.columns), len(bundle.constants)
+    shapes = {"constant_mismatch": [-1, c]}
     return json_response(
         {
             "name": bundle.name,
             "versions": [bundle.version],
             "platform": f"anomaly-scores_{service.settings.backend}",
             "inputs": [{"name": INPUT, "datatype": "FP64", "shape": [-1, d]}],
-            "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, (t, _) in OUTPUTS.items()],
+            "outputs": [
+                {"name": n, "datatype": t, "shape": shapes.get(n, [-1])} for n, (t, _) in OUTPUTS.items()
+            ],
         }
     )
 
@@ -116,7 +119,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     authorize(request, service.settings)
     served = _served(service, name, version)
     header_length = request.headers.get(HEADER_LENGTH)
-    features, max_rows = served.bundle.features, service.settings.max_rows
+    columns, max_rows = served.bundle.columns, service.settings.max_rows
     # A binary body's JSON header is small and its tensor is read in place, as a .npy body's is.
     kind = "application/x-npy" if header_length is not None else "application/json"
     parsed, out = await score_body(
@@ -124,7 +127,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         service,
         served,
         kind,
-        lambda body: parse_infer(body, header_length, name, features, max_rows),
+        lambda body: parse_infer(body, header_length, name, columns, max_rows),
     )
     body, headers = encode_response((served.bundle.name, served.bundle.version), out, parsed)
     media = "application/octet-stream" if headers else "application/json"

@@ -22,6 +22,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,14 @@ if TYPE_CHECKING:
 
 # 2: encoder's volume restricted to the manifold, projected as MAP + Laplace with sigma2_projected,
 # graphs take float64 rows, derived prior tensors in float64.
-SCHEMA_VERSION = 2
+# 3: input columns held constant in training ("columns", "constants") are kept out of the networks.
+# A bundle is written with the lowest version that describes it (3 only when it has constant
+# columns), so a reader of version 2 refuses exactly the bundles it would score wrongly.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+# A scored value equals a column's training constant when |x - c| <= CONSTANT_RTOL * |c|: float32
+# transport of c (relative rounding 6e-8) passes, any other value, and any value off a constant 0, not.
+CONSTANT_RTOL = 1e-6
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.safetensors"
@@ -79,7 +87,53 @@ class Bundle:
 
     @property
     def features(self) -> list[str]:
+        """The columns the networks take, in order: `columns` without the constant ones."""
         return list(self.manifest["features"])
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a scored row holds, in order: the features and the constant columns."""
+        return list(self.manifest.get("columns", self.manifest["features"]))
+
+    @property
+    def constants(self) -> dict[str, float]:
+        """Columns that held one value in every training row, and that value (docs/bundle.md 2.1)."""
+        return {name: float(value) for name, value in self.manifest.get("constants", {}).items()}
+
+    @cached_property
+    def _column_split(self) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.float64]]:
+        columns, constants = self.columns, self.constants
+        model = np.asarray([j for j, name in enumerate(columns) if name not in constants], dtype=np.intp)
+        fixed = np.asarray([columns.index(name) for name in constants], dtype=np.intp)
+        return model, fixed, np.asarray(list(constants.values()), dtype=np.float64)
+
+    def split_columns(self, x_raw: NDArray[np.floating]) -> tuple[NDArray[np.floating], NDArray[np.bool_]]:
+        """Rows of `columns` (n, len(columns)) -> the networks' input (n, d) and, per row and constant
+        column in `constants` order, whether the row's value differs from the training constant
+        (n, len(constants)). Without constant columns the rows pass through uncopied."""
+        x = np.asarray(x_raw)
+        if not self.constants:
+            return x, np.zeros((x.shape[0], 0), dtype=bool)
+        model, fixed, values = self._column_split
+        return x[:, model], np.abs(x[:, fixed] - values) > CONSTANT_RTOL * np.abs(values)
+
+    def sample_rows(self, n: int, seed: int = 0) -> NDArray[np.float64]:
+        """n rows of `columns` with the training rows' mean and spread, features independent normal,
+        constant columns at their value: warm-up and benchmark rows that every model accepts."""
+        scaler = self.scaler
+        features = (
+            scaler.mean + np.random.default_rng(seed).standard_normal((n, scaler.mean.size)) * scaler.scale
+        )
+        rows = np.empty((n, len(self.columns)))
+        model, fixed, values = self._column_split
+        rows[:, model], rows[:, fixed] = features, values
+        return rows
+
+    @property
+    def fill_values(self) -> NDArray[np.float64]:
+        """Per column, the value that stands in for a missing one: the training mean or constant."""
+        means = dict(zip(self.features, self.scaler.mean.tolist(), strict=True)) | self.constants
+        return np.asarray([means[name] for name in self.columns], dtype=np.float64)
 
     @property
     def architecture(self) -> Architecture:
@@ -252,6 +306,8 @@ def save_bundle(
     features: list[str],
     scaler: Scaler,
     calibration_scores: dict[str, NDArray[np.float64]],
+    columns: list[str] | None = None,
+    constants: dict[str, float] | None = None,
     fprs: tuple[float, ...] = cal.DEFAULT_FPRS,
     default_method: str = "likelihood",
     default_fpr: float = 0.01,
@@ -259,12 +315,19 @@ def save_bundle(
     leaderboard_csv: str | None = None,
     build: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Write a bundle directory and return it as loaded back from disk."""
+    """Write a bundle directory and return it as loaded back from disk.
+
+    columns: the scored rows' columns in order (default: the features); constants: those of them
+    kept out of the networks, with their training value."""
     arch = model.arch
     if len(features) != arch.input_dim or scaler.mean.shape != (arch.input_dim,):
         raise BundleError(
             f"{len(features)} feature names and a scaler of {scaler.mean.shape} for d = {arch.input_dim}"
         )
+    columns, constants = list(columns or features), dict(constants or {})
+    problem = _column_problem(columns, features, constants)
+    if problem:
+        raise BundleError(problem)
     if default_method not in calibration_scores:
         raise BundleError(f"no calibration scores for the default method {default_method!r}")
     if default_fpr not in fprs:
@@ -284,6 +347,8 @@ def save_bundle(
             scaler=scaler,
             fprs=fprs,
             calibration_scores=calibration_scores,
+            columns=columns,
+            constants=constants,
             default_method=default_method,
             default_fpr=default_fpr,
             training=training,
@@ -316,6 +381,8 @@ def _write_bundle(
     features: list[str],
     scaler: Scaler,
     calibration_scores: dict[str, NDArray[np.float64]],
+    columns: list[str],
+    constants: dict[str, float],
     fprs: tuple[float, ...],
     default_method: str,
     default_fpr: float,
@@ -349,11 +416,12 @@ def _write_bundle(
         for method, scores in sorted_scores.items()
     }
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if constants else 2,
         "name": name,
         "version": "",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "features": list(features),
+        **({"columns": columns, "constants": constants} if constants else {}),
         "scaler": scaler.to_dict(),
         "architecture": arch.to_dict(),
         "noise": _noise(model),
@@ -404,7 +472,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} must hold a JSON object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_VERSIONS:
         why = (
             ": its encoder and projected calibration scores were computed by the schema-1 formulas, "
             "which this build no longer scores with (docs/bundle.md); retrain it with this build"
@@ -413,14 +481,43 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         )
         raise BundleError(
             f"{root}: bundle schema version {manifest.get('schema_version')!r}, "
-            f"this build reads version {SCHEMA_VERSION}{why}"
+            f"this build reads versions {' and '.join(map(str, READABLE_VERSIONS))}{why}"
         )
-    missing = [k for k in _REQUIRED if k not in manifest]
+    required = _REQUIRED + (("columns", "constants") if manifest["schema_version"] == 3 else ())
+    missing = [k for k in required if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
+    if manifest["schema_version"] == 2 and ("columns" in manifest or "constants" in manifest):
+        raise BundleError(f"{manifest_path}: columns and constants need schema version 3")
     if content_version(manifest) != manifest["version"]:
         raise BundleError(f"{root}: the manifest was edited after the bundle was written (version mismatch)")
     return manifest
+
+
+def _column_problem(columns: Any, features: Any, constants: Any) -> str | None:
+    """What is wrong with a bundle's columns, features and constants, if anything: the columns are
+    distinct names, the constants name some of them with finite numbers, the features are the rest
+    in order, and at least one column is left for the networks."""
+    if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+        return "columns must be a list of names"
+    if not isinstance(constants, dict):
+        return "constants must map column names to their values"
+    not_numbers = [
+        name
+        for name, value in constants.items()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value)
+    ]
+    checks = (
+        (len(set(columns)) != len(columns), f"columns {columns} name a column twice"),
+        (not set(constants) <= set(columns), f"constants {sorted(constants)} must be among the columns"),
+        (bool(not_numbers), f"constant column(s) {not_numbers} must have finite numbers as values"),
+        (
+            features != [c for c in columns if c not in constants],
+            f"features {features} must be the columns without the constant ones, in order",
+        ),
+        (not features, "every column is constant: nothing is left to model"),
+    )
+    return next((message for failed, message in checks if failed), None)
 
 
 def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -498,6 +595,11 @@ def _load(root: Path) -> Bundle:
     scaler = manifest["scaler"]
     if len(manifest["features"]) != d or len(scaler["mean"]) != d or len(scaler["scale"]) != d:
         raise BundleError(f"{root}: features and scaler must have {d} entries, the architecture's input size")
+    problem = _column_problem(
+        manifest.get("columns", manifest["features"]), manifest["features"], manifest.get("constants", {})
+    )
+    if problem:
+        raise BundleError(f"{root}: {problem}")
     if manifest["default_method"] not in calibration:
         raise BundleError(
             f"{root}: no calibration scores for the default method {manifest['default_method']!r}"

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
 from app.bundle.calibration import threshold_name
 from app.bundle.format import Bundle, load_bundle
 from app.engine.errors import Conflict, InvalidInput, LoadTimedOut, NotReady, ReloadFailed
@@ -162,8 +160,7 @@ class ModelHost:
                 f"the default method {method!r} cannot be scored by the {o.backend} backend here"
             )
         fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr, method)
-        rows = np.repeat(bundle.scaler.mean[None], o.warmup_rows, axis=0)
-        rows += np.random.default_rng(0).standard_normal(rows.shape) * bundle.scaler.scale
+        rows = bundle.sample_rows(o.warmup_rows)
         for m in scorer.methods:
             scorer.score(rows, m, fpr)
         return Served(bundle, scorer, method, fpr)

@@ -77,7 +77,8 @@ class OnnxScorer:
         session = self.sessions.get(method)
         if session is None:
             raise BundleError(f"{self.bundle.path}: no ONNX graph for {method!r}; use the torch backend")
-        x = np.ascontiguousarray(x_raw, dtype=np.float64)
+        x_model, mismatch = self.bundle.split_columns(x_raw)
+        x = np.ascontiguousarray(x_model, dtype=np.float64)
         try:
             results = self._run(session, x)
         except Exception as e:  # onnxruntime's errors (Fail, InvalidArgument, ...) derive from Exception only
@@ -86,7 +87,7 @@ class OnnxScorer:
             ) from e
         names = [o.name for o in session.get_outputs()]
         parts = dict(zip(names, results, strict=True))
-        return assemble(self.bundle, method, fpr, parts, explain, x.shape[0])
+        return assemble(self.bundle, method, fpr, parts, explain, x.shape[0], mismatch)
 
     def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)

@@ -31,6 +31,9 @@ class ScoreOutput:
     p_value: NDArray[np.float64]
     is_anomaly: NDArray[np.bool_]
     residual_share: NDArray[np.float64] | None  # (n, d): each feature's share of the squared residual
+    # (n, len(bundle.constants)): the row's value differs from a column's training constant. Such a
+    # row lies where no training row did, density 0: p-value 0 and flagged, whatever its score.
+    constant_mismatch: NDArray[np.bool_]
 
     def rows(self, start: int, stop: int) -> ScoreOutput:
         """The same output restricted to rows start..stop-1 (for a coalesced batch's requests)."""
@@ -46,11 +49,13 @@ class ScoreOutput:
             p_value=self.p_value[part],
             is_anomaly=self.is_anomaly[part],
             residual_share=None if self.residual_share is None else self.residual_share[part],
+            constant_mismatch=self.constant_mismatch[part],
         )
 
-    def columns(self) -> dict[str, NDArray[np.generic]]:
-        """The per-row columns of `anomaly-scores score`, in their documented order."""
-        return {
+    def columns(self, constants: list[str]) -> dict[str, NDArray[np.generic]]:
+        """The per-row columns of `anomaly-scores score`, in their documented order; with constant
+        columns (their names in the bundle's order), `constant_mismatch` last."""
+        out: dict[str, NDArray[np.generic]] = {
             "score": self.score,
             "log_likelihood": self.log_likelihood,
             "log_prior": self.log_prior,
@@ -60,6 +65,17 @@ class ScoreOutput:
             "p_value": self.p_value,
             "is_anomaly": self.is_anomaly,
         }
+        if constants:
+            names = mismatch_names(self.constant_mismatch, constants)
+            out["constant_mismatch"] = np.asarray([";".join(row) for row in names], dtype=object)
+        return out
+
+
+def mismatch_names(mismatch: NDArray[np.bool_], constants: list[str]) -> list[list[str]]:
+    """Per row, the constant columns whose value differs from training, in the bundle's order."""
+    if not mismatch.any():
+        return [[] for _ in range(mismatch.shape[0])]
+    return [[constants[j] for j in np.flatnonzero(row)] for row in mismatch]
 
 
 class Scorer(Protocol):
@@ -87,11 +103,13 @@ def assemble(
     parts: dict[str, NDArray[np.floating]],
     explain: bool,
     rows: int,
+    constant_mismatch: NDArray[np.bool_],
 ) -> ScoreOutput:
     """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) for
     `rows` input rows into scores, p-values and flags at the threshold of `fpr` (default: the
     bundle's). Every call checks that each output has one entry per input row: an answer never pairs
-    a score with the wrong row, whatever the backend did."""
+    a score with the wrong row, whatever the backend did. `constant_mismatch` is
+    Bundle.split_columns' verdict on the same rows."""
     d = len(bundle.features)
     for name, values in parts.items():
         expected = (rows, d) if name == "residual" else (rows,)
@@ -103,6 +121,10 @@ def assemble(
             )
     threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
     log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
+    p_value, is_anomaly = bundle.p_values(method, -log_likelihood), -log_likelihood > threshold.value
+    if constant_mismatch.any():
+        off = constant_mismatch.any(axis=1)
+        p_value[off], is_anomaly[off] = 0.0, True
     share = None
     if explain:
         e2 = np.asarray(parts["residual"], dtype=np.float64) ** 2
@@ -116,7 +138,8 @@ def assemble(
         log_volume=np.asarray(parts["log_volume"], dtype=np.float64),
         log_residual=np.asarray(parts["log_residual"], dtype=np.float64),
         reconstruction_error=np.asarray(parts["reconstruction_error"], dtype=np.float64),
-        p_value=bundle.p_values(method, -log_likelihood),
-        is_anomaly=-log_likelihood > threshold.value,
+        p_value=p_value,
+        is_anomaly=is_anomaly,
         residual_share=share,
+        constant_mismatch=constant_mismatch,
     )

@@ -47,10 +47,11 @@ class TorchScorer:
         method = method_or_default(method, self.bundle)
         generative = self.generative(method)
         dtype = scoring_dtype(method, self.model.dtype)
-        x = torch.as_tensor(self.bundle.scaler.transform(x_raw), dtype=dtype, device=self.device)
+        x_model, mismatch = self.bundle.split_columns(x_raw)
+        x = torch.as_tensor(self.bundle.scaler.transform(x_model), dtype=dtype, device=self.device)
         with torch.no_grad():
             parts = score(generative, x, method)
         arrays = {n: getattr(parts, n).double().cpu().numpy() for n in OUTPUTS[:-1]}
         if explain:
             arrays["residual"] = (x - parts.x_hat).double().cpu().numpy()
-        return assemble(self.bundle, method, fpr, arrays, explain, x.shape[0])
+        return assemble(self.bundle, method, fpr, arrays, explain, x.shape[0], mismatch)

@@ -63,7 +63,7 @@ class Chunk:
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields with == has no single truth value
 class Table:
-    """A data file as a checked matrix: every value finite, enough rows, no constant column unless allowed."""
+    """A data file as a checked matrix: every value finite, enough rows."""
 
     values: np.ndarray  # (n, d) float64, C-contiguous
     feature_names: list[str]  # length d
@@ -317,7 +317,6 @@ def read_table(
     labels_path: str | Path | None = None,
     missing: Literal["error", "drop"] = "error",
     min_rows: int = 2,
-    allow_constant: bool = False,
     exclude: Sequence[str] = (),
 ) -> Table:
     """Read a whole data file into a checked Table.
@@ -347,13 +346,6 @@ def read_table(
     if len(values) < min_rows:
         after = f" after dropping {len(dropped)} with missing values" if dropped else ""
         raise source.error(f"has {len(values)} data rows{after}; at least {min_rows} are needed")
-    if not allow_constant and len(values) > 0:
-        same = (values == values[0]).all(axis=0)
-        constant = [name for name, is_constant in zip(feature_names, same, strict=True) if is_constant]
-        if constant:
-            raise source.error(
-                f"constant column(s) {_quoted(constant)}: the same value in every row carries no information"
-            )
     return Table(values, feature_names, labels, dropped)
 
 

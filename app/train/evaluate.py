@@ -77,8 +77,8 @@ def load_datasets(root: str | Path, names: Sequence[str] | None = None) -> list[
     out = []
     for name in wanted:
         folder = Path(root) / name
-        normal = read_table(folder / "normal.txt", allow_constant=True, min_rows=5).values
-        anomalous = read_table(folder / ANOMALY_FILE, allow_constant=True, min_rows=1).values
+        normal = read_table(folder / "normal.txt", min_rows=5).values
+        anomalous = read_table(folder / ANOMALY_FILE, min_rows=1).values
         if normal.shape[1] != anomalous.shape[1]:
             raise ValueError(
                 f"{name}: normal.txt has {normal.shape[1]} columns but {ANOMALY_FILE} {anomalous.shape[1]}"

@@ -118,6 +118,40 @@ def _leaderboard(reports: list[CandidateReport], selected: int) -> str:
     return out.getvalue()
 
 
+def constant_columns(values: NDArray[np.float64], columns: list[str]) -> dict[str, float]:
+    """The columns that hold one value in every row, and that value.
+
+    Such a column says nothing about which rows are normal, and its zero variance has no density:
+    training keeps it out of the networks and records it, so that a scored row that differs there
+    is reported rather than silently ignored. A table of nothing else cannot be modelled."""
+    if not values.shape[0]:
+        return {}
+    constant = (values == values[:1]).all(axis=0)
+    if constant.all():
+        raise ValueError(f"every column holds one value in every row ({', '.join(columns)}): nothing to fit")
+    return {name: float(values[0, j]) for j, name in enumerate(columns) if constant[j]}
+
+
+def constants_note(constants: dict[str, float]) -> str:
+    shown = ", ".join(f"{name!r} (= {value:g})" for name, value in constants.items())
+    return (
+        f"column(s) {shown} hold the same value in every row: kept out of the model and recorded in the "
+        "bundle; a scored row whose value differs there is flagged, with the column named"
+    )
+
+
+def _without_constants(
+    values: NDArray[np.float64], columns: list[str], notes: list[str]
+) -> tuple[NDArray[np.float64], list[str], dict[str, float]]:
+    """The table without its constant columns, the remaining names, and the constants' values."""
+    constants = constant_columns(values, columns)
+    if not constants:
+        return values, columns, constants
+    notes.append(constants_note(constants))
+    keep = [j for j, name in enumerate(columns) if name not in constants]
+    return values[:, keep], [columns[j] for j in keep], constants
+
+
 def train_bundle(
     values: NDArray[np.float64],
     features: list[str],
@@ -129,6 +163,8 @@ def train_bundle(
 ) -> TrainResult:
     started = time.perf_counter()
     notes: list[str] = []
+    columns = list(features)
+    values, features, constants = _without_constants(values, columns, notes)
     splits = split_rows(values.shape[0], request.val_fraction, request.cal_fraction, request.fit.seed)
     scaler = Scaler.fit(values[splits.train])
     x = scaler.transform(values)
@@ -172,6 +208,8 @@ def train_bundle(
         features=features,
         scaler=scaler,
         calibration_scores=calibration_scores,
+        columns=columns,
+        constants=constants,
         fprs=fprs,
         default_method=request.method,
         default_fpr=default_fpr,

@@ -53,11 +53,13 @@ def decode(response) -> dict[str, np.ndarray]:
         size = output.get("parameters", {}).get("binary_data_size")
         dtype = {"FP64": "<f8", "BOOL": "?"}[output["datatype"]]
         if size is None:
-            arrays[output["name"]] = np.asarray(output["data"], dtype=dtype)
+            flat = np.asarray(output["data"], dtype=dtype)
         else:
-            arrays[output["name"]] = np.frombuffer(body[offset : offset + size], dtype=dtype)
+            flat = np.frombuffer(body[offset : offset + size], dtype=dtype)
             offset += size
-        assert arrays[output["name"]].shape == tuple(output["shape"])
+        # Tensor data is flat, row-major, whatever the shape
+        assert flat.ndim == 1 and flat.size == np.prod(output["shape"])
+        arrays[output["name"]] = flat.reshape(output["shape"])
     assert offset == (len(body) if length is not None else 0)
     return arrays
 

@@ -11,6 +11,7 @@ import pytest
 from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
 
+from ..conftest import CONSTANT_COLUMNS, manifold_rows, with_constants
 from .test_reimplementation import holdout_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,3 +66,23 @@ def test_the_worked_example_is_the_product(run, method):
     reference = TorchScorer(bundle, dtype="float64").score(run["x_raw"], method)
     rtol = 1e-7 if method == "projected" else 1e-10
     np.testing.assert_allclose(run["results"][method][0], reference.score, rtol=rtol)
+
+
+def test_the_worked_example_scores_a_bundle_with_constant_columns(constant_bundle):
+    """The same code, pointed at a version-3 bundle: it sets the constant columns aside and flags a
+    row that differs there, as the product does."""
+    bundle = constant_bundle.bundle
+    code = CODE.replace('root = "models/default"', f"root = {str(bundle.path)!r}")
+    assert code != CODE
+    x_raw = with_constants(manifold_rows(6, seed=4))
+    x_raw[1, CONSTANT_COLUMNS.index("site")] = 5.0
+    x_raw[4, CONSTANT_COLUMNS.index("zero")] = 1e-9
+    namespace = {"x_raw": x_raw}
+    exec(compile(code, "docs/bundle.md section 10", "exec"), namespace)
+    np.testing.assert_array_equal(namespace["off"], [False, True, False, False, True, False])
+    for method in ("likelihood", "encoder", "projected"):
+        scores, p_values, _, flagged = namespace["results"][method]
+        reference = TorchScorer(bundle, dtype="float64").score(x_raw, method)
+        np.testing.assert_allclose(scores, reference.score, rtol=1e-7 if method == "projected" else 1e-10)
+        np.testing.assert_array_equal(p_values, reference.p_value)
+        np.testing.assert_array_equal(flagged, reference.is_anomaly)

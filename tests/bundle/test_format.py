@@ -105,10 +105,10 @@ def test_missing_file_is_refused(copy):
 
 def test_other_schema_version_is_refused(copy):
     _rewrite_manifest(copy, lambda m: m.update(schema_version=99))
-    with pytest.raises(BundleError, match=r"schema version 99, this build reads version 2$"):
+    with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2 and 3$"):
         load_bundle(copy)
     _rewrite_manifest(copy, lambda m: m.update(schema_version=1))
-    with pytest.raises(BundleError, match=r"version 1, this build reads version 2: .* retrain it"):
+    with pytest.raises(BundleError, match=r"version 1, this build reads versions 2 and 3: .* retrain it"):
         load_bundle(copy)
 
 

@@ -1,5 +1,7 @@
 """The command line end to end: train -> bundle -> info -> score, and its refusals."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -205,7 +207,8 @@ def test_serve_refuses_a_bundle_with_a_swapped_graph_before_binding(tiny_bundle,
 
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory):
-    """A table as a new user brings it: an id column, a label, a missing value (issue 17)."""
+    """A table as a new user brings it: an id column, a label, a missing value, a column that never
+    changes (issue 17)."""
     root = tmp_path_factory.mktemp("wine")
     rows = manifold_rows(300, seed=41)
     table = pd.DataFrame(rows, columns=FEATURES)
@@ -213,6 +216,7 @@ def wine(tmp_path_factory):
     table["label"] = 0
     table.loc[::30, "label"] = 1
     table.loc[5, FEATURES[2]] = np.nan
+    table["batch"] = 7.0
     table.to_csv(root / "wine.csv", index=False)
     return root, table
 
@@ -245,7 +249,9 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     err = capsys.readouterr().err
     assert "dropped 1 rows with missing values (rows 6)" in err
     assert "warning: column 'label' holds only 0 and 1 and is named like a label" in err
-    assert load_bundle(out).features == [*FEATURES, "label"]
+    # Said once, before the training, and kept in the bundle's notes.
+    assert err.count("column(s) 'batch' (= 7) hold the same value in every row: kept out of the model") == 1
+    assert load_bundle(out).features == [*FEATURES, "label"] and load_bundle(out).constants == {"batch": 7.0}
     # An existing bundle is replaced only when asked.
     args = train_args(root, out, "--id-column", "sample_id", "--missing", "drop", "--label-column", "label")
     assert main(args) == 2
@@ -253,6 +259,7 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     assert main([*args, "--force"]) == 0
     bundle = load_bundle(out)
     assert bundle.features == FEATURES and not list(tmp_path.glob(".bundle*"))
+    assert bundle.columns == [*FEATURES, "batch"]
     assert main(["info", str(out)]) == 0  # the fallback of the default rate is said, not only at training
     assert (
         "note         the default false-positive rate is 0.1, not the 0.01 asked for"
@@ -276,13 +283,26 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     imputed = pd.read_csv(scored)
     assert imputed["sample_id"].tolist() == table["sample_id"].tolist()
     assert imputed["imputed"].tolist() == [1 if i == 5 else 0 for i in range(len(table))]
-    filled = table[FEATURES].to_numpy(copy=True)
+    filled = table[bundle.columns].to_numpy(copy=True)
     filled[5, 2] = bundle.scaler.mean[2]
     expected = OnnxScorer(bundle).score(filled).score
     np.testing.assert_allclose(imputed["score"], expected, rtol=1e-8)  # CSV keeps 9 significant digits
     # Skipping moves rows within their batch: float32 arithmetic per row may round differently there.
     rtol = float32_rtol(bundle.architecture)
     np.testing.assert_allclose(skipped["score"], np.delete(expected, 5), rtol=rtol)
+    _a_changed_constant_is_flagged(table, base, imputed)
+
+
+def _a_changed_constant_is_flagged(table: pd.DataFrame, score: list[str], before: pd.DataFrame) -> None:
+    """A row whose never-changing column changed is flagged, the column named, whatever its score."""
+    assert before["constant_mismatch"].isna().all()  # CSV: no differing column is an empty cell
+    changed = Path(score[2]).with_name("changed.csv")
+    table.assign(batch=np.where(np.arange(len(table)) == 8, 8.0, 7.0)).to_csv(changed, index=False)
+    assert main([*score[:2], str(changed), *score[3:], "--missing", "impute"]) == 0
+    flagged = pd.read_csv(score[4])
+    assert flagged["constant_mismatch"].fillna("").tolist() == ["batch" if i == 8 else "" for i in range(300)]
+    assert flagged.loc[8, "is_anomaly"] and flagged.loc[8, "p_value"] == 0
+    np.testing.assert_array_equal(flagged["score"], before["score"])
 
 
 def test_options_are_checked_before_the_data_is_read(tmp_path, capsys):

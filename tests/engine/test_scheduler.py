@@ -34,7 +34,7 @@ class SlowScorer:
         values = x[:, 0].astype(np.float64)
         return ScoreOutput(
             method, Threshold("fpr_0.1", method, 0.1, 0.0), values, -values, *(np.zeros(n),) * 5,
-            np.zeros(n, bool), None,
+            np.zeros(n, bool), None, np.zeros((n, 0), bool),
         )  # fmt: skip
 
 

@@ -331,13 +331,6 @@ def test_parquet_bool_feature_column_is_not_numeric(tmp_path):
     _error(lambda: read_table(path), "column 'flag'", "bool", "row 1 (1-based)")
 
 
-def test_constant_column_is_named_unless_allowed(tmp_path):
-    path = _csv(tmp_path / "d.csv", "a,b,c\n1,7,2\n3,7,2\n5,7,2\n")
-
-    _error(lambda: read_table(path), str(path), "'b', 'c'", "constant")
-    np.testing.assert_array_equal(read_table(path, allow_constant=True).values[:, 1], [7, 7, 7])
-
-
 def test_too_few_rows_says_how_many_are_needed(tmp_path):
     path = _csv(tmp_path / "d.csv", "a,b\n1,2\n3,4\n5,6\n")
 
