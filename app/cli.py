@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -95,7 +96,12 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a file's rows with a bundle")
     p.add_argument("bundle", type=Path)
     p.add_argument("data", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet, rows in input order")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output .csv or .parquet, rows in input order; with --engine, a new directory of Parquet parts",
+    )
     p.add_argument("--method", choices=METHODS, help="default: the bundle's")
     p.add_argument("--fpr", type=float, help="threshold's false-positive rate (default: the bundle's)")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="default onnx (CPU)")
@@ -117,6 +123,17 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--id-column", action="append", default=[], help="a column identifying rows (repeat), written first"
     )
+    engine = p.add_argument_group("distributed (docs/scale-out.md)")
+    engine.add_argument(
+        "--engine",
+        choices=["local", "ray", "spark"],
+        default="local",
+        help="ray or spark: DATA may be a directory of Parquet or CSV files, scored a row group (or CSV "
+        "file) per task, onnx backend; needs the ray or spark extra",
+    )
+    engine.add_argument("--address", help="ray: the cluster's address (default: a local instance)")
+    engine.add_argument("--master", help="spark: the master URL (default: local[WORKERS])")
+    engine.add_argument("--workers", type=int, help="local instance: cores to use (default: all)")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -354,30 +371,28 @@ def _writer(path: Path) -> Iterator[Any]:
 
 @contextmanager
 def _format_writer(path: Path, suffix: str) -> Iterator[Any]:
-    if suffix == ".csv":
-        import pandas as pd
+    import pyarrow as pa
 
+    if suffix == ".csv":
         first = True
         with path.open("w", newline="") as f:
 
-            def write(columns: dict[str, np.ndarray]) -> None:
+            def write(batch: pa.RecordBatch) -> None:
                 nonlocal first
-                pd.DataFrame(columns).to_csv(f, header=first, index=False, float_format="%.9g")
+                batch.to_pandas().to_csv(f, header=first, index=False, float_format="%.9g")
                 first = False
 
             yield write
     else:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         writer: pq.ParquetWriter | None = None
 
-        def write(columns: dict[str, np.ndarray]) -> None:
+        def write(batch: pa.RecordBatch) -> None:
             nonlocal writer
-            table = pa.table(columns)
             if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
+                writer = pq.ParquetWriter(path, batch.schema)
+            writer.write_batch(batch)
 
         try:
             yield write
@@ -390,34 +405,32 @@ def _score(args: argparse.Namespace) -> int:
     from app.engine.factory import create_scorer
 
     with _needs("train"):
-        from app.train.data import MissingValue, iter_chunks
+        from app.batch.core import ROW, BatchOptions, output_schema, score_file
+        from app.train.data import MissingValue, id_types
 
     bundle = load_bundle(args.bundle)
-    scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
-    fill = bundle.fill_values if args.missing == "impute" else None
-    chunks = iter_chunks(
-        args.data,
-        bundle.columns,
-        args.chunk_rows,
-        id_columns=args.id_column,
+    options = BatchOptions(
+        method=args.method,
+        fpr=args.fpr,
+        id_columns=tuple(args.id_column),
         missing=args.missing,
-        fill=fill,
+        chunk_rows=args.chunk_rows,
     )
+    if args.engine != "local":
+        return _score_distributed(args, options)
+    scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
+    schema = output_schema(bundle, options, id_types(args.data, options.id_columns))
+    batches = score_file(scorer, args.data, options, schema)
     rows = read = imputed = 0
     with _writer(args.out) as write:
         try:
-            for chunk in chunks:
-                output = scorer.score(chunk.values, args.method, args.fpr)
-                columns: dict[str, Any] = dict(chunk.ids)
-                if args.missing == "skip":
-                    columns["row"] = chunk.rows + 1  # 1-based, as the messages count rows
-                columns |= output.columns(list(bundle.constants))
-                if chunk.imputed is not None:
-                    columns["imputed"] = chunk.imputed
-                    imputed += int((chunk.imputed > 0).sum())
-                write(columns)
-                rows += chunk.values.shape[0]
-                read = int(chunk.rows[-1]) + 1 if chunk.rows.size else read
+            for batch in batches:
+                write(batch)
+                rows += batch.num_rows
+                if options.missing == "skip" and batch.num_rows:
+                    read = batch.column(ROW)[-1].as_py()
+                if options.missing == "impute":
+                    imputed += int(np.count_nonzero(batch.column("imputed").to_numpy()))
         except MissingValue as e:
             raise ValueError(f"{e} (--missing skip leaves such rows out, --missing impute fills them)") from e
     skipped = f", {read - rows} rows with missing values left out" if args.missing == "skip" else ""
@@ -434,6 +447,44 @@ def _constants_text(constants: dict[str, float]) -> str:
         ", ".join(f"{name} = {value:g}" for name, value in constants.items())
         + " (constant in training, kept out of the model: a row that differs there is flagged)"
     )
+
+
+def _score_distributed(args: argparse.Namespace, options: Any) -> int:
+    """`score --engine ray|spark`: the same rows as a local run, in Parquet parts under --out."""
+    from app.train.data import MissingValue
+
+    if args.backend != "onnx" or args.dtype != "float32":
+        raise ValueError("--engine scores with the onnx backend in float32; leave out --backend and --dtype")
+    if (args.address and args.engine != "ray") or (args.master and args.engine != "spark"):
+        raise ValueError("--address is ray's option and --master spark's")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.out.exists():
+        raise ValueError(f"--out {args.out} exists; with --engine it must name a new directory")
+    started = time.perf_counter()
+    try:
+        if args.engine == "ray":
+            with _needs("ray"):
+                from app.batch import on_ray
+
+            result = on_ray.score_files(
+                args.bundle, args.data, args.out, options, address=args.address, workers=args.workers
+            )
+        else:
+            with _needs("spark"):
+                from app.batch import on_spark
+
+            result = on_spark.score_files(
+                args.bundle, args.data, args.out, options, master=args.master, workers=args.workers
+            )
+    except MissingValue as e:
+        raise ValueError(f"{e} (--missing skip leaves such rows out, --missing impute fills them)") from e
+    print(
+        f"scored {result['parts']} parts of {args.data} on {args.engine} in "
+        f"{time.perf_counter() - started:.1f} s -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _print_info(bundle: Bundle) -> None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the end-to-end tests drive for real: promtool/prometheus, nginx, and chromium (renders
-# /docs and /redoc headless). Best effort: where they cannot be installed (no root, no apt), the tests
+# Debian packages the end-to-end tests drive for real: promtool/prometheus, nginx, chromium (renders
+# /docs and /redoc headless) and Java 17 (Spark in local mode). Best effort: where they cannot be installed (no root, no apt), the tests
 # that need them skip and say why.
 set -uo pipefail
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: cannot install ${missing[*]} (needs root and apt-get); their tests will skip" >&2

@@ -2,7 +2,7 @@
 # One command: set up the environment and run the linter and the whole test suite.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup.sh" "train,serve,sign,dev"
+bash "$root/scripts/setup.sh" "train,serve,sign,ray,spark,dev"
 bash "$root/scripts/setup_clients.sh"
 cd "$root"
 .venv/bin/ruff check app tests benchmarks

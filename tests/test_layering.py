@@ -19,7 +19,11 @@ ALLOWED = {
     "train": {"model", "bundle"},
     "engine": {"model", "bundle"},
     "api": {"model", "bundle", "engine"},
+    # Whole tables, one process or a cluster: the readers of train, the scorers of engine.
+    "batch": {"model", "bundle", "engine", "train"},
 }
+# The optional engines, imported by their own modules only (and by cli.py inside `score --engine`).
+ENGINES = {"ray": "app.batch.on_ray", "pyspark": "app.batch.on_spark"}
 
 
 def module_name(path: Path) -> str:
@@ -104,6 +108,17 @@ def test_the_serving_entry_points_load_no_torch(entry):
         parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
         todo += [n for n in [*found, *parents] if n in MODULES]
     assert "app.engine.torch_backend" not in seen and "app" in seen
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_engine_modules_import_ray_or_spark(module):
+    loaded = imports(MODULES[module], at_import=True)
+    for name in imports(MODULES[module]):
+        if name.split(".")[0] in ENGINES:
+            assert module == ENGINES[name.split(".")[0]], f"{module} imports {name}"
+            assert name not in loaded, f"{module} needs {name} to load"
+        if name in ENGINES.values():
+            assert module == "app.cli" and name not in loaded, f"{module} imports {name}"
 
 
 def test_the_report_module_loads_without_its_plotting_packages():

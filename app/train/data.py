@@ -97,8 +97,8 @@ class _Source(ABC):
     row_convention: str  # spelled out in messages because editors and tools count rows differently
     names: list[str]
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | str) -> None:
+        self.path = path  # a file, or the description of an in-memory batch in messages
 
     @abstractmethod
     def batches(self, columns: list[int], chunk_rows: int) -> Iterator[_Batch]:
@@ -214,17 +214,42 @@ class _ParquetSource(_Source):
             raise self.error(f"duplicate column name(s): {_quoted(duplicates)}")
         self.names = names
 
+    row_group: int | None = None  # one row group of the file, or all of them
+
     def batches(self, columns: list[int], chunk_rows: int) -> Iterator[_Batch]:
         names = [self.names[j] for j in columns]
-        start = 0
         try:
             with pq.ParquetFile(self.path) as file:
-                for batch in file.iter_batches(batch_size=chunk_rows, columns=names):
+                groups = None if self.row_group is None else [self.row_group]
+                # Rows are numbered in the whole file, whichever row group is read.
+                start = sum(file.metadata.row_group(i).num_rows for i in range(self.row_group or 0))
+                for batch in file.iter_batches(batch_size=chunk_rows, columns=names, row_groups=groups):
                     # iter_batches returns columns in file order, whatever order they were asked for in.
                     yield _Batch(start, batch.num_rows, [batch.column(name) for name in names])
                     start += batch.num_rows
         except (pa.ArrowException, OSError) as error:  # Arrow's IO errors are plain OSError
             raise self.error(f"cannot be read as Parquet: {error}") from error
+
+
+class _ArrowSource(_Source):
+    """Rows already in memory (a Ray or Spark batch, a DataFrame), read as a file of their columns is:
+    by name, each column parsed and checked alike, rows numbered from `first_row`."""
+
+    by_name = True
+    row_convention = "1-based"
+
+    def __init__(self, batch: pa.RecordBatch, what: str, first_row: int) -> None:
+        super().__init__(what)
+        self._batch, self._first = batch, first_row
+        duplicates = [name for name, count in Counter(batch.schema.names).items() if count > 1]
+        if duplicates:
+            raise self.error(f"duplicate column name(s): {_quoted(duplicates)}")
+        self.names = list(batch.schema.names)
+
+    def batches(self, columns: list[int], chunk_rows: int) -> Iterator[_Batch]:
+        for offset in range(0, self._batch.num_rows, chunk_rows):
+            rows = self._batch.slice(offset, chunk_rows)
+            yield _Batch(self._first + offset, rows.num_rows, [rows.column(j) for j in columns])
 
 
 class _NpySource(_Source):
@@ -396,6 +421,7 @@ def iter_chunks(
     id_columns: Sequence[str] = (),
     missing: Literal["error", "skip", "impute"] = "error",
     fill: np.ndarray | None = None,
+    row_group: int | None = None,
 ) -> Iterator[Chunk]:
     """Stream a file in chunks of at most chunk_rows rows, in order, with their ids.
 
@@ -405,14 +431,65 @@ def iter_chunks(
     checks them. A missing value is an error (MissingValue), a skipped row (missing="skip", its number
     absent from Chunk.rows) or replaced by `fill`'s value for its column (missing="impute", counted per
     row in Chunk.imputed). The file and its columns are checked on the call, not on the first chunk.
+    row_group: a Parquet file's row group alone (a unit of distributed work), its rows numbered in
+    the whole file.
     """
+    source = _open(Path(path))
+    if row_group is not None:
+        if not isinstance(source, _ParquetSource):
+            raise source.error("only a Parquet file has row groups")
+        source.row_group = row_group
+    return _source_chunks(source, feature_names, chunk_rows, id_columns, missing, fill)
+
+
+def iter_batch_chunks(
+    batch: pa.RecordBatch,
+    feature_names: list[str],
+    chunk_rows: int = 65536,
+    *,
+    id_columns: Sequence[str] = (),
+    missing: Literal["error", "skip", "impute"] = "error",
+    fill: np.ndarray | None = None,
+    what: str = "the batch",
+    first_row: int = 0,
+) -> Iterator[Chunk]:
+    """iter_chunks for rows already in memory: the columns chosen by name, parsed, checked and
+    missing values handled exactly as a file's; messages name `what` and rows from first_row + 1."""
+    source = _ArrowSource(batch, what, first_row)
+    return _source_chunks(source, feature_names, chunk_rows, id_columns, missing, fill)
+
+
+def id_types(data: str | Path | pa.Schema, id_columns: Sequence[str]) -> dict[str, pa.DataType]:
+    """The Arrow type of each id column as iter_chunks or iter_batch_chunks give its values: a
+    CSV's are strings, a Parquet file's and a batch's their own; every part of a distributed run
+    writes them alike, whatever values its rows happen to hold."""
+    if isinstance(data, pa.Schema):
+        schema = data
+    else:
+        source = _open(Path(data))
+        if not isinstance(source, _ParquetSource):
+            return {name: pa.string() for name in id_columns}
+        schema = pq.read_schema(source.path)
+    absent = [name for name in id_columns if name not in schema.names]
+    if absent:
+        raise DataError(f"no id column {_quoted(absent)}; the columns are {_quoted(schema.names)}")
+    return {name: schema.field(name).type for name in id_columns}
+
+
+def _source_chunks(
+    source: _Source,
+    feature_names: list[str],
+    chunk_rows: int,
+    id_columns: Sequence[str],
+    missing: Literal["error", "skip", "impute"],
+    fill: np.ndarray | None,
+) -> Iterator[Chunk]:
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     if missing not in ("error", "skip", "impute"):
         raise ValueError(f"missing must be 'error', 'skip' or 'impute', got {missing!r}")
     if missing == "impute" and (fill is None or fill.shape != (len(feature_names),)):
         raise ValueError("missing='impute' needs one fill value per feature")
-    source = _open(Path(path))
     if id_columns and not source.by_name:
         raise source.error("has no column names, so it has no id column")
     columns = source.select([*feature_names, *id_columns])

@@ -1,0 +1,128 @@
+"""Ray Data (local instance, two CPUs) and Spark (local[2]): a directory of Parquet files scored in
+seven parts by two workers gives the rows `anomaly-scores score` gives file by file, ids and row
+numbers kept, scores to float32 precision; missing values are handled (or refused, naming the file
+and row) as the single-process command handles them; and the documented Python entry points for a
+Dataset or DataFrame a user already holds give the same scores."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.batch.core import BatchOptions
+from app.bundle.format import load_bundle
+from app.cli import main
+
+from ..tolerances import float32_rtol
+from .conftest import same_rows, single_process
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pytest.importorskip("pyspark", reason="the spark extra is not installed")
+    if shutil.which("java") is None:
+        pytest.skip(
+            "Spark needs Java 17 (Debian: openjdk-17-jre-headless, installed by scripts/system-deps.sh)"
+        )
+    from app.batch.on_spark import session
+
+    s = session(workers=2)
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("missing", ["impute", "skip"])
+def test_ray_scores_a_lake_as_the_command_line_scores_its_files(
+    ray_local, tiny_bundle, lake_missing, tmp_path, missing
+):
+    out = tmp_path / "scores"
+    args = [
+        "score",
+        str(tiny_bundle),
+        str(lake_missing),
+        "--out",
+        str(out),
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+    ]
+    assert main([*args, "--id-column", "key", "--missing", missing]) == 0
+    reference = single_process(tiny_bundle, lake_missing, tmp_path, "--missing", missing)
+    same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
+
+
+def test_a_missing_value_stops_a_ray_run_naming_file_and_row(
+    ray_local, tiny_bundle, lake_missing, tmp_path, capsys
+):
+    out = tmp_path / "scores"
+    assert main(["score", str(tiny_bundle), str(lake_missing), "--out", str(out), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "a.parquet: row" in err and "holds a missing value (--missing skip leaves" in err
+    assert not out.exists() and not list(tmp_path.glob(".scores*"))  # nothing half-written
+
+
+def test_a_users_ray_dataset_is_scored_lazily(ray_local, tiny_bundle, lake, tmp_path):
+    import ray.data
+
+    from app.batch.on_ray import score_dataset
+
+    dataset = ray.data.read_parquet(str(lake / "a.parquet"))
+    scored = score_dataset(dataset, tiny_bundle, BatchOptions(id_columns=("key",)), batch_size=100)
+    got = scored.to_pandas().sort_values("key", ignore_index=True)
+    reference = single_process(tiny_bundle, lake, tmp_path)
+    reference = (
+        reference[reference["file"] == "a.parquet"].drop(columns=["file", "row"]).reset_index(drop=True)
+    )
+    assert list(got.columns) == list(reference.columns) and got["key"].tolist() == reference["key"].tolist()
+    np.testing.assert_allclose(
+        got["score"], reference["score"], rtol=float32_rtol(load_bundle(tiny_bundle).architecture)
+    )
+
+
+def test_spark_scores_a_lake_as_the_command_line_scores_its_files(spark, tiny_bundle, lake_missing, tmp_path):
+    from app.batch.on_spark import score_files
+
+    out = tmp_path / "scores"
+    options = BatchOptions(id_columns=("key",), missing="impute")
+    assert score_files(tiny_bundle, lake_missing, out, options)["parts"] == 7
+    reference = single_process(tiny_bundle, lake_missing, tmp_path, "--missing", "impute")
+    same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
+
+
+def test_a_missing_value_stops_a_spark_run_naming_file_and_row(
+    spark, tiny_bundle, lake_missing, tmp_path, capsys
+):
+    out = tmp_path / "scores"
+    assert main(["score", str(tiny_bundle), str(lake_missing), "--out", str(out), "--engine", "spark"]) == 2
+    err = capsys.readouterr().err
+    assert "a.parquet: row" in err and "holds a missing value (--missing skip leaves" in err
+    assert not out.exists()
+
+
+def test_a_users_spark_dataframe_is_scored_lazily(spark, tiny_bundle, lake, tmp_path):
+    from app.batch.on_spark import score_dataframe
+
+    frame = spark.read.parquet(str(lake / "nested"))
+    scored = score_dataframe(frame, tiny_bundle, BatchOptions(id_columns=("key",))).toPandas()
+    got = scored.sort_values("key", ignore_index=True)
+    reference = single_process(tiny_bundle, lake, tmp_path)
+    reference = (
+        reference[reference["file"] == "nested/b.parquet"]
+        .drop(columns=["file", "row"])
+        .reset_index(drop=True)
+    )
+    assert list(got.columns) == list(reference.columns) and got["key"].tolist() == reference["key"].tolist()
+    np.testing.assert_allclose(
+        got["score"], reference["score"], rtol=float32_rtol(load_bundle(tiny_bundle).architecture)
+    )
