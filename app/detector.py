@@ -17,7 +17,8 @@ scikit-learn's conventions (OutlierMixin, as IsolationForest and LocalOutlierFac
 `decision_function` is it minus `offset_` (negative = flagged at the false-positive rate `fpr`),
 `predict` is +1 for inliers and -1 for outliers. For PyOD's convention (higher = more anomalous,
 labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `p_value` gives
-the conformal p-values. A fitted detector is a bundle: `save(path)` writes it (the same directory
+the conformal p-values; `score_frame` gives the whole table `anomaly-scores score` writes (ids,
+scores, parts, flags) for a DataFrame. A fitted detector is a bundle: `save(path)` writes it (the same directory
 `anomaly-scores train` writes and the service loads) and `ManifoldDetector.load(path)` reads one.
 Rows may be numpy arrays or pandas DataFrames, whose column names become the feature names and are
 then required (in any order) at scoring time. A column that holds one value in every training row is
@@ -173,6 +174,24 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         """(n, len(constants_)): whether each row differs from each column that was constant in
         training (constants_, in order). Such rows are flagged by predict and have p-value 0."""
         return self._score(X).constant_mismatch
+
+    def score_frame(
+        self, frame: Any, id_columns: tuple[str, ...] = (), missing: str = "error"
+    ) -> Any:  # pandas.DataFrame
+        """The table `anomaly-scores score` writes, for a DataFrame: the id columns, then score,
+        log_likelihood, its parts, p_value and is_anomaly (and constant_mismatch / imputed where they
+        apply), through the same function as the command line and the Ray and Spark engines
+        (app.batch.core). Columns by name, in any order; missing: "error", "skip" or "impute"."""
+        import pyarrow as pa
+
+        from app.batch.core import BatchOptions, output_schema, score_batch
+        from app.train.data import id_types
+
+        check_is_fitted(self, "bundle_")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        options = BatchOptions(self.method, self.fpr, tuple(id_columns), missing)  # type: ignore[arg-type]
+        schema = output_schema(self.bundle_, options, id_types(table.schema, options.id_columns))
+        return pa.Table.from_batches(score_batch(self.scorer_, table, options, schema), schema).to_pandas()
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle to `path` (a directory; an existing bundle there is replaced)."""

@@ -122,3 +122,23 @@ def test_the_modules_documented_example_runs_as_printed():
 
     result = doctest.testmod(app.detector, verbose=False)
     assert result.attempted >= 6 and result.failed == 0
+
+
+def test_score_frame_is_the_command_lines_table(fitted, tmp_path):
+    from app.cli import main
+
+    detector, _ = fitted
+    frame = pd.DataFrame(np.r_[manifold_rows(20, seed=57), off_manifold_rows(5, seed=58)], columns=FEATURES)
+    frame.insert(0, "id", [f"r{i}" for i in range(25)])
+    frame.loc[3, FEATURES[2]] = np.nan
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    bundle = detector.save(tmp_path / "b")
+    out = tmp_path / "scores.csv"
+    args = ["score", str(bundle), str(tmp_path / "rows.csv"), "--out", str(out), "--id-column", "id"]
+    assert main([*args, "--missing", "impute", "--fpr", "0.05"]) == 0
+    expected = pd.read_csv(out)
+    got = detector.score_frame(frame[[*FEATURES[::-1], "id"]], id_columns=("id",), missing="impute")
+    assert list(got.columns) == list(expected.columns) and got["id"].tolist() == expected["id"].tolist()
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-8)  # CSV keeps 9 digits
+    assert got["is_anomaly"].tolist() == expected["is_anomaly"].tolist()
+    assert got["imputed"].tolist() == expected["imputed"].tolist() and got["imputed"][3] == 1
