@@ -56,6 +56,19 @@ def imq_mmd(z: Tensor, y: Tensor, width: Tensor) -> Tensor:
     return within - 2 * kernel(z, y).mean((-1, -2))
 
 
+def trimmed(errors: Tensor, z: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Per candidate, the `keep` rows of a batch with the smallest reconstruction error: errors
+    (C, B) -> (C, keep) and their codes z (C, B, k) -> (C, keep, k).
+
+    Generative models fit inliers before outliers (ODIM, Kim et al. 2023): the rows worst
+    reconstructed are the likeliest anomalies in a contaminated table, and a trimmed step leaves
+    them out of both terms of the objective. The choice is not differentiated through."""
+    if keep >= errors.shape[-1]:
+        return errors, z
+    kept = errors.detach().topk(keep, dim=-1, largest=False).indices
+    return errors.gather(-1, kept), z.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, z.shape[-1]))
+
+
 def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     """Adam with one fused kernel per parameter (PyTorch >= 2.4 on CPU), else multi-tensor Adam:
     the per-tensor loop of the default costs a step about a millisecond of Python."""
@@ -86,12 +99,19 @@ def _fit_group(
     every = max(1, opts.steps // opts.curve_points)
     curves: list[list[float]] = [[] for _ in candidates]
     running = torch.zeros(len(candidates), dtype=torch.float64, device=opts.device)
+    keep = min(opts.batch_size, n) - int(opts.trim * min(opts.batch_size, n))
     for step in range(1, opts.steps + 1):
         rows = torch.randint(n, (min(opts.batch_size, n),), generator=batches)
         xb = x[rows]
         z, x_hat, prior = ManifoldModel.stacked_forward(arch, params, xb)
-        y = prior.rsample(xb.shape[0])
-        loss = ((x_hat - xb) ** 2).mean((-1, -2)) + beta * imq_mmd(z, y, width)
+        squared = (x_hat - xb) ** 2
+        if keep < xb.shape[0]:
+            errors, z = trimmed(squared.mean(-1), z, keep)
+            reconstruction = errors.mean(-1)
+        else:  # the untrimmed objective, summed as it always was: the same weights, bit for bit
+            reconstruction = squared.mean((-1, -2))
+        y = prior.rsample(z.shape[-2])
+        loss = reconstruction + beta * imq_mmd(z, y, width)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()

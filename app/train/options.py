@@ -50,6 +50,10 @@ class FitOptions:
     seed: int = field(default=0, metadata={"help": "seeds the split, the initialisation and the batches"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, or auto"})
     curve_points: int = field(default=50, metadata={"help": "averaged points of the loss curve kept"})
+    trim: float = field(
+        default=0.0,
+        metadata={"help": "share of each batch's rows, the worst reconstructed, left out of the step"},
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.curve_points < 1:
@@ -59,6 +63,8 @@ class FitOptions:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.trim < 1:
+            raise ValueError(f"trim must be in [0, 1), got {self.trim}")
 
 
 def expand_grid(

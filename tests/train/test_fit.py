@@ -168,3 +168,37 @@ def test_trained_model_ranks_off_manifold_points_above_on_manifold_points(tmp_pa
     for method in ("likelihood", "projected", "encoder"):
         scores = scorer.score(np.r_[on, off], method).score
         assert auc(labels, scores) > 0.9, method
+
+
+def test_trimming_keeps_each_candidates_best_reconstructed_rows():
+    from app.train.fit import trimmed
+
+    generator = torch.Generator().manual_seed(0)
+    errors = torch.rand(3, 10, generator=generator, dtype=torch.float64)
+    z = torch.randn(3, 10, 2, generator=generator, dtype=torch.float64)
+    kept_errors, kept_z = trimmed(errors, z, 7)
+    for c in range(3):  # the reference: numpy's sort, per candidate
+        order = np.argsort(errors[c].numpy())[:7]
+        np.testing.assert_array_equal(np.sort(kept_errors[c].numpy()), np.sort(errors[c].numpy()[order]))
+        np.testing.assert_array_equal(
+            kept_z[c].numpy()[np.argsort(kept_errors[c].numpy())],
+            z[c].numpy()[order][np.argsort(errors[c].numpy()[order])],
+        )
+    same_errors, same_z = trimmed(errors, z, 10)
+    assert same_errors is errors and same_z is z
+    with pytest.raises(ValueError, match=r"trim must be in \[0, 1\)"):
+        FitOptions(trim=1.0)
+
+
+def test_trim_0_is_the_untrimmed_objective_and_any_other_trim_changes_the_fit():
+    """trim=0 leaves training exactly as it was: the same weights, bit for bit."""
+    x = manifold_rows(200, seed=4)
+    x = (x - x.mean(0)) / x.std(0)
+    candidate = Candidate(latent_dim=2, hidden=8, components=2)
+    plain = fit_candidates(x, [candidate], FitOptions(steps=30, batch_size=32))[0].model.state_dict()
+    zero = fit_candidates(x, [candidate], FitOptions(steps=30, batch_size=32, trim=0.0))[0].model.state_dict()
+    trim = fit_candidates(x, [candidate], FitOptions(steps=30, batch_size=32, trim=0.25))[
+        0
+    ].model.state_dict()
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert not all(torch.equal(plain[k], trim[k]) for k in plain)
