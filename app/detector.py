@@ -18,8 +18,9 @@ scikit-learn's conventions (OutlierMixin, as IsolationForest and LocalOutlierFac
 `predict` is +1 for inliers and -1 for outliers. For PyOD's convention (higher = more anomalous,
 labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `p_value` gives
 the conformal p-values; `score_frame` gives the whole table `anomaly-scores score` writes (ids,
-scores, parts, flags) for a DataFrame. A fitted detector is a bundle: `save(path)` writes it (the same directory
-`anomaly-scores train` writes and the service loads) and `ManifoldDetector.load(path)` reads one.
+scores, parts, flags) for a DataFrame. A fitted detector is a bundle: `save(path)` writes it (the
+same directory `anomaly-scores train` writes and the service loads) and `ManifoldDetector.load(path)`
+reads one.
 Rows may be numpy arrays or pandas DataFrames, whose column names become the feature names and are
 then required (in any order) at scoring time. A column that holds one value in every training row is
 kept out of the networks (`constants_`: name -> value); a scored row that differs there is flagged
