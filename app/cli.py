@@ -188,12 +188,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="the paper's protocol on Loda-format datasets, with kNN and Isolation Forest beside",
         description="Five seeded 80/20 splits per dataset, training contaminated with up to 10% unlabelled "
-        "anomalies; every grid candidate scored with every method, selected supervised and unsupervised.",
+        "anomalies (the paper's protocol) or clean (normal rows only), the same test rows in both; every "
+        "grid candidate scored with every method, selected supervised and unsupervised, and all of them "
+        "combined as ensembles; mean ranks and Wilcoxon tests against Isolation Forest.",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["contaminated", "clean", "both"],
+        default="both",
+        help="training with up to 10%% unlabelled anomalies, or normal rows only; each into OUT/<protocol>",
     )
     p.add_argument(
         "data_dir", type=Path, help="folder of datasets, each a folder with normal.txt and easy.txt"
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for the CSVs, table.md and summary.json")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for each protocol's CSVs, table.md and summary.json"
+    )
     p.add_argument("--datasets", nargs="+", help="dataset folder names (default: all)")
     p.add_argument("--splits", type=int, help="seeded splits 0..N-1 (default 5)")
     p.add_argument("--grid", help="'default' (the default), 'paper', or a JSON file of lists")
@@ -626,22 +636,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import time
-
-    import pandas as pd
-    from tqdm import tqdm
-
-    from app.train.evaluate import (
-        EvaluateOptions,
-        fitting_steps,
-        load_datasets,
-        run_protocol,
-        selections,
-        summary_table,
-    )
+    from app.train.evaluate import PROTOCOLS, EvaluateOptions, load_datasets
     from app.train.options import expand_grid
 
-    started = time.perf_counter()
     datasets = load_datasets(args.data_dir, args.datasets)
     if args.quick and not args.datasets:
         datasets = sorted(datasets, key=lambda ds: ds.normal.shape[0])[:2]
@@ -651,16 +648,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     grid = _grid_spec(args.grid) if args.grid else QUICK_GRID if args.quick else _grid_spec("default")
     steps = args.steps if args.steps is not None else 300 if args.quick else EVALUATE_STEPS
     largest = max(ds.normal.shape[1] for ds in datasets)
-    options = EvaluateOptions(
-        candidates=tuple(expand_grid(grid, largest, Candidate())),
-        fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr),
-    )
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    for protocol in protocols:
+        options = EvaluateOptions(
+            candidates=tuple(expand_grid(grid, largest, Candidate())),
+            fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr),
+            contamination=PROTOCOLS[protocol],
+        )
+        _evaluate_protocol(args, protocol, datasets, list(splits), options, grid)
+    return 0
+
+
+def _evaluate_protocol(
+    args: argparse.Namespace,
+    protocol: str,
+    datasets: list[Any],
+    splits: list[int],
+    options: Any,
+    grid: dict[str, list[Any]],
+) -> None:
+    import time
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from app.train.evaluate import fitting_steps, run_protocol, selections, summary_table
+
+    started = time.perf_counter()
+    out = args.out / protocol
     total = sum(fitting_steps(ds, options) for ds in datasets) * len(splits)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=total, disable=args.quiet, unit="step", desc=f"{len(datasets)} datasets") as bar:
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(
+        total=total, disable=args.quiet, unit="step", desc=f"{protocol}, {len(datasets)} datasets"
+    ) as bar:
         results = run_protocol(
             datasets,
-            list(splits),
+            splits,
             options,
             jobs=args.jobs,
             progress=bar.update,
@@ -670,31 +693,33 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     order = [ds.name for ds in datasets]
     table, figures = summary_table(results, order)
-    pd.DataFrame([row for r in results for row in r.candidates]).to_csv(
-        args.out / "candidates.csv", index=False
-    )
-    pd.DataFrame(selections(results)).to_csv(args.out / "selections.csv", index=False)
+    pd.DataFrame([row for r in results for row in r.candidates]).to_csv(out / "candidates.csv", index=False)
+    pd.DataFrame(selections(results)).to_csv(out / "selections.csv", index=False)
     pd.DataFrame([{"dataset": r.dataset, "split": r.split, **r.baselines} for r in results]).to_csv(
-        args.out / "baselines.csv", index=False
+        out / "baselines.csv", index=False
     )
-    (args.out / "table.md").write_text(table)
+    pd.DataFrame([{"dataset": r.dataset, "split": r.split, **r.ensembles} for r in results]).to_csv(
+        out / "ensembles.csv", index=False
+    )
+    (out / "table.md").write_text(table)
     seconds = time.perf_counter() - started
     summary = {
+        "protocol": protocol,
+        "contamination": options.contamination,
         "datasets_dir": str(args.data_dir),
         "seconds": round(seconds, 1),
         "jobs": args.jobs,
         "grid": grid,
         "candidates": len(options.candidates),
-        "steps": steps,
+        "steps": options.fit.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "split_seconds": {f"{r.dataset}|{r.split}": round(r.seconds, 1) for r in results},
     } | figures
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.quiet:
-        print(table)
-        print(f"{len(results)} splits in {seconds / 60:.1f} min -> {args.out}", file=sys.stderr)
-    return 0
+        print(f"## {protocol}\n\n{table}")
+        print(f"{len(results)} splits in {seconds / 60:.1f} min -> {out}", file=sys.stderr)
 
 
 def _keygen(args: argparse.Namespace) -> int:

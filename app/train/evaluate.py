@@ -2,10 +2,14 @@
 
 For every dataset and seeded split: 80% of the normal and of the anomalous rows form the training
 pool, the rest the test set; training keeps all pooled normal rows and is contaminated, unlabelled,
-with pooled anomalies up to 10% of the training set. Standardisation is fitted on the training rows.
-A stratified 20% of the training rows is held out as validation: networks are fitted on the rest,
-the noise variance and the model selection use the validation rows, and the test rows are used for
-nothing but the reported AUC.
+with pooled anomalies up to 10% of the training set (the paper's protocol), or with none (`clean`,
+ADBench's semi-supervised setting): the test rows are the same in both. Standardisation is fitted
+on the training rows. A stratified 20% of the training rows is held out as validation: networks are
+fitted on the rest, the noise variance and the model selection use the validation rows, and the test
+rows are used for nothing but the reported AUC.
+
+Ensembles, per score of ENSEMBLE_SCORES: every candidate a member, each member's test scores ranked
+among its own validation scores and the ranks averaged (app.bundle.ensemble); no selection at all.
 
 Selection, per score: unsupervised by the score's own mean log-likelihood of the validation rows
 (the lowest mean reconstruction error for `reconstruction`), or supervised by the AUC on the
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from app.bundle.ensemble import rank_mean
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
@@ -37,11 +42,12 @@ from app.train import selection as rule
 from app.train.data import read_table
 from app.train.fit import fit_candidates
 from app.train.options import Candidate, FitOptions
-from app.train.selection import auc, evaluate_candidate
+from app.train.selection import ENSEMBLE_SCORES, auc, evaluate_candidate
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")
 BASELINES = ("knn", "iforest")
+PROTOCOLS = {"contaminated": 0.1, "clean": 0.0}  # the share of training rows that are anomalies, at most
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,6 +155,7 @@ class EvaluateOptions:
     val_fraction: float = 0.2
     knn_k: int = 5
     forest_trees: int = 200
+    contamination: float = PROTOCOLS["contaminated"]
 
 
 @dataclass
@@ -158,6 +165,7 @@ class SplitResult:
     candidates: list[dict[str, Any]]  # one row per candidate: hyper-parameters and every figure
     baselines: dict[str, float]  # test AUC per classical detector
     seconds: float
+    ensembles: dict[str, float] = field(default_factory=dict)  # test AUC per score of ENSEMBLE_SCORES
 
 
 def fitting(dataset: Dataset, options: EvaluateOptions) -> list[Candidate]:
@@ -175,7 +183,7 @@ def evaluate_split(
 ) -> SplitResult:
     """Fit the grid on one split, score validation and test rows with every method, run the baselines."""
     started = time.perf_counter()
-    data = protocol_split(dataset, seed=split)
+    data = protocol_split(dataset, seed=split, contamination=options.contamination)
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit, x_val, y_val = data.x_train[fit_rows], data.x_train[val_rows], data.y_train[val_rows]
     candidates = fitting(dataset, options)
@@ -183,9 +191,10 @@ def evaluate_split(
         d = data.x_train.shape[1]
         raise ValueError(f"{dataset.name}: no candidate of the grid has a latent size below its {d} features")
     fit = replace(options.fit, seed=split)
-    rows = []
+    rows, reports = [], []
     for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
         report = evaluate_candidate(fitted, x_val, y_val, data.x_test, data.y_test)
+        reports.append(report)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()
         row |= {"sigma2": fitted.model.sigma2, "sigma2_projected": fitted.model.sigma2_projected}
@@ -199,12 +208,17 @@ def evaluate_split(
         row["projected_rows"], row["projected_capped"] = report.projected_rows, report.projected_capped
         rows.append(row)
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
+    ensembles = {}
+    for name in ENSEMBLE_SCORES:
+        combined = rank_mean([r.val_scores[name] for r in reports], [r.test_scores[name] for r in reports])
+        ensembles[name] = auc(data.y_test, combined)
     return SplitResult(
         dataset.name,
         split,
         rows,
         {name: auc(data.y_test, s) for name, s in baseline.items()},
         time.perf_counter() - started,
+        ensembles,
     )
 
 
@@ -323,6 +337,38 @@ def run_protocol(
     return sorted(results, key=lambda r: order[(r.dataset, r.split)])
 
 
+def _label(column: tuple[str, str]) -> str:
+    kind, name = column
+    if kind == "baseline":
+        return {"knn": "kNN", "iforest": "IForest"}[name]
+    return f"{ {'ensemble': 'ens', 'unsupervised': 'unsup', 'supervised': 'sup'}[kind] }: {name}"
+
+
+def detector_ranks(
+    mean: dict[tuple[str, str, str], float], dataset_order: Sequence[str], columns: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """Each detector's mean rank over the datasets by mean test AUC (1 = best, ties share the mean
+    rank), and a Wilcoxon signed-rank test of each against Isolation Forest over the datasets' mean
+    AUCs (two-sided; None where every difference is 0), with the datasets it wins."""
+    from scipy.stats import rankdata, wilcoxon
+
+    labels = [_label(c) for c in columns]
+    table = np.array([[mean[(ds, *c)] for c in columns] for ds in dataset_order])  # (datasets, detectors)
+    ranks = np.array([rankdata(-np.nan_to_num(row, nan=-np.inf)) for row in table])
+    forest = table[:, columns.index(("baseline", "iforest"))]
+    tests: dict[str, dict[str, Any]] = {}
+    for j, label in enumerate(labels):
+        if columns[j] == ("baseline", "iforest"):
+            continue
+        differences = table[:, j] - forest
+        p = None if np.allclose(differences, 0) else float(wilcoxon(table[:, j], forest).pvalue)
+        tests[label] = {"p": p, "wins": f"{int((differences > 0).sum())}/{len(dataset_order)}"}
+    return {
+        "mean_rank": {label: float(r) for label, r in zip(labels, ranks.mean(axis=0), strict=True)},
+        "wilcoxon_vs_iforest": tests,
+    }
+
+
 def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """Markdown of mean test AUC per dataset, score and selection, baselines beside; and the key figures."""
     chosen = selections(results)
@@ -340,11 +386,14 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
             mean[(ds, "baseline", name)] = float(
                 np.nanmean([r.baselines[name] for r in results if r.dataset == ds])
             )
+        for name in ENSEMBLE_SCORES:
+            mean[(ds, "ensemble", name)] = float(
+                np.nanmean([r.ensembles.get(name, math.nan) for r in results if r.dataset == ds])
+            )
     splits = sorted({r.split for r in results})
-    columns = [("baseline", b) for b in BASELINES] + [(s, m) for s in SELECTIONS for m in METHODS]
-    header = ["dataset", "kNN", "IForest"] + [
-        f"{'unsup' if s == 'unsupervised' else 'sup'}: {m}" for s, m in columns[2:]
-    ]
+    ensembles = [("ensemble", e) for e in ENSEMBLE_SCORES] if any(r.ensembles for r in results) else []
+    columns = [("baseline", b) for b in BASELINES] + ensembles + [(s, m) for s in SELECTIONS for m in METHODS]
+    header = ["dataset"] + [_label(c) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ds in dataset_order:
         cells = [ds] + [f"{mean[(ds, s, m)]:.3f}" for s, m in columns]
@@ -356,18 +405,22 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
             mean[(ds, selection, "likelihood")] > mean[(ds, selection, "reconstruction")]
             for ds in dataset_order
         )
-        for selection in SELECTIONS
+        for selection in (*SELECTIONS, *(["ensemble"] if ensembles else []))
     }
     best_unsupervised = max(METHODS, key=lambda m: overall[f"unsupervised:{m}"])
     best_mean = overall[f"unsupervised:{best_unsupervised}"]
     scored = sum(c["projected_rows"] for r in results for c in r.candidates)
     capped = sum(c["projected_capped"] for r in results for c in r.candidates)
+    unsupervised = [c for c in columns if c[0] != "supervised"]
+    ranking = detector_ranks(mean, dataset_order, unsupervised)
     figures = {
+        "mean_rank": ranking["mean_rank"],
+        "wilcoxon_vs_iforest": ranking["wilcoxon_vs_iforest"],
         "projected_capped": {"rows": scored, "capped": capped, "fraction": capped / scored},
         "datasets": list(dataset_order),
         "splits": splits,
         "mean_test_auc": overall,
-        "likelihood_beats_reconstruction": {s: f"{wins[s]}/{len(dataset_order)}" for s in SELECTIONS},
+        "likelihood_beats_reconstruction": {s: f"{n}/{len(dataset_order)}" for s, n in wins.items()},
         "best_unsupervised_score": best_unsupervised,
         "per_dataset": {f"{ds}|{s}|{m}": v for (ds, s, m), v in mean.items()},
     }
@@ -380,5 +433,16 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
         f"(Isolation Forest {overall['baseline:iforest']:.3f}, kNN {overall['baseline:knn']:.3f}). "
         f"The projection's iteration stopped at its cap of {PROJECTION_STEPS} steps on {capped} of "
         f"{scored} scored rows ({100 * capped / scored:.2f}%), every candidate counted.",
+        "",
+        "Unsupervised detectors by mean rank over the datasets (1 = the best AUC on a dataset; "
+        "Wilcoxon signed-rank p-value against Isolation Forest over the dataset means, and datasets won):",
+        "",
+        "| detector | mean rank | wins vs IForest | Wilcoxon p |",
+        "|---|---|---|---|",
     ]
+    for label, rank in sorted(ranking["mean_rank"].items(), key=lambda item: item[1]):
+        test = ranking["wilcoxon_vs_iforest"].get(label)
+        p = "n/a" if test is None or test["p"] is None else f"{test['p']:.3f}"
+        wins = "n/a" if test is None else test["wins"]
+        lines.append(f"| {label} | {rank:.2f} | {wins} | {p} |")
     return "\n".join(lines) + "\n", figures

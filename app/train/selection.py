@@ -43,6 +43,22 @@ class CandidateReport:
     test_auc: dict[str, float] = field(default_factory=dict)  # per method; empty without test rows
     projected_rows: int = 0  # rows the projection scored (validation and test)
     projected_capped: int = 0  # of which its iteration stopped at the cap, unconverged
+    # Per score of ENSEMBLE_SCORES, the rows' scores (higher = more anomalous), for combining members
+    val_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    test_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+
+
+# The scores an ensemble can combine, from a method's parts: each method's -log p(x), and
+# `manifold`, likelihood's prior and volume terms without the residual: the density of the row's
+# point on the learned manifold, which ignores how far the row lies off it.
+ENSEMBLE_SCORES = ("likelihood", "manifold", "latent", "reconstruction")
+
+
+def _ensemble_scores(method: str, parts: dict[str, NDArray[np.float64]]) -> dict[str, NDArray[np.float64]]:
+    out = {method: -parts["log_prob"]} if method in ENSEMBLE_SCORES else {}
+    if method == "likelihood":
+        out["manifold"] = -(parts["log_prior"] + parts["log_volume"])
+    return out
 
 
 def evaluate_candidate(
@@ -59,11 +75,14 @@ def evaluate_candidate(
     for method in METHODS:
         val = val_projected if method == "projected" else score_rows(fitted.model, x_val, method)
         report.val_log_likelihood[method] = float(np.mean(val["log_prob"]))
+        report.val_scores |= _ensemble_scores(method, val)
         if y_val is not None:
             report.val_auc[method] = auc(y_val, -val["log_prob"])
         if method == "reconstruction":
             report.val_reconstruction_error = float(np.mean(val["reconstruction_error"]))
         test = None if x_test is None else score_rows(fitted.model, x_test, method)
+        if test is not None:
+            report.test_scores |= _ensemble_scores(method, test)
         if test is not None and y_test is not None:
             report.test_auc[method] = auc(y_test, -test["log_prob"])
         if method == "projected":

@@ -27,10 +27,15 @@ def loda() -> Path:
 
 
 @pytest.fixture(scope="module")
-def quick(loda, tmp_path_factory) -> Path:
+def both(loda, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluate") / "quick"
     assert main(["evaluate", str(loda), "--quick", "--out", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def quick(both) -> Path:
+    return both / "contaminated"
 
 
 def test_quick_run_writes_every_candidate_of_the_two_smallest_datasets(quick):
@@ -81,9 +86,48 @@ def test_table_and_summary_report_the_run(quick):
         assert f"| {name} |" in table
     summary = json.loads((quick / "summary.json").read_text())
     assert summary["splits"] == [0] and summary["candidates"] == 2 and summary["steps"] == 300
-    assert set(summary["likelihood_beats_reconstruction"]) == {"supervised", "unsupervised"}
+    assert set(summary["likelihood_beats_reconstruction"]) == {"supervised", "unsupervised", "ensemble"}
     assert summary["best_unsupervised_score"] in METHODS
-    assert summary["seconds"] > 0
+    assert summary["seconds"] > 0 and summary["protocol"] == "contaminated"
+    # Ranks of the unsupervised detectors over two datasets: they sum to 1 + 2 + ... + n per dataset.
+    ranks = summary["mean_rank"]
+    assert "ens: likelihood" in ranks and "sup: likelihood" not in ranks
+    assert sum(ranks.values()) == pytest.approx(len(ranks) * (len(ranks) + 1) / 2)
+    assert set(summary["wilcoxon_vs_iforest"]) == set(ranks) - {"IForest"}
+    assert "| detector | mean rank | wins vs IForest | Wilcoxon p |" in table
+
+
+def test_the_ensembles_are_written_per_split_and_tabled(quick):
+    """Their values are checked against a direct computation in tests/train/test_evaluate.py."""
+    ensembles = pd.read_csv(quick / "ensembles.csv")
+    assert len(ensembles) == 2 and set(ensembles.columns) >= {
+        "likelihood",
+        "manifold",
+        "latent",
+        "reconstruction",
+    }
+    assert ensembles[["likelihood", "manifold", "latent", "reconstruction"]].stack().between(0, 1).all()
+    table = (quick / "table.md").read_text()
+    for ds in ensembles.itertuples():
+        assert f"| {ds.dataset} | " in table and f" {ds.manifold:.3f} |" in table
+
+
+def test_the_clean_protocol_trains_on_normal_rows_and_tests_on_the_same_rows(both, loda):
+    clean = json.loads((both / "clean" / "summary.json").read_text())
+    assert clean["protocol"] == "clean" and clean["contamination"] == 0.0
+    cleaned = pd.read_csv(both / "clean" / "baselines.csv").set_index("dataset")
+    # kNN, from the clean training rows, on the same test rows: recomputed directly for haberman.
+    normal = np.loadtxt(loda / "haberman" / "normal.txt", ndmin=2)
+    anomalous = np.loadtxt(loda / "haberman" / "easy.txt", ndmin=2)
+    rng = np.random.default_rng(0)
+    normal, anomalous = normal[rng.permutation(len(normal))], anomalous[rng.permutation(len(anomalous))]
+    n, pool = round(0.8 * len(normal)), round(0.8 * len(anomalous))
+    train, test = normal[:n], np.r_[normal[n:], anomalous[pool:]]
+    labels = np.r_[np.zeros(len(normal) - n), np.ones(len(anomalous) - pool)]
+    mean, std = train.mean(0), train.std(0)
+    train, test = (train - mean) / std, (test - mean) / std
+    distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
+    assert cleaned.loc["haberman", "knn"] == pytest.approx(auc(labels, distances), abs=1e-12)
 
 
 def test_figures_do_not_depend_on_the_number_of_worker_processes(quick, loda, tmp_path):
@@ -92,8 +136,10 @@ def test_figures_do_not_depend_on_the_number_of_worker_processes(quick, loda, tm
     for f in ("normal.txt", "easy.txt"):
         shutil.copy(loda / "haberman" / f, one / "haberman" / f)
     out = tmp_path / "out"
-    assert main(["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet"]) == 0
-    serial = pd.read_csv(out / "candidates.csv")
+    args = ["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet"]
+    assert main([*args, "--protocol", "contaminated"]) == 0
+    assert not (out / "clean").exists()
+    serial = pd.read_csv(out / "contaminated" / "candidates.csv")
     parallel = pd.read_csv(quick / "candidates.csv")
     parallel = parallel[parallel["dataset"] == "haberman"].reset_index(drop=True)
     pd.testing.assert_frame_equal(serial, parallel)

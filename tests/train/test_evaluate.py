@@ -167,3 +167,42 @@ def test_loda_reader_refuses_mismatched_files_and_unknown_names(tmp_path):
         load_datasets(tmp_path, ["y"])
     with pytest.raises(ValueError, match="no dataset folder"):
         load_datasets(tmp_path / "x")
+
+
+def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
+    """evaluate_split's ensembles against a direct computation: the same split and fits, each
+    member's test scores as their share of its validation scores at or below, averaged."""
+    from dataclasses import replace
+
+    from app.train.evaluate import EvaluateOptions, evaluate_split, fitting
+    from app.train.fit import fit_candidates, fit_noise, score_rows
+    from app.train.options import Candidate, FitOptions
+
+    from ..conftest import manifold_rows, off_manifold_rows
+
+    dataset = Dataset("manifold", manifold_rows(300, seed=61), off_manifold_rows(60, seed=62))
+    candidates = (Candidate(latent_dim=2, hidden=8, components=2, beta=b) for b in (0.1, 1.0))
+    options = EvaluateOptions(candidates=tuple(candidates), fit=FitOptions(steps=60, batch_size=50))
+    result = evaluate_split(dataset, 1, options)
+
+    data = protocol_split(dataset, seed=1)
+    fit_rows, val_rows = stratified_holdout(data.y_train, 0.2, seed=1)
+    x_val = data.x_train[val_rows]
+    fitted = fit_candidates(data.x_train[fit_rows], fitting(dataset, options), replace(options.fit, seed=1))
+    members = []
+    for f in fitted:
+        fit_noise(f.model, x_val)
+        val, test = score_rows(f.model, x_val, "likelihood"), score_rows(f.model, data.x_test, "likelihood")
+        manifold_val = -(val["log_prior"] + val["log_volume"])
+        manifold_test = -(test["log_prior"] + test["log_volume"])
+        # By brute force: the share of validation scores at or below each test score (exact fractions,
+        # so rows tied at the top stay tied, as AUC counts them).
+        members.append(
+            {
+                "likelihood": (-val["log_prob"][None, :] <= -test["log_prob"][:, None]).mean(axis=1),
+                "manifold": (manifold_val[None, :] <= manifold_test[:, None]).mean(axis=1),
+            }
+        )
+    for name in ("likelihood", "manifold"):
+        combined = np.mean([m[name] for m in members], axis=0)
+        assert result.ensembles[name] == pytest.approx(auc(data.y_test, combined), abs=1e-12), name
