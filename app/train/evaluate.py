@@ -8,8 +8,9 @@ on the training rows. A stratified 20% of the training rows is held out as valid
 fitted on the rest, the noise variance and the model selection use the validation rows, and the test
 rows are used for nothing but the reported AUC.
 
-Ensembles, per score of ENSEMBLE_SCORES: every candidate a member, each member's test scores ranked
-among its own validation scores and the ranks averaged (app.bundle.ensemble); no selection at all.
+Ensembles, per rule of app.train.selection.ENSEMBLES: every candidate a member, each member's test
+scores of each of the rule's terms ranked among its own validation scores and all the ranks averaged
+(app.bundle.ensemble); no selection at all.
 
 Selection, per score: unsupervised by the score's own mean log-likelihood of the validation rows
 (the lowest mean reconstruction error for `reconstruction`), or supervised by the AUC on the
@@ -42,7 +43,7 @@ from app.train import selection as rule
 from app.train.data import read_table
 from app.train.fit import fit_candidates
 from app.train.options import Candidate, FitOptions
-from app.train.selection import ENSEMBLE_SCORES, auc, evaluate_candidate
+from app.train.selection import ENSEMBLES, auc, evaluate_candidate
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")
@@ -165,7 +166,7 @@ class SplitResult:
     candidates: list[dict[str, Any]]  # one row per candidate: hyper-parameters and every figure
     baselines: dict[str, float]  # test AUC per classical detector
     seconds: float
-    ensembles: dict[str, float] = field(default_factory=dict)  # test AUC per score of ENSEMBLE_SCORES
+    ensembles: dict[str, float] = field(default_factory=dict)  # test AUC per rule of ENSEMBLES
 
 
 def fitting(dataset: Dataset, options: EvaluateOptions) -> list[Candidate]:
@@ -209,8 +210,9 @@ def evaluate_split(
         rows.append(row)
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     ensembles = {}
-    for name in ENSEMBLE_SCORES:
-        combined = rank_mean([r.val_scores[name] for r in reports], [r.test_scores[name] for r in reports])
+    for name, terms in ENSEMBLES.items():
+        references = [r.val_scores[t] for r in reports for t in terms]
+        combined = rank_mean(references, [r.test_scores[t] for r in reports for t in terms])
         ensembles[name] = auc(data.y_test, combined)
     return SplitResult(
         dataset.name,
@@ -386,12 +388,12 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
             mean[(ds, "baseline", name)] = float(
                 np.nanmean([r.baselines[name] for r in results if r.dataset == ds])
             )
-        for name in ENSEMBLE_SCORES:
+        for name in ENSEMBLES:
             mean[(ds, "ensemble", name)] = float(
                 np.nanmean([r.ensembles.get(name, math.nan) for r in results if r.dataset == ds])
             )
     splits = sorted({r.split for r in results})
-    ensembles = [("ensemble", e) for e in ENSEMBLE_SCORES] if any(r.ensembles for r in results) else []
+    ensembles = [("ensemble", e) for e in ENSEMBLES] if any(r.ensembles for r in results) else []
     columns = [("baseline", b) for b in BASELINES] + ensembles + [(s, m) for s in SELECTIONS for m in METHODS]
     header = ["dataset"] + [_label(c) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -50,8 +50,20 @@ class CandidateReport:
 
 # The scores an ensemble can combine, from a method's parts: each method's -log p(x), and
 # `manifold`, likelihood's prior and volume terms without the residual: the density of the row's
-# point on the learned manifold, which ignores how far the row lies off it.
+# point on the learned manifold, which ignores how far the row lies off it. (latent's score is
+# likelihood's prior term, reconstruction's its residual term.)
 ENSEMBLE_SCORES = ("likelihood", "manifold", "latent", "reconstruction")
+# How an ensemble combines them: each rule ranks every member's scores of each of its terms among
+# that member's held-out ones and averages all the ranks; "a|b" ranks a and b apart, so neither
+# can dominate the other by its scale (the residual term's grows with the number of features).
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "likelihood": ("likelihood",),
+    "manifold": ("manifold",),
+    "latent": ("latent",),
+    "reconstruction": ("reconstruction",),
+    "latent|reconstruction": ("latent", "reconstruction"),
+    "manifold|reconstruction": ("manifold", "reconstruction"),
+}
 
 
 def _ensemble_scores(method: str, parts: dict[str, NDArray[np.float64]]) -> dict[str, NDArray[np.float64]]:

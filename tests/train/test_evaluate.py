@@ -195,14 +195,19 @@ def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
         val, test = score_rows(f.model, x_val, "likelihood"), score_rows(f.model, data.x_test, "likelihood")
         manifold_val = -(val["log_prior"] + val["log_volume"])
         manifold_test = -(test["log_prior"] + test["log_volume"])
+        residual_val, residual_test = -val["log_residual"], -test["log_residual"]
         # By brute force: the share of validation scores at or below each test score (exact fractions,
         # so rows tied at the top stay tied, as AUC counts them).
         members.append(
             {
                 "likelihood": (-val["log_prob"][None, :] <= -test["log_prob"][:, None]).mean(axis=1),
                 "manifold": (manifold_val[None, :] <= manifold_test[:, None]).mean(axis=1),
+                "residual": (residual_val[None, :] <= residual_test[:, None]).mean(axis=1),
             }
         )
     for name in ("likelihood", "manifold"):
         combined = np.mean([m[name] for m in members], axis=0)
         assert result.ensembles[name] == pytest.approx(auc(data.y_test, combined), abs=1e-12), name
+    # Two terms ranked apart: the residual is reconstruction's score, four ranks averaged per row.
+    combined = np.mean([m[t] for m in members for t in ("manifold", "residual")], axis=0)
+    assert result.ensembles["manifold|reconstruction"] == pytest.approx(auc(data.y_test, combined), abs=1e-12)
