@@ -54,15 +54,15 @@ class CandidateReport:
 # likelihood's prior term, reconstruction's its residual term.)
 ENSEMBLE_SCORES = ("likelihood", "manifold", "latent", "reconstruction")
 # How an ensemble combines them: each rule ranks every member's scores of each of its terms among
-# that member's held-out ones and averages all the ranks; "a|b" ranks a and b apart, so neither
+# that member's held-out ones and averages all the ranks; "a&b" ranks a and b apart, so neither
 # can dominate the other by its scale (the residual term's grows with the number of features).
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "likelihood": ("likelihood",),
     "manifold": ("manifold",),
     "latent": ("latent",),
     "reconstruction": ("reconstruction",),
-    "latent|reconstruction": ("latent", "reconstruction"),
-    "manifold|reconstruction": ("manifold", "reconstruction"),
+    "latent&reconstruction": ("latent", "reconstruction"),
+    "manifold&reconstruction": ("manifold", "reconstruction"),
 }
 
 

@@ -95,6 +95,9 @@ def test_table_and_summary_report_the_run(quick):
     assert sum(ranks.values()) == pytest.approx(len(ranks) * (len(ranks) + 1) / 2)
     assert set(summary["wilcoxon_vs_iforest"]) == set(ranks) - {"IForest"}
     assert "| detector | mean rank | wins vs IForest | Wilcoxon p |" in table
+    for block in table.split("\n\n"):  # every markdown table: one cell count in all its rows
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in rows}) <= 1, block
 
 
 def test_the_ensembles_are_written_per_split_and_tabled(quick):

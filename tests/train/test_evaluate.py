@@ -210,4 +210,4 @@ def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
         assert result.ensembles[name] == pytest.approx(auc(data.y_test, combined), abs=1e-12), name
     # Two terms ranked apart: the residual is reconstruction's score, four ranks averaged per row.
     combined = np.mean([m[t] for m in members for t in ("manifold", "residual")], axis=0)
-    assert result.ensembles["manifold|reconstruction"] == pytest.approx(auc(data.y_test, combined), abs=1e-12)
+    assert result.ensembles["manifold&reconstruction"] == pytest.approx(auc(data.y_test, combined), abs=1e-12)
