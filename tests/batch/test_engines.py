@@ -41,6 +41,30 @@ def spark():
     s.stop()
 
 
+@pytest.fixture(params=["ray", "spark"])
+def engine(request) -> str:  # type: ignore[no-untyped-def]
+    request.getfixturevalue("ray_local" if request.param == "ray" else "spark")
+    return request.param
+
+
+def one_file(scored, tiny_bundle, lake, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """A Dataset's or DataFrame's scores of one file are the command line's, matched by key."""
+    got = scored.sort_values("key", ignore_index=True)
+    reference = single_process(tiny_bundle, lake, tmp_path)
+    reference = reference[reference["file"] == name].drop(columns=["file", "row"]).reset_index(drop=True)
+    assert list(got.columns) == list(reference.columns) and got["key"].tolist() == reference["key"].tolist()
+    rtol = float32_rtol(load_bundle(tiny_bundle).architecture)
+    np.testing.assert_allclose(got["score"], reference["score"], rtol=rtol)
+
+
+def test_a_missing_value_stops_a_run_naming_file_and_row(engine, tiny_bundle, lake_missing, tmp_path, capsys):
+    out = tmp_path / "scores"
+    assert main(["score", str(tiny_bundle), str(lake_missing), "--out", str(out), "--engine", engine]) == 2
+    err = capsys.readouterr().err
+    assert "a.parquet: row" in err and "holds a missing value (--missing skip leaves" in err
+    assert not out.exists() and not list(tmp_path.glob(".scores*"))  # nothing half-written
+
+
 @pytest.mark.parametrize("missing", ["impute", "skip"])
 def test_ray_scores_a_lake_as_the_command_line_scores_its_files(
     ray_local, tiny_bundle, lake_missing, tmp_path, missing
@@ -62,16 +86,6 @@ def test_ray_scores_a_lake_as_the_command_line_scores_its_files(
     same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
 
 
-def test_a_missing_value_stops_a_ray_run_naming_file_and_row(
-    ray_local, tiny_bundle, lake_missing, tmp_path, capsys
-):
-    out = tmp_path / "scores"
-    assert main(["score", str(tiny_bundle), str(lake_missing), "--out", str(out), "--engine", "ray"]) == 2
-    err = capsys.readouterr().err
-    assert "a.parquet: row" in err and "holds a missing value (--missing skip leaves" in err
-    assert not out.exists() and not list(tmp_path.glob(".scores*"))  # nothing half-written
-
-
 def test_a_users_ray_dataset_is_scored_lazily(ray_local, tiny_bundle, lake, tmp_path):
     import ray.data
 
@@ -79,15 +93,7 @@ def test_a_users_ray_dataset_is_scored_lazily(ray_local, tiny_bundle, lake, tmp_
 
     dataset = ray.data.read_parquet(str(lake / "a.parquet"))
     scored = score_dataset(dataset, tiny_bundle, BatchOptions(id_columns=("key",)), batch_size=100)
-    got = scored.to_pandas().sort_values("key", ignore_index=True)
-    reference = single_process(tiny_bundle, lake, tmp_path)
-    reference = (
-        reference[reference["file"] == "a.parquet"].drop(columns=["file", "row"]).reset_index(drop=True)
-    )
-    assert list(got.columns) == list(reference.columns) and got["key"].tolist() == reference["key"].tolist()
-    np.testing.assert_allclose(
-        got["score"], reference["score"], rtol=float32_rtol(load_bundle(tiny_bundle).architecture)
-    )
+    one_file(scored.to_pandas(), tiny_bundle, lake, tmp_path, "a.parquet")
 
 
 def test_spark_scores_a_lake_as_the_command_line_scores_its_files(spark, tiny_bundle, lake_missing, tmp_path):
@@ -100,29 +106,9 @@ def test_spark_scores_a_lake_as_the_command_line_scores_its_files(spark, tiny_bu
     same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
 
 
-def test_a_missing_value_stops_a_spark_run_naming_file_and_row(
-    spark, tiny_bundle, lake_missing, tmp_path, capsys
-):
-    out = tmp_path / "scores"
-    assert main(["score", str(tiny_bundle), str(lake_missing), "--out", str(out), "--engine", "spark"]) == 2
-    err = capsys.readouterr().err
-    assert "a.parquet: row" in err and "holds a missing value (--missing skip leaves" in err
-    assert not out.exists()
-
-
 def test_a_users_spark_dataframe_is_scored_lazily(spark, tiny_bundle, lake, tmp_path):
     from app.batch.on_spark import score_dataframe
 
     frame = spark.read.parquet(str(lake / "nested"))
     scored = score_dataframe(frame, tiny_bundle, BatchOptions(id_columns=("key",))).toPandas()
-    got = scored.sort_values("key", ignore_index=True)
-    reference = single_process(tiny_bundle, lake, tmp_path)
-    reference = (
-        reference[reference["file"] == "nested/b.parquet"]
-        .drop(columns=["file", "row"])
-        .reset_index(drop=True)
-    )
-    assert list(got.columns) == list(reference.columns) and got["key"].tolist() == reference["key"].tolist()
-    np.testing.assert_allclose(
-        got["score"], reference["score"], rtol=float32_rtol(load_bundle(tiny_bundle).architecture)
-    )
+    one_file(scored, tiny_bundle, lake, tmp_path, "nested/b.parquet")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from app.bundle.format import CONSTANT_RTOL, MANIFEST, BundleError, content_version, load_bundle
+from app.bundle.format import CONSTANT_RTOL, MANIFEST, BundleError, load_bundle
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
@@ -15,7 +15,7 @@ from app.train.fit import score_rows
 from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, train_bundle
 
-from ..conftest import CONSTANT_COLUMNS, FEATURES, SITE, ZERO, manifold_rows, with_constants
+from ..conftest import CONSTANT_COLUMNS, FEATURES, SITE, ZERO, manifold_rows, rewrite_manifest, with_constants
 from ..tolerances import float32_rtol
 
 
@@ -103,13 +103,6 @@ def copy(constant_bundle, tmp_path):
     return target
 
 
-def _rewrite(path, edit):
-    manifest = json.loads((path / MANIFEST).read_text())
-    edit(manifest)
-    manifest["version"] = content_version(manifest)
-    (path / MANIFEST).write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -130,7 +123,7 @@ def _rewrite(path, edit):
     ],
 )
 def test_inconsistent_columns_are_refused(copy, edit, message):
-    _rewrite(copy, edit)
+    rewrite_manifest(copy, edit)
     with pytest.raises(BundleError, match=message):
         load_bundle(copy)
 

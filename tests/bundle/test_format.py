@@ -13,7 +13,7 @@ from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
 
-from ..conftest import FEATURES, bundle_from, manifold_rows
+from ..conftest import FEATURES, bundle_from, manifold_rows, rewrite_manifest
 
 
 @pytest.mark.parametrize(
@@ -72,13 +72,6 @@ def copy(untrained_bundle, tmp_path):
     return target
 
 
-def _rewrite_manifest(path, edit):
-    manifest = json.loads((path / MANIFEST).read_text())
-    edit(manifest)
-    manifest["version"] = content_version(manifest)
-    (path / MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_flipped_byte_is_refused(copy):
     data = bytearray((copy / WEIGHTS).read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -104,10 +97,10 @@ def test_missing_file_is_refused(copy):
 
 
 def test_other_schema_version_is_refused(copy):
-    _rewrite_manifest(copy, lambda m: m.update(schema_version=99))
+    rewrite_manifest(copy, lambda m: m.update(schema_version=99))
     with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2 and 3$"):
         load_bundle(copy)
-    _rewrite_manifest(copy, lambda m: m.update(schema_version=1))
+    rewrite_manifest(copy, lambda m: m.update(schema_version=1))
     with pytest.raises(BundleError, match=r"version 1, this build reads versions 2 and 3: .* retrain it"):
         load_bundle(copy)
 
@@ -121,7 +114,7 @@ def test_edited_manifest_is_refused(copy):
 
 
 def test_shape_mismatch_is_refused(copy):
-    _rewrite_manifest(copy, lambda m: m["architecture"].update(hidden=17))
+    rewrite_manifest(copy, lambda m: m["architecture"].update(hidden=17))
     with pytest.raises(
         BundleError,
         match=r"tensor encoder.net.layers.0.weight has shape \(16, 6\), the architecture needs \(17, 6\)",
@@ -150,12 +143,12 @@ def test_no_pickle_anywhere(untrained_bundle):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, "0.5", None, True])
 def test_noise_variances_must_be_positive_numbers(copy, value):
-    _rewrite_manifest(copy, lambda m: m["noise"].update(sigma2_projected=value))
+    rewrite_manifest(copy, lambda m: m["noise"].update(sigma2_projected=value))
     with pytest.raises(BundleError, match=r"noise\.sigma2_projected must be a positive number"):
         load_bundle(copy)
 
 
 def test_a_manifest_without_a_noise_variance_is_refused_as_malformed(copy):
-    _rewrite_manifest(copy, lambda m: m["noise"].pop("sigma2_projected"))
+    rewrite_manifest(copy, lambda m: m["noise"].pop("sigma2_projected"))
     with pytest.raises(BundleError, match=r"malformed bundle\.json: KeyError: 'sigma2_projected'"):
         load_bundle(copy)
