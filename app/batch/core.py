@@ -10,7 +10,10 @@ numbers counted in the whole input.
 from __future__ import annotations
 
 import re
+import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -225,3 +228,24 @@ def user_error(error: BaseException) -> Exception | None:
             return (MissingValue if found.group(1) == "MissingValue" else DataError)(found.group(2))
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
+
+
+@contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """A new directory beside `out` for a run's part files, moved to `out` when the block ends
+    without an error and removed when it does not: `out` holds a whole result or nothing. A data
+    error that an engine wrapped in its own exception is raised as the user's (user_error)."""
+    final = Path(out)
+    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            yield staging
+        except Exception as error:
+            cause = user_error(error)
+            if cause is None:
+                raise
+            raise cause from None
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -8,8 +8,6 @@ exactly the rows `anomaly-scores score` writes for the same input. See docs/scal
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,7 +23,7 @@ from app.batch.core import (
     plan_parts,
     score_batch,
     score_part,
-    user_error,
+    staged_output,
 )
 from app.bundle.format import load_bundle
 from app.engine.factory import create_scorer
@@ -113,8 +111,6 @@ def score_files(
     options = replace(options or BatchOptions(), row_numbers=True)
     parts = plan_parts(data)
     schema = distributed_schema(bundle, options, parts)
-    final = Path(out)
-    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False)
@@ -129,17 +125,9 @@ def score_files(
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=1,
         )
-        try:
+        with staged_output(out) as staging:
             scored.write_parquet(str(staging))
-        except Exception as error:  # Ray wraps a task's error in its own types; the user's is inside
-            cause = user_error(error)
-            if cause is None:
-                raise
-            raise cause from None
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if started:
             ray.shutdown()
-    return {"parts": len(parts), "workers": size, "out": str(final)}
+    return {"parts": len(parts), "workers": size, "out": str(out)}

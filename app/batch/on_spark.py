@@ -10,12 +10,11 @@ single-threaded onnxruntime session. See docs/scale-out.md.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ from app.batch.core import (
     plan_parts,
     score_batch,
     score_part,
-    user_error,
+    staged_output,
 )
 from app.bundle.format import MANIFEST, load_bundle
 from app.bundle.signing import SIGNATURE
@@ -107,6 +106,29 @@ def session(master: str | None = None, workers: int | None = None) -> SparkSessi
     )
 
 
+def _score_parts(
+    files: dict[str, bytes],
+    options: BatchOptions,
+    schema: pa.Schema,
+    staging: Path,
+    units: Iterator[pa.RecordBatch],
+) -> Iterator[pa.RecordBatch]:
+    """A task: each unit of work (path, file, row group) scored into its own part file."""
+    import pyarrow.parquet as pq
+
+    scorer = _scorer(files)
+    for batch in units:
+        for row in batch.to_pylist():
+            group = None if row["row_group"] < 0 else row["row_group"]
+            part = Part(row["path"], row["file"], group)
+            written = 0
+            with pq.ParquetWriter(staging / part_name(part), schema) as writer:
+                for scored in score_part(scorer, part, options, schema):
+                    writer.write_batch(scored)
+                    written += scored.num_rows
+            yield pa.RecordBatch.from_pydict({"rows": [written]}, schema=COUNTS)
+
+
 def score_files(
     bundle_path: str | Path,
     data: str | Path,
@@ -136,41 +158,16 @@ def score_files(
 
     spark = spark or SparkSession.getActiveSession()
     spark_session = spark or session(master, workers)
-    final = Path(out)
-    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-
-    def score_parts(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import pyarrow.parquet as pq
-
-        scorer = _scorer(files)
-        for batch in batches:
-            for row in batch.to_pylist():
-                group = None if row["row_group"] < 0 else row["row_group"]
-                part = Part(row["path"], row["file"], group)
-                written = 0
-                with pq.ParquetWriter(staging / part_name(part), schema) as writer:
-                    for scored in score_part(scorer, part, options, schema):
-                        writer.write_batch(scored)
-                        written += scored.num_rows
-                yield pa.RecordBatch.from_pydict({"rows": [written]}, schema=COUNTS)
 
     rows = [(p.path, p.file, -1 if p.row_group is None else p.row_group) for p in parts]
     units = spark_session.sparkContext.parallelize(rows, len(rows)).toDF(
         "path string, file string, row_group int"
     )
-    staging.mkdir(parents=True)
     try:
-        try:
-            units.mapInArrow(score_parts, "rows long").collect()
-        except Exception as error:  # a data error arrives as text inside Spark's exception
-            cause = user_error(error)
-            if cause is None:
-                raise
-            raise cause from None
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
+        with staged_output(out) as staging:
+            staging.mkdir(parents=True)
+            units.mapInArrow(partial(_score_parts, files, options, schema, staging), "rows long").collect()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if spark is None:
             spark_session.stop()
-    return {"parts": len(parts), "out": str(final)}
+    return {"parts": len(parts), "out": str(out)}
