@@ -2,8 +2,11 @@
 
 A volume term is a sum of log singular values; the projection solves damped Newton systems and
 takes a log-determinant; the encoder's volume needs an orthonormal basis of a tangent space. Torch
-uses LAPACK (SVD, QR) and an explicit Cholesky; the graphs, whose matrix sizes are known at export
-time, unroll Gram-Schmidt and Cholesky in float64. Each pair computes the same quantity.
+and the graphs run the same algorithms in float64: modified Gram-Schmidt for the volume, Gram-Schmidt
+twice (CGS2) for the basis, an explicit floored Cholesky; the graphs unroll them (the matrix sizes
+are known at export time), torch loops over the m vectors with batched tensor operations. No
+LAPACK or cuSOLVER call: on a GPU a batched SVD or QR of many tiny matrices costs far more than
+these few elementwise kernels, and the two paths agree to rounding, not to two algorithms' errors.
 """
 
 from __future__ import annotations
@@ -22,17 +25,27 @@ if TYPE_CHECKING:
 
 
 def sum_log_singular_values(J: Tensor) -> Tensor:
-    """(B, p, q) -> (B,) sum of log singular values, each floored at SINGULAR_VALUE_FLOOR.
+    """(B, p, q) -> (B,) sum of log singular values: sum_i log |R_ii| of the QR factorisation of the
+    shorter side's vectors (J's columns when p >= q), each |R_ii| floored at SINGULAR_VALUE_FLOOR.
 
     For a d x m Jacobian of rank m this is log sqrt(det(J^T J)), the log of the m-volume
-    stretching factor.
+    stretching factor. Modified Gram-Schmidt, as emit_sum_log_singular_values: its R is backward
+    stable (Bjorck), so singular values from 1e-6 to 1e3 keep their relative accuracy in float64.
     """
     import torch
 
     # In float64 even for float32 networks: small singular values of a graded Jacobian keep their
     # relative accuracy, and the result matches the exported graph's float64 factorisation.
-    s = torch.linalg.svdvals(J.double())
-    return torch.log(torch.clamp(s, min=SINGULAR_VALUE_FLOOR)).sum(-1).to(J.dtype)
+    block = (J.transpose(-1, -2) if J.shape[-2] >= J.shape[-1] else J).double()  # (B, m, n), m <= n
+    total = torch.zeros(block.shape[0], dtype=block.dtype, device=block.device)
+    while block.shape[1]:
+        head, block = block[:, :1], block[:, 1:]
+        norm = torch.linalg.vector_norm(head, dim=2, keepdim=True)  # (B, 1, 1)
+        total = total + torch.log(torch.clamp(norm[:, 0, 0], min=SINGULAR_VALUE_FLOOR))
+        if block.shape[1]:
+            q = head / torch.clamp(norm, min=1e-300)
+            block = block - (block * q).sum(2, keepdim=True) * q
+    return total.to(J.dtype)
 
 
 def emit_sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
@@ -62,10 +75,18 @@ def emit_sum_log_singular_values(g: Graph, rows: str, m: int) -> str:
 
 
 def orthonormal_columns(A: Tensor) -> Tensor:
-    """(B, d, m) of rank m -> (B, d, m) orthonormal columns spanning the same space (reduced QR)."""
+    """(B, d, m) of rank m -> (B, d, m) orthonormal columns spanning the same space: CGS2 on the
+    columns, as emit_orthonormal_rows does on the rows of A^T."""
     import torch
 
-    return torch.linalg.qr(A, mode="reduced").Q
+    basis: list[Tensor] = []
+    for column in A.unbind(2):  # (B, d) each
+        a = column
+        for _ in range(2):
+            for q in basis:
+                a = a - (q * a).sum(1, keepdim=True) * q
+        basis.append(a / torch.clamp(torch.linalg.vector_norm(a, dim=1, keepdim=True), min=1e-300))
+    return torch.stack(basis, dim=2)
 
 
 def emit_split_rows(g: Graph, rows: str, m: int) -> list[str]:
