@@ -86,6 +86,24 @@ def test_ray_scores_a_lake_as_the_command_line_scores_its_files(
     same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
 
 
+def test_ray_scores_a_directory_of_csv_files_a_file_per_task(ray_local, tiny_bundle, lake, tmp_path):
+    """CSV has no row groups: each file is one part, its ids read as strings, as `score` reads them."""
+    csv = tmp_path / "csv"
+    for name in ("a.parquet", "nested/b.parquet"):
+        target = csv / name.replace(".parquet", ".csv")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pd.read_parquet(lake / name).to_csv(target, index=False)
+    out = tmp_path / "scores"
+    args = ["score", str(tiny_bundle), str(csv), "--out", str(out), "--engine", "ray", "--id-column", "key"]
+    assert main(args) == 0
+    got = pd.read_parquet(out).sort_values(["file", "row"], ignore_index=True)
+    assert got["file"].unique().tolist() == ["a.csv", "nested/b.csv"] and len(got) == 900
+    assert got["key"].tolist() == [str(k) for k in range(900)]  # CSV cells are strings
+    reference = single_process(tiny_bundle, lake, tmp_path)
+    rtol = float32_rtol(load_bundle(tiny_bundle).architecture)
+    np.testing.assert_allclose(got["score"], reference["score"], rtol=rtol)
+
+
 def test_a_users_ray_dataset_is_scored_lazily(ray_local, tiny_bundle, lake, tmp_path):
     import ray.data
 
