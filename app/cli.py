@@ -210,6 +210,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help=f"optimiser steps per candidate (default {EVALUATE_STEPS})")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--trim", type=float, default=0.0, help="train with the trimmed objective (train --trim); default 0"
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument(
         "--quick",
@@ -652,7 +655,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for protocol in protocols:
         options = EvaluateOptions(
             candidates=tuple(expand_grid(grid, largest, Candidate())),
-            fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr),
+            fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr, trim=args.trim),
             contamination=PROTOCOLS[protocol],
         )
         _evaluate_protocol(args, protocol, datasets, list(splits), options, grid)
@@ -714,6 +717,7 @@ def _evaluate_protocol(
         "steps": options.fit.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "trim": options.fit.trim,
         "split_seconds": {f"{r.dataset}|{r.split}": round(r.seconds, 1) for r in results},
     } | figures
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -151,3 +151,19 @@ def test_figures_do_not_depend_on_the_number_of_worker_processes(quick, loda, tm
 def test_unknown_dataset_is_refused(loda, tmp_path, capsys):
     assert main(["evaluate", str(loda), "--datasets", "nope", "--out", str(tmp_path)]) == 2
     assert "no dataset ['nope']" in capsys.readouterr().err
+
+
+def test_a_trimmed_evaluation_trains_otherwise_and_says_so(quick, loda, tmp_path):
+    one = tmp_path / "one"
+    (one / "haberman").mkdir(parents=True)
+    for f in ("normal.txt", "easy.txt"):
+        shutil.copy(loda / "haberman" / f, one / "haberman" / f)
+    out = tmp_path / "out"
+    args = ["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet", "--trim", "0.2"]
+    assert main([*args, "--protocol", "contaminated"]) == 0
+    assert json.loads((out / "contaminated" / "summary.json").read_text())["trim"] == 0.2
+    trimmed = pd.read_csv(out / "contaminated" / "candidates.csv")
+    plain = pd.read_csv(quick / "candidates.csv")
+    plain = plain[plain["dataset"] == "haberman"].reset_index(drop=True)
+    assert (trimmed["final_loss"] != plain["final_loss"]).all()
+    assert main(["evaluate", str(one), "--quick", "--out", str(out), "--trim", "1"]) == 2
