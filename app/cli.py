@@ -131,7 +131,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="ray or spark: DATA may be a directory of Parquet or CSV files, scored a row group (or CSV "
         "file) per task, onnx backend; needs the ray or spark extra",
     )
-    engine.add_argument("--address", help="ray: the cluster's address (default: a local instance)")
+    engine.add_argument(
+        "--address",
+        help="ray: the cluster's address (default: a local instance); BUNDLE, DATA and --out must then "
+        "be on storage every node sees",
+    )
     engine.add_argument("--master", help="spark: the master URL (default: local[WORKERS])")
     engine.add_argument("--workers", type=int, help="local instance: cores to use (default: all)")
 

@@ -24,7 +24,7 @@ reads one.
 Rows may be numpy arrays or pandas DataFrames, whose column names become the feature names and are
 then required (in any order) at scoring time. A column that holds one value in every training row is
 kept out of the networks (`constants_`: name -> value); a scored row that differs there is flagged
-with p-value 0 and shows in `constant_mismatch`.
+with p-value 0, its log-likelihood is -inf (density 0), and it shows in `constant_mismatch`.
 """
 
 from __future__ import annotations
@@ -148,8 +148,11 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         return self.scorer_.score(values, self.method, self.fpr)
 
     def score_samples(self, X: Any) -> NDArray[np.float64]:
-        """log p(x) of `method` per row: higher = more normal."""
-        return self._score(X).log_likelihood
+        """log p(x) of `method` per row: higher = more normal; -inf for a row that differs from a
+        column constant in training (density 0 there), so that decision_function < 0 exactly when
+        predict flags the row."""
+        out = self._score(X)
+        return np.where(out.constant_mismatch.any(axis=1), -np.inf, out.log_likelihood)
 
     def decision_function(self, X: Any) -> NDArray[np.float64]:
         """score_samples minus offset_: negative for the rows flagged at `fpr`."""
@@ -160,8 +163,9 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         return np.where(self._score(X).is_anomaly, -1, 1)
 
     def anomaly_score(self, X: Any) -> NDArray[np.float64]:
-        """-log p(x): higher = more anomalous (PyOD's decision_function convention)."""
-        return self._score(X).score
+        """-log p(x): higher = more anomalous (PyOD's decision_function convention); +inf where
+        score_samples is -inf."""
+        return -self.score_samples(X)
 
     def is_anomaly(self, X: Any) -> NDArray[np.int64]:
         """1 for the rows flagged at `fpr`, else 0 (PyOD's predict convention)."""

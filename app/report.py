@@ -55,6 +55,8 @@ class ScoredData:
     labels: NDArray[np.bool_] | None  # per scored row, True = anomaly
     missing: str  # the --missing policy the rows were read with
     imputed: int  # rows with at least one value filled in (missing="impute")
+    # per scored row: differs from a column constant in training, flagged whatever its score
+    off_constant: NDArray[np.bool_] | None = None
 
 
 def report_methods(bundle: Bundle, available: Sequence[str], labelled: bool) -> list[str]:
@@ -90,6 +92,7 @@ def score_data(
     ids: dict[str, list[Any]] = {name: [] for name in id_columns}
     scores: dict[str, list[NDArray[np.float64]]] = {m: [] for m in methods}
     parts: dict[str, list[NDArray[np.float64]]] = {p: [] for p in PARTS}
+    off_constant: list[NDArray[np.bool_]] = []
     imputed = 0
     for chunk in chunks:
         if not chunk.values.shape[0]:
@@ -103,6 +106,7 @@ def score_data(
             if method == bundle.default_method:
                 for part in PARTS:
                     parts[part].append(getattr(output, part))
+                off_constant.append(output.constant_mismatch.any(axis=1))
         if chunk.imputed is not None:
             imputed += int((chunk.imputed > 0).sum())
     if not rows:
@@ -118,6 +122,7 @@ def score_data(
         labels=None if file_labels is None else file_labels[scored],
         missing=missing,
         imputed=imputed,
+        off_constant=np.concatenate(off_constant),
     )
 
 
@@ -416,12 +421,20 @@ def _flagged_section(bundle: Bundle, data: ScoredData) -> str:
         header += ["share of label-0 rows flagged", "share of label-1 rows flagged"]
     rows = []
     for fpr, value in _thresholds(bundle, method):
-        flagged = scores > value  # as the scorer flags: above the threshold, i.e. p-value <= rate
+        # as the scorer flags: above the threshold (p-value <= rate), or off a training constant
+        flagged = scores > value if data.off_constant is None else (scores > value) | data.off_constant
         row = [f"{fpr:g}", f"{value:.6g}", str(int(flagged.sum())), f"{flagged.mean():.2%}"]
         if labels is not None:
             row += [_share(flagged[~labels]), _share(flagged[labels])]
         rows.append(row)
-    return "<h2>Rows flagged at each threshold</h2>\n" + _table(header, rows, [True] * len(header))
+    off = 0 if data.off_constant is None else int(data.off_constant.sum())
+    note = (
+        f"<p class='note'>{off} rows differ from a column that was constant in training "
+        f"({_e(', '.join(bundle.constants))}): flagged at every threshold, whatever their score.</p>"
+        if off
+        else ""
+    )
+    return "<h2>Rows flagged at each threshold</h2>\n" + _table(header, rows, [True] * len(header)) + note
 
 
 def _share(flags: NDArray[np.bool_]) -> str:

@@ -101,8 +101,12 @@ def test_a_constant_column_is_kept_out_and_a_row_that_differs_there_is_flagged(t
     new.loc[new.index[2], "unit"] = 4.0
     np.testing.assert_array_equal(detector.constant_mismatch(new), [[False], [False], [True], [False]])
     assert detector.predict(new)[2] == -1 and detector.p_value(new)[2] == 0
-    # The column's value enters nothing else: the row's likelihood is its features'.
-    np.testing.assert_array_equal(detector.score_samples(new), detector.score_samples(rows.iloc[:4]))
+    # Density 0 there: log p = -inf, so decision_function < 0 exactly where predict flags.
+    samples = detector.score_samples(new)
+    assert samples[2] == -np.inf and detector.anomaly_score(new)[2] == np.inf
+    np.testing.assert_array_equal(detector.decision_function(new) < 0, detector.predict(new) == -1)
+    # The column's value enters nothing else: the other rows' likelihoods are their features'.
+    np.testing.assert_array_equal(np.delete(samples, 2), np.delete(detector.score_samples(rows.iloc[:4]), 2))
     loaded = ManifoldDetector.load(detector.save(tmp_path / "b"))
     assert list(loaded.feature_names_in_) == [*FEATURES, "unit"]
     np.testing.assert_array_equal(loaded.constant_mismatch(new), detector.constant_mismatch(new))

@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe V2, spoken by MLServer and Triton): its request and response
 documents, JSON and with the binary tensor data extension, for the scorer below /score.
 
-One input tensor `x`, FP32 or FP64, shape [n, d], the bundle's features in order: `data` flat
+One input tensor `x`, FP32 or FP64, shape [n, d], the bundle's columns in order (GET /model's
+`columns`): `data` flat
 (row-major) or nested, or, with the binary extension, n*d little-endian values after the JSON header
 (`Inference-Header-Content-Length` bytes). Request parameters: `method`, `threshold` (a name such as
 fpr_0.01, or a calibrated rate) and `binary_data_output`. Outputs, all [n] FP64 but `is_anomaly`
@@ -39,7 +40,8 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "log_volume": ("FP64", "log_volume"),
     "log_residual": ("FP64", "log_residual"),
     "reconstruction_error": ("FP64", "reconstruction_error"),
-    # [n, c] for a model with c constant columns (its metadata's order): the row's value differs there
+    # [n, c] for a model with c constant columns (in GET /model's `constants` order): the row's value
+    # differs there
     "constant_mismatch": ("BOOL", "constant_mismatch"),
 }
 OUTPUT_NAMES = tuple(OUTPUTS)

@@ -156,8 +156,8 @@ class Part:
 
 def plan_parts(data: str | Path) -> list[Part]:
     """The parts of a Parquet or CSV file, or of a directory of them (searched recursively, in name
-    order, skipping hidden files and ones starting with '_' such as Spark's _SUCCESS), read from the
-    Parquet footers alone: the driver never reads the rows."""
+    order, skipping files and folders whose names start with '.' or '_', such as Spark's _SUCCESS
+    and _temporary/), read from the Parquet footers alone: the driver never reads the rows."""
     import pyarrow.parquet as pq
 
     root = Path(data)
@@ -165,7 +165,10 @@ def plan_parts(data: str | Path) -> list[Part]:
         files = sorted(
             p
             for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES and not p.name.startswith((".", "_"))
+            if p.is_file()
+            and p.suffix.lower() in INPUT_SUFFIXES
+            # Spark's _temporary/ of a running or failed job, .ipynb_checkpoints/: not the table's rows
+            and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
         )
         if not files:
             raise ValueError(f"{root} holds no {', '.join(INPUT_SUFFIXES)} file")

@@ -54,6 +54,23 @@ class _BatchScorer(_Scorer):
             yield pa.Table.from_batches([batch])
 
 
+def _arrow_schema(dataset: ray.data.Dataset) -> pa.Schema:
+    """The Dataset's columns as Arrow types, whether its blocks are Arrow tables or pandas frames
+    (whose object columns, such as string ids, become strings)."""
+    schema = dataset.schema()
+    if schema is None:
+        raise ValueError("the Dataset has no rows and no schema: nothing to score")
+    fields = []
+    for name, kind in zip(schema.names, schema.types, strict=True):
+        if isinstance(kind, pa.DataType):
+            fields.append(pa.field(name, kind))
+        elif kind is None or getattr(kind, "kind", "O") == "O":
+            fields.append(pa.field(name, pa.string()))
+        else:
+            fields.append(pa.field(name, pa.from_numpy_dtype(kind)))
+    return pa.schema(fields)
+
+
 def _workers(requested: int | None) -> int:
     import ray
 
@@ -80,7 +97,7 @@ def score_dataset(
 
     bundle = load_bundle(bundle_path)  # refused here, on the driver, rather than in every actor
     options = replace(options or BatchOptions(), row_numbers=False)
-    schema = output_schema(bundle, options, id_types(dataset.schema().base_schema, options.id_columns))
+    schema = output_schema(bundle, options, id_types(_arrow_schema(dataset), options.id_columns))
     return dataset.map_batches(
         _BatchScorer,
         fn_constructor_args=(str(bundle.path), options, schema),
@@ -103,7 +120,9 @@ def score_files(
     """Score a Parquet or CSV file, or a directory of them, into Parquet part files under `out`,
     one part of work per row group (or CSV file), each row with `file` and `row` to join it back.
     Connects to the cluster at `address` (as ray.init), or starts a local instance of `workers`
-    CPUs. `out` appears whole or not at all: the parts are written beside it and moved in."""
+    CPUs. `out` appears whole or not at all: the parts are written beside it and moved in. On a
+    cluster, the bundle, `data` and `out` must be paths every node sees (shared storage): the
+    workers read the data and write the parts there, and the driver moves them into place."""
     import ray
     import ray.data
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
@@ -41,12 +42,6 @@ if TYPE_CHECKING:
 COUNTS = pa.schema([pa.field("rows", pa.int64())])
 # One scorer per bundle version per Python worker: Spark reuses its workers across tasks.
 _SCORERS: dict[str, Scorer] = {}
-
-
-def part_name(part: Part) -> str:
-    """The part file of one unit of work: its input file and row group, so a rerun overwrites it."""
-    stem = part.file.replace("/", "__")
-    return f"{stem}.{'all' if part.row_group is None else f'rg{part.row_group:06d}'}.parquet"
 
 
 def bundle_files(path: str | Path) -> dict[str, bytes]:
@@ -113,19 +108,27 @@ def _score_parts(
     staging: Path,
     units: Iterator[pa.RecordBatch],
 ) -> Iterator[pa.RecordBatch]:
-    """A task: each unit of work (path, file, row group) scored into its own part file."""
+    """A task: each unit of work (index, path, file, row group) scored into its own part file,
+    part-<index>.parquet. Written under a name of this attempt's and renamed into place: a retried
+    or speculative attempt of the same part replaces a whole file with a whole file."""
     import pyarrow.parquet as pq
+    from pyspark import TaskContext
 
     scorer = _scorer(files)
+    context = TaskContext.get()
+    attempt = str(context.taskAttemptId()) if context else uuid.uuid4().hex  # unique per attempt
     for batch in units:
         for row in batch.to_pylist():
             group = None if row["row_group"] < 0 else row["row_group"]
             part = Part(row["path"], row["file"], group)
+            final = staging / f"part-{row['index']:06d}.parquet"
+            temporary = staging / f".{final.name}.attempt-{attempt}"
             written = 0
-            with pq.ParquetWriter(staging / part_name(part), schema) as writer:
+            with pq.ParquetWriter(temporary, schema) as writer:
                 for scored in score_part(scorer, part, options, schema):
                     writer.write_batch(scored)
                     written += scored.num_rows
+            os.replace(temporary, final)
             yield pa.RecordBatch.from_pydict({"rows": [written]}, schema=COUNTS)
 
 
@@ -146,9 +149,10 @@ def score_files(
     end. `out` appears whole or not at all. On a cluster, `data` and `out` must be paths every
     executor sees (shared storage).
 
-    Each task writes its part's Parquet file itself, named after the part, and hands Spark only its
-    row count: moving every scored batch back into the JVM for Spark's own writer cost a quarter
-    of the throughput, and a retried task rewrites the same file, so nothing is written twice."""
+    Each task writes its part's Parquet file itself (part-<n>.parquet, n its place in the plan) and
+    hands Spark only its row count: moving every scored batch back into the JVM for Spark's own
+    writer cost a quarter of the throughput. A retried or speculative attempt replaces the whole
+    file, so nothing is written twice."""
     options = replace(options or BatchOptions(), row_numbers=True)
     files = bundle_files(bundle_path)
     bundle = load_bundle(bundle_path)
@@ -159,9 +163,9 @@ def score_files(
     spark = spark or SparkSession.getActiveSession()
     spark_session = spark or session(master, workers)
 
-    rows = [(p.path, p.file, -1 if p.row_group is None else p.row_group) for p in parts]
+    rows = [(i, p.path, p.file, -1 if p.row_group is None else p.row_group) for i, p in enumerate(parts)]
     units = spark_session.sparkContext.parallelize(rows, len(rows)).toDF(
-        "path string, file string, row_group int"
+        "index int, path string, file string, row_group int"
     )
     try:
         with staged_output(out) as staging:

@@ -112,6 +112,11 @@ class Bundle:
         column in `constants` order, whether the row's value differs from the training constant
         (n, len(constants)). Without constant columns the rows pass through uncopied."""
         x = np.asarray(x_raw)
+        if x.ndim != 2 or x.shape[1] != len(self.columns):
+            raise ValueError(
+                f"rows of shape {x.shape}: the model takes (rows, {len(self.columns)}), the columns "
+                f"{', '.join(self.columns)}"
+            )
         if not self.constants:
             return x, np.zeros((x.shape[0], 0), dtype=bool)
         model, fixed, values = self._column_split

@@ -111,8 +111,11 @@ def assemble(
     a score with the wrong row, whatever the backend did. `constant_mismatch` is
     Bundle.split_columns' verdict on the same rows."""
     d = len(bundle.features)
+    parts = {**parts, "constant_mismatch": constant_mismatch}
     for name, values in parts.items():
-        expected = (rows, d) if name == "residual" else (rows,)
+        expected = {"residual": (rows, d), "constant_mismatch": (rows, len(bundle.constants))}.get(
+            name, (rows,)
+        )
         if values.shape != expected:
             raise ScoringFailed(
                 f"the scoring of {method!r} returned {name} of shape {values.shape} for {rows} rows "

@@ -19,7 +19,10 @@ PRIOR_GEOMETRY: dict[str, Geometry] = {"normal": "euclidean", "vamp": "euclidean
 
 # Numerical constants of the scores, shared by the torch code (app.model.scores) and the ONNX graphs
 # (app.model.onnx_export); docs/bundle.md section 6 states them.
-SINGULAR_VALUE_FLOOR = 1e-12  # each singular value of a volume term is floored here
+# A volume term's factors are floored here: each |R_ii| of its Gram-Schmidt factorisation, whose
+# product is the product of the singular values (equal to flooring each singular value unless
+# the matrix is within 1e-12 of rank-deficient, where no volume is meaningful).
+SINGULAR_VALUE_FLOOR = 1e-12
 PIVOT_FLOOR = 1e-12  # Cholesky pivots of a Hessian: at least this fraction of its Frobenius norm
 PROJECTION_STEPS = 100  # the projection's Levenberg-Marquardt steps at most
 PROJECTION_TOLERANCE = 1e-8  # a row stops once its next step is below this times (1 + |z|)

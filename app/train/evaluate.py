@@ -211,9 +211,16 @@ def evaluate_split(
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     ensembles = {}
     for name, terms in ENSEMBLES.items():
-        references = [r.val_scores[t] for r in reports for t in terms]
-        combined = rank_mean(references, [r.test_scores[t] for r in reports for t in terms])
-        ensembles[name] = auc(data.y_test, combined)
+        # A member whose held-out scores are not all finite (a diverged fit) has no scale to rank on.
+        pairs = [
+            (r.val_scores[t], r.test_scores[t])
+            for r in reports
+            for t in terms
+            if np.isfinite(r.val_scores[t]).all()
+        ]
+        ensembles[name] = (
+            auc(data.y_test, rank_mean([v for v, _ in pairs], [s for _, s in pairs])) if pairs else math.nan
+        )
     return SplitResult(
         dataset.name,
         split,
@@ -415,7 +422,10 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
     capped = sum(c["projected_capped"] for r in results for c in r.candidates)
     unsupervised = [c for c in columns if c[0] != "supervised"]
     ranking = detector_ranks(mean, dataset_order, unsupervised)
+    supervised = sum(c["selection"] == "supervised" for c in chosen)
+    fallbacks = sum(c["selection"] == "supervised" and c["rule"] != "validation AUC" for c in chosen)
     figures = {
+        "supervised_fallbacks": f"{fallbacks}/{supervised}",
         "mean_rank": ranking["mean_rank"],
         "wilcoxon_vs_iforest": ranking["wilcoxon_vs_iforest"],
         "projected_capped": {"rows": scored, "capped": capped, "fraction": capped / scored},
@@ -434,7 +444,14 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
         f"unsupervised selection: `{best_unsupervised}`, mean {best_mean:.3f} "
         f"(Isolation Forest {overall['baseline:iforest']:.3f}, kNN {overall['baseline:knn']:.3f}). "
         f"The projection's iteration stopped at its cap of {PROJECTION_STEPS} steps on {capped} of "
-        f"{scored} scored rows ({100 * capped / scored:.2f}%), every candidate counted.",
+        f"{scored} scored rows ({100 * capped / scored:.2f}%), every candidate counted."
+        + (
+            f" Supervised selection had no labelled anomaly among the validation rows, and fell back to "
+            f"the unsupervised rule, in {fallbacks} of {supervised} choices"
+            + (" (the clean protocol trains on normal rows only)." if fallbacks == supervised else ".")
+            if fallbacks
+            else ""
+        ),
         "",
         "Unsupervised detectors by mean rank over the datasets (1 = the best AUC on a dataset; "
         "Wilcoxon signed-rank p-value against Isolation Forest over the dataset means, and datasets won):",

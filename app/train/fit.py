@@ -8,6 +8,7 @@ so this is exactly C independent optimisations that share the mini-batch sequenc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -99,7 +100,9 @@ def _fit_group(
     every = max(1, opts.steps // opts.curve_points)
     curves: list[list[float]] = [[] for _ in candidates]
     running = torch.zeros(len(candidates), dtype=torch.float64, device=opts.device)
-    keep = min(opts.batch_size, n) - int(opts.trim * min(opts.batch_size, n))
+    batch = min(opts.batch_size, n)
+    # At least two rows stay: the MMD term compares pairs. The epsilon keeps 0.29 x 100 at 29.
+    keep = max(min(2, batch), batch - math.floor(opts.trim * batch + 1e-9))
     for step in range(1, opts.steps + 1):
         rows = torch.randint(n, (min(opts.batch_size, n),), generator=batches)
         xb = x[rows]

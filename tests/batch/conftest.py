@@ -1,6 +1,7 @@
 """A table as a data lake holds it: a directory of Parquet files of several row groups each (more
 parts than the two workers), an id column, a few missing cells; and its single-process scores."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ def write_lake(root: Path, missing: bool) -> Path:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), lake / name, row_group_size=group)
         start += rows
     (lake / "_SUCCESS").write_text("")  # as Spark leaves it: not data
+    # A failed job's leftovers and a notebook's checkpoint: not the table's rows either.
+    for leftover in ("_temporary/0/part-00000.parquet", ".ipynb_checkpoints/a.parquet"):
+        (lake / leftover).parent.mkdir(parents=True)
+        shutil.copy(lake / "a.parquet", lake / leftover)
     return lake
 
 

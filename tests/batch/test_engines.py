@@ -104,6 +104,21 @@ def test_ray_scores_a_directory_of_csv_files_a_file_per_task(ray_local, tiny_bun
     np.testing.assert_allclose(got["score"], reference["score"], rtol=rtol)
 
 
+def test_a_ray_dataset_of_pandas_blocks_with_string_ids(ray_local, tiny_bundle, lake, tmp_path):
+    import ray.data
+
+    from app.batch.on_ray import score_dataset
+
+    frame = pd.read_parquet(lake / "a.parquet")
+    frame["key"] = frame["key"].astype(str)
+    scored = score_dataset(ray.data.from_pandas(frame), tiny_bundle, BatchOptions(id_columns=("key",)))
+    got = scored.to_pandas()
+    got["key"] = got["key"].astype(int)
+    one_file(got, tiny_bundle, lake, tmp_path, "a.parquet")
+    with pytest.raises(ValueError, match="no rows and no schema"):
+        score_dataset(ray.data.from_items([]), tiny_bundle)
+
+
 def test_a_users_ray_dataset_is_scored_lazily(ray_local, tiny_bundle, lake, tmp_path):
     import ray.data
 
@@ -120,6 +135,7 @@ def test_spark_scores_a_lake_as_the_command_line_scores_its_files(spark, tiny_bu
     out = tmp_path / "scores"
     options = BatchOptions(id_columns=("key",), missing="impute")
     assert score_files(tiny_bundle, lake_missing, out, options)["parts"] == 7
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(7)]
     reference = single_process(tiny_bundle, lake_missing, tmp_path, "--missing", "impute")
     same_rows(pd.read_parquet(out), reference, float32_rtol(load_bundle(tiny_bundle).architecture))
 

@@ -76,6 +76,14 @@ def test_a_row_that_differs_from_a_constant_is_flagged_with_p_value_0(constant_b
     ]
 
 
+def test_rows_of_the_wrong_width_are_refused_naming_the_columns(constant_bundle):
+    bundle = constant_bundle.bundle
+    with pytest.raises(ValueError, match=r"the model takes \(rows, 8\), the columns f0, site, f1"):
+        bundle.split_columns(np.zeros((3, 9)))
+    with pytest.raises(ValueError, match="rows of shape"):
+        bundle.split_columns(np.zeros(8))
+
+
 def test_every_method_flags_alike(constant_bundle):
     bundle = constant_bundle.bundle
     scorer = OnnxScorer(bundle)

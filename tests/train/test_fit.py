@@ -190,6 +190,17 @@ def test_trimming_keeps_each_candidates_best_reconstructed_rows():
         FitOptions(trim=1.0)
 
 
+def test_a_trim_that_would_leave_one_row_keeps_two_and_trains():
+    """The MMD term compares pairs: one row left would divide by zero and turn every weight NaN."""
+    x = manifold_rows(100, seed=5)
+    x = (x - x.mean(0)) / x.std(0)
+    fitted = fit_candidates(
+        x, [Candidate(latent_dim=2, hidden=8, components=2)], FitOptions(steps=20, batch_size=10, trim=0.99)
+    )
+    assert all(torch.isfinite(v).all() for v in fitted[0].model.state_dict().values())
+    assert all(np.isfinite(fitted[0].loss_curve))
+
+
 def test_trim_0_is_the_untrimmed_objective_and_any_other_trim_changes_the_fit():
     """trim=0 leaves training exactly as it was: the same weights, bit for bit."""
     x = manifold_rows(200, seed=4)
