@@ -135,7 +135,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self.bundle_ = bundle
         self.scorer_: Scorer = create_scorer(bundle, self.backend, threads=1)
         self.n_features_in_ = len(bundle.columns)
-        self.constants_ = bundle.constants
+        self.constants_ = dict(bundle.constants)
         self.threshold_ = bundle.threshold(self.method, self.fpr).value
         self.offset_ = -self.threshold_
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -86,21 +86,23 @@ def score_chunks(
         yield pa.record_batch([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
 
 
+def _reading(bundle: Bundle, options: BatchOptions) -> dict[str, Any]:
+    """How rows are read for `options`, the same from a file as from memory (app.train.data)."""
+    return {
+        "feature_names": bundle.columns,
+        "chunk_rows": options.chunk_rows,
+        "id_columns": options.id_columns,
+        "missing": options.missing,
+        "fill": bundle.fill_values if options.missing == "impute" else None,
+    }
+
+
 def score_file(
     scorer: Scorer, path: str | Path, options: BatchOptions, schema: pa.Schema, row_group: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """A file (or one Parquet row group of it) streamed in chunks and scored; memory stays bounded by
     options.chunk_rows. Errors name the file, the row and the column."""
-    bundle = scorer.bundle
-    chunks = iter_chunks(
-        path,
-        bundle.columns,
-        options.chunk_rows,
-        id_columns=options.id_columns,
-        missing=options.missing,
-        fill=bundle.fill_values if options.missing == "impute" else None,
-        row_group=row_group,
-    )
+    chunks = iter_chunks(path, **_reading(scorer.bundle, options), row_group=row_group)
     return score_chunks(scorer, chunks, options, schema)
 
 
@@ -115,20 +117,10 @@ def score_batch(
 ) -> Iterator[pa.RecordBatch]:
     """Rows already in memory (a Ray block, a Spark partition's Arrow batch, a DataFrame through
     pa.Table.from_pandas), columns by name, checked and scored as a file's rows are."""
-    bundle = scorer.bundle
-    fill = bundle.fill_values if options.missing == "impute" else None
+    reading = _reading(scorer.bundle, options)
     offset = first_row
     for part in batch.to_batches() if isinstance(batch, pa.Table) else [batch]:
-        chunks = iter_batch_chunks(
-            part,
-            bundle.columns,
-            options.chunk_rows,
-            id_columns=options.id_columns,
-            missing=options.missing,
-            fill=fill,
-            what=what,
-            first_row=offset,
-        )
+        chunks = iter_batch_chunks(part, **reading, what=what, first_row=offset)
         yield from score_chunks(scorer, chunks, options, schema)
         offset += part.num_rows
 

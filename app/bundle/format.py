@@ -90,14 +90,15 @@ class Bundle:
         """The columns the networks take, in order: `columns` without the constant ones."""
         return list(self.manifest["features"])
 
-    @property
+    # Read once: every scoring call and request consults them. Callers read, never change, them.
+    @cached_property
     def columns(self) -> list[str]:
         """The columns a scored row holds, in order: the features and the constant columns."""
         return list(self.manifest.get("columns", self.manifest["features"]))
 
-    @property
+    @cached_property
     def constants(self) -> dict[str, float]:
-        """Columns that held one value in every training row, and that value (docs/bundle.md 2.1)."""
+        """Columns that held one value in every training row, and that value (docs/bundle.md 2.2)."""
         return {name: float(value) for name, value in self.manifest.get("constants", {}).items()}
 
     @cached_property

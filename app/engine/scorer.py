@@ -110,12 +110,9 @@ def assemble(
     bundle's). Every call checks that each output has one entry per input row: an answer never pairs
     a score with the wrong row, whatever the backend did. `constant_mismatch` is
     Bundle.split_columns' verdict on the same rows."""
-    d = len(bundle.features)
-    parts = {**parts, "constant_mismatch": constant_mismatch}
-    for name, values in parts.items():
-        expected = {"residual": (rows, d), "constant_mismatch": (rows, len(bundle.constants))}.get(
-            name, (rows,)
-        )
+    shapes = {"residual": (rows, len(bundle.features)), "constant_mismatch": (rows, len(bundle.constants))}
+    for name, values in {**parts, "constant_mismatch": constant_mismatch}.items():
+        expected = shapes.get(name, (rows,))
         if values.shape != expected:
             raise ScoringFailed(
                 f"the scoring of {method!r} returned {name} of shape {values.shape} for {rows} rows "
