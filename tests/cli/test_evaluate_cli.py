@@ -60,23 +60,36 @@ def test_selections_follow_the_stated_rules(quick):
         assert row.test_auc == pytest.approx(records[index][f"test_auc_{row.score}"])
 
 
+def knn_auc_by_hand(loda: Path, name: str, contaminated: bool) -> float:
+    """Split 0 rebuilt from the text files with numpy alone (contaminated: up to 10% of the training
+    rows from the anomaly pool; clean: none), kNN by brute force, its test AUC."""
+    normal = np.loadtxt(loda / name / "normal.txt", ndmin=2)
+    anomalous = np.loadtxt(loda / name / "easy.txt", ndmin=2)
+    rng = np.random.default_rng(0)
+    normal, anomalous = normal[rng.permutation(len(normal))], anomalous[rng.permutation(len(anomalous))]
+    n, pool = round(0.8 * len(normal)), round(0.8 * len(anomalous))
+    a = min(pool, int(0.1 * n / 0.9)) if contaminated else 0
+    train = np.r_[normal[:n], anomalous[:a]]
+    test = np.r_[normal[n:], anomalous[pool:]]
+    labels = np.r_[np.zeros(len(normal) - n), np.ones(len(anomalous) - pool)]
+    mean, std = train.mean(0), train.std(0)
+    train, test = (train - mean) / std, (test - mean) / std
+    distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
+    return auc(labels, distances)
+
+
+def haberman_only(loda: Path, root: Path) -> Path:
+    """A data folder holding the smallest dataset alone, for runs of their own."""
+    (root / "haberman").mkdir(parents=True)
+    for f in ("normal.txt", "easy.txt"):
+        shutil.copy(loda / "haberman" / f, root / "haberman" / f)
+    return root
+
+
 def test_knn_baseline_matches_a_direct_computation_on_the_raw_files(quick, loda):
-    """The split rebuilt from the text files with numpy alone, kNN by brute force."""
     baselines = pd.read_csv(quick / "baselines.csv").set_index("dataset")
     for name in ("haberman", "breast-cancer-wisconsin"):
-        normal = np.loadtxt(loda / name / "normal.txt", ndmin=2)
-        anomalous = np.loadtxt(loda / name / "easy.txt", ndmin=2)
-        rng = np.random.default_rng(0)
-        normal, anomalous = normal[rng.permutation(len(normal))], anomalous[rng.permutation(len(anomalous))]
-        n, pool = round(0.8 * len(normal)), round(0.8 * len(anomalous))
-        a = min(pool, int(0.1 * n / 0.9))
-        train = np.r_[normal[:n], anomalous[:a]]
-        test = np.r_[normal[n:], anomalous[pool:]]
-        labels = np.r_[np.zeros(len(normal) - n), np.ones(len(anomalous) - pool)]
-        mean, std = train.mean(0), train.std(0)
-        train, test = (train - mean) / std, (test - mean) / std
-        distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
-        assert baselines.loc[name, "knn"] == pytest.approx(auc(labels, distances), abs=1e-12)
+        assert baselines.loc[name, "knn"] == pytest.approx(knn_auc_by_hand(loda, name, True), abs=1e-12)
 
 
 def test_table_and_summary_report_the_run(quick):
@@ -120,24 +133,13 @@ def test_the_clean_protocol_trains_on_normal_rows_and_tests_on_the_same_rows(bot
     assert clean["protocol"] == "clean" and clean["contamination"] == 0.0
     cleaned = pd.read_csv(both / "clean" / "baselines.csv").set_index("dataset")
     # kNN, from the clean training rows, on the same test rows: recomputed directly for haberman.
-    normal = np.loadtxt(loda / "haberman" / "normal.txt", ndmin=2)
-    anomalous = np.loadtxt(loda / "haberman" / "easy.txt", ndmin=2)
-    rng = np.random.default_rng(0)
-    normal, anomalous = normal[rng.permutation(len(normal))], anomalous[rng.permutation(len(anomalous))]
-    n, pool = round(0.8 * len(normal)), round(0.8 * len(anomalous))
-    train, test = normal[:n], np.r_[normal[n:], anomalous[pool:]]
-    labels = np.r_[np.zeros(len(normal) - n), np.ones(len(anomalous) - pool)]
-    mean, std = train.mean(0), train.std(0)
-    train, test = (train - mean) / std, (test - mean) / std
-    distances = np.sort(np.linalg.norm(test[:, None] - train[None], axis=-1), axis=1)[:, :5].mean(1)
-    assert cleaned.loc["haberman", "knn"] == pytest.approx(auc(labels, distances), abs=1e-12)
+    assert cleaned.loc["haberman", "knn"] == pytest.approx(
+        knn_auc_by_hand(loda, "haberman", False), abs=1e-12
+    )
 
 
 def test_figures_do_not_depend_on_the_number_of_worker_processes(quick, loda, tmp_path):
-    one = tmp_path / "one"
-    (one / "haberman").mkdir(parents=True)
-    for f in ("normal.txt", "easy.txt"):
-        shutil.copy(loda / "haberman" / f, one / "haberman" / f)
+    one = haberman_only(loda, tmp_path / "one")
     out = tmp_path / "out"
     args = ["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet"]
     assert main([*args, "--protocol", "contaminated"]) == 0
@@ -154,10 +156,7 @@ def test_unknown_dataset_is_refused(loda, tmp_path, capsys):
 
 
 def test_a_trimmed_evaluation_trains_otherwise_and_says_so(quick, loda, tmp_path):
-    one = tmp_path / "one"
-    (one / "haberman").mkdir(parents=True)
-    for f in ("normal.txt", "easy.txt"):
-        shutil.copy(loda / "haberman" / f, one / "haberman" / f)
+    one = haberman_only(loda, tmp_path / "one")
     out = tmp_path / "out"
     args = ["evaluate", str(one), "--quick", "--jobs", "1", "--out", str(out), "--quiet", "--trim", "0.2"]
     assert main([*args, "--protocol", "contaminated"]) == 0
