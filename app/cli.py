@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 
 import numpy as np
 
-from app.bundle.format import Bundle, BundleError, load_bundle
+from app.bundle.format import Bundle, BundleError, describe_networks, load_bundle
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
-from app.train.options import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions, grid_conflicts
 
 if TYPE_CHECKING:
     from app.api.settings import Settings
@@ -39,7 +39,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _options_from(fit, FitOptions)
     fit.add_argument("--val-fraction", type=float, default=0.2)
     fit.add_argument("--cal-fraction", type=float, default=0.2)
-    fit.add_argument("--grid", help="hyper-parameter search: 'default', 'paper', or a JSON file of lists")
+    fit.add_argument(
+        "--grid",
+        default="default",
+        help="the candidates: 'default' (12), 'paper' (288), a JSON file of lists, or 'none' for one "
+        "model of the options above",
+    )
+    fit.add_argument(
+        "--select",
+        action="store_true",
+        help="keep the one candidate selected on the validation rows, not an ensemble of all of them",
+    )
     fit.add_argument("--method", default="likelihood", choices=METHODS, help="default score and selection")
     fit.add_argument("--fpr", type=float, action="append", help="calibrated false-positive rate (repeat)")
     fit.add_argument("--default-fpr", type=float, default=0.01, help="the rate flagged by default (0.01)")
@@ -184,7 +194,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 QUICK_GRID: dict[str, list[Any]] = {"latent_dim": [2], "beta": [1.0], "kernel_width": [1.0, 0.1]}
-EVALUATE_STEPS = 5000
+# The steps `train` fits with by default: the evaluation measures the detector a user gets.
+EVALUATE_STEPS = FitOptions().steps
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -270,9 +281,11 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
 
     if value in GRIDS:
         return GRIDS[value]
+    if value == "none":
+        raise ValueError("--grid none trains one model; it takes no file")
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"--grid {value!r} is neither {sorted(GRIDS)} nor a file")
+        raise ValueError(f"--grid {value!r} is neither {sorted(GRIDS)}, 'none', nor a file")
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -308,7 +321,13 @@ def _train(args: argparse.Namespace) -> int:
     network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
     network["geometry"] = args.geometry or PRIOR_GEOMETRY[args.prior]
     base = Candidate(**network)
-    grid = _grid_spec(args.grid) if args.grid else None
+    grid = _grid_spec(args.grid) if args.grid != "none" else None
+    conflicts = grid_conflicts(grid, base) if grid is not None else []
+    if conflicts:
+        raise ValueError(
+            f"--grid {args.grid} varies {'; '.join(conflicts)}: pass --grid none to train one model with "
+            "these options, or leave them out"
+        )
     fit = FitOptions(**{f.name: getattr(args, f.name) for f in fields(FitOptions)})
     fit = replace(fit, device=resolve_device(fit.device))
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
@@ -352,6 +371,7 @@ def _train(args: argparse.Namespace) -> int:
         fprs=tuple(args.fpr) if args.fpr else None,
         default_fpr=args.default_fpr,
         name=args.name or args.data.stem,
+        ensemble=grid is not None and not args.select,
     )
     groups = len({c.group() for c in candidates})
     with tqdm(
@@ -505,15 +525,15 @@ def _score_distributed(args: argparse.Namespace, options: Any) -> int:
 
 
 def _print_info(bundle: Bundle) -> None:
-    arch, training, noise, features = bundle.architecture, bundle.training, bundle.noise, bundle.features
+    training, features = bundle.training, bundle.features
+    networks, noise = describe_networks(bundle)
     lines = [
         f"name         {bundle.name}",
         f"version      {bundle.version}  (schema {bundle.manifest['schema_version']})",
         f"created      {bundle.created}",
         f"features     {len(features)}: {', '.join(features[:8])}" + (" ..." if len(features) > 8 else ""),
-        f"model        latent {arch.latent_dim} ({arch.geometry}), {arch.depth} x {arch.hidden} "
-        f"{arch.activation}, prior {arch.prior} K={arch.components}",
-        f"noise        sigma2 {noise['sigma2']:.4g}, projected {noise['sigma2_projected']:.4g}",
+        f"model        {networks}",
+        f"noise        {noise}",
         f"default      method {bundle.default_method}, false-positive rate {bundle.default_fpr}",
     ]
     if bundle.constants:
@@ -523,8 +543,9 @@ def _print_info(bundle: Bundle) -> None:
             f"selection    {training.get('selection')} among {training.get('candidates')} candidates"
         )
         lines.append(f"rows         {training.get('rows', {})}")
-        hp = training.get("hyper_parameters", {})
-        lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")
+        if "hyper_parameters" in training:
+            hp = training["hyper_parameters"]
+            lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")
         # What training had to decide for the user (a default rate that the calibration rows could
         # not resolve, a single-class validation split) is said here too, not only when it ran.
         lines += [f"note         {note}" for note in training.get("notes", [])]

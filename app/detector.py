@@ -5,7 +5,7 @@
     >>> rng = np.random.default_rng(0)
     >>> t = rng.uniform(-1, 1, size=(400, 1))
     >>> X = np.hstack([t, t**2, -t]) + 0.01 * rng.standard_normal((400, 3))  # rows near a curve
-    >>> detector = ManifoldDetector(latent_dim=1, hidden=16, steps=300, fpr=0.05).fit(X)
+    >>> detector = ManifoldDetector(hidden=16, steps=300, fpr=0.05).fit(X)  # an ensemble of 4
     >>> far = np.array([[0.0, 1.0, 0.0]])  # off the curve
     >>> bool(detector.score_samples(far)[0] < detector.score_samples(X[:1])[0])
     True
@@ -13,7 +13,8 @@
     [1, -1]
 
 scikit-learn's conventions (OutlierMixin, as IsolationForest and LocalOutlierFactor have them):
-`score_samples` is the log-likelihood of the bundle's method (higher = more normal),
+`score_samples` is minus the bundle's score of its method (higher = more normal): a single model's
+log-likelihood, or minus an ensemble's mean rank (docs/bundle.md 11),
 `decision_function` is it minus `offset_` (negative = flagged at the false-positive rate `fpr`),
 `predict` is +1 for inliers and -1 for outliers. For PyOD's convention (higher = more anomalous,
 labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `p_value` gives
@@ -45,14 +46,17 @@ from app.engine.factory import create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY
-from app.train.options import Candidate, FitOptions
+from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
 
 
 class ManifoldDetector(OutlierMixin, BaseEstimator):
-    """An anomaly detector trained as `anomaly-scores train` trains one model, scored as the service
-    scores: the paper's likelihood by default (Smidl, Bim, Pevny 2019). Parameters are those of
-    app.train.options (Candidate, FitOptions); `method` picks the score, `fpr` the false-positive
-    rate whose calibrated threshold `predict` applies (any rate from 1/n of the calibration rows)."""
+    """An anomaly detector trained as `anomaly-scores train` trains, scored as the service scores: the
+    paper's likelihood by default (Smidl, Bim, Pevny 2019), of an ensemble of the `grid`'s candidates
+    (app.train.options.GRIDS; the network parameters are the base the grid varies); grid=None trains
+    one model of the parameters, select=True keeps the one candidate selected on validation rows.
+    Parameters are those of app.train.options (Candidate, FitOptions); `method` picks the score, `fpr`
+    the false-positive rate whose calibrated threshold `predict` applies (any rate from 1/n of the
+    calibration rows)."""
 
     def __init__(
         self,
@@ -65,7 +69,9 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         components: int = 4,
         beta: float = 1.0,
         kernel_width: float = 1.0,
-        steps: int = 10_000,
+        grid: str | None = "default",
+        select: bool = False,
+        steps: int = 2_000,
         batch_size: int = 100,
         lr: float = 1e-3,
         seed: int = 0,
@@ -75,6 +81,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
     ) -> None:
         self.latent_dim, self.hidden, self.depth, self.activation = latent_dim, hidden, depth, activation
         self.prior, self.components, self.beta, self.kernel_width = prior, components, beta, kernel_width
+        self.grid, self.select = grid, select
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
         self.method, self.fpr, self.backend = method, fpr, backend
 
@@ -101,8 +108,26 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         )
         fit = FitOptions(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
         # The detector's rate is the bundle's calibrated default, so a saved and loaded detector flags alike.
+        if self.grid is None:
+            candidates = [candidate]
+        else:
+            if self.grid not in GRIDS:
+                raise ValueError(f"grid must be one of {sorted(GRIDS)} or None, got {self.grid!r}")
+            conflicts = grid_conflicts(GRIDS[self.grid], candidate)
+            if conflicts:
+                raise ValueError(
+                    f"grid {self.grid!r} varies {'; '.join(conflicts)}: pass grid=None to train one model "
+                    "with these parameters"
+                )
+            candidates = expand_grid(GRIDS[self.grid], len(names), candidate)
         request = TrainRequest(
-            [candidate], fit, method=self.method, fprs=(self.fpr,), default_fpr=self.fpr, name="detector"
+            candidates,
+            fit,
+            method=self.method,
+            fprs=(self.fpr,),
+            default_fpr=self.fpr,
+            name="detector",
+            ensemble=self.grid is not None and not self.select,
         )
         self._use(train_bundle(values, names, request, self._directory() / "bundle").bundle)
         return self
@@ -152,7 +177,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         column constant in training (density 0 there), so that decision_function < 0 exactly when
         predict flags the row."""
         out = self._score(X)
-        return np.where(out.constant_mismatch.any(axis=1), -np.inf, out.log_likelihood)
+        return np.where(out.constant_mismatch.any(axis=1), -np.inf, -out.score)
 
     def decision_function(self, X: Any) -> NDArray[np.float64]:
         """score_samples minus offset_: negative for the rows flagged at `fpr`."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle
+from app.bundle.format import Bundle, describe_networks
 from app.model.methods import METHODS, PARTS
 
 if TYPE_CHECKING:
@@ -224,7 +224,8 @@ def _img(fig: Figure, alt: str) -> str:
 
 
 def _model_section(bundle: Bundle) -> str:
-    arch, noise, training, features = bundle.architecture, bundle.noise, bundle.training, bundle.features
+    training, features = bundle.training, bundle.features
+    networks, noise = describe_networks(bundle)
     default = bundle.threshold(bundle.default_method, bundle.default_fpr)
     shown = ", ".join(features[:20]) + (f", ... ({len(features)} in all)" if len(features) > 20 else "")
     rows = [
@@ -237,12 +238,8 @@ def _model_section(bundle: Bundle) -> str:
             if bundle.constants
             else []
         ),
-        (
-            "architecture",
-            f"latent {arch.latent_dim} ({arch.geometry}), {arch.depth} x {arch.hidden} {arch.activation}, "
-            f"prior {arch.prior} with {arch.components} component(s)",
-        ),
-        ("noise", f"sigma2 {noise['sigma2']:.4g}, projected {noise['sigma2_projected']:.4g}"),
+        ("architecture", networks),
+        ("noise", noise),
         (
             "default",
             f"method {bundle.default_method}, false-positive rate {bundle.default_fpr:g}, "
@@ -266,7 +263,10 @@ def _model_section(bundle: Bundle) -> str:
 
 def _loss_section(bundle: Bundle) -> str:
     training = bundle.training
-    curve = np.asarray(training.get("loss_curve") or [], dtype=np.float64)
+    # An ensemble records one curve per member; the report draws the first member's.
+    curve = np.asarray(
+        training.get("loss_curve") or (training.get("loss_curves") or [[]])[0], dtype=np.float64
+    )
     if curve.size == 0:
         why = (
             "its training section has no <code>loss_curve</code>"

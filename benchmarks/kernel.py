@@ -1,6 +1,11 @@
 """Scoring kernels side by side, in one run: rows/s of `likelihood` at several batch sizes. Prints JSON.
 
     .venv/bin/python benchmarks/kernel.py [--batches 1 64 1024 16384] [--seconds 1.0] [--repeats 3]
+        [--members 12]
+
+With --members M, also an ensemble of M such networks (latent sizes 2, 4, 8 in turn, as the default
+grid's): the onnx backend's one call for all members, the same members scored by M calls of
+single-model scorers, and the ratio of the ensemble's time per row to one member's.
 
 d = 30, k = 4, 3 hidden layers of 64 (a freshly initialised model: speed does not depend on the
 weights). Paths: the per-row loop a user would write (autograd jacobian + svdvals), torch.func
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle.format import save_bundle
+from app.bundle.format import save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
@@ -65,12 +70,60 @@ def rows_per_second(fn: Callable[[], object], rows: int, seconds: float, repeats
     return best
 
 
+def members_figures(
+    args: argparse.Namespace, train: np.ndarray, calibration: dict[str, np.ndarray], tmp: Path
+) -> dict[str, object]:
+    """rows/s of an ensemble of args.members fresh networks against one member and M separate calls."""
+    models = [
+        ManifoldModel(
+            Architecture(
+                input_dim=30, latent_dim=(2, 4, 8)[i % 3], hidden=64, depth=3, prior="vamp", components=4
+            )
+        ).eval()
+        for i in range(args.members)
+    ]
+    bundle = save_ensemble(
+        tmp / "ensemble",
+        models=models,
+        references=[calibration] * len(models),
+        hyper_parameters=[{}] * len(models),
+        name="bench-ensemble",
+        features=[f"f{i}" for i in range(30)],
+        scaler=Scaler(np.zeros(30), np.ones(30)),
+        calibration_scores=calibration,
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+    ensemble = OnnxScorer(bundle)
+    members = [OnnxScorer(member) for member in bundle.members]
+    by_batch: dict[str, dict[str, float]] = {}
+    for batch in args.batches:
+        x = train[np.arange(batch) % len(train)]
+        one = rows_per_second(
+            lambda x=x: members[1].score(x, "likelihood"), batch, args.seconds, args.repeats
+        )
+        merged = rows_per_second(
+            lambda x=x: ensemble.score(x, "likelihood"), batch, args.seconds, args.repeats
+        )
+        separate = rows_per_second(
+            lambda x=x: [m.score(x, "likelihood") for m in members], batch, args.seconds, args.repeats
+        )
+        by_batch[str(batch)] = {
+            "one_member": round(one),
+            "ensemble_one_call": round(merged),
+            "members_separate_calls": round(separate),
+            "ensemble_time_over_one_member": round(one / merged, 2),
+        }
+    return {"members": args.members, "latent_sizes": "2, 4, 8 in turn", "rows_per_second_by_batch": by_batch}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 16384])
     parser.add_argument("--seconds", type=float, default=1.0, help="per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the best is reported")
     parser.add_argument("--naive-rows", type=int, default=200, help="the naive loop is timed on this many")
+    parser.add_argument("--members", type=int, default=0, help="also time an ensemble of this many networks")
     args = parser.parse_args()
     torch.manual_seed(0)
     arch = Architecture(input_dim=30, latent_dim=4, hidden=64, depth=3, prior="vamp", components=4)
@@ -106,6 +159,7 @@ def main() -> None:
                 ),
             }
             results[str(batch)] = {k: round(v) for k, v in entry.items()}
+        ensemble = members_figures(args, train, calibration, Path(tmp)) if args.members else None
         rows = min(args.naive_rows, len(train))
         xt = torch.tensor(train[:rows], dtype=torch.float32)
     naive_rate = rows_per_second(lambda: naive(model, xt), rows, args.seconds, args.repeats)
@@ -121,6 +175,7 @@ def main() -> None:
                 "onnx_row_blocks_up_to": onnx_scorer.threads,
                 "figure": f"best of {args.repeats} timings of at least {args.seconds} s",
                 "rows_per_second_by_batch": results,
+                **({"ensemble": ensemble} if ensemble else {}),
             },
             indent=2,
         )

@@ -49,6 +49,25 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ensemble_result(tmp_path_factory):
+    """An ensemble of three small members, one with a different latent size, trained as `train` trains
+    its default: every candidate a member (two rows off a constant column exercise both together)."""
+    out = tmp_path_factory.mktemp("ensemble") / "bundle"
+    request = TrainRequest(
+        candidates=[
+            Candidate(latent_dim=latent, hidden=16, components=2, beta=beta)
+            for latent, beta in ((2, 0.1), (2, 1.0), (3, 1.0))
+        ],
+        fit=FitOptions(steps=150, batch_size=64),
+        fprs=(0.1, 0.01),
+        default_fpr=0.1,
+        name="ensemble",
+        ensemble=True,
+    )
+    return train_bundle(with_constants(manifold_rows(600, seed=4)), CONSTANT_COLUMNS, request, out)
+
+
 # "site" sits between features and is not exactly representable in float32; "zero" is the edge case
 # of the relative tolerance: any value but 0 differs from it.
 SITE, ZERO = 0.1, 0.0

@@ -9,13 +9,13 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from app.bundle import calibration
-from app.bundle.format import load_bundle
+from app.bundle.format import EnsembleBundle, load_bundle
 from app.detector import ManifoldDetector
 from app.engine.onnx_backend import OnnxScorer
 
 from .conftest import FEATURES, manifold_rows, off_manifold_rows
 
-SMALL = {"latent_dim": 1, "hidden": 8, "components": 1, "steps": 20, "fpr": 0.1}
+SMALL = {"latent_dim": 1, "hidden": 8, "components": 1, "steps": 20, "fpr": 0.1, "grid": None}
 # Checks that fit on fewer than 50 rows: training holds out validation and calibration rows, at least
 # 10 each (app.train.pipeline.MIN_ROWS_PER_SPLIT), so these cannot apply; each fails with that message.
 NEEDS_MORE_ROWS = "fits on fewer than 50 rows; training needs 10 training, validation and calibration rows"
@@ -51,7 +51,7 @@ def test_scikit_learn_checks(estimator, check):
 @pytest.fixture(scope="module")
 def fitted():
     rows = pd.DataFrame(manifold_rows(600, seed=51), columns=FEATURES)
-    return ManifoldDetector(latent_dim=2, hidden=16, steps=200, fpr=0.05).fit(rows), rows
+    return ManifoldDetector(latent_dim=2, hidden=16, steps=200, fpr=0.05, grid=None).fit(rows), rows
 
 
 def test_scores_are_the_bundles_as_the_command_line_and_service_give_them(fitted, tmp_path):
@@ -60,6 +60,7 @@ def test_scores_are_the_bundles_as_the_command_line_and_service_give_them(fitted
     saved = detector.save(tmp_path / "bundle")
     reference = OnnxScorer(load_bundle(saved)).score(new, "likelihood", 0.05)
     np.testing.assert_array_equal(detector.score_samples(new), reference.log_likelihood)
+    np.testing.assert_array_equal(detector.score_samples(new), -reference.score)
     np.testing.assert_array_equal(detector.anomaly_score(new), reference.score)
     np.testing.assert_array_equal(detector.p_value(new), reference.p_value)
     np.testing.assert_array_equal(detector.is_anomaly(new), reference.is_anomaly.astype(int))
@@ -70,6 +71,22 @@ def test_scores_are_the_bundles_as_the_command_line_and_service_give_them(fitted
     np.testing.assert_array_equal(detector.predict(new), np.where(decision < 0, -1, 1))
     np.testing.assert_array_equal(decision < 0, reference.is_anomaly)
     assert (detector.predict(new[30:]) == -1).mean() > (detector.predict(new[:30]) == -1).mean()
+
+
+def test_the_default_detector_is_an_ensemble_scored_by_its_members_mean_rank(tmp_path):
+    rows = pd.DataFrame(manifold_rows(400, seed=56), columns=FEATURES)
+    detector = ManifoldDetector(hidden=8, components=2, steps=60, fpr=0.1).fit(rows)
+    bundle = load_bundle(detector.save(tmp_path / "ensemble"))
+    # latent 2 and 4 fit 6 features, 8 does not: 2 x 4 members of the default grid.
+    assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 8
+    new = np.r_[manifold_rows(30, seed=57), off_manifold_rows(30, seed=58)]
+    reference = OnnxScorer(bundle).score(new, "likelihood", 0.1)
+    np.testing.assert_array_equal(detector.score_samples(new), -reference.score)
+    assert np.all((reference.score >= 0) & (reference.score <= 1))
+    np.testing.assert_array_equal(detector.decision_function(new) < 0, reference.is_anomaly)
+    np.testing.assert_array_equal(detector.predict(new) == -1, reference.is_anomaly)
+    with pytest.raises(ValueError, match=r"varies latent_dim=2 \(the grid tries 2, 4, 8\): pass grid=None"):
+        ManifoldDetector(latent_dim=2, fpr=0.1).fit(rows)
 
 
 def test_dataframe_columns_are_the_features_matched_by_name(fitted):

@@ -18,6 +18,7 @@ from app.api.parsing import ScoreRequest, check_query, parse_json, parse_npy, pa
 from app.api.scoring import score_body
 from app.api.service import Service
 from app.bundle.calibration import threshold_name
+from app.bundle.format import EnsembleBundle
 from app.engine.errors import NotReady
 from app.engine.host import Served
 from app.engine.scorer import ScoreOutput, mismatch_names
@@ -233,9 +234,16 @@ async def model(request: Request) -> Response:
             "default_threshold": threshold_name(served.fpr),
             "thresholds": bundle.stored_thresholds,
             "calibration": bundle.calibration_summary,
-            "architecture": bundle.architecture.to_dict(),
-            "noise": bundle.noise,
-            "training": {k: v for k, v in bundle.training.items() if k != "loss_curve"},
+            # An ensemble's networks are its members' (docs/bundle.md 11).
+            "architecture": None if isinstance(bundle, EnsembleBundle) else bundle.architecture.to_dict(),
+            "noise": None if isinstance(bundle, EnsembleBundle) else bundle.noise,
+            "ensemble": {
+                "combination": bundle.manifest["ensemble"]["combination"],
+                "members": bundle.member_summaries,
+            }
+            if isinstance(bundle, EnsembleBundle)
+            else None,
+            "training": {k: v for k, v in bundle.training.items() if k not in ("loss_curve", "loss_curves")},
         }
     )
 

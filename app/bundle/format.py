@@ -20,6 +20,7 @@ import json
 import platform
 import shutil
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -46,8 +47,12 @@ if TYPE_CHECKING:
 # 3: input columns held constant in training ("columns", "constants") are kept out of the networks.
 # A bundle is written with the lowest version that describes it (3 only when it has constant
 # columns), so a reader of version 2 refuses exactly the bundles it would score wrongly.
+# 4: an ensemble (docs/bundle.md 11): members' networks and reference scores in one bundle, scored
+# by the mean of their ranks; written only for ensembles, so older readers refuse what they cannot
+# score rather than read one member as the model.
 SCHEMA_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+ENSEMBLE_SCHEMA = 4
+READABLE_VERSIONS = (2, 3, 4)
 # A scored value equals a column's training constant when |x - c| <= CONSTANT_RTOL * |c|: float32
 # transport of c (relative rounding 6e-8) passes, any other value, and any value off a constant 0, not.
 CONSTANT_RTOL = 1e-6
@@ -56,6 +61,12 @@ WEIGHTS = "weights.safetensors"
 CALIBRATION = "calibration.safetensors"
 LEADERBOARD = "leaderboard.csv"
 ONNX_FILE = "scoring-{method}.onnx"
+# An ensemble's: member i's tensors under MEMBER_PREFIX.format(i) in WEIGHTS, its sorted reference
+# scores of each method under "<method>.<i>" in REFERENCES, its graphs in MEMBER_ONNX_FILE.
+REFERENCES = "references.safetensors"
+MEMBER_PREFIX = "members.{index}."
+MEMBER_ONNX_FILE = "scoring-{method}-m{index}.onnx"
+COMBINATION = "rank_mean"
 
 
 class BundleError(ValueError):
@@ -234,6 +245,72 @@ class Bundle:
         return model.to(device).eval()
 
 
+@dataclass(frozen=True)
+class EnsembleBundle(Bundle):
+    """A bundle of several members (docs/bundle.md 11). Each member is a Bundle of its own network,
+    noise and graphs, whose `calibration` holds its reference scores (of the validation rows); the
+    ensemble's score of a row is the mean over members of the row's rank among the member's
+    reference scores (app.bundle.ensemble), and the ensemble's own `calibration` holds that score of
+    the calibration rows, from which thresholds and p-values follow as for one model."""
+
+    members: tuple[Bundle, ...] = field(default=(), repr=False)
+
+    @property
+    def architecture(self) -> Architecture:
+        raise BundleError(f"{self.path}: an ensemble has one architecture per member (bundle.members)")
+
+    @property
+    def noise(self) -> dict[str, float]:
+        raise BundleError(f"{self.path}: an ensemble has one noise variance per member (bundle.members)")
+
+    @property
+    def graphs(self) -> dict[str, Path]:
+        return {}
+
+    def export_graph(self, method: str) -> ExportedGraph:
+        raise BundleError(f"{self.path}: an ensemble's graphs are its members' (bundle.members)")
+
+    def build_model(self, device: str = "cpu") -> ManifoldModel:
+        raise BundleError(f"{self.path}: an ensemble's networks are its members' (bundle.members)")
+
+    @property
+    def member_summaries(self) -> list[dict[str, Any]]:
+        """Per member: architecture, noise and hyper-parameters, as the manifest records them."""
+        return [
+            {k: entry[k] for k in ("architecture", "noise", "hyper_parameters") if k in entry}
+            for entry in self.manifest["ensemble"]["members"]
+        ]
+
+
+def describe_networks(bundle: Bundle) -> tuple[str, str]:
+    """One line on the bundle's networks and one on its noise, for people (info, report)."""
+    members = members_of(bundle)
+    archs = [m.architecture for m in members]
+    sigma2 = [m.sigma2 for m in members]
+
+    def values(of: list[Any]) -> str:
+        return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(set(of)))
+
+    a = archs[0]
+    text = (
+        f"latent {values([x.latent_dim for x in archs])} ({a.geometry}), {a.depth} x {a.hidden} "
+        f"{a.activation}, prior {a.prior} with {a.components} component(s)"
+    )
+    if len(members) == 1:
+        return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}"
+    hp = [m.training.get("hyper_parameters", {}) for m in members]
+    text = (
+        f"ensemble of {len(members)} members, scored by their mean rank: {text}; beta "
+        f"{values([h.get('beta') for h in hp])}, kernel width {values([h.get('kernel_width') for h in hp])}"
+    )
+    return text, f"sigma2 from {min(sigma2):.4g} to {max(sigma2):.4g} over the members"
+
+
+def members_of(bundle: Bundle) -> tuple[Bundle, ...]:
+    """The bundles whose scores a bundle combines: an ensemble's members, or the bundle itself."""
+    return bundle.members if isinstance(bundle, EnsembleBundle) else (bundle,)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -288,16 +365,25 @@ def _noise(model: ManifoldModel) -> dict[str, float]:
 
 
 def _write_onnx(
-    out: Path, model: ManifoldModel, scaler: Scaler, derived: dict[str, NDArray[np.float64]]
+    out: Path,
+    model: ManifoldModel,
+    scaler: Scaler,
+    derived: dict[str, NDArray[np.float64]],
+    index: int | None = None,
 ) -> dict[str, str]:
-    """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights."""
+    """One fused scoring graph per exportable method (app.model.onnx_export), built from the weights;
+    `index`: of ensemble member `index`."""
     from app.model.onnx_export import export_graph
 
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()} | derived
     noise = _noise(model)
     files = {}
     for method in METHODS:
-        name = ONNX_FILE.format(method=method)
+        name = (
+            ONNX_FILE.format(method=method)
+            if index is None
+            else MEMBER_ONNX_FILE.format(method=method, index=index)
+        )
         exported = export_graph(model.arch, weights, method, mean=scaler.mean, scale=scaler.scale, **noise)
         (out / name).write_bytes(exported.model.SerializeToString())
         files[method] = name
@@ -338,14 +424,9 @@ def save_bundle(
         raise BundleError(f"no calibration scores for the default method {default_method!r}")
     if default_fpr not in fprs:
         raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
-    final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the destination and moved into place whole: an interrupted or failed save never
-    # leaves a half-written bundle where one is expected (a rename within one directory is atomic).
-    out = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    out.mkdir()
-    try:
-        _write_bundle(
+    return _staged(
+        out_dir,
+        lambda out: _write_bundle(
             out,
             model=model,
             name=name,
@@ -360,12 +441,138 @@ def save_bundle(
             training=training,
             leaderboard_csv=leaderboard_csv,
             build=build,
-        )
-        load_bundle(out)  # what is moved into place has been read back and verified
+        ),
+    )
+
+
+def _staged(out_dir: str | Path, write: Callable[[Path], None]) -> Bundle:
+    """Run `write` on a fresh directory beside `out_dir`, load it back, and move it into place.
+
+    An interrupted or failed save never leaves a half-written bundle where one is expected (a
+    rename within one directory is atomic), and what is moved into place has been read back and
+    verified."""
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    try:
+        write(out)
+        load_bundle(out)
         _move_into_place(out, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return load_bundle(final)
+
+
+def save_ensemble(
+    out_dir: str | Path,
+    *,
+    models: Sequence[ManifoldModel],
+    references: Sequence[dict[str, NDArray[np.float64]]],
+    hyper_parameters: Sequence[dict[str, Any]],
+    name: str,
+    features: list[str],
+    scaler: Scaler,
+    calibration_scores: dict[str, NDArray[np.float64]],
+    columns: list[str] | None = None,
+    constants: dict[str, float] | None = None,
+    fprs: tuple[float, ...] = cal.DEFAULT_FPRS,
+    default_method: str = "latent",
+    default_fpr: float = 0.01,
+    training: dict[str, Any] | None = None,
+    leaderboard_csv: str | None = None,
+    build: dict[str, Any] | None = None,
+) -> EnsembleBundle:
+    """Write an ensemble bundle (docs/bundle.md 11) and return it as loaded back from disk.
+
+    models[i] is member i, references[i] its scores (higher = more anomalous) of held-out rows per
+    method, the scale its new scores are ranked on; calibration_scores are the ensemble's scores
+    (mean ranks) of other held-out rows, from which thresholds and p-values follow."""
+    if not models or not (len(models) == len(references) == len(hyper_parameters)):
+        raise BundleError(
+            f"{len(models)} members, {len(references)} reference sets and {len(hyper_parameters)} "
+            "hyper-parameter sets: an ensemble needs one of each per member, and a member"
+        )
+    d = len(features)
+    columns, constants = list(columns or features), dict(constants or {})
+    problem = _column_problem(columns, features, constants) or next(
+        (
+            f"member {i} takes {model.arch.input_dim} features, not the ensemble's {d}"
+            for i, model in enumerate(models)
+            if model.arch.input_dim != d
+        ),
+        None,
+    )
+    if problem or scaler.mean.shape != (d,):
+        raise BundleError(problem or f"a scaler of {scaler.mean.shape} for {d} features")
+    for i, member in enumerate(references):
+        missing = [m for m in METHODS if m not in member]
+        if missing:
+            raise BundleError(f"member {i} has no reference scores of {missing}")
+    if default_method not in calibration_scores:
+        raise BundleError(f"no calibration scores for the default method {default_method!r}")
+    if default_fpr not in fprs:
+        raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
+
+    def write(out: Path) -> None:
+        tensors: dict[str, NDArray[np.floating]] = {}
+        files: list[str] = []
+        entries = []
+        for i, model in enumerate(models):
+            derived = _derived_prior_tensors(model)
+            prefix = MEMBER_PREFIX.format(index=i)
+            state = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
+            tensors |= {prefix + k: v for k, v in (state | derived).items()}
+            onnx_files = _write_onnx(out, model, scaler, derived, index=i)
+            files += list(onnx_files.values())
+            entries.append(
+                {
+                    "architecture": model.arch.to_dict(),
+                    "noise": _noise(model),
+                    "hyper_parameters": dict(hyper_parameters[i]),
+                    "onnx": onnx_files,
+                }
+            )
+        save_file(tensors, out / WEIGHTS)
+        refs = {
+            f"{method}.{i}": np.sort(np.asarray(member[method], dtype=np.float64))
+            for i, member in enumerate(references)
+            for method in METHODS
+        }
+        for key, scores in refs.items():
+            if scores.size == 0 or not np.isfinite(scores).all():
+                raise BundleError(f"reference scores {key} are empty or not all finite")
+        save_file(refs, out / REFERENCES)
+        sorted_scores = _sorted_calibration(calibration_scores, fprs)
+        save_file(sorted_scores, out / CALIBRATION)
+        for written in (WEIGHTS, REFERENCES, CALIBRATION):  # safetensors writes 0600
+            (out / written).chmod(0o644)
+        files = [WEIGHTS, REFERENCES, CALIBRATION, *files]
+        if leaderboard_csv is not None:
+            (out / LEADERBOARD).write_text(leaderboard_csv)
+            files.append(LEADERBOARD)
+        manifest: dict[str, Any] = {
+            "schema_version": ENSEMBLE_SCHEMA,
+            "name": name,
+            "version": "",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "features": list(features),
+            **({"columns": columns, "constants": constants} if constants else {}),
+            "scaler": scaler.to_dict(),
+            "ensemble": {"combination": COMBINATION, "members": entries},
+            "default_method": default_method,
+            "default_fpr": default_fpr,
+            **_calibration_entries(sorted_scores, fprs),
+            "training": training or {},
+            "build": (build or {}) | {"libraries": library_versions()},
+            "files": _file_entries(out, files),
+        }
+        manifest["version"] = content_version(manifest)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+    bundle = _staged(out_dir, write)
+    assert isinstance(bundle, EnsembleBundle)
+    return bundle
 
 
 def _move_into_place(staged: Path, final: Path) -> None:
@@ -401,12 +608,7 @@ def _write_bundle(
     derived = _derived_prior_tensors(model)
     tensors = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
     save_file(tensors | derived, out / WEIGHTS)
-    sorted_scores = {m: np.sort(np.asarray(s, dtype=np.float64)) for m, s in calibration_scores.items()}
-    for method, scores in sorted_scores.items():
-        if not np.isfinite(scores).all():
-            raise BundleError(f"calibration scores of {method!r} are not all finite")
-        for fpr in fprs:
-            cal.check_fpr(fpr, scores.size)
+    sorted_scores = _sorted_calibration(calibration_scores, fprs)
     save_file(sorted_scores, out / CALIBRATION)
     for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
         (out / written).chmod(0o644)
@@ -417,10 +619,6 @@ def _write_bundle(
         (out / LEADERBOARD).write_text(leaderboard_csv)
         files.append(LEADERBOARD)
 
-    thresholds = {
-        method: {cal.threshold_name(f): {"fpr": f, "value": cal.threshold(scores, f)} for f in fprs}
-        for method, scores in sorted_scores.items()
-    }
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION if constants else 2,
         "name": name,
@@ -433,7 +631,37 @@ def _write_bundle(
         "noise": _noise(model),
         "default_method": default_method,
         "default_fpr": default_fpr,
-        "thresholds": thresholds,
+        **_calibration_entries(sorted_scores, fprs),
+        "onnx": onnx_files,
+        "training": training or {},
+        "build": (build or {}) | {"libraries": library_versions()},
+        "files": _file_entries(out, files),
+    }
+    manifest["version"] = content_version(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def _sorted_calibration(
+    calibration_scores: dict[str, NDArray[np.float64]], fprs: tuple[float, ...]
+) -> dict[str, NDArray[np.float64]]:
+    sorted_scores = {m: np.sort(np.asarray(s, dtype=np.float64)) for m, s in calibration_scores.items()}
+    for method, scores in sorted_scores.items():
+        if not np.isfinite(scores).all():
+            raise BundleError(f"calibration scores of {method!r} are not all finite")
+        for fpr in fprs:
+            cal.check_fpr(fpr, scores.size)
+    return sorted_scores
+
+
+def _calibration_entries(
+    sorted_scores: dict[str, NDArray[np.float64]], fprs: tuple[float, ...]
+) -> dict[str, Any]:
+    """The manifest's thresholds and calibration summary (docs/bundle.md 2.4, 2.5)."""
+    return {
+        "thresholds": {
+            method: {cal.threshold_name(f): {"fpr": f, "value": cal.threshold(scores, f)} for f in fprs}
+            for method, scores in sorted_scores.items()
+        },
         "calibration": {
             "rows": {m: int(s.size) for m, s in sorted_scores.items()},
             "fprs": list(fprs),
@@ -442,13 +670,11 @@ def _write_bundle(
                 for m, s in sorted_scores.items()
             },
         },
-        "onnx": onnx_files,
-        "training": training or {},
-        "build": (build or {}) | {"libraries": library_versions()},
-        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
-    manifest["version"] = content_version(manifest)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def _file_entries(out: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    return {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files}
 
 
 _REQUIRED = (
@@ -487,9 +713,14 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         )
         raise BundleError(
             f"{root}: bundle schema version {manifest.get('schema_version')!r}, "
-            f"this build reads versions {' and '.join(map(str, READABLE_VERSIONS))}{why}"
+            f"this build reads versions {', '.join(map(str, READABLE_VERSIONS))}{why}"
         )
-    required = _REQUIRED + (("columns", "constants") if manifest["schema_version"] == 3 else ())
+    schema = manifest["schema_version"]
+    required = (
+        (*(k for k in _REQUIRED if k not in ("architecture", "noise")), "ensemble")
+        if schema == ENSEMBLE_SCHEMA
+        else _REQUIRED + (("columns", "constants") if schema == 3 else ())
+    )
     missing = [k for k in required if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}")
@@ -526,8 +757,8 @@ def _column_problem(columns: Any, features: Any, constants: Any) -> str | None:
     return next((message for failed, message in checks if failed), None)
 
 
-def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
-    for required_file in (WEIGHTS, CALIBRATION):
+def _verify_files(root: Path, files: dict[str, dict[str, Any]], required: tuple[str, ...]) -> None:
+    for required_file in required:
         if required_file not in files:
             raise BundleError(f"{root / MANIFEST}: files lacks {required_file}")
     for name, expected in files.items():
@@ -571,33 +802,56 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{root}: malformed {MANIFEST}: {type(e).__name__}: {e}") from e
 
 
-def _load(root: Path) -> Bundle:
-    manifest = _read_manifest(root)
-    _verify_files(root, manifest["files"])
-    for method, file in manifest.get("onnx", {}).items():
-        if method not in METHODS or file not in manifest["files"]:
-            raise BundleError(f"{root}: the ONNX graph of {method!r} ({file}) is not a verified bundle file")
+def _read_tensors(root: Path, name: str) -> dict[str, NDArray[np.floating]]:
     try:
-        arch = Architecture.from_dict(manifest["architecture"])
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{root}: invalid architecture: {e}") from e
-    try:
-        weights = load_file(root / WEIGHTS)
-        calibration = load_file(root / CALIBRATION)
+        return load_file(root / name)
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{root}: cannot read tensors: {e}") from e
-    _verify_weights(root, arch, weights)
+
+
+def _verify_scores(root: Path, scores_of: dict[str, NDArray[np.float64]], file: str, kind: str) -> None:
+    """Every method's `kind` scores present, finite and ascending."""
     for method in METHODS:
-        scores = calibration.get(method)
+        scores = scores_of.get(method)
         if scores is None or scores.ndim != 1 or scores.size == 0:
-            raise BundleError(f"{root}: {CALIBRATION} lacks the calibration scores of {method!r}")
+            raise BundleError(f"{root}: {file} lacks the {kind} scores of {method!r}")
         if not (np.isfinite(scores).all() and np.all(np.diff(scores) >= 0)):
-            raise BundleError(f"{root}: calibration scores of {method!r} must be finite and ascending")
+            raise BundleError(f"{root}: {kind} scores of {method!r} must be finite and ascending")
+
+
+def _verify_network(root: Path, entry: dict[str, Any], files: dict[str, Any]) -> Architecture:
+    """A network's architecture, noise and graph files, as a manifest (or an ensemble member's entry)
+    records them; `files` are the bundle's verified files."""
+    for method, file in entry.get("onnx", {}).items():
+        if method not in METHODS or file not in files:
+            raise BundleError(f"{root}: the ONNX graph of {method!r} ({file}) is not a verified bundle file")
+    try:
+        arch = Architecture.from_dict(entry["architecture"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{root}: invalid architecture: {e}") from e
     for key in ("sigma2", "sigma2_projected"):
-        value = manifest["noise"][key]
+        value = entry["noise"][key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
             raise BundleError(f"{root}: noise.{key} must be a positive number, got {value!r}")
-    d = arch.input_dim
+    return arch
+
+
+def _load(root: Path) -> Bundle:
+    manifest = _read_manifest(root)
+    ensemble = manifest["schema_version"] == ENSEMBLE_SCHEMA
+    _verify_files(
+        root, manifest["files"], (WEIGHTS, REFERENCES, CALIBRATION) if ensemble else (WEIGHTS, CALIBRATION)
+    )
+    weights = _read_tensors(root, WEIGHTS)
+    calibration = _read_tensors(root, CALIBRATION)
+    _verify_scores(root, calibration, CALIBRATION, "calibration")
+    if ensemble:
+        members = _load_members(root, manifest, weights)
+        d = members[0].architecture.input_dim
+    else:
+        arch = _verify_network(root, manifest, manifest["files"])
+        _verify_weights(root, arch, weights)
+        d = arch.input_dim
     scaler = manifest["scaler"]
     if len(manifest["features"]) != d or len(scaler["mean"]) != d or len(scaler["scale"]) != d:
         raise BundleError(f"{root}: features and scaler must have {d} entries, the architecture's input size")
@@ -610,4 +864,58 @@ def _load(root: Path) -> Bundle:
         raise BundleError(
             f"{root}: no calibration scores for the default method {manifest['default_method']!r}"
         )
+    if ensemble:
+        return EnsembleBundle(root, manifest, weights, calibration, members)
     return Bundle(root, manifest, weights, calibration)
+
+
+# What a member's own manifest shares with the ensemble's: everything but its network.
+MEMBER_SHARED = ("schema_version", "name", "version", "created", "features", "columns", "constants", "scaler")
+
+
+def _load_members(
+    root: Path, manifest: dict[str, Any], weights: dict[str, NDArray[np.floating]]
+) -> tuple[Bundle, ...]:
+    """The members of an ensemble: each a Bundle of its network (its tensors, prefix stripped), its
+    noise and graphs, with its reference scores as its calibration."""
+    entries = manifest["ensemble"]["members"]
+    combination = manifest["ensemble"]["combination"]
+    if combination != COMBINATION:
+        raise BundleError(
+            f"{root}: ensemble combination {combination!r}; this build combines by {COMBINATION!r}"
+        )
+    if not isinstance(entries, list) or not entries:
+        raise BundleError(f"{root}: an ensemble needs a non-empty list of members")
+    references = _read_tensors(root, REFERENCES)
+    prefixes = [MEMBER_PREFIX.format(index=i) for i in range(len(entries))]
+    stray = [k for k in weights if not any(k.startswith(p) for p in prefixes)]
+    if stray:
+        raise BundleError(f"{root}: {WEIGHTS} holds tensors of no member: {stray[:5]}")
+    expected_refs = {f"{m}.{i}" for i in range(len(entries)) for m in METHODS}
+    if set(references) != expected_refs:
+        extra, missing = sorted(set(references) - expected_refs), sorted(expected_refs - set(references))
+        raise BundleError(
+            f"{root}: {REFERENCES} must hold {len(expected_refs)} score sets (every method of every "
+            f"member); missing {missing[:5]}, extra {extra[:5]}"
+        )
+    members = []
+    for i, entry in enumerate(entries):
+        arch = _verify_network(root, entry, manifest["files"])
+        own = {k[len(prefixes[i]) :]: v for k, v in weights.items() if k.startswith(prefixes[i])}
+        _verify_weights(root, arch, own)
+        refs = {m: references[f"{m}.{i}"] for m in METHODS}
+        _verify_scores(root, refs, REFERENCES, f"member {i}'s reference")
+        member_manifest = {k: manifest[k] for k in MEMBER_SHARED if k in manifest} | {
+            "architecture": entry["architecture"],
+            "noise": entry["noise"],
+            "onnx": entry.get("onnx", {}),
+            "default_method": manifest["default_method"],
+            "default_fpr": manifest["default_fpr"],
+            "calibration": {"fprs": manifest["calibration"]["fprs"]},
+            "training": {"hyper_parameters": entry.get("hyper_parameters", {})},
+            "member": i,
+        }
+        members.append(Bundle(root, member_manifest, own, refs))
+    if len({m.architecture.input_dim for m in members}) != 1:
+        raise BundleError(f"{root}: the members take different numbers of features")
+    return tuple(members)

@@ -1,4 +1,5 @@
-"""The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch."""
+"""The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch; an ensemble's
+members merged into one graph per method."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle, BundleError
-from app.bundle.graphs import verified_graphs
+from app.bundle.format import Bundle, BundleError, members_of
+from app.bundle.graphs import MEMBER_OUTPUT, merged_graphs
 from app.engine.errors import ScoringFailed
-from app.engine.scorer import ScoreOutput, assemble, method_or_default
+from app.engine.scorer import ScoreOutput, assemble_members, method_or_default
+from app.model.methods import OUTPUTS
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -52,15 +54,17 @@ class OnnxScorer:
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         self.bundle = bundle
         self.threads = threads if threads > 0 else available_cores()
-        if not bundle.graphs:
+        self.members = members_of(bundle)
+        if not all(member.graphs for member in self.members):
             raise BundleError(
                 f"{bundle.path}: the bundle has no ONNX graphs; re-save it or use the torch backend"
             )
-        # Only graphs shown to be what the exporter builds from the bundle's weights, outputs included.
+        # Only graphs shown to be what the exporter builds from the bundle's weights, outputs included;
+        # an ensemble's members in one graph, so that one call scores them all.
         options = _session_options()
         self.sessions = {
             method: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-            for method, graph in verified_graphs(bundle).items()
+            for method, graph in merged_graphs(bundle).items()
         }
         self.methods = tuple(self.sessions)
         self._pool: ThreadPoolExecutor | None = None
@@ -85,9 +89,15 @@ class OnnxScorer:
             raise ScoringFailed(
                 f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
             ) from e
-        names = [o.name for o in session.get_outputs()]
-        parts = dict(zip(names, results, strict=True))
-        return assemble(self.bundle, method, fpr, parts, explain, x.shape[0], mismatch)
+        outputs = dict(zip([o.name for o in session.get_outputs()], results, strict=True))
+        if len(self.members) == 1:
+            members = [outputs]
+        else:
+            members = [
+                {name: outputs[MEMBER_OUTPUT.format(index=i, name=name)] for name in OUTPUTS}
+                for i in range(len(self.members))
+            ]
+        return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)
 
     def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
         blocks = min(self.threads, x.shape[0] // MIN_BLOCK_ROWS)

@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle, Threshold
+from app.bundle import ensemble
+from app.bundle.format import Bundle, EnsembleBundle, Threshold
 from app.engine.errors import ScoringFailed
 from app.model.methods import check_method
 
@@ -22,7 +23,8 @@ from app.model.methods import check_method
 class ScoreOutput:
     method: str
     threshold: Threshold
-    score: NDArray[np.float64]  # -log_likelihood: higher = more anomalous
+    # higher = more anomalous: -log_likelihood, or an ensemble's mean rank (assemble_members)
+    score: NDArray[np.float64]
     log_likelihood: NDArray[np.float64]
     log_prior: NDArray[np.float64]
     log_volume: NDArray[np.float64]
@@ -34,6 +36,9 @@ class ScoreOutput:
     # (n, len(bundle.constants)): the row's value differs from a column's training constant. Such a
     # row lies where no training row did, density 0: p-value 0 and flagged, whatever its score.
     constant_mismatch: NDArray[np.bool_]
+    # An ensemble's (n, members): each member's rank of the row among its reference scores, whose
+    # mean is `score`; None for a single model.
+    member_ranks: NDArray[np.float64] | None = None
 
     def rows(self, start: int, stop: int) -> ScoreOutput:
         """The same output restricted to rows start..stop-1 (for a coalesced batch's requests)."""
@@ -50,6 +55,7 @@ class ScoreOutput:
             is_anomaly=self.is_anomaly[part],
             residual_share=None if self.residual_share is None else self.residual_share[part],
             constant_mismatch=self.constant_mismatch[part],
+            member_ranks=None if self.member_ranks is None else self.member_ranks[part],
         )
 
     def columns(self, constants: list[str]) -> dict[str, NDArray[np.generic]]:
@@ -96,6 +102,66 @@ def method_or_default(method: str | None, bundle: Bundle) -> str:
     return check_method(method or bundle.default_method)
 
 
+def _check_shapes(
+    bundle: Bundle, method: str, parts: dict[str, NDArray[np.generic]], rows: int, what: str = ""
+) -> None:
+    """Every output has one entry per input row: an answer never pairs a score with the wrong row,
+    whatever the backend did."""
+    shapes = {"residual": (rows, len(bundle.features)), "constant_mismatch": (rows, len(bundle.constants))}
+    for name, values in parts.items():
+        expected = shapes.get(name, (rows,))
+        if values.shape != expected:
+            raise ScoringFailed(
+                f"the scoring of {method!r}{what} returned {name} of shape {values.shape} for {rows} rows "
+                f"(expected {expected}): the bundle {bundle.path} is broken",
+                {"method": method, "output": name, "shape": list(values.shape), "expected": list(expected)},
+            )
+
+
+def assemble_members(
+    bundle: Bundle,
+    method: str,
+    fpr: float | None,
+    members: list[dict[str, NDArray[np.floating]]],
+    explain: bool,
+    rows: int,
+    constant_mismatch: NDArray[np.bool_],
+) -> ScoreOutput:
+    """assemble for the outputs of each of the bundle's members (app.bundle.format.members_of). An
+    ensemble's score is the mean of the members' ranks (app.bundle.ensemble); its log-likelihood,
+    parts, reconstruction error and residual are the members' means, reported beside it."""
+    if not isinstance(bundle, EnsembleBundle):
+        return assemble(bundle, method, fpr, members[0], explain, rows, constant_mismatch)
+    if len(members) != len(bundle.members):
+        raise ScoringFailed(
+            f"the scoring of {method!r} returned {len(members)} members' outputs for "
+            f"{len(bundle.members)} members: the bundle {bundle.path} is broken",
+            {"method": method},
+        )
+    for i, parts in enumerate(members):
+        _check_shapes(bundle, method, parts, rows, f" (member {i})")
+    member_ranks = np.stack(
+        [
+            ensemble.ranks(member.calibration[method], -np.asarray(parts["log_prob"], dtype=np.float64))
+            for member, parts in zip(bundle.members, members, strict=True)
+        ],
+        axis=1,
+    )
+    mean = {
+        name: np.mean([np.asarray(p[name], dtype=np.float64) for p in members], axis=0) for name in members[0]
+    }
+    return assemble(
+        bundle,
+        method,
+        fpr,
+        mean | {"score": member_ranks.mean(axis=1)},
+        explain,
+        rows,
+        constant_mismatch,
+        member_ranks,
+    )
+
+
 def assemble(
     bundle: Bundle,
     method: str,
@@ -104,24 +170,17 @@ def assemble(
     explain: bool,
     rows: int,
     constant_mismatch: NDArray[np.bool_],
+    member_ranks: NDArray[np.float64] | None = None,
 ) -> ScoreOutput:
     """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) for
     `rows` input rows into scores, p-values and flags at the threshold of `fpr` (default: the
-    bundle's). Every call checks that each output has one entry per input row: an answer never pairs
-    a score with the wrong row, whatever the backend did. `constant_mismatch` is
-    Bundle.split_columns' verdict on the same rows."""
-    shapes = {"residual": (rows, len(bundle.features)), "constant_mismatch": (rows, len(bundle.constants))}
-    for name, values in {**parts, "constant_mismatch": constant_mismatch}.items():
-        expected = shapes.get(name, (rows,))
-        if values.shape != expected:
-            raise ScoringFailed(
-                f"the scoring of {method!r} returned {name} of shape {values.shape} for {rows} rows "
-                f"(expected {expected}): the bundle {bundle.path} is broken",
-                {"method": method, "output": name, "shape": list(values.shape), "expected": list(expected)},
-            )
+    bundle's). The score is -log_prob unless `parts` holds a `score` (an ensemble's).
+    `constant_mismatch` is Bundle.split_columns' verdict on the same rows."""
+    _check_shapes(bundle, method, {**parts, "constant_mismatch": constant_mismatch}, rows)
     threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
     log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
-    p_value, is_anomaly = bundle.p_values(method, -log_likelihood), -log_likelihood > threshold.value
+    score = np.asarray(parts["score"], dtype=np.float64) if "score" in parts else -log_likelihood
+    p_value, is_anomaly = bundle.p_values(method, score), score > threshold.value
     if constant_mismatch.any():
         off = constant_mismatch.any(axis=1)
         p_value[off], is_anomaly[off] = 0.0, True
@@ -132,7 +191,7 @@ def assemble(
     return ScoreOutput(
         method=method,
         threshold=threshold,
-        score=-log_likelihood,
+        score=score,
         log_likelihood=log_likelihood,
         log_prior=np.asarray(parts["log_prior"], dtype=np.float64),
         log_volume=np.asarray(parts["log_volume"], dtype=np.float64),
@@ -142,4 +201,5 @@ def assemble(
         is_anomaly=is_anomaly,
         residual_share=share,
         constant_mismatch=constant_mismatch,
+        member_ranks=member_ranks,
     )

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle
-from app.engine.scorer import ScoreOutput, assemble, method_or_default
+from app.bundle.format import Bundle, members_of
+from app.engine.scorer import ScoreOutput, assemble_members, method_or_default
 from app.model.device import resolve_device
 from app.model.manifold import GenerativeModel
 from app.model.methods import METHODS, OUTPUTS
@@ -28,14 +28,18 @@ class TorchScorer:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
         self.bundle = bundle
         self.device = resolve_device(device)
-        self.model = bundle.build_model(self.device).with_dtype(DTYPES[dtype])
-        self._generative: dict[torch.dtype, GenerativeModel] = {}
+        # An ensemble's members, one after another: torch runs each member's kernels anyway, and
+        # a GPU's launches are per kernel, not per member.
+        self.models = [m.build_model(self.device).with_dtype(DTYPES[dtype]) for m in members_of(bundle)]
+        self.model = self.models[0]
+        self._generative: dict[tuple[int, torch.dtype], GenerativeModel] = {}
 
-    def generative(self, method: str) -> GenerativeModel:
-        dtype = scoring_dtype(method, self.model.dtype)
-        if dtype not in self._generative:
-            self._generative[dtype] = self.model.with_dtype(dtype).generative()
-        return self._generative[dtype]
+    def generative(self, method: str, member: int = 0) -> GenerativeModel:
+        model = self.models[member]
+        dtype = scoring_dtype(method, model.dtype)
+        if (member, dtype) not in self._generative:
+            self._generative[member, dtype] = model.with_dtype(dtype).generative()
+        return self._generative[member, dtype]
 
     def score(
         self,
@@ -45,13 +49,15 @@ class TorchScorer:
         explain: bool = False,
     ) -> ScoreOutput:
         method = method_or_default(method, self.bundle)
-        generative = self.generative(method)
         dtype = scoring_dtype(method, self.model.dtype)
         x_model, mismatch = self.bundle.split_columns(x_raw)
         x = torch.as_tensor(self.bundle.scaler.transform(x_model), dtype=dtype, device=self.device)
-        with torch.no_grad():
-            parts = score(generative, x, method)
-        arrays = {n: getattr(parts, n).double().cpu().numpy() for n in OUTPUTS[:-1]}
-        if explain:
-            arrays["residual"] = (x - parts.x_hat).double().cpu().numpy()
-        return assemble(self.bundle, method, fpr, arrays, explain, x.shape[0], mismatch)
+        members = []
+        for i in range(len(self.models)):
+            with torch.no_grad():
+                parts = score(self.generative(method, i), x, method)
+            arrays = {n: getattr(parts, n).double().cpu().numpy() for n in OUTPUTS[:-1]}
+            if explain:
+                arrays["residual"] = (x - parts.x_hat).double().cpu().numpy()
+            members.append(arrays)
+        return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)

@@ -434,11 +434,19 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
         "mean_test_auc": overall,
         "likelihood_beats_reconstruction": {s: f"{n}/{len(dataset_order)}" for s, n in wins.items()},
         "best_unsupervised_score": best_unsupervised,
+        "default_detector": "ensemble:likelihood" if ensembles else None,
         "per_dataset": {f"{ds}|{s}|{m}": v for (ds, s, m), v in mean.items()},
     }
+    default = (
+        f"The default detector (`anomaly-scores train` with no options: every candidate a member, "
+        f"`likelihood` ranks averaged) scores {overall['ensemble:likelihood']:.3f} and its `likelihood` "
+        f"beats its `reconstruction` on {wins['ensemble']} of {len(dataset_order)} datasets. "
+        if ensembles
+        else ""
+    )
     lines += [
         "",
-        f"Test AUC, mean over splits {splits}. `likelihood` beats `reconstruction` on "
+        default + f"Test AUC, mean over splits {splits}. `likelihood` beats `reconstruction` on "
         f"{wins['unsupervised']} of {len(dataset_order)} datasets with unsupervised selection and on "
         f"{wins['supervised']} of {len(dataset_order)} with supervised selection. Best single score under "
         f"unsupervised selection: `{best_unsupervised}`, mean {best_mean:.3f} "

@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.format import Bundle, save_bundle
+from app.bundle.ensemble import rank_mean
+from app.bundle.format import Bundle, save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.train.fit import fit_candidates, score_rows
@@ -66,13 +67,16 @@ class TrainRequest:
     fprs: tuple[float, ...] | None = None  # None: the defaults that the calibration split can support
     default_fpr: float = 0.01
     name: str = "model"
+    # True: every candidate that trained to finite scores is a member of an ensemble bundle, scored by
+    # the mean of its members' ranks; False: the one candidate `select` picks.
+    ensemble: bool = False
 
 
 @dataclass
 class TrainResult:
     bundle: Bundle
     reports: list[CandidateReport]
-    selected: int
+    selected: list[int]  # the candidates in the bundle: the one selected, or the ensemble's members
     notes: list[str]
 
 
@@ -100,11 +104,11 @@ def _choose_fprs(request: TrainRequest, n_cal: int, notes: list[str]) -> tuple[t
     return fprs, default
 
 
-def _leaderboard(reports: list[CandidateReport], selected: int) -> str:
+def _leaderboard(reports: list[CandidateReport], selected: list[int]) -> str:
     out = io.StringIO()
     rows = []
     for i, report in enumerate(reports):
-        row: dict[str, Any] = {"candidate": i, "selected": int(i == selected)}
+        row: dict[str, Any] = {"candidate": i, "selected": int(i in selected)}
         row |= report.fitted.candidate.to_dict()
         row["final_loss"] = report.fitted.loss_curve[-1]
         row["sigma2"] = report.fitted.model.sigma2
@@ -177,6 +181,23 @@ def train_bundle(
 
     fitted = fit_candidates(x[splits.train], request.candidates, request.fit, progress)
     reports = [evaluate_candidate(f, x[splits.validation], val_labels) for f in fitted]
+    common = {
+        "name": request.name,
+        "features": features,
+        "scaler": scaler,
+        "columns": columns,
+        "constants": constants,
+        "fprs": fprs,
+        "default_method": request.method,
+        "default_fpr": default_fpr,
+    }
+    rows = {
+        "train": int(splits.train.size),
+        "validation": int(splits.validation.size),
+        "calibration": int(cal_rows.size),
+    }
+    if request.ensemble:
+        return _save_ensemble(reports, x[cal_rows], request, out_dir, common, rows, labels, notes, started)
     selected, rule = select_report(reports, request.method, supervised=val_labels is not None)
     criterion = {
         "validation AUC": f"supervised: highest validation AUC of '{request.method}'",
@@ -190,12 +211,8 @@ def train_bundle(
         "fit": {k: v for k, v in vars(request.fit).items()},
         "selection": criterion,
         "candidates": len(reports),
-        "rows": {
-            "train": int(splits.train.size),
-            "validation": int(splits.validation.size),
-            "calibration": int(cal_rows.size),
-        },
-        "labels": None if labels is None else {"anomalies": int(labels.sum()), "rows": int(labels.size)},
+        "rows": rows,
+        "labels": _labels_summary(labels),
         "validation_log_likelihood": reports[selected].val_log_likelihood,
         "validation_auc": reports[selected].val_auc or None,
         "loss_curve": best.loss_curve,
@@ -204,17 +221,72 @@ def train_bundle(
     bundle = save_bundle(
         out_dir,
         model=best.model,
-        name=request.name,
-        features=features,
-        scaler=scaler,
         calibration_scores=calibration_scores,
-        columns=columns,
-        constants=constants,
-        fprs=fprs,
-        default_method=request.method,
-        default_fpr=default_fpr,
+        **common,
         training=training,
-        leaderboard_csv=_leaderboard(reports, selected),
+        leaderboard_csv=_leaderboard(reports, [selected]),
         build={"training_seconds": round(time.perf_counter() - started, 1)},
     )
-    return TrainResult(bundle, reports, selected, notes)
+    return TrainResult(bundle, reports, [selected], notes)
+
+
+def _labels_summary(labels: NDArray[np.bool_] | None) -> dict[str, int] | None:
+    return None if labels is None else {"anomalies": int(labels.sum()), "rows": int(labels.size)}
+
+
+def _save_ensemble(
+    reports: list[CandidateReport],
+    x_cal: NDArray[np.float64],
+    request: TrainRequest,
+    out_dir: str | Path,
+    common: dict[str, Any],
+    rows: dict[str, int],
+    labels: NDArray[np.bool_] | None,
+    notes: list[str],
+    started: float,
+) -> TrainResult:
+    """Every candidate whose validation scores are finite becomes a member; its validation scores are
+    its reference scores, and the ensemble's scores of the calibration rows its calibration."""
+    members = [i for i, r in enumerate(reports) if all(np.isfinite(r.val_scores[m]).all() for m in METHODS)]
+    left_out = [i for i in range(len(reports)) if i not in members]
+    if not members:
+        raise ValueError(
+            f"none of the {len(reports)} candidates trained to finite scores: nothing to combine"
+        )
+    if left_out:
+        notes.append(f"candidates {left_out} scored validation rows as non-finite (diverged): not members")
+    models = [reports[i].fitted.model for i in members]
+    references = [{m: reports[i].val_scores[m] for m in METHODS} for i in members]
+    calibration_scores = {
+        method: rank_mean(
+            [ref[method] for ref in references],
+            [-score_rows(model, x_cal, method)["log_prob"] for model in models],
+        )
+        for method in METHODS
+    }
+    training = {
+        "members": [reports[i].fitted.candidate.to_dict() for i in members],
+        "fit": dict(vars(request.fit)),
+        "selection": f"ensemble of {len(members)} candidates, each scored by its rank among its "
+        "validation rows' scores; the ranks averaged",
+        "candidates": len(reports),
+        "rows": rows,
+        "labels": _labels_summary(labels),
+        "validation_log_likelihood": {
+            m: float(np.mean([reports[i].val_log_likelihood[m] for i in members])) for m in METHODS
+        },
+        "loss_curves": [reports[i].fitted.loss_curve for i in members],
+        "notes": notes,
+    }
+    bundle = save_ensemble(
+        out_dir,
+        models=models,
+        references=references,
+        hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in members],
+        calibration_scores=calibration_scores,
+        **common,
+        training=training,
+        leaderboard_csv=_leaderboard(reports, members),
+        build={"training_seconds": round(time.perf_counter() - started, 1)},
+    )
+    return TrainResult(bundle, reports, members, notes)

@@ -43,16 +43,15 @@ class CandidateReport:
     test_auc: dict[str, float] = field(default_factory=dict)  # per method; empty without test rows
     projected_rows: int = 0  # rows the projection scored (validation and test)
     projected_capped: int = 0  # of which its iteration stopped at the cap, unconverged
-    # Per score of ENSEMBLE_SCORES, the rows' scores (higher = more anomalous), for combining members
+    # Per method, and `manifold` below, the rows' scores (higher = more anomalous), for combining members
     val_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     test_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
-# The scores an ensemble can combine, from a method's parts: each method's -log p(x), and
-# `manifold`, likelihood's prior and volume terms without the residual: the density of the row's
-# point on the learned manifold, which ignores how far the row lies off it. (latent's score is
-# likelihood's prior term, reconstruction's its residual term.)
-ENSEMBLE_SCORES = ("likelihood", "manifold", "latent", "reconstruction")
+# Besides every method's -log p(x), an ensemble can combine `manifold`, likelihood's prior and volume
+# terms without the residual: the density of the row's point on the learned manifold, which ignores
+# how far the row lies off it. (latent's score is likelihood's prior term, reconstruction's its
+# residual term.)
 # How an ensemble combines them: each rule ranks every member's scores of each of its terms among
 # that member's held-out ones and averages all the ranks; "a&b" ranks a and b apart, so neither
 # can dominate the other by its scale (the residual term's grows with the number of features).
@@ -67,7 +66,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
 
 
 def _ensemble_scores(method: str, parts: dict[str, NDArray[np.float64]]) -> dict[str, NDArray[np.float64]]:
-    out = {method: -parts["log_prob"]} if method in ENSEMBLE_SCORES else {}
+    out = {method: -parts["log_prob"]}  # every method's: an ensemble bundle ranks each
     if method == "likelihood":
         out["manifold"] = -(parts["log_prior"] + parts["log_volume"])
     return out

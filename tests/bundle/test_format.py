@@ -98,10 +98,10 @@ def test_missing_file_is_refused(copy):
 
 def test_other_schema_version_is_refused(copy):
     rewrite_manifest(copy, lambda m: m.update(schema_version=99))
-    with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2 and 3$"):
+    with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2, 3, 4$"):
         load_bundle(copy)
     rewrite_manifest(copy, lambda m: m.update(schema_version=1))
-    with pytest.raises(BundleError, match=r"version 1, this build reads versions 2 and 3: .* retrain it"):
+    with pytest.raises(BundleError, match=r"version 1, this build reads versions 2, 3, 4: .* retrain it"):
         load_bundle(copy)
 
 

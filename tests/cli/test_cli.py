@@ -44,6 +44,8 @@ def trained(tmp_path_factory):
             str(root / "bundle"),
             "--label-column",
             "label",
+            "--grid",
+            "none",
             "--latent",
             "2",
             "--hidden",
@@ -143,8 +145,14 @@ def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
     args = ["train", str(root / "train.csv"), "--out", str(tmp_path / "c"), "--steps", "5", "--quiet"]
     assert main([*args, "--fpr", "0.001"]) == 2
     assert "below 1/n" in capsys.readouterr().err
-    assert main([*args, "--latent", "8"]) == 2  # without --label-column, the label is a 7th feature
+    # without --label-column, the label is a 7th feature
+    assert main([*args, "--grid", "none", "--latent", "8"]) == 2
     assert "exceeds the data size 7" in capsys.readouterr().err
+    assert main([*args, "--latent", "8"]) == 2  # the default grid would override it unsaid
+    assert (
+        "--grid default varies latent_dim=8 (the grid tries 2, 4, 8): pass --grid none"
+        in capsys.readouterr().err
+    )
 
 
 def test_shipped_default_model_reproduces_its_calibration_scores():
@@ -229,6 +237,8 @@ def train_args(root, out, *extra):  # type: ignore[no-untyped-def]
         str(out),
         "--steps",
         "60",
+        "--grid",
+        "none",
         "--latent",
         "2",
         "--quiet",
