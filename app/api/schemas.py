@@ -32,7 +32,9 @@ class ScoreRequest(BaseModel):
         "(n calibration scores) up to 1; the threshold is derived from the stored calibration scores",
     )
     components: bool = Field(
-        False, description="add log_prior, log_volume, log_residual, reconstruction_error"
+        False,
+        description="add log_prior, log_volume, log_residual, reconstruction_error (an ensemble's: the "
+        "members' means), and for an ensemble member_ranks, each member's rank per row",
     )
     explain: bool = Field(False, description="add each feature's share of the squared residual")
     ids: list[str | int] | None = Field(

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from app.bundle.format import load_bundle
+from app.bundle.format import EnsembleBundle, load_bundle
 from app.cli import main
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
@@ -72,6 +72,27 @@ def test_train_writes_a_bundle_that_info_describes(trained, capsys):
     assert bundle.version in out and "supervised: highest validation AUC" in out
     assert main(["info", str(root / "bundle"), "--json"]) == 0
     assert f'"version": "{bundle.version}"' in capsys.readouterr().out
+
+
+def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trained, tmp_path, capsys):
+    root, rows = trained
+    args = ["train", str(root / "train.csv"), "--label-column", "label", "--hidden", "8", "--steps", "40"]
+    assert main([*args, "--out", str(tmp_path / "ensemble"), "--quiet"]) == 0
+    bundle = load_bundle(tmp_path / "ensemble")
+    # The default grid on 6 features: latent 2 and 4 (8 exceeds them) x 2 betas x 2 kernel widths.
+    assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 8
+    assert main(["info", str(tmp_path / "ensemble")]) == 0
+    assert "ensemble of 8 members, scored by their mean rank: latent 2/4" in capsys.readouterr().out
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(tmp_path / "ensemble"), str(root / "new.npy"), "--out", str(out)]) == 0
+    scored, expected = pd.read_csv(out), OnnxScorer(bundle).score(rows)
+    np.testing.assert_allclose(scored["score"], expected.score, rtol=1e-8)  # CSV keeps 9 digits
+    np.testing.assert_allclose(scored["log_likelihood"], expected.log_likelihood, rtol=1e-8)
+    np.testing.assert_array_equal(scored["is_anomaly"], expected.is_anomaly)
+    assert main([*args, "--select", "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    one = load_bundle(tmp_path / "one")
+    assert not isinstance(one, EnsembleBundle) and one.manifest["schema_version"] == 2
+    assert one.training["selection"] == "supervised: highest validation AUC of 'likelihood'"
 
 
 @pytest.mark.parametrize("method", ["likelihood", "projected", "reconstruction"])
