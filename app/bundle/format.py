@@ -477,7 +477,7 @@ def save_ensemble(
     columns: list[str] | None = None,
     constants: dict[str, float] | None = None,
     fprs: tuple[float, ...] = cal.DEFAULT_FPRS,
-    default_method: str = "latent",
+    default_method: str = "likelihood",
     default_fpr: float = 0.01,
     training: dict[str, Any] | None = None,
     leaderboard_csv: str | None = None,
