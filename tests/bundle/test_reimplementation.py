@@ -88,8 +88,9 @@ ACTIVATIONS = {  # name -> h -> (a(h), a'(h), a''(h))
 
 
 class Reference:
-    def __init__(self, path):
-        self.manifest, self.w, self.cal = read_bundle(path)
+    def __init__(self, path=None, parts=None):
+        """A bundle's directory, or (manifest, weights, calibration) of an ensemble's member."""
+        self.manifest, self.w, self.cal = read_bundle(path) if parts is None else parts
         self.a = self.manifest["architecture"]
         self.sphere = self.a["geometry"] == "sphere"
         self.noise = self.manifest["noise"]
@@ -353,3 +354,72 @@ def test_version_names_the_content(case):
     assert version_of(manifest) == manifest["version"] and len(manifest["version"]) == 16
     assert version_of(manifest | {"created": "2000-01-01T00:00:00+00:00"}) == manifest["version"]
     assert version_of(manifest | {"default_fpr": 0.5}) != manifest["version"]
+
+
+def read_ensemble(path):
+    """docs section 11.3: the manifest and files as for one bundle, then per member its manifest
+    entries, its tensors (prefix stripped) and its reference scores."""
+    root = Path(path)
+    manifest = json.loads((root / "bundle.json").read_text())
+    assert manifest["schema_version"] == 4 and version_of(manifest) == manifest["version"]
+    assert manifest["ensemble"]["combination"] == "rank_mean"
+    for name, entry in manifest["files"].items():
+        data = (root / name).read_bytes()
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+    w = {k: v.astype(np.float64) for k, v in load_file(root / "weights.safetensors").items()}
+    refs, cal = load_file(root / "references.safetensors"), load_file(root / "calibration.safetensors")
+    members = []
+    for i, entry in enumerate(manifest["ensemble"]["members"]):
+        prefix = f"members.{i}."
+        own = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
+        shapes = weight_shapes(entry["architecture"])
+        assert {k: own[k].shape for k in shapes} == shapes
+        member = manifest | {"architecture": entry["architecture"], "noise": entry["noise"]}
+        members.append((Reference(parts=(member, own, None)), {m: refs[f"{m}.{i}"] for m in METHODS}))
+    assert sum(len(m[0].w) for m in members) == len(w)  # no tensor outside a member
+    return manifest, members, cal
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    """Members of different latent sizes, geometries and priors, as a grid may hold."""
+    out, values = tmp_path_factory.mktemp("spec") / "ensemble", synthetic_rows(300, seed=5)
+    candidates = [
+        Candidate(2, 16, 2, "tanh", "euclidean", "normal"),
+        Candidate(3, 16, 2, "softplus", "sphere", "vmf", components=2),
+        Candidate(2, 16, 2, "swish", "euclidean", "vamp", components=3),
+    ]
+    request = TrainRequest(
+        candidates, FitOptions(steps=600), fprs=(0.1, 0.05), default_fpr=0.05, ensemble=True
+    )
+    train_bundle(values, [f"f{i}" for i in range(6)], request, out)
+    return out, np.r_[synthetic_rows(40, seed=6), synthetic_rows(10, seed=7) + 3.0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_documented_ensemble_scores_match_the_product(ensemble, method):
+    """Each member scored by the document's formulas, ranked among its reference scores and averaged;
+    then p-values and flags from the ensemble's calibration scores (sections 7 and 11.2)."""
+    path, x = ensemble
+    manifest, members, cal = read_ensemble(path)
+    out = TorchScorer(load_bundle(path), dtype="float64").score(x, method)
+    ranks, windows = [], []
+    for reference, refs in members:
+        score = -sum(reference.score(x, method))
+        ranks.append(np.searchsorted(refs[method], score, side="right") / refs[method].size)
+        # The product agrees with the document to 1e-10 (FLOAT64_PROJECTION_RTOL for projected) of
+        # the score's scale: a reference score that close to a row's could fall on either side.
+        rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
+        window = rtol * np.maximum(1.0, np.abs(score))
+        windows.append(
+            (np.abs(refs[method][None, :] - score[:, None]) <= window[:, None]).sum(1) / refs[method].size
+        )
+    ranks = np.array(ranks).T
+    assert np.all(np.abs(out.member_ranks - ranks) <= np.array(windows).T)
+    np.testing.assert_allclose(out.score, out.member_ranks.mean(axis=1), rtol=0, atol=1e-15)
+    c = cal[method]
+    p = (1 + (c[None, :] >= out.score[:, None]).sum(1)) / (c.size + 1)
+    np.testing.assert_array_equal(out.p_value, p)
+    threshold = c[c.size - int(np.floor(manifest["default_fpr"] * (c.size + 1) + 1e-9))]
+    np.testing.assert_array_equal(out.is_anomaly, out.score > threshold)
+    assert manifest["thresholds"][method]["fpr_0.05"]["value"] == threshold
