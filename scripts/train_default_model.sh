@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 .venv/bin/python scripts/make_demo_data.py
 .venv/bin/anomaly-scores train data/breast-cancer-train.csv --label-column malignant \
-    --grid default --steps 3000 --val-fraction 0.2 --cal-fraction 0.33 --default-fpr 0.1 \
+    --grid default --select --steps 3000 --val-fraction 0.2 --cal-fraction 0.33 --default-fpr 0.1 \
     --name breast-cancer-demo --out models/default "$@"
