@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError, Message
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from app.bundle.format import Bundle, BundleError, members_of
+from app.bundle.format import Bundle, BundleError, EnsembleBundle
 from app.model.methods import FLOAT64_METHODS, OUTPUTS
 from app.model.onnx_export import GRAPH_OPS, LOOP_METHOD, ExportedGraph
 from app.model.spec import PROJECTION_STEPS
@@ -84,10 +84,9 @@ def merged_graphs(bundle: Bundle) -> dict[str, bytes]:
     i's outputs are MEMBER_OUTPUT. One call rather than M saves M - 1 calls' fixed cost (input
     checks, output copies, a thread hand-off per call); onnxruntime still runs every member's nodes,
     so the arithmetic is M members'. A plain bundle's graphs are returned as verified_graphs does."""
-    members = members_of(bundle)
-    if members == (bundle,):
+    if not isinstance(bundle, EnsembleBundle):
         return verified_graphs(bundle)
-    verified = [verified_graphs(member) for member in members]
+    verified = [verified_graphs(member) for member in bundle.members]
     methods = [m for m in verified[0] if all(m in graphs for graphs in verified)]
     return {method: _merged([graphs[method] for graphs in verified], method) for method in methods}
 

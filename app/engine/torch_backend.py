@@ -28,8 +28,8 @@ class TorchScorer:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
         self.bundle = bundle
         self.device = resolve_device(device)
-        # An ensemble's members, one after another: torch runs each member's kernels anyway, and
-        # a GPU's launches are per kernel, not per member.
+        # An ensemble's members are scored one after another: members stacked into batched kernels
+        # would launch one kernel per layer for all of them, and are not built yet.
         self.models = [m.build_model(self.device).with_dtype(DTYPES[dtype]) for m in members_of(bundle)]
         self.model = self.models[0]
         self._generative: dict[tuple[int, torch.dtype], GenerativeModel] = {}
