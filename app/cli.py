@@ -616,9 +616,9 @@ def _check_bundle_within(settings: Settings) -> None:
     def check() -> None:
         bundle = load_trusted(settings.model_path, tuple(settings.trusted_keys))
         if settings.backend == "onnx":
-            from app.bundle.graphs import verified_graphs
+            from app.bundle.graphs import merged_graphs
 
-            verified_graphs(bundle)
+            merged_graphs(bundle)
 
     try:
         in_daemon_thread("bundle-check", check).result(settings.load_timeout_s)

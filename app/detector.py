@@ -87,7 +87,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any = None) -> ManifoldDetector:
         """Train on the rows of X (no labels: `y` is ignored, as for every unsupervised detector)."""
-        from app.train.pipeline import TrainRequest, train_bundle
+        from app.train.pipeline import TrainRequest, constant_columns, train_bundle
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
@@ -119,7 +119,9 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
                     f"grid {self.grid!r} varies {'; '.join(conflicts)}: pass grid=None to train one model "
                     "with these parameters"
                 )
-            candidates = expand_grid(GRIDS[self.grid], len(names), candidate)
+            # The networks take the columns that are not constant in training (train_bundle drops those).
+            d = len(names) - len(constant_columns(values, names))
+            candidates = expand_grid(GRIDS[self.grid], d, candidate)
         request = TrainRequest(
             candidates,
             fit,

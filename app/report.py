@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle, describe_networks
+from app.bundle.format import Bundle, EnsembleBundle, describe_networks
 from app.model.methods import METHODS, PARTS
 
 if TYPE_CHECKING:
@@ -322,7 +322,8 @@ def _calibration_section(bundle: Bundle) -> str:
     fig, (ax,) = _figure()
     ax.hist(scores, bins=BINS, color="#aec7e8", edgecolor="#1f77b4", linewidth=0.5, label="calibration rows")
     _mark_thresholds(ax, thresholds)
-    ax.set_xlabel(f"score ({method}): -log p(x), higher = more anomalous")
+    meaning = "the members' mean rank" if isinstance(bundle, EnsembleBundle) else "-log p(x)"
+    ax.set_xlabel(f"score ({method}): {meaning}, higher = more anomalous")
     ax.set_ylabel("rows")
     ax.set_title(f"Calibration scores of '{method}' ({scores.size} held-out normal rows)")
     ax.legend(fontsize=8)

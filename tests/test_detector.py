@@ -89,6 +89,15 @@ def test_the_default_detector_is_an_ensemble_scored_by_its_members_mean_rank(tmp
         ManifoldDetector(latent_dim=2, fpr=0.1).fit(rows)
 
 
+def test_the_default_grid_fits_the_columns_left_after_constant_ones(tmp_path):
+    rows = pd.DataFrame(manifold_rows(300, seed=59)[:, :3], columns=FEATURES[:3])
+    rows["site"] = 7.0  # kept out of the networks: 3 features, so only latent 2 of the grid fits
+    detector = ManifoldDetector(hidden=8, components=2, steps=30, fpr=0.1).fit(rows)
+    bundle = load_bundle(detector.save(tmp_path / "b"))
+    assert isinstance(bundle, EnsembleBundle) and bundle.constants == {"site": 7.0}
+    assert [m.architecture.latent_dim for m in bundle.members] == [2, 2, 2, 2]
+
+
 def test_dataframe_columns_are_the_features_matched_by_name(fitted):
     detector, rows = fitted
     assert list(detector.feature_names_in_) == FEATURES and detector.bundle_.features == FEATURES

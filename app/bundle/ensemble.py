@@ -6,8 +6,8 @@ becomes its rank among them, the empirical distribution function F_m(s_m) = #{r_
 standardised by a centre and a spread: members' scores differ in scale by orders of magnitude and
 in tail weight (a volume term can explode on a few rows), and a rank caps what one member can add,
 so no member dominates the mean; on the paper's ten datasets (issue 16's study, five splits) rank
-averaging beat median/IQR standardisation for every score tried. A rank is also what a conformal
-p-value is made of, so the ensemble's own calibration and p-values follow as for one model.
+averaging matched or beat median/IQR standardisation for every score tried. A rank is also what a
+conformal p-value is made of, so the ensemble's own calibration and p-values follow as for one model.
 
 Numpy only: the trainer, the evaluation and the service combine members the same way.
 """
@@ -20,10 +20,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 
-def ranks(reference: NDArray[np.float64], scores: NDArray[np.float64]) -> NDArray[np.float64]:
+def ranks(
+    reference: NDArray[np.float64], scores: NDArray[np.float64], ascending: bool = False
+) -> NDArray[np.float64]:
     """F(s) = #{r <= s} / n for each score: 0 below every reference score, 1 at or above the largest.
-    `reference` need not be sorted; NaN scores stay NaN."""
-    ordered = np.sort(np.asarray(reference, dtype=np.float64))
+    `reference` need not be sorted unless `ascending` says it is (a bundle's, checked at load: a
+    request then skips the sort); NaN scores stay NaN."""
+    ordered = np.asarray(reference, dtype=np.float64)
+    ordered = ordered if ascending else np.sort(ordered)
     if ordered.size == 0 or np.isnan(ordered).any():
         raise ValueError("reference scores must be a non-empty set of numbers")
     s = np.asarray(scores, dtype=np.float64)

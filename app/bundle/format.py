@@ -291,12 +291,13 @@ def describe_networks(bundle: Bundle) -> tuple[str, str]:
     def values(of: list[Any]) -> str:
         return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(set(of)))
 
-    a = archs[0]
     text = (
-        f"latent {values([x.latent_dim for x in archs])} ({a.geometry}), {a.depth} x {a.hidden} "
-        f"{a.activation}, prior {a.prior} with {a.components} component(s)"
+        f"latent {values([x.latent_dim for x in archs])} ({values([x.geometry for x in archs])}), "
+        f"{values([x.depth for x in archs])} x {values([x.hidden for x in archs])} "
+        f"{values([x.activation for x in archs])}, prior {values([x.prior for x in archs])} with "
+        f"{values([x.components for x in archs])} component(s)"
     )
-    if len(members) == 1:
+    if not isinstance(bundle, EnsembleBundle):
         return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}"
     hp = [m.training.get("hyper_parameters", {}) for m in members]
     text = (
@@ -797,8 +798,11 @@ def load_bundle(path: str | Path) -> Bundle:
     root = Path(path)
     try:
         return _load(root)
-    except (KeyError, TypeError, AttributeError) as e:
-        # A manifest of the right schema but malformed inside (an entry missing or of the wrong type).
+    except BundleError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        # A manifest of the right schema but malformed inside (an entry missing or of the wrong type,
+        # a NaN that JSON cannot hash, nesting deeper than the parser's recursion).
         raise BundleError(f"{root}: malformed {MANIFEST}: {type(e).__name__}: {e}") from e
 
 
@@ -886,6 +890,8 @@ def _load_members(
         )
     if not isinstance(entries, list) or not entries:
         raise BundleError(f"{root}: an ensemble needs a non-empty list of members")
+    if len({tuple(sorted(entry.get("onnx", {}))) for entry in entries}) > 1:
+        raise BundleError(f"{root}: the members must have graphs of the same methods")
     references = _read_tensors(root, REFERENCES)
     prefixes = [MEMBER_PREFIX.format(index=i) for i in range(len(entries))]
     stray = [k for k in weights if not any(k.startswith(p) for p in prefixes)]
@@ -901,6 +907,12 @@ def _load_members(
     members = []
     for i, entry in enumerate(entries):
         arch = _verify_network(root, entry, manifest["files"])
+        own_files = {m: MEMBER_ONNX_FILE.format(method=m, index=i) for m in entry.get("onnx", {})}
+        if entry.get("onnx", {}) != own_files or not isinstance(entry.get("hyper_parameters", {}), dict):
+            raise BundleError(
+                f"{root}: member {i}'s graphs must be its own files {sorted(own_files.values())} and its "
+                "hyper_parameters an object"
+            )
         own = {k[len(prefixes[i]) :]: v for k, v in weights.items() if k.startswith(prefixes[i])}
         _verify_weights(root, arch, own)
         refs = {m: references[f"{m}.{i}"] for m in METHODS}

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle, BundleError, members_of
+from app.bundle.format import Bundle, BundleError, EnsembleBundle, members_of
 from app.bundle.graphs import MEMBER_OUTPUT, merged_graphs
 from app.engine.errors import ScoringFailed
 from app.engine.scorer import ScoreOutput, assemble_members, method_or_default
@@ -90,7 +90,7 @@ class OnnxScorer:
                 f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
             ) from e
         outputs = dict(zip([o.name for o in session.get_outputs()], results, strict=True))
-        if len(self.members) == 1:
+        if not isinstance(self.bundle, EnsembleBundle):
             members = [outputs]
         else:
             members = [

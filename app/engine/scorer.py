@@ -142,14 +142,24 @@ def assemble_members(
         _check_shapes(bundle, method, parts, rows, f" (member {i})")
     member_ranks = np.stack(
         [
-            ensemble.ranks(member.calibration[method], -np.asarray(parts["log_prob"], dtype=np.float64))
+            ensemble.ranks(
+                member.calibration[method], -np.asarray(parts["log_prob"], dtype=np.float64), ascending=True
+            )
             for member, parts in zip(bundle.members, members, strict=True)
         ],
         axis=1,
     )
     mean = {
-        name: np.mean([np.asarray(p[name], dtype=np.float64) for p in members], axis=0) for name in members[0]
+        name: np.mean([np.asarray(p[name], dtype=np.float64) for p in members], axis=0)
+        for name in members[0]
+        if name != "residual"
     }
+    if explain:
+        # The root mean square over members: assemble squares it, so each feature's share is that of
+        # the members' mean squared residual, where members' residuals of opposite sign cannot cancel.
+        mean["residual"] = np.sqrt(
+            np.mean([np.asarray(p["residual"], dtype=np.float64) ** 2 for p in members], axis=0)
+        )
     return assemble(
         bundle,
         method,

@@ -18,8 +18,10 @@ from app.bundle.format import (
     WEIGHTS,
     BundleError,
     EnsembleBundle,
+    describe_networks,
     load_bundle,
     members_of,
+    save_ensemble,
 )
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
@@ -143,6 +145,34 @@ def test_the_ensemble_ranks_rows_off_the_manifold_higher_and_flags_rows_off_a_co
     assert roc_auc_score(np.r_[np.zeros(200), np.ones(200)], out.score) > 0.6
 
 
+def test_an_ensemble_of_one_member_scores_as_its_member_ranked(ensemble_result, tmp_path):
+    bundle, report = ensemble_result.bundle, ensemble_result.reports[0]
+    one = save_ensemble(
+        tmp_path / "one",
+        models=[report.fitted.model],
+        references=[{m: report.val_scores[m] for m in METHODS}],
+        hyper_parameters=[report.fitted.candidate.to_dict()],
+        name="one",
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=dict(bundle.calibration),
+        columns=bundle.columns,
+        constants=bundle.constants,
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+    x = _rows()
+    out = OnnxScorer(one).score(x, "likelihood", explain=True)
+    alone = OnnxScorer(one.members[0]).score(x, "likelihood", explain=True)
+    refs = one.members[0].calibration["likelihood"]
+    expected = np.array([percentileofscore(refs, s, kind="weak") / 100 for s in alone.score])
+    np.testing.assert_allclose(out.score, expected, rtol=0, atol=1e-15)
+    assert out.member_ranks.shape == (len(x), 1)
+    # The root mean square of one member's residual is its magnitude: the same shares.
+    np.testing.assert_allclose(out.residual_share, alone.residual_share, rtol=1e-12, atol=1e-15)
+    assert describe_networks(one)[1].startswith("sigma2 from")
+
+
 def test_members_of_a_plain_bundle_is_the_bundle(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     assert members_of(bundle) == (bundle,)
@@ -202,6 +232,20 @@ def test_loading_refuses_an_inconsistent_ensemble(ensemble_result, tmp_path):
     weights["members.3.decoder.net.layers.0.bias"] = weights["members.0.decoder.net.layers.0.bias"]
     _rewrite_file(root, WEIGHTS, weights)
     with pytest.raises(BundleError, match="tensors of no member"):
+        load_bundle(root)
+
+    root = _copy(src, tmp_path / "borrowed-graph")
+    rewrite_manifest(
+        root, lambda m: m["ensemble"]["members"][0]["onnx"].update(likelihood="scoring-likelihood-m1.onnx")
+    )
+    with pytest.raises(BundleError, match="member 0's graphs must be its own files"):
+        load_bundle(root)
+
+    root = _copy(src, tmp_path / "nan-in-manifest")
+    (root / MANIFEST).write_text(
+        (root / MANIFEST).read_text().replace('"default_fpr": 0.1', '"default_fpr": NaN')
+    )
+    with pytest.raises(BundleError, match=r"malformed bundle\.json: ValueError"):
         load_bundle(root)
 
     root = _copy(src, tmp_path / "wrong-shape")
