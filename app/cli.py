@@ -281,11 +281,9 @@ def _grid_spec(value: str) -> dict[str, list[Any]]:
 
     if value in GRIDS:
         return GRIDS[value]
-    if value == "none":
-        raise ValueError("--grid none trains one model; it takes no file")
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"--grid {value!r} is neither {sorted(GRIDS)}, 'none', nor a file")
+        raise ValueError(f"--grid {value!r} is neither {sorted(GRIDS)} nor a file")
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:

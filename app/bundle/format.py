@@ -412,38 +412,69 @@ def save_bundle(
 
     columns: the scored rows' columns in order (default: the features); constants: those of them
     kept out of the networks, with their training value."""
-    arch = model.arch
-    if len(features) != arch.input_dim or scaler.mean.shape != (arch.input_dim,):
-        raise BundleError(
-            f"{len(features)} feature names and a scaler of {scaler.mean.shape} for d = {arch.input_dim}"
-        )
-    columns, constants = list(columns or features), dict(constants or {})
-    problem = _column_problem(columns, features, constants)
-    if problem:
-        raise BundleError(problem)
-    if default_method not in calibration_scores:
-        raise BundleError(f"no calibration scores for the default method {default_method!r}")
-    if default_fpr not in fprs:
-        raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
-    return _staged(
-        out_dir,
-        lambda out: _write_bundle(
+    if model.arch.input_dim != len(features):
+        raise BundleError(f"{len(features)} feature names for d = {model.arch.input_dim}")
+    columns, constants = _checked_common(
+        features, scaler, columns, constants, calibration_scores, default_method, default_fpr, fprs
+    )
+
+    def write(out: Path) -> None:
+        state, derived = _model_tensors(model)
+        onnx_files = _write_onnx(out, model, scaler, derived)
+        _write_manifest_and_files(
             out,
-            model=model,
+            schema=SCHEMA_VERSION if constants else 2,
+            networks={"architecture": model.arch.to_dict(), "noise": _noise(model), "onnx": onnx_files},
+            tensor_files={WEIGHTS: state | derived},
+            graph_files=list(onnx_files.values()),
             name=name,
             features=features,
             scaler=scaler,
-            fprs=fprs,
             calibration_scores=calibration_scores,
             columns=columns,
             constants=constants,
+            fprs=fprs,
             default_method=default_method,
             default_fpr=default_fpr,
             training=training,
             leaderboard_csv=leaderboard_csv,
             build=build,
-        ),
-    )
+        )
+
+    return _staged(out_dir, write)
+
+
+def _checked_common(
+    features: list[str],
+    scaler: Scaler,
+    columns: list[str] | None,
+    constants: dict[str, float] | None,
+    calibration_scores: dict[str, NDArray[np.float64]],
+    default_method: str,
+    default_fpr: float,
+    fprs: tuple[float, ...],
+) -> tuple[list[str], dict[str, float]]:
+    """What every bundle's manifest holds beside its networks, checked before anything is written;
+    the columns (default: the features) and the constants."""
+    columns, constants = list(columns or features), dict(constants or {})
+    problem = _column_problem(columns, features, constants)
+    if problem:
+        raise BundleError(problem)
+    if scaler.mean.shape != (len(features),):
+        raise BundleError(f"a scaler of {scaler.mean.shape} for {len(features)} features")
+    if default_method not in calibration_scores:
+        raise BundleError(f"no calibration scores for the default method {default_method!r}")
+    if default_fpr not in fprs:
+        raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
+    return columns, constants
+
+
+def _model_tensors(
+    model: ManifoldModel,
+) -> tuple[dict[str, NDArray[np.float32]], dict[str, NDArray[np.float64]]]:
+    """A network's float32 tensors as weight_shapes names them, and its derived prior tensors."""
+    state = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
+    return state, _derived_prior_tensors(model)
 
 
 def _staged(out_dir: str | Path, write: Callable[[Path], None]) -> Bundle:
@@ -494,47 +525,35 @@ def save_ensemble(
             f"{len(models)} members, {len(references)} reference sets and {len(hyper_parameters)} "
             "hyper-parameter sets: an ensemble needs one of each per member, and a member"
         )
-    d = len(features)
-    columns, constants = list(columns or features), dict(constants or {})
-    problem = _column_problem(columns, features, constants) or next(
-        (
-            f"member {i} takes {model.arch.input_dim} features, not the ensemble's {d}"
-            for i, model in enumerate(models)
-            if model.arch.input_dim != d
-        ),
-        None,
+    columns, constants = _checked_common(
+        features, scaler, columns, constants, calibration_scores, default_method, default_fpr, fprs
     )
-    if problem or scaler.mean.shape != (d,):
-        raise BundleError(problem or f"a scaler of {scaler.mean.shape} for {d} features")
-    for i, member in enumerate(references):
+    for i, (model, member) in enumerate(zip(models, references, strict=True)):
+        if model.arch.input_dim != len(features):
+            raise BundleError(
+                f"member {i} takes {model.arch.input_dim} features, not the ensemble's {len(features)}"
+            )
         missing = [m for m in METHODS if m not in member]
         if missing:
             raise BundleError(f"member {i} has no reference scores of {missing}")
-    if default_method not in calibration_scores:
-        raise BundleError(f"no calibration scores for the default method {default_method!r}")
-    if default_fpr not in fprs:
-        raise BundleError(f"default false-positive rate {default_fpr} is not among the calibrated {fprs}")
 
     def write(out: Path) -> None:
         tensors: dict[str, NDArray[np.floating]] = {}
-        files: list[str] = []
+        graph_files: list[str] = []
         entries = []
         for i, model in enumerate(models):
-            derived = _derived_prior_tensors(model)
-            prefix = MEMBER_PREFIX.format(index=i)
-            state = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
-            tensors |= {prefix + k: v for k, v in (state | derived).items()}
-            onnx_files = _write_onnx(out, model, scaler, derived, index=i)
-            files += list(onnx_files.values())
+            state, derived = _model_tensors(model)
+            tensors |= {MEMBER_PREFIX.format(index=i) + k: v for k, v in (state | derived).items()}
+            own = _write_onnx(out, model, scaler, derived, index=i)
+            graph_files += own.values()
             entries.append(
                 {
                     "architecture": model.arch.to_dict(),
                     "noise": _noise(model),
                     "hyper_parameters": dict(hyper_parameters[i]),
-                    "onnx": onnx_files,
+                    "onnx": own,
                 }
             )
-        save_file(tensors, out / WEIGHTS)
         refs = {
             f"{method}.{i}": np.sort(np.asarray(member[method], dtype=np.float64))
             for i, member in enumerate(references)
@@ -543,33 +562,25 @@ def save_ensemble(
         for key, scores in refs.items():
             if scores.size == 0 or not np.isfinite(scores).all():
                 raise BundleError(f"reference scores {key} are empty or not all finite")
-        save_file(refs, out / REFERENCES)
-        sorted_scores = _sorted_calibration(calibration_scores, fprs)
-        save_file(sorted_scores, out / CALIBRATION)
-        for written in (WEIGHTS, REFERENCES, CALIBRATION):  # safetensors writes 0600
-            (out / written).chmod(0o644)
-        files = [WEIGHTS, REFERENCES, CALIBRATION, *files]
-        if leaderboard_csv is not None:
-            (out / LEADERBOARD).write_text(leaderboard_csv)
-            files.append(LEADERBOARD)
-        manifest: dict[str, Any] = {
-            "schema_version": ENSEMBLE_SCHEMA,
-            "name": name,
-            "version": "",
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "features": list(features),
-            **({"columns": columns, "constants": constants} if constants else {}),
-            "scaler": scaler.to_dict(),
-            "ensemble": {"combination": COMBINATION, "members": entries},
-            "default_method": default_method,
-            "default_fpr": default_fpr,
-            **_calibration_entries(sorted_scores, fprs),
-            "training": training or {},
-            "build": (build or {}) | {"libraries": library_versions()},
-            "files": _file_entries(out, files),
-        }
-        manifest["version"] = content_version(manifest)
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        _write_manifest_and_files(
+            out,
+            schema=ENSEMBLE_SCHEMA,
+            networks={"ensemble": {"combination": COMBINATION, "members": entries}},
+            tensor_files={WEIGHTS: tensors, REFERENCES: refs},
+            graph_files=graph_files,
+            name=name,
+            features=features,
+            scaler=scaler,
+            calibration_scores=calibration_scores,
+            columns=columns,
+            constants=constants,
+            fprs=fprs,
+            default_method=default_method,
+            default_fpr=default_fpr,
+            training=training,
+            leaderboard_csv=leaderboard_csv,
+            build=build,
+        )
 
     bundle = _staged(out_dir, write)
     assert isinstance(bundle, EnsembleBundle)
@@ -587,10 +598,13 @@ def _move_into_place(staged: Path, final: Path) -> None:
         staged.rename(final)
 
 
-def _write_bundle(
+def _write_manifest_and_files(
     out: Path,
     *,
-    model: ManifoldModel,
+    schema: int,
+    networks: dict[str, Any],
+    tensor_files: dict[str, dict[str, NDArray[np.floating]]],
+    graph_files: list[str],
     name: str,
     features: list[str],
     scaler: Scaler,
@@ -604,36 +618,29 @@ def _write_bundle(
     leaderboard_csv: str | None,
     build: dict[str, Any] | None,
 ) -> None:
-    arch = model.arch
-
-    derived = _derived_prior_tensors(model)
-    tensors = {k: v.detach().cpu().float().contiguous().numpy() for k, v in model.state_dict().items()}
-    save_file(tensors | derived, out / WEIGHTS)
+    """Every bundle's files and manifest, around its networks: `networks` are the manifest's entries
+    that describe them (architecture, noise and graphs, or an ensemble's members), `tensor_files`
+    their safetensors files, `graph_files` their graphs, already written."""
     sorted_scores = _sorted_calibration(calibration_scores, fprs)
-    save_file(sorted_scores, out / CALIBRATION)
-    for written in (WEIGHTS, CALIBRATION):  # safetensors writes 0600; a service user must read them
-        (out / written).chmod(0o644)
-    files = [WEIGHTS, CALIBRATION]
-    onnx_files = _write_onnx(out, model, scaler, derived)
-    files += list(onnx_files.values())
+    for file, tensors in (tensor_files | {CALIBRATION: sorted_scores}).items():
+        save_file(tensors, out / file)
+        (out / file).chmod(0o644)  # safetensors writes 0600; a service user must read them
+    files = [*tensor_files, CALIBRATION, *graph_files]
     if leaderboard_csv is not None:
         (out / LEADERBOARD).write_text(leaderboard_csv)
         files.append(LEADERBOARD)
-
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION if constants else 2,
+        "schema_version": schema,
         "name": name,
         "version": "",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "features": list(features),
         **({"columns": columns, "constants": constants} if constants else {}),
         "scaler": scaler.to_dict(),
-        "architecture": arch.to_dict(),
-        "noise": _noise(model),
+        **networks,
         "default_method": default_method,
         "default_fpr": default_fpr,
         **_calibration_entries(sorted_scores, fprs),
-        "onnx": onnx_files,
         "training": training or {},
         "build": (build or {}) | {"libraries": library_versions()},
         "files": _file_entries(out, files),

@@ -86,9 +86,9 @@ def merged_graphs(bundle: Bundle) -> dict[str, bytes]:
     so the arithmetic is M members'. A plain bundle's graphs are returned as verified_graphs does."""
     if not isinstance(bundle, EnsembleBundle):
         return verified_graphs(bundle)
+    # The loader has checked that every member has graphs of the same methods.
     verified = [verified_graphs(member) for member in bundle.members]
-    methods = [m for m in verified[0] if all(m in graphs for graphs in verified)]
-    return {method: _merged([graphs[method] for graphs in verified], method) for method in methods}
+    return {method: _merged([graphs[method] for graphs in verified], method) for method in verified[0]}
 
 
 def _merged(graphs: list[bytes], method: str) -> bytes:
