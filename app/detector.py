@@ -14,7 +14,7 @@
 
 scikit-learn's conventions (OutlierMixin, as IsolationForest and LocalOutlierFactor have them):
 `score_samples` is minus the bundle's score of its method (higher = more normal): a single model's
-log-likelihood, or minus an ensemble's mean rank (docs/bundle.md 11),
+log-likelihood, or minus an ensemble's score (the mean of its members', docs/bundle.md 11.2),
 `decision_function` is it minus `offset_` (negative = flagged at the false-positive rate `fpr`),
 `predict` is +1 for inliers and -1 for outliers. For PyOD's convention (higher = more anomalous,
 labels 0/1), `anomaly_score` is -score_samples and `is_anomaly` the 0/1 flags; `p_value` gives

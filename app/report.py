@@ -322,7 +322,7 @@ def _calibration_section(bundle: Bundle) -> str:
     fig, (ax,) = _figure()
     ax.hist(scores, bins=BINS, color="#aec7e8", edgecolor="#1f77b4", linewidth=0.5, label="calibration rows")
     _mark_thresholds(ax, thresholds)
-    meaning = "the members' mean rank" if isinstance(bundle, EnsembleBundle) else "-log p(x)"
+    meaning = "the members' mean score" if isinstance(bundle, EnsembleBundle) else "-log p(x)"
     ax.set_xlabel(f"score ({method}): {meaning}, higher = more anomalous")
     ax.set_ylabel("rows")
     ax.set_title(f"Calibration scores of '{method}' ({scores.size} held-out normal rows)")

@@ -96,8 +96,8 @@ def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> d
             "log_residual": out.log_residual,
             "reconstruction_error": out.reconstruction_error,
         }
-        if out.member_ranks is not None:  # an ensemble's: per row, each member's rank
-            body["member_ranks"] = out.member_ranks
+        if out.member_scores is not None:  # an ensemble's: per row, each member's score
+            body["member_scores"] = out.member_scores
     constants = served.bundle.constants
     if constants:
         body["constant_mismatch"] = mismatch_names(out.constant_mismatch, list(constants))

@@ -34,7 +34,8 @@ class ScoreRequest(BaseModel):
     components: bool = Field(
         False,
         description="add log_prior, log_volume, log_residual, reconstruction_error (an ensemble's: the "
-        "members' means), and for an ensemble member_ranks, each member's rank per row",
+        "members' means), and for an ensemble member_scores, each member's score per row (their mean is "
+        "the row's score)",
     )
     explain: bool = Field(False, description="add each feature's share of the squared residual")
     ids: list[str | int] | None = Field(

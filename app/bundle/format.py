@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.bundle import calibration as cal
+from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, terms
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
@@ -47,9 +48,9 @@ if TYPE_CHECKING:
 # 3: input columns held constant in training ("columns", "constants") are kept out of the networks.
 # A bundle is written with the lowest version that describes it (3 only when it has constant
 # columns), so a reader of version 2 refuses exactly the bundles it would score wrongly.
-# 4: an ensemble (docs/bundle.md 11): members' networks and reference scores in one bundle, scored
-# by the mean of their ranks; written only for ensembles, so older readers refuse what they cannot
-# score rather than read one member as the model.
+# 4: an ensemble (docs/bundle.md 11): members' networks and reference values in one bundle, scored
+# by the mean of the members' scores against them; written only for ensembles, so older readers
+# refuse what they cannot score rather than read one member as the model.
 SCHEMA_VERSION = 3
 ENSEMBLE_SCHEMA = 4
 READABLE_VERSIONS = (2, 3, 4)
@@ -62,11 +63,12 @@ CALIBRATION = "calibration.safetensors"
 LEADERBOARD = "leaderboard.csv"
 ONNX_FILE = "scoring-{method}.onnx"
 # An ensemble's: member i's tensors under MEMBER_PREFIX.format(i) in WEIGHTS, its sorted reference
-# scores of each method under "<method>.<i>" in REFERENCES, its graphs in MEMBER_ONNX_FILE.
+# values of each term its combination ranks (app.bundle.ensemble.terms) under "<term>.<i>" in
+# REFERENCES, its graphs in MEMBER_ONNX_FILE. Training writes FACTOR_FISHER; the first ensemble
+# bundles name RANK_MEAN and still load. An older build refuses a combination it does not know.
 REFERENCES = "references.safetensors"
 MEMBER_PREFIX = "members.{index}."
 MEMBER_ONNX_FILE = "scoring-{method}-m{index}.onnx"
-COMBINATION = "rank_mean"
 
 
 class BundleError(ValueError):
@@ -248,12 +250,18 @@ class Bundle:
 @dataclass(frozen=True)
 class EnsembleBundle(Bundle):
     """A bundle of several members (docs/bundle.md 11). Each member is a Bundle of its own network,
-    noise and graphs, whose `calibration` holds its reference scores (of the validation rows); the
-    ensemble's score of a row is the mean over members of the row's rank among the member's
-    reference scores (app.bundle.ensemble), and the ensemble's own `calibration` holds that score of
-    the calibration rows, from which thresholds and p-values follow as for one model."""
+    noise and graphs, whose `calibration` holds its reference values (of the validation rows) of each
+    term its `combination` ranks; the ensemble's score of a row is the mean over members of the
+    member's score of the row against those values (app.bundle.ensemble), and the ensemble's own
+    `calibration` holds that score of the calibration rows, from which thresholds and p-values
+    follow as for one model."""
 
     members: tuple[Bundle, ...] = field(default=(), repr=False)
+
+    @property
+    def combination(self) -> str:
+        """How the members' scores are ranked and combined: app.bundle.ensemble.COMBINATIONS."""
+        return str(self.manifest["ensemble"]["combination"])
 
     @property
     def architecture(self) -> Architecture:
@@ -301,7 +309,7 @@ def describe_networks(bundle: Bundle) -> tuple[str, str]:
         return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}"
     hp = [m.training.get("hyper_parameters", {}) for m in members]
     text = (
-        f"ensemble of {len(members)} members, scored by their mean rank: {text}; beta "
+        f"ensemble of {len(members)} members, scored by {bundle.combination}: {text}; beta "
         f"{values([h.get('beta') for h in hp])}, kernel width {values([h.get('kernel_width') for h in hp])}"
     )
     return text, f"sigma2 from {min(sigma2):.4g} to {max(sigma2):.4g} over the members"
@@ -503,6 +511,7 @@ def save_ensemble(
     references: Sequence[dict[str, NDArray[np.float64]]],
     hyper_parameters: Sequence[dict[str, Any]],
     name: str,
+    combination: str = FACTOR_FISHER,
     features: list[str],
     scaler: Scaler,
     calibration_scores: dict[str, NDArray[np.float64]],
@@ -517,9 +526,10 @@ def save_ensemble(
 ) -> EnsembleBundle:
     """Write an ensemble bundle (docs/bundle.md 11) and return it as loaded back from disk.
 
-    models[i] is member i, references[i] its scores (higher = more anomalous) of held-out rows per
-    method, the scale its new scores are ranked on; calibration_scores are the ensemble's scores
-    (mean ranks) of other held-out rows, from which thresholds and p-values follow."""
+    models[i] is member i, references[i] its values (higher = more anomalous) of held-out rows of
+    every term `combination` ranks (app.bundle.ensemble.terms of each method), the scale its new
+    scores are ranked on; calibration_scores are the ensemble's scores (its members' mean) of other
+    held-out rows, from which thresholds and p-values follow."""
     if not models or not (len(models) == len(references) == len(hyper_parameters)):
         raise BundleError(
             f"{len(models)} members, {len(references)} reference sets and {len(hyper_parameters)} "
@@ -528,14 +538,17 @@ def save_ensemble(
     columns, constants = _checked_common(
         features, scaler, columns, constants, calibration_scores, default_method, default_fpr, fprs
     )
+    if combination not in COMBINATIONS:
+        raise BundleError(f"unknown ensemble combination {combination!r}; known: {list(COMBINATIONS)}")
+    keys = [term for method in METHODS for term in terms(combination, method)]
     for i, (model, member) in enumerate(zip(models, references, strict=True)):
         if model.arch.input_dim != len(features):
             raise BundleError(
                 f"member {i} takes {model.arch.input_dim} features, not the ensemble's {len(features)}"
             )
-        missing = [m for m in METHODS if m not in member]
+        missing = [key for key in keys if key not in member]
         if missing:
-            raise BundleError(f"member {i} has no reference scores of {missing}")
+            raise BundleError(f"member {i} has no reference values of {missing}")
 
     def write(out: Path) -> None:
         tensors: dict[str, NDArray[np.floating]] = {}
@@ -555,9 +568,9 @@ def save_ensemble(
                 }
             )
         refs = {
-            f"{method}.{i}": np.sort(np.asarray(member[method], dtype=np.float64))
+            f"{key}.{i}": np.sort(np.asarray(member[key], dtype=np.float64))
             for i, member in enumerate(references)
-            for method in METHODS
+            for key in keys
         }
         for key, scores in refs.items():
             if scores.size == 0 or not np.isfinite(scores).all():
@@ -565,7 +578,7 @@ def save_ensemble(
         _write_manifest_and_files(
             out,
             schema=ENSEMBLE_SCHEMA,
-            networks={"ensemble": {"combination": COMBINATION, "members": entries}},
+            networks={"ensemble": {"combination": combination, "members": entries}},
             tensor_files={WEIGHTS: tensors, REFERENCES: refs},
             graph_files=graph_files,
             name=name,
@@ -820,14 +833,16 @@ def _read_tensors(root: Path, name: str) -> dict[str, NDArray[np.floating]]:
         raise BundleError(f"{root}: cannot read tensors: {e}") from e
 
 
-def _verify_scores(root: Path, scores_of: dict[str, NDArray[np.float64]], file: str, kind: str) -> None:
-    """Every method's `kind` scores present, finite and ascending."""
-    for method in METHODS:
-        scores = scores_of.get(method)
+def _verify_scores(
+    root: Path, scores_of: dict[str, NDArray[np.float64]], file: str, kind: str, keys: Sequence[str] = METHODS
+) -> None:
+    """The `kind` scores of every method (or of `keys`) present, finite and ascending."""
+    for key in keys:
+        scores = scores_of.get(key)
         if scores is None or scores.ndim != 1 or scores.size == 0:
-            raise BundleError(f"{root}: {file} lacks the {kind} scores of {method!r}")
+            raise BundleError(f"{root}: {file} lacks the {kind} scores of {key!r}")
         if not (np.isfinite(scores).all() and np.all(np.diff(scores) >= 0)):
-            raise BundleError(f"{root}: {kind} scores of {method!r} must be finite and ascending")
+            raise BundleError(f"{root}: {kind} scores of {key!r} must be finite and ascending")
 
 
 def _verify_network(root: Path, entry: dict[str, Any], files: dict[str, Any]) -> Architecture:
@@ -888,13 +903,12 @@ def _load_members(
     root: Path, manifest: dict[str, Any], weights: dict[str, NDArray[np.floating]]
 ) -> tuple[Bundle, ...]:
     """The members of an ensemble: each a Bundle of its network (its tensors, prefix stripped), its
-    noise and graphs, with its reference scores as its calibration."""
+    noise and graphs, with its reference values as its calibration."""
     entries = manifest["ensemble"]["members"]
     combination = manifest["ensemble"]["combination"]
-    if combination != COMBINATION:
-        raise BundleError(
-            f"{root}: ensemble combination {combination!r}; this build combines by {COMBINATION!r}"
-        )
+    if combination not in COMBINATIONS:
+        known = ", ".join(map(repr, COMBINATIONS))
+        raise BundleError(f"{root}: ensemble combination {combination!r}; this build combines by {known}")
     if not isinstance(entries, list) or not entries:
         raise BundleError(f"{root}: an ensemble needs a non-empty list of members")
     if len({tuple(sorted(entry.get("onnx", {}))) for entry in entries}) > 1:
@@ -904,12 +918,13 @@ def _load_members(
     stray = [k for k in weights if not any(k.startswith(p) for p in prefixes)]
     if stray:
         raise BundleError(f"{root}: {WEIGHTS} holds tensors of no member: {stray[:5]}")
-    expected_refs = {f"{m}.{i}" for i in range(len(entries)) for m in METHODS}
+    keys = [term for method in METHODS for term in terms(combination, method)]
+    expected_refs = {f"{key}.{i}" for i in range(len(entries)) for key in keys}
     if set(references) != expected_refs:
         extra, missing = sorted(set(references) - expected_refs), sorted(expected_refs - set(references))
         raise BundleError(
-            f"{root}: {REFERENCES} must hold {len(expected_refs)} score sets (every method of every "
-            f"member); missing {missing[:5]}, extra {extra[:5]}"
+            f"{root}: {REFERENCES} must hold {len(expected_refs)} score sets (every term {combination!r} "
+            f"ranks of every method of every member); missing {missing[:5]}, extra {extra[:5]}"
         )
     members = []
     for i, entry in enumerate(entries):
@@ -922,8 +937,8 @@ def _load_members(
             )
         own = {k[len(prefixes[i]) :]: v for k, v in weights.items() if k.startswith(prefixes[i])}
         _verify_weights(root, arch, own)
-        refs = {m: references[f"{m}.{i}"] for m in METHODS}
-        _verify_scores(root, refs, REFERENCES, f"member {i}'s reference")
+        refs = {key: references[f"{key}.{i}"] for key in keys}
+        _verify_scores(root, refs, REFERENCES, f"member {i}'s reference", keys)
         member_manifest = {k: manifest[k] for k in MEMBER_SHARED if k in manifest} | {
             "architecture": entry["architecture"],
             "noise": entry["noise"],

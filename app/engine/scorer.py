@@ -23,7 +23,7 @@ from app.model.methods import check_method
 class ScoreOutput:
     method: str
     threshold: Threshold
-    # higher = more anomalous: -log_likelihood, or an ensemble's mean rank (assemble_members)
+    # higher = more anomalous: -log_likelihood, or the mean of an ensemble's member_scores
     score: NDArray[np.float64]
     log_likelihood: NDArray[np.float64]
     log_prior: NDArray[np.float64]
@@ -36,9 +36,9 @@ class ScoreOutput:
     # (n, len(bundle.constants)): the row's value differs from a column's training constant. Such a
     # row lies where no training row did, density 0: p-value 0 and flagged, whatever its score.
     constant_mismatch: NDArray[np.bool_]
-    # An ensemble's (n, members): each member's rank of the row among its reference scores, whose
-    # mean is `score`; None for a single model.
-    member_ranks: NDArray[np.float64] | None = None
+    # An ensemble's (n, members): each member's score of the row against its reference values
+    # (app.bundle.ensemble.member_scores), whose mean is `score`; None for a single model.
+    member_scores: NDArray[np.float64] | None = None
 
     def rows(self, start: int, stop: int) -> ScoreOutput:
         """The same output restricted to rows start..stop-1 (for a coalesced batch's requests)."""
@@ -55,7 +55,7 @@ class ScoreOutput:
             is_anomaly=self.is_anomaly[part],
             residual_share=None if self.residual_share is None else self.residual_share[part],
             constant_mismatch=self.constant_mismatch[part],
-            member_ranks=None if self.member_ranks is None else self.member_ranks[part],
+            member_scores=None if self.member_scores is None else self.member_scores[part],
         )
 
     def columns(self, constants: list[str]) -> dict[str, NDArray[np.generic]]:
@@ -128,8 +128,9 @@ def assemble_members(
     constant_mismatch: NDArray[np.bool_],
 ) -> ScoreOutput:
     """assemble for the outputs of each of the bundle's members (app.bundle.format.members_of). An
-    ensemble's score is the mean of the members' ranks (app.bundle.ensemble); its log-likelihood,
-    parts, reconstruction error and residual are the members' means, reported beside it."""
+    ensemble's score is the mean of the members' scores by its combination (app.bundle.ensemble);
+    its log-likelihood, parts, reconstruction error and residual are the members' means, reported
+    beside it."""
     if not isinstance(bundle, EnsembleBundle):
         return assemble(bundle, method, fpr, members[0], explain, rows, constant_mismatch)
     if len(members) != len(bundle.members):
@@ -140,14 +141,11 @@ def assemble_members(
         )
     for i, parts in enumerate(members):
         _check_shapes(bundle, method, parts, rows, f" (member {i})")
-    member_ranks = np.stack(
-        [
-            ensemble.ranks(
-                member.calibration[method], -np.asarray(parts["log_prob"], dtype=np.float64), ascending=True
-            )
-            for member, parts in zip(bundle.members, members, strict=True)
-        ],
-        axis=1,
+    member_scores = ensemble.member_scores(
+        bundle.combination,
+        [member.calibration for member in bundle.members],
+        [ensemble.term_scores(bundle.combination, method, parts) for parts in members],
+        ascending=True,
     )
     mean = {
         name: np.mean([np.asarray(p[name], dtype=np.float64) for p in members], axis=0)
@@ -164,11 +162,11 @@ def assemble_members(
         bundle,
         method,
         fpr,
-        mean | {"score": member_ranks.mean(axis=1)},
+        mean | {"score": member_scores.mean(axis=1)},
         explain,
         rows,
         constant_mismatch,
-        member_ranks,
+        member_scores,
     )
 
 
@@ -180,7 +178,7 @@ def assemble(
     explain: bool,
     rows: int,
     constant_mismatch: NDArray[np.bool_],
-    member_ranks: NDArray[np.float64] | None = None,
+    member_scores: NDArray[np.float64] | None = None,
 ) -> ScoreOutput:
     """Turn a backend's outputs (app.model.methods.OUTPUTS; `residual` only when explaining) for
     `rows` input rows into scores, p-values and flags at the threshold of `fpr` (default: the
@@ -211,5 +209,5 @@ def assemble(
         is_anomaly=is_anomaly,
         residual_share=share,
         constant_mismatch=constant_mismatch,
-        member_ranks=member_ranks,
+        member_scores=member_scores,
     )

@@ -9,8 +9,8 @@ fitted on the rest, the noise variance and the model selection use the validatio
 rows are used for nothing but the reported AUC.
 
 Ensembles, per rule of app.train.selection.ENSEMBLES: every candidate a member, each member's test
-scores of each of the rule's terms ranked among its own validation scores and all the ranks averaged
-(app.bundle.ensemble); no selection at all.
+values of each of the rule's terms put on the scale of its own validation values (a rank, or a
+surprisal) and combined as app.bundle.ensemble.member_scores does; no selection at all.
 
 Selection, per score: unsupervised by the score's own mean log-likelihood of the validation rows
 (the lowest mean reconstruction error for `reconstruction`), or supervised by the AUC on the
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from app.bundle.ensemble import rank_mean
+from app.bundle.ensemble import member_scores
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
@@ -210,16 +210,20 @@ def evaluate_split(
         rows.append(row)
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     ensembles = {}
-    for name, terms in ENSEMBLES.items():
+    for name, (combination, terms) in ENSEMBLES.items():
         # A member whose held-out scores are not all finite (a diverged fit) has no scale to rank on.
-        pairs = [
-            (r.val_scores[t], r.test_scores[t])
-            for r in reports
-            for t in terms
-            if np.isfinite(r.val_scores[t]).all()
-        ]
+        members = [r for r in reports if all(np.isfinite(r.val_scores[t]).all() for t in terms)]
         ensembles[name] = (
-            auc(data.y_test, rank_mean([v for v, _ in pairs], [s for _, s in pairs])) if pairs else math.nan
+            auc(
+                data.y_test,
+                member_scores(
+                    combination,
+                    [{t: r.val_scores[t] for t in terms} for r in members],
+                    [{t: r.test_scores[t] for t in terms} for r in members],
+                ).mean(axis=1),
+            )
+            if members
+            else math.nan
         )
     return SplitResult(
         dataset.name,
@@ -438,9 +442,10 @@ def summary_table(results: list[SplitResult], dataset_order: Sequence[str]) -> t
         "per_dataset": {f"{ds}|{s}|{m}": v for (ds, s, m), v in mean.items()},
     }
     default = (
-        f"The default detector (`anomaly-scores train` with no options: every candidate a member, "
-        f"`likelihood` ranks averaged) scores {overall['ensemble:likelihood']:.3f} and its `likelihood` "
-        f"beats its `reconstruction` on {wins['ensemble']} of {len(dataset_order)} datasets. "
+        "The default detector (`anomaly-scores train` with no options: every candidate a member, the "
+        "surprisals of the two factors of its `likelihood` added) scores "
+        f"{overall['ensemble:likelihood']:.3f} and its `likelihood` beats its `reconstruction` on "
+        f"{wins['ensemble']} of {len(dataset_order)} datasets. "
         if ensembles
         else ""
     )

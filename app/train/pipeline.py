@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.ensemble import rank_mean
+from app.bundle.ensemble import FACTOR_FISHER, member_scores, term_scores, terms
 from app.bundle.format import Bundle, save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
@@ -68,7 +68,7 @@ class TrainRequest:
     default_fpr: float = 0.01
     name: str = "model"
     # True: every candidate that trained to finite scores is a member of an ensemble bundle, scored by
-    # the mean of its members' ranks; False: the one candidate `select` picks.
+    # the mean of its members' scores (app.bundle.ensemble); False: the one candidate `select` picks.
     ensemble: bool = False
 
 
@@ -245,9 +245,11 @@ def _save_ensemble(
     notes: list[str],
     started: float,
 ) -> TrainResult:
-    """Every candidate whose validation scores are finite becomes a member; its validation scores are
-    its reference scores, and the ensemble's scores of the calibration rows its calibration."""
-    members = [i for i, r in enumerate(reports) if all(np.isfinite(r.val_scores[m]).all() for m in METHODS)]
+    """Every candidate whose validation scores are finite becomes a member; its validation rows'
+    values of the terms FACTOR_FISHER ranks are its references, and the ensemble's scores of the
+    calibration rows its calibration."""
+    keys = [term for method in METHODS for term in terms(FACTOR_FISHER, method)]
+    members = [i for i, r in enumerate(reports) if all(np.isfinite(r.val_scores[k]).all() for k in keys)]
     left_out = [i for i in range(len(reports)) if i not in members]
     if not members:
         raise ValueError(
@@ -256,19 +258,20 @@ def _save_ensemble(
     if left_out:
         notes.append(f"candidates {left_out} scored validation rows as non-finite (diverged): not members")
     models = [reports[i].fitted.model for i in members]
-    references = [{m: reports[i].val_scores[m] for m in METHODS} for i in members]
+    references = [{k: reports[i].val_scores[k] for k in keys} for i in members]
     calibration_scores = {
-        method: rank_mean(
-            [ref[method] for ref in references],
-            [-score_rows(model, x_cal, method)["log_prob"] for model in models],
-        )
+        method: member_scores(
+            FACTOR_FISHER,
+            references,
+            [term_scores(FACTOR_FISHER, method, score_rows(model, x_cal, method)) for model in models],
+        ).mean(axis=1)
         for method in METHODS
     }
     training = {
         "members": [reports[i].fitted.candidate.to_dict() for i in members],
         "fit": dict(vars(request.fit)),
-        "selection": f"ensemble of {len(members)} candidates, each scored by its rank among its "
-        "validation rows' scores; the ranks averaged",
+        "selection": f"ensemble of {len(members)} candidates, each scoring a row by the surprisals of its "
+        "density's factors (on the manifold, off it) among its validation rows'; their scores averaged",
         "candidates": len(reports),
         "rows": rows,
         "labels": _labels_summary(labels),
@@ -282,6 +285,7 @@ def _save_ensemble(
         out_dir,
         models=models,
         references=references,
+        combination=FACTOR_FISHER,
         hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in members],
         calibration_scores=calibration_scores,
         **common,

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import roc_auc_score
 
+from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, RANK_MEAN, term_scores, terms
 from app.model.methods import METHODS
 from app.train.fit import Fitted, fit_noise, score_rows
 
@@ -43,33 +44,33 @@ class CandidateReport:
     test_auc: dict[str, float] = field(default_factory=dict)  # per method; empty without test rows
     projected_rows: int = 0  # rows the projection scored (validation and test)
     projected_capped: int = 0  # of which its iteration stopped at the cap, unconverged
-    # Per method, and `manifold` below, the rows' scores (higher = more anomalous), for combining members
+    # Every term an ensemble can rank (app.bundle.ensemble.terms of each combination and method):
+    # the rows' values, higher = more anomalous
     val_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     test_scores: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
-# Besides every method's -log p(x), an ensemble can combine `manifold`, likelihood's prior and volume
-# terms without the residual: the density of the row's point on the learned manifold, which ignores
-# how far the row lies off it. (latent's score is likelihood's prior term, reconstruction's its
-# residual term.)
-# How an ensemble combines them: each rule ranks every member's scores of each of its terms among
-# that member's held-out ones and averages all the ranks; "a&b" ranks a and b apart, so neither
-# can dominate the other by its scale (the residual term's grows with the number of features).
-ENSEMBLES: dict[str, tuple[str, ...]] = {
-    "likelihood": ("likelihood",),
-    "manifold": ("manifold",),
-    "latent": ("latent",),
-    "reconstruction": ("reconstruction",),
-    "latent&reconstruction": ("latent", "reconstruction"),
-    "manifold&reconstruction": ("manifold", "reconstruction"),
+# The rules evaluate compares: how each member's values of the terms are put on a scale, and which
+# terms. "likelihood" is what an ensemble bundle's `likelihood` is, the product's default
+# (FACTOR_FISHER: the density on the manifold, -(log_prior + log_volume), and the residual's, their
+# surprisals added); "likelihood summed" ranks -log p(x) whole (RANK_MEAN, the first ensembles');
+# "likelihood, factor ranks" adds the factors' ranks instead. The others add each member's ranks
+# of the rule's terms, and average the members':
+# "manifold" is the first factor alone, blind to how far a row lies off the manifold;
+# "latent&reconstruction" ranks the prior term and the residual apart, without the volume.
+ENSEMBLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "likelihood": (FACTOR_FISHER, terms(FACTOR_FISHER, "likelihood")),
+    "likelihood summed": (RANK_MEAN, terms(RANK_MEAN, "likelihood")),
+    "likelihood, factor ranks": (RANK_MEAN, terms(FACTOR_FISHER, "likelihood")),
+    "manifold": (RANK_MEAN, ("likelihood.manifold",)),
+    "latent": (RANK_MEAN, ("latent",)),
+    "reconstruction": (RANK_MEAN, ("reconstruction",)),
+    "latent&reconstruction": (RANK_MEAN, ("latent", "reconstruction")),
 }
 
 
 def _ensemble_scores(method: str, parts: dict[str, NDArray[np.float64]]) -> dict[str, NDArray[np.float64]]:
-    out = {method: -parts["log_prob"]}  # every method's: an ensemble bundle ranks each
-    if method == "likelihood":
-        out["manifold"] = -(parts["log_prior"] + parts["log_volume"])
-    return out
+    return {term: values for c in COMBINATIONS for term, values in term_scores(c, method, parts).items()}
 
 
 def evaluate_candidate(

@@ -1,5 +1,5 @@
 """An ensemble bundle over HTTP (issue 16): /model describes its members, /score and /v2 answer with
-the members' mean rank, the p-values of the ensemble's calibration and the members' mean parts,
+the members' mean score, the p-values of the ensemble's calibration and the members' mean parts,
 exactly as the scorer computes them."""
 
 import numpy as np
@@ -27,14 +27,14 @@ def test_model_metadata_describes_the_members(served):
     client, bundle = served
     body = client.get("/model").json()
     assert body["architecture"] is None and body["noise"] is None
-    assert body["ensemble"]["combination"] == "rank_mean"
+    assert body["ensemble"]["combination"] == "factor_fisher"
     members = body["ensemble"]["members"]
     assert [m["architecture"]["latent_dim"] for m in members] == [2, 2, 3]
     assert [m["noise"]["sigma2"] for m in members] == [m.sigma2 for m in bundle.members]
     assert body["columns"] == CONSTANT_COLUMNS
 
 
-def test_score_answers_the_mean_rank_and_the_members_mean_parts(served):
+def test_score_answers_the_members_mean_score_and_mean_parts(served):
     client, bundle = served
     response = client.post("/score", json={"instances": ROWS.tolist(), "components": True})
     assert response.status_code == 200
@@ -44,9 +44,8 @@ def test_score_answers_the_mean_rank_and_the_members_mean_parts(served):
     np.testing.assert_array_equal(body["p_values"], expected.p_value)
     np.testing.assert_array_equal(body["log_likelihood"], expected.log_likelihood)
     np.testing.assert_array_equal(body["log_volume"], expected.log_volume)
-    np.testing.assert_array_equal(body["member_ranks"], expected.member_ranks)
-    np.testing.assert_allclose(np.mean(body["member_ranks"], axis=1), body["scores"], rtol=0, atol=1e-15)
-    assert all(0 <= s <= 1 for s in body["scores"])
+    np.testing.assert_array_equal(body["member_scores"], expected.member_scores)
+    np.testing.assert_allclose(np.mean(body["member_scores"], axis=1), body["scores"], rtol=1e-15, atol=0)
 
 
 def test_the_open_inference_protocol_answers_the_same_scores(served):

@@ -1,10 +1,20 @@
-"""The members' common scale: ranks against scipy's percentile of score, and their mean."""
+"""The members' common scale: ranks against scipy's percentile of score, surprisals against a
+brute-force count; the combinations' member scores against the factors computed by hand from the
+parts."""
 
 import numpy as np
 import pytest
 from scipy.stats import percentileofscore
 
-from app.bundle.ensemble import rank_mean, ranks
+from app.bundle.ensemble import (
+    FACTOR_FISHER,
+    RANK_MEAN,
+    member_scores,
+    ranks,
+    surprisal,
+    term_scores,
+    terms,
+)
 
 
 def test_ranks_are_the_weak_percentile_of_score():
@@ -19,20 +29,114 @@ def test_ranks_are_the_weak_percentile_of_score():
         ranks(np.array([]), scores)
 
 
-def test_the_ensemble_score_is_the_mean_rank_and_no_member_dominates():
+def test_surprisal_is_minus_the_log_of_the_conformal_p_value():
+    rng = np.random.default_rng(4)
+    reference = np.round(rng.standard_normal(99), 1)  # ties among the references
+    scores = np.r_[rng.standard_normal(50), reference[:10], -10.0, 10.0]
+    p = np.array([(1 + sum(r >= s for r in reference)) / 100 for s in scores])
+    np.testing.assert_allclose(surprisal(reference, scores), -np.log(p), rtol=1e-15, atol=1e-15)
+    assert surprisal(reference, [-10.0]).tolist() == [0.0]
+    assert surprisal(reference, [10.0])[0] == pytest.approx(np.log(100), rel=1e-15)
+    assert np.isnan(surprisal(reference, [np.nan])).all()
+    with pytest.raises(ValueError, match="non-empty"):
+        surprisal(np.array([np.nan]), scores)
+
+
+def test_the_rank_mean_member_score_is_its_rank_and_no_member_dominates():
     rng = np.random.default_rng(1)
-    small, huge = (
-        rng.standard_normal(200),
-        1e6 * rng.standard_cauchy(200),
-    )  # scales 1 and 1e6, one heavy tailed
+    small, huge = rng.standard_normal(200), 1e6 * rng.standard_cauchy(200)  # scales 1 and 1e6, one heavy
     rows = [np.array([0.0, 3.0, -3.0]), np.array([0.0, -1e9, 1e9])]
-    combined = rank_mean([small, huge], rows)
+    got = member_scores(RANK_MEAN, [{"latent": small}, {"latent": huge}], [{"latent": r} for r in rows])
     weak = [
         [percentileofscore(ref, s, kind="weak") / 100 for s in member]
         for ref, member in zip([small, huge], rows, strict=True)
     ]
-    expected = np.mean(weak, axis=0)
-    np.testing.assert_allclose(combined, expected, atol=1e-15)
+    np.testing.assert_allclose(got, np.array(weak).T, atol=1e-15)
+    combined = got.mean(axis=1)
     assert combined[1] == pytest.approx(combined[2], abs=0.02)  # one member's extreme counts no more than 1
     with pytest.raises(ValueError, match="2 reference sets for 1 members"):
-        rank_mean([small, huge], rows[:1])
+        member_scores(RANK_MEAN, [{"latent": small}, {"latent": huge}], [{"latent": rows[0]}])
+
+
+def _parts(rng, n):
+    """A member's outputs of one method: parts of very different scales, their sum as log_prob."""
+    prior, volume, residual = rng.normal(0, 1, n), rng.normal(5, 0.1, n), -1e6 * rng.chisquare(30, n)
+    return {
+        "log_prob": prior + volume + residual,
+        "log_prior": prior,
+        "log_volume": volume,
+        "log_residual": residual,
+    }
+
+
+def _p(reference, values):
+    return np.array([(1 + np.sum(reference >= v)) / (reference.size + 1) for v in values])
+
+
+def test_factor_fisher_adds_the_surprisals_of_the_manifold_and_the_residual():
+    """Each factor computed from the parts by hand, its conformal p-value counted among the member's
+    reference values of that factor; a member's score -log p_manifold - log p_residual."""
+    rng = np.random.default_rng(2)
+    held_out, rows = [_parts(rng, 300), _parts(rng, 200)], [_parts(rng, 20), _parts(rng, 20)]
+    references = [term_scores(FACTOR_FISHER, "likelihood", p) for p in held_out]
+    assert set(references[0]) == {"likelihood.manifold", "likelihood.residual"}
+    got = member_scores(
+        FACTOR_FISHER, references, [term_scores(FACTOR_FISHER, "likelihood", r) for r in rows]
+    )
+    expected = np.array(
+        [
+            -np.log(_p(-(h["log_prior"] + h["log_volume"]), -(r["log_prior"] + r["log_volume"])))
+            - np.log(_p(-h["log_residual"], -r["log_residual"]))
+            for h, r in zip(held_out, rows, strict=True)
+        ]
+    ).T
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-14)
+    # Summed, the residual's scale decides the rank alone; apart, the manifold factor counts too. (The
+    # residuals are further apart than the manifold factor's whole range: no sum can reorder them.)
+    for h, r in zip(held_out, rows, strict=True):
+        manifold = -np.r_[h["log_prior"] + h["log_volume"], r["log_prior"] + r["log_volume"]]
+        assert np.diff(np.sort(np.r_[h["log_residual"], r["log_residual"]])).min() > np.ptp(manifold)
+    whole = [term_scores(RANK_MEAN, "likelihood", p) for p in held_out]
+    summed = member_scores(RANK_MEAN, whole, [term_scores(RANK_MEAN, "likelihood", r) for r in rows])
+    residual_only = [
+        ranks(-h["log_residual"], -r["log_residual"]) for h, r in zip(held_out, rows, strict=True)
+    ]
+    np.testing.assert_array_equal(summed, np.array(residual_only).T)
+
+
+def test_a_row_extreme_in_one_factor_alone_is_not_averaged_away():
+    """A row beyond every reference in its residual and typical on the manifold: Fisher's sum puts it
+    above the 99th percentile of normal rows' scores; the mean of the two ranks (0.75) would put it
+    near their 88th."""
+    rng = np.random.default_rng(5)
+    reference, normal = _parts(rng, 2000), _parts(rng, 5000)
+    row = {k: np.array([np.median(v)]) for k, v in _parts(rng, 2001).items()}
+    row["log_residual"] = np.array([reference["log_residual"].min() - 1.0])
+    refs = [term_scores(FACTOR_FISHER, "likelihood", reference)]
+    score = member_scores(FACTOR_FISHER, refs, [term_scores(FACTOR_FISHER, "likelihood", row)])[0, 0]
+    normal_scores = member_scores(FACTOR_FISHER, refs, [term_scores(FACTOR_FISHER, "likelihood", normal)])[
+        :, 0
+    ]
+    assert score > np.quantile(normal_scores, 0.99)
+    mean_ranks = np.mean(
+        [ranks(refs[0][t], v) for t, v in term_scores(FACTOR_FISHER, "likelihood", normal).items()], 0
+    )
+    assert np.mean(mean_ranks >= 0.75) > 0.1
+
+
+def test_methods_without_a_factor_score_the_one_they_have():
+    rng = np.random.default_rng(3)
+    latent, rows = _parts(rng, 100), _parts(rng, 10)
+    latent["log_volume"] = latent["log_residual"] = np.zeros(100)
+    latent["log_prob"] = latent["log_prior"].copy()
+    rows["log_volume"] = rows["log_residual"] = np.zeros(10)
+    assert terms(FACTOR_FISHER, "latent") == ("latent.manifold",)
+    assert terms(FACTOR_FISHER, "reconstruction") == ("reconstruction.residual",)
+    assert terms(RANK_MEAN, "projected") == ("projected",)
+    references = [term_scores(FACTOR_FISHER, "latent", latent)]
+    np.testing.assert_array_equal(
+        member_scores(FACTOR_FISHER, references, [term_scores(FACTOR_FISHER, "latent", rows)])[:, 0],
+        surprisal(-latent["log_prior"], -rows["log_prior"]),
+    )
+    with pytest.raises(ValueError, match="unknown ensemble combination 'max'"):
+        terms("max", "likelihood")

@@ -1,11 +1,13 @@
 """Ensemble bundles (docs/bundle.md 11): what training writes, what loading refuses, and that both
-backends score an ensemble as the mean of its members' ranks, each member scored as it would be
-alone, checked against separate computations (one session per member, scipy's percentiles, a
-brute-force conformal p-value)."""
+backends score an ensemble as the mean of its members' scores, each member scored as it would be
+alone, checked against separate computations (one session per member, the factors of its density
+computed here from its parts, brute-force counts of its reference values, scipy's percentiles for
+the first combination, a brute-force conformal p-value)."""
 
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from safetensors.numpy import load_file, save_file
 from scipy.stats import percentileofscore
@@ -23,6 +25,7 @@ from app.bundle.format import (
     members_of,
     save_ensemble,
 )
+from app.bundle.graphs import verified_graphs
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
@@ -43,40 +46,88 @@ def _rows() -> np.ndarray:
     return with_constants(np.vstack([manifold_rows(40, seed=11), off_manifold_rows(10, seed=12)]))
 
 
+# docs/bundle.md 11.2: the factors each method's density has, ranked apart.
+FACTORS = {
+    "likelihood": ("manifold", "residual"),
+    "encoder": ("manifold", "residual"),
+    "reconstruction": ("residual",),
+    "latent": ("manifold",),
+    "projected": ("manifold", "residual"),
+}
+
+
+def _factors(parts: dict[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
+    """The factors of a member's outputs of `method`, higher = more anomalous."""
+    part = {
+        name: np.asarray(parts[name], dtype=np.float64)
+        for name in ("log_prior", "log_volume", "log_residual")
+    }
+    values = {"manifold": -(part["log_prior"] + part["log_volume"]), "residual": -part["log_residual"]}
+    return {f"{method}.{factor}": values[factor] for factor in FACTORS[method]}
+
+
+def _at_or_above(references: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return np.array([np.sum(references >= v) for v in values])
+
+
+def _member_score(member, parts, method: str) -> np.ndarray:
+    """A member's score of each row: the sum over its factors of -log p, p = (1 + #{r >= v}) / (n + 1)
+    counted among the member's reference values of that factor."""
+    return sum(
+        -np.log((1 + _at_or_above(member.calibration[term], values)) / (member.calibration[term].size + 1))
+        for term, values in _factors(parts, method).items()
+    )
+
+
+def _alone(member, x: np.ndarray, method: str) -> dict[str, np.ndarray]:
+    """A member's outputs of its own graph, from a session of its own: what it computes alone."""
+    session = ort.InferenceSession(verified_graphs(member)[method], providers=["CPUExecutionProvider"])
+    x_model, _ = member.split_columns(x)
+    values = session.run(None, {"x": np.ascontiguousarray(x_model, dtype=np.float64)})
+    return {
+        o.name: np.asarray(v, dtype=np.float64) for o, v in zip(session.get_outputs(), values, strict=True)
+    }
+
+
 def test_training_writes_every_candidate_as_a_member(ensemble_result):
     bundle = load_bundle(ensemble_result.bundle.path)
     assert isinstance(bundle, EnsembleBundle)
     assert bundle.manifest["schema_version"] == ENSEMBLE_SCHEMA
+    assert bundle.combination == "factor_fisher"
     assert len(bundle.members) == 3 == len(ensemble_result.selected)
     assert [m.architecture.latent_dim for m in bundle.members] == [2, 2, 3]
     assert bundle.columns == CONSTANT_COLUMNS and bundle.constants == {"site": 0.1, "zero": 0.0}
     for i, member in enumerate(bundle.members):
         fitted = ensemble_result.reports[i].fitted.model
         assert member.sigma2 == pytest.approx(fitted.sigma2, rel=1e-12)
-        for method in METHODS:  # the reference scores are the member's validation scores, sorted
-            np.testing.assert_array_equal(
-                member.calibration[method], np.sort(ensemble_result.reports[i].val_scores[method])
-            )
+        val = ensemble_result.reports[i].val_scores
+        assert set(member.calibration) == {f"{m}.{f}" for m, factors in FACTORS.items() for f in factors}
+        for term, references in member.calibration.items():  # the validation rows' values, sorted
+            np.testing.assert_array_equal(references, np.sort(val[term]))
+        for method in ("likelihood", "encoder", "projected"):  # the factors add up to -log p(x)
+            manifold, residual = val[f"{method}.manifold"], val[f"{method}.residual"]
+            # log p(x) is score_rows' float32 sum of the three parts (float64 for projected): two
+            # roundings of at most 2^-24 of |prior + volume| and of |log p(x)|, both at most
+            # |manifold| + |residual|.
+            bound = 2**-23 * (np.abs(manifold) + np.abs(residual))
+            assert np.all(np.abs(manifold + residual - val[method]) <= bound), method
 
 
 def test_the_calibration_is_the_ensembles_score_of_the_calibration_rows(ensemble_result):
-    """Recomputed from the split, the members' torch scores and scipy's weak percentile."""
+    """Recomputed from the split, the members' torch parts and brute-force counts of their references."""
     bundle = ensemble_result.bundle
     raw = with_constants(manifold_rows(600, seed=4))[:, [0, *range(2, 7)]]
     splits = split_rows(600, 0.2, 0.2, seed=0)
     x_cal = bundle.scaler.transform(raw[splits.calibration])
     for method in METHODS:
-        mean_rank = np.mean(
+        mean_score = np.mean(
             [
-                [
-                    percentileofscore(member.calibration[method], s, kind="weak") / 100
-                    for s in -score_rows(r.fitted.model, x_cal, method)["log_prob"]
-                ]
+                _member_score(member, score_rows(r.fitted.model, x_cal, method), method)
                 for member, r in zip(bundle.members, ensemble_result.reports, strict=True)
             ],
             axis=0,
         )
-        np.testing.assert_allclose(bundle.calibration[method], np.sort(mean_rank), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(bundle.calibration[method], np.sort(mean_score), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,36 +135,34 @@ def test_one_onnx_call_scores_each_member_as_it_scores_alone(ensemble_result, me
     bundle = ensemble_result.bundle
     x = _rows()
     out = OnnxScorer(bundle).score(x, method, explain=True)
-    members = [OnnxScorer(member).score(x, method, explain=True) for member in bundle.members]
+    members = [_alone(member, x, method) for member in bundle.members]
     # The merged graph runs each member's nodes on the same input: the same arithmetic.
     rtol = float32_rtol(bundle.members[0].architecture)
-    for name in ("log_likelihood", "log_prior", "log_volume", "log_residual", "reconstruction_error"):
+    for name in ("log_prob", "log_prior", "log_volume", "log_residual", "reconstruction_error"):
         np.testing.assert_allclose(
-            getattr(out, name),
-            np.mean([getattr(m, name) for m in members], axis=0),
+            getattr(out, "log_likelihood" if name == "log_prob" else name),
+            np.mean([m[name] for m in members], axis=0),
             rtol=rtol,
             atol=rtol,
             err_msg=name,
         )
-    expected_ranks = np.array(
-        [
-            [percentileofscore(member.calibration[method], s, kind="weak") / 100 for s in alone.score]
-            for member, alone in zip(bundle.members, members, strict=True)
-        ]
+    expected = np.array(
+        [_member_score(member, alone, method) for member, alone in zip(bundle.members, members, strict=True)]
     ).T
-    # Equal counts; scipy's percentile divides by n after scaling by 100, a rounding apart.
-    np.testing.assert_allclose(out.member_ranks, expected_ranks, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(out.score, expected_ranks.mean(axis=1), rtol=0, atol=1e-15)
+    # The same counts; log(n + 1) - log(1 + k) against -log((1 + k) / (n + 1)): each logarithm within
+    # an ulp or two of values below 6 (n < 400), so the two agree to a few 1e-15.
+    np.testing.assert_allclose(out.member_scores, expected, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(out.score, out.member_scores.mean(axis=1), rtol=1e-15, atol=0)
     calibration = bundle.calibration[method]
     brute = [(1 + np.sum(calibration >= s)) / (calibration.size + 1) for s in out.score]
     np.testing.assert_allclose(out.p_value[:40], brute[:40], rtol=1e-15)
-    # Rows off a training constant: p-value 0 and flagged, whatever their rank.
+    # Rows off a training constant: p-value 0 and flagged, whatever their score.
     assert not out.constant_mismatch.any()
 
 
 def test_the_torch_backend_scores_the_members_as_the_onnx_graph_does(ensemble_result):
-    """Member scores agree to the float32 (float64 for projected) tolerance; a member's rank can then
-    differ only by the reference scores within that tolerance of the row's score."""
+    """Member outputs agree to the float32 (float64 for projected) tolerance; a member's score can then
+    differ only by the reference values within that tolerance of the row's."""
     bundle = ensemble_result.bundle
     x = _rows()
     onnx_scorer, torch_scorer = OnnxScorer(bundle), TorchScorer(bundle)
@@ -125,14 +174,17 @@ def test_the_torch_backend_scores_the_members_as_the_onnx_graph_does(ensemble_re
         scale = np.maximum.reduce([np.abs(a.log_prior), np.abs(a.log_volume), np.abs(a.log_residual)])
         np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=0, atol=float(rtol * scale.max()))
         for j, member in enumerate(bundle.members):
-            alone = OnnxScorer(member).score(x, method).score
-            window = rtol * np.maximum(np.abs(alone), scale)
-            refs = member.calibration[method]
-            near = (
-                np.array([np.sum(np.abs(refs - s) <= w) for s, w in zip(alone, window, strict=True)])
-                / refs.size
-            )
-            assert np.all(np.abs(a.member_ranks[:, j] - b.member_ranks[:, j]) <= near), (method, j)
+            # The torch value of a factor lies within the tolerance w of the graph's value v, so its
+            # count of references at or above lies between #{r >= v + w} and #{r >= v - w}: the
+            # member's score between the sums of the surprisals those counts give.
+            low, high = 0.0, 0.0
+            for term, values in _factors(_alone(member, x, method), method).items():
+                refs, window = member.calibration[term], rtol * np.maximum(np.abs(values), scale)
+                log_n = np.log(refs.size + 1)
+                low = low + log_n - np.log1p(_at_or_above(refs, values - window))
+                high = high + log_n - np.log1p(_at_or_above(refs, values + window))
+            score = b.member_scores[:, j]
+            assert np.all((low - 1e-12 <= score) & (score <= high + 1e-12)), (method, j)
 
 
 def test_the_ensemble_ranks_rows_off_the_manifold_higher_and_flags_rows_off_a_constant(ensemble_result):
@@ -145,12 +197,12 @@ def test_the_ensemble_ranks_rows_off_the_manifold_higher_and_flags_rows_off_a_co
     assert roc_auc_score(np.r_[np.zeros(200), np.ones(200)], out.score) > 0.6
 
 
-def test_an_ensemble_of_one_member_scores_as_its_member_ranked(ensemble_result, tmp_path):
+def test_an_ensemble_of_one_member_scores_as_its_member(ensemble_result, tmp_path):
     bundle, report = ensemble_result.bundle, ensemble_result.reports[0]
     one = save_ensemble(
         tmp_path / "one",
         models=[report.fitted.model],
-        references=[{m: report.val_scores[m] for m in METHODS}],
+        references=[report.val_scores],
         hyper_parameters=[report.fitted.candidate.to_dict()],
         name="one",
         features=bundle.features,
@@ -163,14 +215,91 @@ def test_an_ensemble_of_one_member_scores_as_its_member_ranked(ensemble_result, 
     )
     x = _rows()
     out = OnnxScorer(one).score(x, "likelihood", explain=True)
-    alone = OnnxScorer(one.members[0]).score(x, "likelihood", explain=True)
-    refs = one.members[0].calibration["likelihood"]
-    expected = np.array([percentileofscore(refs, s, kind="weak") / 100 for s in alone.score])
-    np.testing.assert_allclose(out.score, expected, rtol=0, atol=1e-15)
-    assert out.member_ranks.shape == (len(x), 1)
+    alone = _alone(one.members[0], x, "likelihood")
+    expected = _member_score(one.members[0], alone, "likelihood")
+    np.testing.assert_allclose(out.score, expected, rtol=1e-14, atol=1e-14)
+    assert out.member_scores.shape == (len(x), 1)
     # The root mean square of one member's residual is its magnitude: the same shares.
-    np.testing.assert_allclose(out.residual_share, alone.residual_share, rtol=1e-12, atol=1e-15)
+    squared = alone["residual"] ** 2
+    np.testing.assert_allclose(
+        out.residual_share, squared / squared.sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-15
+    )
     assert describe_networks(one)[1].startswith("sigma2 from")
+
+
+def test_an_ensemble_of_the_first_combination_ranks_the_whole_log_density(ensemble_result, tmp_path):
+    """Bundles written before the factors were ranked apart name "rank_mean": each member's -log p(x)
+    ranked among its references of it, the calibration rows' mean ranks as the calibration. They
+    still load, and score so in both backends: ranks, p-values, flags."""
+    bundle, reports = ensemble_result.bundle, ensemble_result.reports
+    raw = with_constants(manifold_rows(600, seed=4))[:, [0, *range(2, 7)]]
+    x_cal = bundle.scaler.transform(raw[split_rows(600, 0.2, 0.2, seed=0).calibration])
+
+    def mean_rank(x_std, member_reports):  # as the first trainer computed it, by scipy's percentile
+        return np.mean(
+            [
+                [
+                    percentileofscore(r.val_scores["likelihood"], v, kind="weak") / 100
+                    for v in -score_rows(r.fitted.model, x_std, "likelihood")["log_prob"]
+                ]
+                for r in member_reports
+            ],
+            axis=0,
+        )
+
+    calibration = {m: bundle.calibration[m] for m in METHODS} | {"likelihood": mean_rank(x_cal, reports)}
+    first = save_ensemble(
+        tmp_path / "first",
+        models=[r.fitted.model for r in reports],
+        references=[r.val_scores for r in reports],
+        hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
+        name="first",
+        combination="rank_mean",
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=calibration,
+        columns=bundle.columns,
+        constants=bundle.constants,
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+    loaded = load_bundle(first.path)
+    assert loaded.combination == "rank_mean"
+    assert set(loaded.members[0].calibration) == set(METHODS)
+    assert set(load_file(first.path / REFERENCES)) == {f"{m}.{i}" for m in METHODS for i in range(3)}
+    x = _rows()
+    rtol = float32_rtol(loaded.members[0].architecture)
+    for scorer in (OnnxScorer(loaded), TorchScorer(loaded)):
+        out = scorer.score(x, "likelihood")
+        for j, member in enumerate(loaded.members):
+            refs, alone = member.calibration["likelihood"], _alone(member, x, "likelihood")
+            value = -alone["log_prob"]
+            if scorer.backend == "onnx":  # the same graph: the same values
+                window = np.zeros_like(value)
+            else:  # the torch values lie within the float32 tolerance of the parts' scale
+                window = rtol * sum(np.abs(alone[p]) for p in ("log_prior", "log_volume", "log_residual"))
+            low = (refs[None, :] <= (value - window)[:, None]).mean(axis=1)
+            high = (refs[None, :] <= (value + window)[:, None]).mean(axis=1)
+            assert np.all((out.member_scores[:, j] >= low) & (out.member_scores[:, j] <= high)), (
+                scorer.backend
+            )
+        c = loaded.calibration["likelihood"]
+        np.testing.assert_array_equal(
+            out.p_value, (1 + (c[None, :] >= out.score[:, None]).sum(1)) / (c.size + 1)
+        )
+        np.testing.assert_array_equal(out.is_anomaly, out.score > loaded.threshold("likelihood", 0.1).value)
+    with pytest.raises(BundleError, match="unknown ensemble combination 'max'"):
+        save_ensemble(
+            tmp_path / "max",
+            models=[reports[0].fitted.model],
+            references=[reports[0].val_scores],
+            hyper_parameters=[{}],
+            name="max",
+            combination="max",
+            features=bundle.features,
+            scaler=bundle.scaler,
+            calibration_scores=dict(bundle.calibration),
+        )
 
 
 def test_members_of_a_plain_bundle_is_the_bundle(tiny_bundle):
@@ -213,17 +342,18 @@ def test_loading_refuses_an_inconsistent_ensemble(ensemble_result, tmp_path):
 
     root = _copy(src, tmp_path / "missing-reference")
     refs = load_file(root / REFERENCES)
-    del refs["latent.1"]
+    del refs["latent.manifold.1"]
     _rewrite_file(root, REFERENCES, refs)
-    with pytest.raises(BundleError, match=r"missing \['latent.1'\]"):
+    with pytest.raises(BundleError, match=r"missing \['latent.manifold.1'\]"):
         load_bundle(root)
 
     root = _copy(src, tmp_path / "unsorted-reference")
     refs = load_file(root / REFERENCES)
-    refs["likelihood.2"] = refs["likelihood.2"][::-1].copy()
+    refs["likelihood.residual.2"] = refs["likelihood.residual.2"][::-1].copy()
     _rewrite_file(root, REFERENCES, refs)
     with pytest.raises(
-        BundleError, match="member 2's reference scores of 'likelihood' must be finite and ascending"
+        BundleError,
+        match=r"member 2's reference scores of 'likelihood\.residual' must be finite and ascending",
     ):
         load_bundle(root)
 

@@ -12,11 +12,13 @@ import pytest
 from safetensors.numpy import load_file
 from scipy.special import expit, ive, logsumexp
 
-from app.bundle.format import load_bundle
+from app.bundle.ensemble import member_scores, term_scores
+from app.bundle.format import load_bundle, save_ensemble
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
+from app.train.fit import score_rows
 from app.train.options import Candidate, FitOptions
-from app.train.pipeline import TrainRequest, train_bundle
+from app.train.pipeline import TrainRequest, split_rows, train_bundle
 
 from ..tolerances import FLOAT64_PROJECTION_RTOL
 
@@ -362,7 +364,7 @@ def read_ensemble(path):
     root = Path(path)
     manifest = json.loads((root / "bundle.json").read_text())
     assert manifest["schema_version"] == 4 and version_of(manifest) == manifest["version"]
-    assert manifest["ensemble"]["combination"] == "rank_mean"
+    combination = manifest["ensemble"]["combination"]
     for name, entry in manifest["files"].items():
         data = (root / name).read_bytes()
         assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
@@ -375,13 +377,41 @@ def read_ensemble(path):
         shapes = weight_shapes(entry["architecture"])
         assert {k: own[k].shape for k in shapes} == shapes
         member = manifest | {"architecture": entry["architecture"], "noise": entry["noise"]}
-        members.append((Reference(parts=(member, own, None)), {m: refs[f"{m}.{i}"] for m in METHODS}))
+        keys = [key for m in METHODS for key in ENSEMBLE_TERMS[combination](m)]
+        members.append((Reference(parts=(member, own, None)), {key: refs[f"{key}.{i}"] for key in keys}))
     assert sum(len(m[0].w) for m in members) == len(w)  # no tensor outside a member
+    assert len(refs) == sum(len(m[1]) for m in members)  # no reference values of no term
     return manifest, members, cal
 
 
+# docs section 11.2: what each combination ranks of a method's scores, and how a term's values
+# follow from the parts (log p(z), -sum log s_i, log N(x - f(z))).
+FACTORS = {"likelihood": "mr", "encoder": "mr", "reconstruction": "r", "latent": "m", "projected": "mr"}
+ENSEMBLE_TERMS = {
+    "rank_mean": lambda method: [method],
+    "factor_fisher": lambda method: [
+        f"{method}.{'manifold' if f == 'm' else 'residual'}" for f in FACTORS[method]
+    ],
+}
+
+
+def member_statistic(combination, reference, values):
+    """rank_mean: the rank #{r <= v} / n; factor_fisher: the surprisal -log((1 + #{r >= v}) / (n + 1))."""
+    if combination == "rank_mean":
+        return (reference[None, :] <= values[:, None]).sum(1) / reference.size
+    return -np.log((1 + (reference[None, :] >= values[:, None]).sum(1)) / (reference.size + 1))
+
+
+def term_values(key, prior, volume, residual):
+    if key.endswith(".manifold"):
+        return -(prior + volume)
+    if key.endswith(".residual"):
+        return -residual
+    return -(prior + volume + residual)
+
+
 @pytest.fixture(scope="module")
-def ensemble(tmp_path_factory):
+def trained_ensemble(tmp_path_factory):
     """Members of different latent sizes, geometries and priors, as a grid may hold."""
     out, values = tmp_path_factory.mktemp("spec") / "ensemble", synthetic_rows(300, seed=5)
     candidates = [
@@ -392,31 +422,66 @@ def ensemble(tmp_path_factory):
     request = TrainRequest(
         candidates, FitOptions(steps=600), fprs=(0.1, 0.05), default_fpr=0.05, ensemble=True
     )
-    train_bundle(values, [f"f{i}" for i in range(6)], request, out)
-    return out, np.r_[synthetic_rows(40, seed=6), synthetic_rows(10, seed=7) + 3.0]
+    result = train_bundle(values, [f"f{i}" for i in range(6)], request, out)
+    return result, values, np.r_[synthetic_rows(40, seed=6), synthetic_rows(10, seed=7) + 3.0]
+
+
+@pytest.fixture(scope="module", params=["factor_fisher", "rank_mean"])
+def ensemble(request, trained_ensemble, tmp_path_factory):
+    """The trained ensemble, and the same members as the first ensemble bundles combined them."""
+    result, values, x = trained_ensemble
+    if request.param == "factor_fisher":
+        return result.bundle.path, x
+    bundle, reports = result.bundle, result.reports
+    x_cal = bundle.scaler.transform(values[split_rows(300, 0.2, 0.2, seed=0).calibration])
+    calibration = {
+        method: member_scores(
+            "rank_mean",
+            [r.val_scores for r in reports],
+            [term_scores("rank_mean", method, score_rows(r.fitted.model, x_cal, method)) for r in reports],
+        ).mean(axis=1)
+        for method in METHODS
+    }
+    first = save_ensemble(
+        tmp_path_factory.mktemp("spec") / "first",
+        models=[r.fitted.model for r in reports],
+        references=[r.val_scores for r in reports],
+        hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
+        name="first",
+        combination="rank_mean",
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=calibration,
+        fprs=(0.1, 0.05),
+        default_fpr=0.05,
+    )
+    return first.path, x
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_documented_ensemble_scores_match_the_product(ensemble, method):
-    """Each member scored by the document's formulas, ranked among its reference scores and averaged;
-    then p-values and flags from the ensemble's calibration scores (sections 7 and 11.2)."""
+    """Each member scored by the document's formulas, each term put on the scale of its reference
+    values as the combination says, the members' scores averaged; then p-values and flags from the
+    ensemble's calibration scores (sections 7 and 11.2)."""
     path, x = ensemble
     manifest, members, cal = read_ensemble(path)
+    combination = manifest["ensemble"]["combination"]
     out = TorchScorer(load_bundle(path), dtype="float64").score(x, method)
-    ranks, windows = [], []
+    # The product agrees with the document to 1e-10 (FLOAT64_PROJECTION_RTOL for projected) of the
+    # parts' scale: a reference value that close to a row's could fall on either side, so each
+    # member's score is bounded by the document's at the values moved that far down and up.
+    rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
+    low, high = [], []
     for reference, refs in members:
-        score = -sum(reference.score(x, method))
-        ranks.append(np.searchsorted(refs[method], score, side="right") / refs[method].size)
-        # The product agrees with the document to 1e-10 (FLOAT64_PROJECTION_RTOL for projected) of
-        # the score's scale: a reference score that close to a row's could fall on either side.
-        rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
-        window = rtol * np.maximum(1.0, np.abs(score))
-        windows.append(
-            (np.abs(refs[method][None, :] - score[:, None]) <= window[:, None]).sum(1) / refs[method].size
-        )
-    ranks = np.array(ranks).T
-    assert np.all(np.abs(out.member_ranks - ranks) <= np.array(windows).T)
-    np.testing.assert_allclose(out.score, out.member_ranks.mean(axis=1), rtol=0, atol=1e-15)
+        parts = reference.score(x, method)
+        window = rtol * np.maximum(1.0, sum(map(np.abs, parts)))
+        keys = ENSEMBLE_TERMS[combination](method)
+        values = {key: term_values(key, *parts) for key in keys}
+        low.append(sum(member_statistic(combination, refs[k], values[k] - window) for k in keys))
+        high.append(sum(member_statistic(combination, refs[k], values[k] + window) for k in keys))
+    score = out.member_scores
+    assert np.all((score >= np.array(low).T - 1e-12) & (score <= np.array(high).T + 1e-12))
+    np.testing.assert_allclose(out.score, score.mean(axis=1), rtol=1e-15, atol=0)
     c = cal[method]
     p = (1 + (c[None, :] >= out.score[:, None]).sum(1)) / (c.size + 1)
     np.testing.assert_array_equal(out.p_value, p)

@@ -169,9 +169,10 @@ def test_loda_reader_refuses_mismatched_files_and_unknown_names(tmp_path):
         load_datasets(tmp_path / "x")
 
 
-def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
+def test_an_ensembles_auc_is_its_members_scores_recomputed():
     """evaluate_split's ensembles against a direct computation: the same split and fits, each
-    member's test scores as their share of its validation scores at or below, averaged."""
+    member's test values counted against its validation values by brute force: as the share at or
+    below (a rank), or as the surprisal of the share at or above (the default, Fisher's)."""
     from dataclasses import replace
 
     from app.train.evaluate import EvaluateOptions, evaluate_split, fitting
@@ -189,6 +190,12 @@ def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
     fit_rows, val_rows = stratified_holdout(data.y_train, 0.2, seed=1)
     x_val = data.x_train[val_rows]
     fitted = fit_candidates(data.x_train[fit_rows], fitting(dataset, options), replace(options.fit, seed=1))
+
+    def surprisal(reference, values):
+        # log(n + 1) - log(1 + k), the product's expression: rows whose counts tie stay tied.
+        at_or_above = (reference[None, :] >= values[:, None]).sum(axis=1)
+        return np.log(reference.size + 1) - np.log1p(at_or_above)
+
     members = []
     for f in fitted:
         fit_noise(f.model, x_val)
@@ -196,18 +203,20 @@ def test_an_ensembles_auc_is_its_members_mean_rank_recomputed():
         manifold_val = -(val["log_prior"] + val["log_volume"])
         manifold_test = -(test["log_prior"] + test["log_volume"])
         residual_val, residual_test = -val["log_residual"], -test["log_residual"]
-        # By brute force: the share of validation scores at or below each test score (exact fractions,
-        # so rows tied at the top stay tied, as AUC counts them).
+        # Ranks as exact fractions, so rows tied at the top stay tied, as AUC counts them.
         members.append(
             {
-                "likelihood": (-val["log_prob"][None, :] <= -test["log_prob"][:, None]).mean(axis=1),
+                "likelihood summed": (-val["log_prob"][None, :] <= -test["log_prob"][:, None]).mean(axis=1),
                 "manifold": (manifold_val[None, :] <= manifold_test[:, None]).mean(axis=1),
                 "residual": (residual_val[None, :] <= residual_test[:, None]).mean(axis=1),
+                "likelihood": surprisal(manifold_val, manifold_test) + surprisal(residual_val, residual_test),
             }
         )
-    for name in ("likelihood", "manifold"):
+    for name in ("likelihood", "likelihood summed", "manifold"):
         combined = np.mean([m[name] for m in members], axis=0)
         assert result.ensembles[name] == pytest.approx(auc(data.y_test, combined), abs=1e-12), name
-    # Two terms ranked apart: the residual is reconstruction's score, four ranks averaged per row.
-    combined = np.mean([m[t] for m in members for t in ("manifold", "residual")], axis=0)
-    assert result.ensembles["manifold&reconstruction"] == pytest.approx(auc(data.y_test, combined), abs=1e-12)
+    # The two factors' ranks added per member, the members' sums averaged.
+    combined = np.mean([m["manifold"] + m["residual"] for m in members], axis=0)
+    assert result.ensembles["likelihood, factor ranks"] == pytest.approx(
+        auc(data.y_test, combined), abs=1e-12
+    )
