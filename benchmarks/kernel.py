@@ -99,7 +99,22 @@ def members_figures(
         default_fpr=0.1,
     )
     ensemble = OnnxScorer(bundle)
-    members = [OnnxScorer(member) for member in bundle.members]
+    # Each member alone is a single-model bundle of the same network: what one model costs.
+    members = [
+        OnnxScorer(
+            save_bundle(
+                tmp / f"member-{i}",
+                model=model,
+                name=f"bench-member-{i}",
+                features=[f"f{j}" for j in range(30)],
+                scaler=Scaler(np.zeros(30), np.ones(30)),
+                calibration_scores=calibration,
+                fprs=(0.1,),
+                default_fpr=0.1,
+            )
+        )
+        for i, model in enumerate(models)
+    ]
     by_batch: dict[str, dict[str, float]] = {}
     for batch in args.batches:
         x = train[np.arange(batch) % len(train)]
