@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bundle.format import MANIFEST, Bundle, content_version, save_bundle
+from app.bundle.format import MANIFEST, Bundle, EnsembleBundle, content_version, save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
 from app.train.fit import score_rows
 from app.train.options import Candidate, FitOptions
-from app.train.pipeline import TrainRequest, train_bundle
+from app.train.pipeline import TrainRequest, TrainResult, train_bundle
 
 FEATURES = [f"f{i}" for i in range(6)]
 
@@ -108,6 +108,28 @@ def bundle_from(model: ManifoldModel, out: Path, x: np.ndarray, **options) -> Bu
         scaler=scaler,
         calibration_scores=calibration,
         **defaults | options,
+    )
+
+
+def first_combination(
+    result: TrainResult, out: Path, calibration: dict[str, np.ndarray], **options
+) -> EnsembleBundle:
+    """A trained ensemble's members as the first ensemble bundles combined them ("rank_mean"), with
+    `calibration` (its scores of calibration rows per method)."""
+    bundle, reports = result.bundle, result.reports
+    return save_ensemble(
+        out,
+        models=[r.fitted.model for r in reports],
+        references=[r.val_scores for r in reports],
+        hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
+        name="first",
+        combination="rank_mean",
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=calibration,
+        columns=bundle.columns,
+        constants=bundle.constants,
+        **options,
     )
 
 

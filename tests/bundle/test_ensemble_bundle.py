@@ -34,6 +34,7 @@ from app.train.pipeline import split_rows
 
 from ..conftest import (
     CONSTANT_COLUMNS,
+    first_combination,
     manifold_rows,
     off_manifold_rows,
     rewrite_manifest,
@@ -248,21 +249,7 @@ def test_an_ensemble_of_the_first_combination_ranks_the_whole_log_density(ensemb
         )
 
     calibration = {m: bundle.calibration[m] for m in METHODS} | {"likelihood": mean_rank(x_cal, reports)}
-    first = save_ensemble(
-        tmp_path / "first",
-        models=[r.fitted.model for r in reports],
-        references=[r.val_scores for r in reports],
-        hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
-        name="first",
-        combination="rank_mean",
-        features=bundle.features,
-        scaler=bundle.scaler,
-        calibration_scores=calibration,
-        columns=bundle.columns,
-        constants=bundle.constants,
-        fprs=(0.1,),
-        default_fpr=0.1,
-    )
+    first = first_combination(ensemble_result, tmp_path / "first", calibration, fprs=(0.1,), default_fpr=0.1)
     loaded = load_bundle(first.path)
     assert loaded.combination == "rank_mean"
     assert set(loaded.members[0].calibration) == set(METHODS)

@@ -13,13 +13,14 @@ from safetensors.numpy import load_file
 from scipy.special import expit, ive, logsumexp
 
 from app.bundle.ensemble import member_scores, term_scores
-from app.bundle.format import load_bundle, save_ensemble
+from app.bundle.format import load_bundle
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
 from app.train.fit import score_rows
 from app.train.options import Candidate, FitOptions
 from app.train.pipeline import TrainRequest, split_rows, train_bundle
 
+from ..conftest import first_combination
 from ..tolerances import FLOAT64_PROJECTION_RTOL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -442,18 +443,8 @@ def ensemble(request, trained_ensemble, tmp_path_factory):
         ).mean(axis=1)
         for method in METHODS
     }
-    first = save_ensemble(
-        tmp_path_factory.mktemp("spec") / "first",
-        models=[r.fitted.model for r in reports],
-        references=[r.val_scores for r in reports],
-        hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
-        name="first",
-        combination="rank_mean",
-        features=bundle.features,
-        scaler=bundle.scaler,
-        calibration_scores=calibration,
-        fprs=(0.1, 0.05),
-        default_fpr=0.05,
+    first = first_combination(
+        result, tmp_path_factory.mktemp("spec") / "first", calibration, fprs=(0.1, 0.05), default_fpr=0.05
     )
     return first.path, x
 
