@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from ..conftest import FEATURES, manifold_rows, off_manifold_rows
 from .test_server import start_server
@@ -58,8 +59,11 @@ def test_a_new_users_first_hour(journey):
     scored = pd.read_csv(scores)
     assert scored["sample_id"].tolist() == table["sample_id"].tolist()
     assert scored["imputed"].tolist() == [int(i == 17) for i in range(len(table))]
-    # The off-manifold rows it was never told about rank above the normal ones.
-    assert scored["score"][280:].median() > scored["score"][:280].quantile(0.9)
+    # The off-manifold rows it was never told about rank above the normal ones: chance would give an
+    # AUC of 0.5 +- 0.07 (one standard error, 20 against 280 rows). Not near 1: they are 7% of the
+    # training rows, and the default adds the manifold factor's surprisal, which says nothing about
+    # rows that differ off the manifold alone (docs/evaluation.md, what the factor rule costs).
+    assert roc_auc_score(table["label"], scored["score"]) > 0.8
 
     report = root / "report.html"
     run("report", str(bundle), str(root / "mine.csv"), "--out", str(report), "--label-column", "label",
