@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle.ensemble import FACTOR_FISHER, terms
+from app.bundle.ensemble import FACTOR_FISHER, every_term
 from app.bundle.format import save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.engine.onnx_backend import OnnxScorer
@@ -88,8 +88,7 @@ def members_figures(
         models=models,
         # Placeholder reference values of every term the default combination ranks: the ranking's
         # cost is the same whatever they are.
-        references=[{t: calibration[t.split(".")[0]] for m in METHODS for t in terms(FACTOR_FISHER, m)}]
-        * len(models),
+        references=[{t: calibration[t.split(".")[0]] for t in every_term(FACTOR_FISHER)}] * len(models),
         hyper_parameters=[{}] * len(models),
         name="bench-ensemble",
         features=[f"f{i}" for i in range(30)],

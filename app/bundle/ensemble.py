@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from app.model.methods import PARTS
+from app.model.methods import METHODS, PARTS
 
 RANK_MEAN = "rank_mean"
 FACTOR_FISHER = "factor_fisher"
@@ -52,14 +52,23 @@ FACTORS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check(combination: str) -> None:
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown ensemble combination {combination!r}; known: {list(COMBINATIONS)}")
+
+
 def terms(combination: str, method: str) -> tuple[str, ...]:
     """The names of what `combination` ranks of a member's `method` scores: "likelihood" (its -log p(x))
     under RANK_MEAN, "likelihood.manifold" and "likelihood.residual" under FACTOR_FISHER."""
+    _check(combination)
     if combination == RANK_MEAN:
         return (method,)
-    if combination == FACTOR_FISHER:
-        return tuple(f"{method}.{factor}" for factor in FACTORS[method])
-    raise ValueError(f"unknown ensemble combination {combination!r}; known: {list(COMBINATIONS)}")
+    return tuple(f"{method}.{factor}" for factor in FACTORS[method])
+
+
+def every_term(combination: str) -> tuple[str, ...]:
+    """The terms of every method: the reference values a member of a `combination` bundle holds."""
+    return tuple(term for method in METHODS for term in terms(combination, method))
 
 
 def term_scores(
@@ -89,10 +98,8 @@ def member_scores(
     `ascending`, as a bundle's are) and to its values of the rows (term_scores)."""
     if len(references) != len(values) or not references:
         raise ValueError(f"{len(references)} reference sets for {len(values)} members' scores")
-    statistics = {RANK_MEAN: ranks, FACTOR_FISHER: surprisal}
-    if combination not in statistics:
-        raise ValueError(f"unknown ensemble combination {combination!r}; known: {list(COMBINATIONS)}")
-    statistic = statistics[combination]
+    _check(combination)
+    statistic = ranks if combination == RANK_MEAN else surprisal
     return np.stack(
         [
             np.sum([statistic(refs[t], v, ascending) for t, v in member.items()], axis=0)
@@ -103,9 +110,14 @@ def member_scores(
 
 
 def _ordered(reference: NDArray[np.float64], ascending: bool) -> NDArray[np.float64]:
+    """The reference sorted. Sorted ones (`ascending`) are a bundle's, which the loader has found
+    finite and ascending: a request does not check each again."""
     ordered = np.asarray(reference, dtype=np.float64)
-    ordered = ordered if ascending else np.sort(ordered)
-    if ordered.size == 0 or np.isnan(ordered).any():
+    if not ascending:
+        ordered = np.sort(ordered)
+        if np.isnan(ordered).any():
+            raise ValueError("reference scores must be a non-empty set of numbers")
+    if ordered.size == 0:
         raise ValueError("reference scores must be a non-empty set of numbers")
     return ordered
 

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.bundle import calibration as cal
-from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, terms
+from app.bundle.ensemble import FACTOR_FISHER, every_term
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
@@ -538,9 +538,10 @@ def save_ensemble(
     columns, constants = _checked_common(
         features, scaler, columns, constants, calibration_scores, default_method, default_fpr, fprs
     )
-    if combination not in COMBINATIONS:
-        raise BundleError(f"unknown ensemble combination {combination!r}; known: {list(COMBINATIONS)}")
-    keys = [term for method in METHODS for term in terms(combination, method)]
+    try:
+        keys = every_term(combination)
+    except ValueError as e:
+        raise BundleError(str(e)) from e
     for i, (model, member) in enumerate(zip(models, references, strict=True)):
         if model.arch.input_dim != len(features):
             raise BundleError(
@@ -906,9 +907,10 @@ def _load_members(
     noise and graphs, with its reference values as its calibration."""
     entries = manifest["ensemble"]["members"]
     combination = manifest["ensemble"]["combination"]
-    if combination not in COMBINATIONS:
-        known = ", ".join(map(repr, COMBINATIONS))
-        raise BundleError(f"{root}: ensemble combination {combination!r}; this build combines by {known}")
+    try:
+        keys = every_term(combination)
+    except ValueError as e:
+        raise BundleError(f"{root}: {e}") from e
     if not isinstance(entries, list) or not entries:
         raise BundleError(f"{root}: an ensemble needs a non-empty list of members")
     if len({tuple(sorted(entry.get("onnx", {}))) for entry in entries}) > 1:
@@ -918,7 +920,6 @@ def _load_members(
     stray = [k for k in weights if not any(k.startswith(p) for p in prefixes)]
     if stray:
         raise BundleError(f"{root}: {WEIGHTS} holds tensors of no member: {stray[:5]}")
-    keys = [term for method in METHODS for term in terms(combination, method)]
     expected_refs = {f"{key}.{i}" for i in range(len(entries)) for key in keys}
     if set(references) != expected_refs:
         extra, missing = sorted(set(references) - expected_refs), sorted(expected_refs - set(references))

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.ensemble import FACTOR_FISHER, member_scores, term_scores, terms
+from app.bundle.ensemble import FACTOR_FISHER, every_term, member_scores, term_scores
 from app.bundle.format import Bundle, save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
@@ -248,7 +248,7 @@ def _save_ensemble(
     """Every candidate whose validation scores are finite becomes a member; its validation rows'
     values of the terms FACTOR_FISHER ranks are its references, and the ensemble's scores of the
     calibration rows its calibration."""
-    keys = [term for method in METHODS for term in terms(FACTOR_FISHER, method)]
+    keys = every_term(FACTOR_FISHER)
     members = [i for i, r in enumerate(reports) if all(np.isfinite(r.val_scores[k]).all() for k in keys)]
     left_out = [i for i in range(len(reports)) if i not in members]
     if not members:
