@@ -32,7 +32,6 @@ from app.api import routes
 from app.api.main import create_app
 from app.api.settings import Settings
 from app.engine import onnx_backend as onnx_scorer
-from app.model.methods import OUTPUTS
 
 
 async def call(app: Any, method: str, path: str, body: bytes = b"") -> None:
@@ -119,12 +118,12 @@ def main() -> None:
 
         return wrapper
 
-    originals = (scorer._run, routes.parse_json, onnx_scorer.assemble)
+    originals = (scorer._run, routes.parse_json, onnx_scorer.assemble_members)
     observe, respond = service.metrics.observe_scores, routes.json_response
     # Instance and module attributes, looked up at call time by the route and the scorer.
     scorer._run = timed("onnxruntime", scorer._run)
     routes.parse_json = timed("parse", routes.parse_json)
-    onnx_scorer.assemble = timed("flags_and_p_values", onnx_scorer.assemble)
+    onnx_scorer.assemble_members = timed("flags_and_p_values", onnx_scorer.assemble_members)
     service.metrics.observe_scores = timed("metrics", observe)
     routes.json_response = timed("response", respond)
 
@@ -141,7 +140,12 @@ def main() -> None:
     run, parse, assemble = originals
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
     x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
-    parts = dict(zip(OUTPUTS, run(session, x64), strict=True))
+    results = run(session, x64)
+    # each member's outputs, as the scorer picks them out of the session's (an ensemble's: its members')
+    parts = [
+        {name: results[at] if index is None else results[at][index] for name, (at, index) in member.items()}
+        for member in scorer._layouts[session].members
+    ]
     mismatch = bundle.split_columns(x64)[1]
     out = assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch)
     parsed = parse(body, bundle.features, service.settings.max_rows)

@@ -26,6 +26,7 @@ release cannot read (unknown fields) reaches the runtime.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 
 from app.bundle.format import Bundle, BundleError, EnsembleBundle
+from app.model import stacking
 from app.model.methods import FLOAT64_METHODS, OUTPUTS
 from app.model.onnx_export import GRAPH_OPS, LOOP_METHOD, ExportedGraph
 from app.model.spec import PROJECTION_STEPS
@@ -74,30 +76,59 @@ def verified_graphs(bundle: Bundle) -> dict[str, bytes]:
     return {method: _verified(bundle, method, path) for method, path in bundle.graphs.items()}
 
 
-# Member i's outputs in a merged graph: MEMBER_OUTPUT.format(index=i, name=output).
+# Part p's outputs in a merged graph: MEMBER_OUTPUT.format(index=p, name=output).
 MEMBER_OUTPUT = "m{index}/{name}"
 
 
-def merged_graphs(bundle: Bundle) -> dict[str, bytes]:
-    """Per method, one graph that scores every member of an ensemble in one call: the members'
-    verified graphs side by side, their names prefixed "m<i>/", all reading the one input x; member
-    i's outputs are MEMBER_OUTPUT. One call rather than M saves M - 1 calls' fixed cost (input
-    checks, output copies, a thread hand-off per call); onnxruntime still runs every member's nodes,
-    so the arithmetic is M members'. A plain bundle's graphs are returned as verified_graphs does."""
+@dataclass(frozen=True)
+class MergedGraph:
+    """One method's graph that scores every member of a bundle in one call, and where each member's
+    outputs are in it: members[i] maps each of OUTPUTS to the graph output holding member i's
+    values and, for a stack of members, member i's index along its leading axis (None: the whole
+    output is member i's)."""
+
+    data: bytes
+    members: tuple[dict[str, tuple[str, int | None]], ...]
+
+
+def merged_graphs(bundle: Bundle) -> dict[str, MergedGraph]:
+    """Per method, one graph that scores every member of an ensemble in one call. Members of one
+    graph structure (one architecture) are stacked along a leading axis (app.model.stacking), so
+    that a node runs once for all of them rather than once per member: a single row's answer costs
+    a few node launches per architecture, not per member. The stacks, and any member whose graph
+    cannot be stacked (the projection's Loop), stand side by side in the graph, their names
+    prefixed "m<p>/", all reading the one input x. A plain bundle's graphs are its verified_graphs."""
     if not isinstance(bundle, EnsembleBundle):
-        return verified_graphs(bundle)
+        return {
+            method: MergedGraph(data, ({name: (name, None) for name in OUTPUTS},))
+            for method, data in verified_graphs(bundle).items()
+        }
     # The loader has checked that every member has graphs of the same methods.
     verified = [verified_graphs(member) for member in bundle.members]
     return {method: _merged([graphs[method] for graphs in verified], method) for method in verified[0]}
 
 
-def _merged(graphs: list[bytes], method: str) -> bytes:
-    parts = []
-    for i, data in enumerate(graphs):
+def _merged(graphs: list[bytes], method: str) -> MergedGraph:
+    models = []
+    for data in graphs:
         model = onnx.ModelProto()
         model.ParseFromString(data)
-        _prefix(model.graph, MEMBER_OUTPUT.format(index=i, name=""), keep="x")
-        parts.append(model)
+        models.append(model)
+    groups: dict[bytes, list[int]] = {}
+    for i, model in enumerate(models):
+        groups.setdefault(stacking.structure(model), []).append(i)
+    parts: list[onnx.ModelProto] = []
+    where: dict[int, tuple[int, int | None]] = {}
+    for members in groups.values():
+        try:
+            parts.append(stacking.stack([models[i] for i in members]))
+            where.update({i: (len(parts) - 1, j) for j, i in enumerate(members)})
+        except stacking.NotStackable:
+            for i in members:
+                parts.append(models[i])
+                where[i] = (len(parts) - 1, None)
+    for p, part in enumerate(parts):
+        _prefix(part.graph, MEMBER_OUTPUT.format(index=p, name=""), keep="x")
     first = parts[0]
     graph = onnx.helper.make_graph(
         [node for part in parts for node in part.graph.node],
@@ -107,7 +138,11 @@ def _merged(graphs: list[bytes], method: str) -> bytes:
         [tensor for part in parts for tensor in part.graph.initializer],
     )
     merged = onnx.helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
-    return merged.SerializeToString()
+    layout = tuple(
+        {name: (MEMBER_OUTPUT.format(index=where[i][0], name=name), where[i][1]) for name in OUTPUTS}
+        for i in range(len(models))
+    )
+    return MergedGraph(merged.SerializeToString(), layout)
 
 
 def _prefix(graph: onnx.GraphProto, prefix: str, keep: str) -> None:

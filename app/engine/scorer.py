@@ -141,23 +141,21 @@ def assemble_members(
         )
     for i, parts in enumerate(members):
         _check_shapes(bundle, method, parts, rows, f" (member {i})")
+    # (members, rows) per output: the terms, references and means below as whole-array operations,
+    # since per-member Python work, not arithmetic, is what a small request's answer costs.
+    stacked = {name: np.stack([p[name] for p in members]).astype(np.float64) for name in members[0]}
+    terms = ensemble.term_scores(bundle.combination, method, stacked)
     member_scores = ensemble.member_scores(
         bundle.combination,
         [member.calibration for member in bundle.members],
-        [ensemble.term_scores(bundle.combination, method, parts) for parts in members],
+        [{term: values[i] for term, values in terms.items()} for i in range(len(members))],
         ascending=True,
     )
-    mean = {
-        name: np.mean([np.asarray(p[name], dtype=np.float64) for p in members], axis=0)
-        for name in members[0]
-        if name != "residual"
-    }
+    mean = {name: values.mean(axis=0) for name, values in stacked.items() if name != "residual"}
     if explain:
         # The root mean square over members: assemble squares it, so each feature's share is that of
         # the members' mean squared residual, where members' residuals of opposite sign cannot cancel.
-        mean["residual"] = np.sqrt(
-            np.mean([np.asarray(p["residual"], dtype=np.float64) ** 2 for p in members], axis=0)
-        )
+        mean["residual"] = np.sqrt(np.mean(stacked["residual"] ** 2, axis=0))
     return assemble(
         bundle,
         method,

@@ -26,7 +26,7 @@ from app.bundle.format import (
     save_ensemble,
 )
 from app.bundle.graphs import verified_graphs
-from app.engine.onnx_backend import OnnxScorer
+from app.engine.onnx_backend import MEMBER_ROWS, OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
 from app.train.fit import score_rows
@@ -159,6 +159,32 @@ def test_one_onnx_call_scores_each_member_as_it_scores_alone(ensemble_result, me
     np.testing.assert_allclose(out.p_value[:40], brute[:40], rtol=1e-15)
     # Rows off a training constant: p-value 0 and flagged, whatever their score.
     assert not out.constant_mismatch.any()
+
+
+def test_a_stacked_graphs_row_blocks_come_back_in_row_order(ensemble_result):
+    """The two latent-2 members are one stack (app.model.stacking); a call of more rows than a
+    stack's block (MEMBER_ROWS / 2) is cut into blocks run on two threads, and each member's
+    values of every row must be its own graph's of that row, the stack's member axis kept apart
+    from the rows'."""
+    bundle = ensemble_result.bundle
+    scorer = OnnxScorer(bundle, threads=2)
+    layout = scorer._layouts[scorer.sessions["likelihood"]]
+    assert layout.block_rows == MEMBER_ROWS // 2
+    first, second, third = (member["log_prob"] for member in layout.members)
+    assert first[0] == second[0] != third[0] and (first[1], second[1], third[1]) == (0, 1, 0)
+    x = with_constants(manifold_rows(2 * MEMBER_ROWS + 37, seed=21))
+    out = scorer.score(x, "likelihood")
+    members = [_alone(member, x, "likelihood") for member in bundle.members]
+    expected = np.array(
+        [_member_score(m, alone, "likelihood") for m, alone in zip(bundle.members, members, strict=True)]
+    ).T
+    # Counts of references at or above each value: a float32 rounding apart can move a value past a
+    # reference only where the two are that close, so allow that many rows to differ.
+    rtol = float32_rtol(bundle.members[0].architecture)
+    np.testing.assert_allclose(
+        out.log_likelihood, np.mean([m["log_prob"] for m in members], axis=0), rtol=rtol, atol=rtol
+    )
+    assert np.mean(np.isclose(out.member_scores, expected, rtol=1e-14, atol=1e-14)) > 0.99
 
 
 def test_the_torch_backend_scores_the_members_as_the_onnx_graph_does(ensemble_result):
