@@ -101,3 +101,29 @@ def test_a_first_load_past_its_time_limit_leaves_the_host_unready_and_reloadable
     finally:
         host.release.set()
     assert host.reload().bundle.name and host.served is not None
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic garbage collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_loaded_heap_is_frozen_and_a_reload_frees_the_old_models_cycles(tiny_bundle):
+    import gc
+    import weakref
+
+    host = ModelHost(HostOptions(tiny_bundle, warmup_rows=4))
+    try:
+        host.load()
+        # Frozen: a full collection no longer walks what the load left (the tail of the latencies).
+        assert gc.get_freeze_count() > 0
+        cycle = _Cycle()
+        host.current.scorer.kept = cycle  # garbage once the reload drops the served model
+        alive = weakref.ref(cycle)
+        del cycle
+        host.reload()  # freezing the heap again must not freeze the old model's cycles with it
+        assert alive() is None
+    finally:
+        gc.unfreeze()
