@@ -23,6 +23,8 @@ from app.bundle.format import load_bundle
 from benchmarks.http_load import wrk
 from benchmarks.serving import serve
 
+JSON = {"Content-Type": "application/json"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,10 +43,8 @@ def main() -> None:
         for setting in ("off", "on"):
             env = {"ANOMALY_COALESCE": "true" if setting == "on" else "false", "ANOMALY_MAX_QUEUE": "1024"}
             with serve(args.model, env) as server:
-                wrk(f"{server.url}/score", 2, args.connections, single, "application/json")  # warm-up
-                runs[setting].append(
-                    wrk(f"{server.url}/score", args.seconds, args.connections, single, "application/json")
-                )
+                wrk(f"{server.url}/score", 2, args.connections, single, JSON)  # warm-up
+                runs[setting].append(wrk(f"{server.url}/score", args.seconds, args.connections, single, JSON))
     summary = {
         setting: {key: [round(r[key], 2) for r in results] for key in ("requests_per_s", "p50_ms", "p99_ms")}
         for setting, results in runs.items()

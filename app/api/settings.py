@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     backend: Literal["onnx", "torch"] = Field("onnx", description="onnx (CPU, no PyTorch) or torch")
     device: str = Field("auto", description="torch backend: cpu, cuda, or auto (CUDA when present)")
-    coalesce: bool = Field(False, description="merge concurrent requests into one scoring batch")
+    coalesce: bool = Field(True, description="merge concurrent requests into one scoring batch")
     coalesce_max_rows: int = Field(
         4096, ge=1, description="a merged batch is scored once it holds this many rows"
     )

@@ -7,9 +7,12 @@ gets Overloaded, 503) and the drain (calls still running are awaited at shutdown
 
 Three paths, one set of rules:
 - threaded: the call runs in a worker thread under a permit, within the time limit;
-- coalesced (`coalesce_max_rows` set): concurrent requests with the same scorer and options wait
-  up to `coalesce_wait_s` to be merged into one call, which runs as a threaded call does; each
-  request still answers within its own time limit;
+- coalesced (`coalesce_max_rows` set): requests with the same scorer and options are merged into
+  one call, which runs as a threaded call does, as text-embeddings-inference batches: while no
+  call of theirs is running, a request is scored at once (with whatever arrived in the same turn
+  of the event loop), so a lone request waits for nothing; while one runs, requests gather and
+  are scored together when it ends, or once the first has waited `coalesce_wait_s`, or once
+  they hold `coalesce_max_rows` rows. Each request still answers within its own time limit;
 - inline: batches of at most `inline_rows` rows of a closed-form method are scored on the event
   loop. They take about 0.1 ms, less than the two hand-offs of the GIL a thread costs, so the time
   limit has nothing to bound; they take no permit, so one inline call may run beside the
@@ -66,7 +69,7 @@ class _Group:
     explain: bool
     items: list[_Waiting] = field(default_factory=list)
     rows: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class Scheduler:
@@ -78,6 +81,7 @@ class Scheduler:
         self.running: set[asyncio.Future[Any]] = set()  # calls in worker threads, for the drain
         self.groups: dict[Key, _Group] = {}
         self.flushes: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[Key, int] = {}  # merged calls flushed and not yet answered, per key
 
     @contextlib.asynccontextmanager
     async def admission(self) -> AsyncIterator[None]:
@@ -145,7 +149,10 @@ class Scheduler:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(scorer, method, fpr, explain)
-            group.timer = loop.call_later(self.options.coalesce_wait_s, self._flush, key)
+            if self.in_flight.get(key, 0):
+                group.timer = loop.call_later(self.options.coalesce_wait_s, self._flush, key)
+            else:  # after the requests already ready to run in this turn have joined
+                group.timer = loop.call_soon(self._flush, key)
         waiting = _Waiting(x, loop.create_future(), time.perf_counter())
         # A request that gave up never reads its future: mark an error there as seen.
         waiting.future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -162,11 +169,22 @@ class Scheduler:
             return
         if group.timer is not None:
             group.timer.cancel()
-        task = asyncio.get_running_loop().create_task(self._run_group(group))
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._run_group(key, group))
         self.flushes.add(task)  # held until done, so the task is not garbage-collected mid-flight
         task.add_done_callback(self.flushes.discard)
 
-    async def _run_group(self, group: _Group) -> None:
+    async def _run_group(self, key: Key, group: _Group) -> None:
+        try:
+            await self._answer_group(group)
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+                if key in self.groups:  # what gathered while this call ran goes now
+                    self._flush(key)
+
+    async def _answer_group(self, group: _Group) -> None:
         now = time.perf_counter()
         self.events.merged(group.rows, [now - item.since for item in group.items])
         x = np.concatenate([item.x for item in group.items]) if len(group.items) > 1 else group.items[0].x

@@ -96,6 +96,28 @@ def test_coalesced_batches_share_the_permits_with_every_other_call():
     asyncio.run(run())
 
 
+def test_a_lone_coalesced_request_waits_for_nothing_and_later_ones_gather_behind_a_running_call():
+    # A wait far longer than the test: a request that waited for it would show.
+    async def run():
+        scheduler = Scheduler(
+            SchedulerOptions(concurrency=2, inline_rows=0, coalesce_max_rows=4096, coalesce_wait_s=30.0)
+        )
+        scorer = SlowScorer(0.3)
+        start = time.perf_counter()
+        first = asyncio.ensure_future(scheduler.score(scorer, rows(2), "likelihood", None, False))
+        await asyncio.sleep(0.1)  # the first is running alone; these three gather behind it
+        later = [scheduler.score(scorer, rows(2, 10 * i), "likelihood", None, False) for i in (1, 2, 3)]
+        results = await asyncio.gather(first, *later)
+        elapsed = time.perf_counter() - start
+        # one call of 2 rows at once, then one of the 6 gathered as soon as it ended: about 0.6 s
+        assert scorer.calls == [2, 6] and elapsed < 5.0, (scorer.calls, elapsed)
+        for out, first_row in zip(results, (0, 10, 20, 30), strict=True):
+            np.testing.assert_array_equal(out.score, rows(2, first_row)[:, 0])
+        assert scheduler.in_flight == {} and scheduler.groups == {}
+
+    asyncio.run(run())
+
+
 def test_the_drain_waits_for_merged_batches_still_waiting_for_a_permit():
     async def run():
         scheduler = Scheduler(
