@@ -5,7 +5,10 @@
 
 With --members M, also an ensemble of M such networks (latent sizes 2, 4, 8 in turn, as the default
 grid's): the onnx backend's one call for all members, the same members scored by M calls of
-single-model scorers, and the ratio of the ensemble's time per row to one member's.
+single-model scorers, and the ratio of the ensemble's time per row to one member's; the floating-
+point operations of their matrix products per row (from the graphs' shapes), the rate the
+ensemble's products reach, and the rate of one large float32 GEMM on this machine, with the
+ensemble's rows/s if every product ran at that rate: a ceiling for any kernel on these cores.
 
 d = 30, k = 4, 3 hidden layers of 64 (a freshly initialised model: speed does not depend on the
 weights). Paths: the per-row loop a user would write (autograd jacobian + svdvals), torch.func
@@ -24,10 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from app.bundle.ensemble import FACTOR_FISHER, every_term
 from app.bundle.format import save_bundle, save_ensemble
+from app.bundle.graphs import verified_graphs
 from app.bundle.scaler import Scaler
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
@@ -69,6 +74,31 @@ def rows_per_second(fn: Callable[[], object], rows: int, seconds: float, repeats
             count += 1
         best = max(best, rows * count / elapsed)
     return best
+
+
+def matmul_flops_per_row(graph: bytes) -> float:
+    """Floating-point operations of the matrix products of one row in the ONNX graph `graph`
+    (2 per multiply-add; every other node is elementwise and cheaper), from its inferred shapes."""
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(graph))
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)
+    }
+    shapes |= {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            inner = shapes[node.input[0]][-1]
+            per_row = [d for d in shapes[node.output[0]] if d is not None]  # the batch is the unknown
+            total += 2.0 * inner * math.prod(per_row)
+    return total
+
+
+def gemm_flops_per_second(seconds: float, repeats: int) -> float:
+    """What this machine's BLAS reaches on one large float32 product, on every core numpy's BLAS
+    uses: a ceiling that small, thin products (64 wide) approach but do not reach."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    return rows_per_second(lambda: a @ a, 2 * 2048**3, seconds, repeats)
 
 
 def members_figures(
@@ -114,6 +144,11 @@ def members_figures(
         )
         for i, model in enumerate(models)
     ]
+    flops = {
+        "one_member": matmul_flops_per_row(verified_graphs(members[1].bundle)["likelihood"]),
+        "ensemble": sum(matmul_flops_per_row(verified_graphs(m)["likelihood"]) for m in ensemble.members),
+    }
+    gemm = gemm_flops_per_second(args.seconds, args.repeats)
     by_batch: dict[str, dict[str, float]] = {}
     for batch in args.batches:
         x = train[np.arange(batch) % len(train)]
@@ -131,8 +166,18 @@ def members_figures(
             "ensemble_one_call": round(merged),
             "members_separate_calls": round(separate),
             "ensemble_time_over_one_member": round(one / merged, 2),
+            "ensemble_matmul_gflop_per_s": round(merged * flops["ensemble"] / 1e9, 1),
         }
-    return {"members": args.members, "latent_sizes": "2, 4, 8 in turn", "rows_per_second_by_batch": by_batch}
+    return {
+        "members": args.members,
+        "latent_sizes": "2, 4, 8 in turn",
+        "matmul_flop_per_row": {k: round(v) for k, v in flops.items()},
+        "ensemble_over_one_member_flop": round(flops["ensemble"] / flops["one_member"], 2),
+        "large_gemm_gflop_per_s": round(gemm / 1e9, 1),
+        # rows/s if every product ran at the large GEMM's rate and nothing else cost anything
+        "ensemble_rows_per_s_at_large_gemm_rate": round(gemm / flops["ensemble"]),
+        "rows_per_second_by_batch": by_batch,
+    }
 
 
 def main() -> None:
