@@ -4,6 +4,7 @@ arithmetic (tests/tolerances.py): float32 networks for the closed forms, float64
 import itertools
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,15 +168,13 @@ def ops_of(graph, inside_loop=False):
     return found
 
 
-def test_the_allowed_ops_are_exactly_those_the_exporter_emits():
-    # Every method, prior (with its geometry), activation, depth 0 and not (curvature or none), and
-    # manifold size 1 and not (Split and Concat or none).
-    rng = np.random.default_rng(0)
-    emitted: dict[str, set[str]] = {}
+def small_architectures(priors) -> Iterator[Architecture]:
+    """Five inputs, width 4, each of `priors` ((prior, geometry) pairs) with every activation, depth
+    0 and 2 (curvature or none) and manifold size 1 and 3 (Split and Concat or none)."""
     for (prior, geometry), activation, depth, m in itertools.product(
-        PRIOR_GEOMETRY.items(), ACTIVATION_NAMES, (0, 2), (1, 3)
+        priors, ACTIVATION_NAMES, (0, 2), (1, 3)
     ):
-        arch = Architecture(
+        yield Architecture(
             input_dim=5,
             latent_dim=m + (geometry == "sphere"),
             hidden=4,
@@ -185,6 +184,14 @@ def test_the_allowed_ops_are_exactly_those_the_exporter_emits():
             prior=prior,
             components=2,
         )
+
+
+def test_the_allowed_ops_are_exactly_those_the_exporter_emits():
+    # Every method, prior (with its geometry), activation, depth 0 and not (curvature or none), and
+    # manifold size 1 and not (Split and Concat or none).
+    rng = np.random.default_rng(0)
+    emitted: dict[str, set[str]] = {}
+    for arch in small_architectures(PRIOR_GEOMETRY.items()):
         weights = random_weights(arch, rng)
         for method in METHODS:
             model = export_graph(
