@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from app.bundle.format import Bundle, BundleError, members_of
 from app.bundle.graphs import MergedGraph, merged_graphs
 from app.engine.errors import ScoringFailed
-from app.engine.scorer import ScoreOutput, assemble_members, method_or_default
+from app.engine.scorer import MEMBER_ROWS, ScoreOutput, assemble_members, method_or_default
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -38,13 +38,6 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-# A stack of M members' graph runs each node on M times a member's rows, and past this many member
-# rows per call its tensors outgrow the caches: 1024-row calls of four stacked latent-4 members ran
-# 15% slower than four single-member calls, 256-row calls as fast (AMD EPYC, 2026-12-02). So a
-# stacked graph is called on row blocks of at most MEMBER_ROWS / M rows.
-MEMBER_ROWS = 1024
 
 
 @dataclass(frozen=True)

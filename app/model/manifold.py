@@ -277,18 +277,22 @@ class ManifoldModel(nn.Module):
         (torch.func.stack_module_state): x (B, d) -> z (C, B, k), x_hat (C, B, d) and their priors,
         by batched matrix products through the same mlp_forward the single model uses."""
 
-        def layers(net: str) -> list[tuple[Tensor, Tensor]]:
-            names = (layer_names(net, i) for i in range(arch.depth + 1))
-            return [(params[weight], params[bias]) for weight, bias in names]
-
-        encoder_layers = layers("encoder")
+        encoder_layers = ManifoldModel.stacked_layers(arch, params, "encoder")
 
         def encoder(v: Tensor) -> Tensor:
             return encode(v, encoder_layers, arch.activation, arch.geometry)
 
         z = encoder(x)
-        x_hat = mlp_forward(z, layers("decoder"), arch.activation)
+        x_hat = mlp_forward(z, ManifoldModel.stacked_layers(arch, params, "decoder"), arch.activation)
         return z, x_hat, PRIORS[arch.prior].stacked(arch, params, encoder, x)
+
+    @staticmethod
+    def stacked_layers(
+        arch: Architecture, params: dict[str, Tensor], net: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The (weight (C, out, in), bias (C, out)) of each layer of `net` of C stacked models."""
+        names = (layer_names(net, i) for i in range(arch.depth + 1))
+        return [(params[weight], params[bias]) for weight, bias in names]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -185,9 +185,10 @@ def mlp_forward(x: Tensor, layers: Layers, activation: str) -> Tensor:
 
 
 def mlp_with_jacobian(x: Tensor, layers: Layers, activation: str) -> tuple[Tensor, Tensor]:
-    """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in)."""
+    """(B, n_in) -> value (B, n_out) and Jacobian d value / d x, (B, n_out, n_in); with stacked
+    layers (weights (C, out, in)) and x (C, B, n_in) or shared, (C, B, n_out) and (C, B, n_out, n_in)."""
     value, T, _ = _tangents(x, layers, activation)
-    return value, T.transpose(1, 2)
+    return value, T.transpose(-1, -2)
 
 
 def mlp_with_curvature(
@@ -226,16 +227,28 @@ def _tangents(
     # on the right, the same product as the layer itself.
     derivatives = ACTIVATIONS[activation].derivatives
     first_weight, first_bias = layers[0]
-    T = first_weight.T.expand(x.shape[0], -1, -1)
+    if first_weight.ndim == 3:  # stacked models (C, width, in): tangents (C, B, in, width)
+        T = first_weight.mT.unsqueeze(1).expand(-1, x.shape[-2], -1, -1)
+    else:
+        T = first_weight.T.expand(x.shape[0], -1, -1)
     h = _affine(x, first_weight, first_bias)
     cache = []
     for weight, bias in layers[1:]:
         h, slope, bend = derivatives(h)
         cache.append((T, slope, bend))
-        T = T * slope.unsqueeze(1)
+        T = T * slope.unsqueeze(-2)
         h = _affine(h, weight, bias)
-        T = T @ weight.T
+        T = _times_transposed(T, weight)
     return h, T, cache
+
+
+def _times_transposed(T: Tensor, weight: Tensor) -> Tensor:
+    """T W^T: (B, n, in) by (out, in), or stacked models' (C, B, n, in) by (C, out, in) as one
+    product per model over all its rows' tangents rather than one small product per row."""
+    if weight.ndim == 2:
+        return T @ weight.T
+    models, rows, n, width = T.shape
+    return (T.reshape(models, rows * n, width) @ weight.mT).reshape(models, rows, n, weight.shape[-2])
 
 
 def normalize_to_sphere(v: Tensor) -> Tensor:

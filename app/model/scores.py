@@ -20,7 +20,7 @@ volume term instead of -inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,9 +28,10 @@ from torch import Tensor
 
 from app.model.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
 from app.model.linalg import cholesky_solve, floored_cholesky, orthonormal_columns, sum_log_singular_values
-from app.model.manifold import GenerativeModel
+from app.model.manifold import PRIORS, GenerativeModel, ManifoldModel
 from app.model.methods import FLOAT64_METHODS, METHODS, check_method
-from app.model.spec import PROJECTION_STEPS, PROJECTION_TOLERANCE
+from app.model.nn import encode, mlp_forward, mlp_with_jacobian
+from app.model.spec import PROJECTION_STEPS, PROJECTION_TOLERANCE, Architecture
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -158,6 +159,52 @@ def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
     log_prior = model.prior.log_prob(z)
     zero = torch.zeros_like(log_prior)
     return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
+
+
+# The closed-form methods whose networks' products can run for several models at once.
+STACKED_METHODS = ("likelihood", "reconstruction", "latent")
+
+
+def stacked_score(
+    arch: Architecture, params: dict[str, Tensor], sigma2: Sequence[float], x: Tensor, method: str
+) -> ScoreParts:
+    """`method` (one of STACKED_METHODS) for C models of one architecture at once, as likelihood,
+    reconstruction and latent compute it for one: their state stacked along a leading axis
+    (torch.func.stack_module_state), sigma2 their noise variances; every part (C, B), z (C, B, k),
+    x_hat (C, B, d). Each layer is one batched product for all C models (an ensemble's members),
+    where C models scored one by one launch C times the kernels: what a GPU's time goes to."""
+    if method not in STACKED_METHODS:
+        raise ValueError(f"{method!r} is not scored stacked; stacked methods: {list(STACKED_METHODS)}")
+    encoder_layers = ManifoldModel.stacked_layers(arch, params, "encoder")
+    decoder_layers = ManifoldModel.stacked_layers(arch, params, "decoder")
+
+    def encoder(v: Tensor) -> Tensor:
+        return encode(v, encoder_layers, arch.activation, arch.geometry)
+
+    z = encoder(x)  # (C, B, k)
+    if method == "likelihood":
+        x_hat, J = mlp_with_jacobian(z, decoder_layers, arch.activation)  # (C, B, d), (C, B, d, k)
+        rows = restrict_to_tangent(J.flatten(0, 1), z.flatten(0, 1), arch.geometry)
+        log_volume = -sum_log_singular_values(rows).view(z.shape[:2])
+    else:
+        x_hat = mlp_forward(z, decoder_layers, arch.activation)
+        log_volume = torch.zeros(z.shape[:2], dtype=x.dtype, device=x.device)
+    e = x - x_hat
+    zero = torch.zeros_like(log_volume)
+    if method == "latent":
+        log_prior = PRIORS[arch.prior].stacked(arch, params, encoder, x).log_prob(z)
+        return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
+    # log_normal_residual per model: the variance and the constant rounded to x's dtype as there
+    variance = torch.tensor(sigma2, dtype=x.dtype, device=x.device).unsqueeze(1)
+    d = x.shape[-1]
+    constant = torch.tensor(
+        [0.5 * d * (LOG_2PI + math.log(s)) for s in sigma2], dtype=x.dtype, device=x.device
+    ).unsqueeze(1)
+    log_residual = -0.5 * (e * e).sum(-1) / variance - constant
+    if method == "reconstruction":
+        return _parts(zero, zero, log_residual, e, z, x_hat)
+    log_prior = PRIORS[arch.prior].stacked(arch, params, encoder, x).log_prob(z)
+    return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
 
 
 @dataclass(frozen=True)

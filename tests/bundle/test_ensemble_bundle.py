@@ -26,7 +26,8 @@ from app.bundle.format import (
     save_ensemble,
 )
 from app.bundle.graphs import verified_graphs
-from app.engine.onnx_backend import MEMBER_ROWS, OnnxScorer
+from app.engine.onnx_backend import OnnxScorer
+from app.engine.scorer import MEMBER_ROWS
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
 from app.train.fit import score_rows
@@ -163,7 +164,7 @@ def test_one_onnx_call_scores_each_member_as_it_scores_alone(ensemble_result, me
 
 def test_a_stacked_graphs_row_blocks_come_back_in_row_order(ensemble_result):
     """The two latent-2 members are one stack (app.model.stacking); a call of more rows than a
-    stack's block (MEMBER_ROWS / 2) is cut into blocks run on two threads, and each member's
+    stack's block (MEMBER_ROWS / 2) is cut into blocks (run on two threads by onnxruntime), and each member's
     values of every row must be its own graph's of that row, the stack's member axis kept apart
     from the rows'."""
     bundle = ensemble_result.bundle
@@ -185,6 +186,11 @@ def test_a_stacked_graphs_row_blocks_come_back_in_row_order(ensemble_result):
         out.log_likelihood, np.mean([m["log_prob"] for m in members], axis=0), rtol=rtol, atol=rtol
     )
     assert np.mean(np.isclose(out.member_scores, expected, rtol=1e-14, atol=1e-14)) > 0.99
+    # The torch backend stacks the same two members and cuts the same rows into blocks on a CPU.
+    torch_out = TorchScorer(bundle).score(x, "likelihood")
+    np.testing.assert_allclose(
+        torch_out.log_likelihood, np.mean([m["log_prob"] for m in members], axis=0), rtol=rtol, atol=rtol
+    )
 
 
 def test_the_torch_backend_scores_the_members_as_the_onnx_graph_does(ensemble_result):

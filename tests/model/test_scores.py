@@ -6,11 +6,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.func import stack_module_state
 
 from app.model.distributions import GaussianMixture, StandardNormal, VonMisesFisherMixture
 from app.model.manifold import FunctionMap, GenerativeModel, ManifoldModel
-from app.model.scores import SCORE_METHODS, encoder, likelihood, projected, score
-from app.model.spec import Architecture
+from app.model.scores import (
+    SCORE_METHODS,
+    STACKED_METHODS,
+    encoder,
+    likelihood,
+    projected,
+    score,
+    stacked_score,
+)
+from app.model.spec import PRIOR_GEOMETRY, Architecture
 
 from ..tolerances import float32_rtol
 from .differences import central_differences
@@ -323,3 +332,32 @@ def test_refusals_name_the_problem():
     decoder_only = GenerativeModel(_linear(A, torch.zeros(2, dtype=F64)), StandardNormal(3, F64), "euclidean")
     with pytest.raises(ValueError, match="needs an encoder"):
         likelihood(decoder_only, torch.randn(4, 2, dtype=F64))
+
+
+@pytest.mark.parametrize(("prior", "geometry"), list(PRIOR_GEOMETRY.items()))
+def test_stacked_models_score_each_as_it_scores_alone(prior, geometry):
+    """stacked_score runs C models' layers as batched products; each model's slice is its own
+    score, within two float32 evaluations' bound (a batched product may round otherwise)."""
+    torch.manual_seed(3)
+    arch = Architecture(
+        input_dim=6, latent_dim=3, hidden=8, depth=2, geometry=geometry, prior=prior, components=2
+    )
+    models = [ManifoldModel(arch).eval() for _ in range(3)]
+    for i, model in enumerate(models):
+        model.sigma2 = 0.2 + 0.3 * i
+    params = {name: value.detach() for name, value in stack_module_state(models)[0].items()}
+    x = torch.randn(40, 6)
+    rtol = float32_rtol(arch)
+    with torch.no_grad():
+        for method in STACKED_METHODS:
+            stacked = stacked_score(arch, params, [m.sigma2 for m in models], x, method)
+            for j, model in enumerate(models):
+                alone = score(model.generative(), x, method)
+                scale = torch.stack([alone.log_prior.abs(), alone.log_volume.abs(), alone.log_residual.abs()])
+                scale = scale.amax(0).clamp(min=1.0)
+                for name in ("log_prob", "log_prior", "log_volume", "log_residual", "residual_sq"):
+                    difference = (getattr(stacked, name)[j] - getattr(alone, name)).abs()
+                    assert bool((difference <= rtol * scale).all()), (method, j, name)
+                torch.testing.assert_close(stacked.x_hat[j], alone.x_hat, rtol=rtol, atol=rtol)
+    with pytest.raises(ValueError, match="'projected' is not scored stacked"):
+        stacked_score(arch, params, [1.0] * 3, x, "projected")
