@@ -17,9 +17,24 @@ from .test_metrics import scrape, value
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
     settings = Settings(
-        model_path=tiny_bundle, coalesce=True, coalesce_wait_ms=200, coalesce_max_rows=10_000, warmup_rows=4
+        model_path=tiny_bundle,
+        coalesce=True,
+        coalesce_wait_ms=200,
+        coalesce_max_rows=10_000,
+        inline_rows=0,
+        warmup_rows=4,
     )
     client = ready_client(settings)
+    scorer = client.app.state.service.host.served.scorer
+    original = scorer.score
+
+    def slow(*args, **kwargs):
+        # A request arriving while no call runs is scored at once: calls that take a while make
+        # the later requests gather behind the running one, whatever the threads' timing.
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+
+    scorer.score = slow
     try:
         batches = [
             np.r_[manifold_rows(3 + i, seed=50 + i), off_manifold_rows(2, seed=70 + i)] for i in range(8)
@@ -47,6 +62,7 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
         assert value(samples, "anomaly_coalesced_batch_rows_sum") == sum(len(b) for b in batches)
         assert 1 <= merged < len(batches)  # at least two requests shared a batch
         assert value(samples, "anomaly_coalesce_queue_seconds_count") == len(batches)
+        scorer.score = original
         # different options are never merged: each still gets its own method's scores
         a = client.post("/score", json={"instances": batches[0].tolist(), "method": "latent"}).json()
         assert a["method"] == "latent"
