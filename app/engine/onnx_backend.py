@@ -55,14 +55,11 @@ def _layout(session: ort.InferenceSession, graph: MergedGraph) -> _Layout:
         {name: (position[output], index) for name, (output, index) in member.items()}
         for member in graph.members
     )
+    stacked = [(at, index) for member in members for at, index in member.values() if index is not None]
     batch_axis = [0] * len(position)
-    stacks: dict[int, int] = {}
-    for member in members:
-        for at, index in member.values():
-            if index is not None:
-                batch_axis[at] = 1
-                stacks[at] = max(stacks.get(at, 0), index + 1)
-    largest = max(stacks.values(), default=1)
+    for at, _ in stacked:
+        batch_axis[at] = 1
+    largest = max((index + 1 for _, index in stacked), default=1)
     block_rows = max(MIN_BLOCK_ROWS, MEMBER_ROWS // largest) if largest > 1 else None
     return _Layout(members, tuple(batch_axis), block_rows)
 

@@ -182,28 +182,26 @@ def stacked_score(
         return encode(v, encoder_layers, arch.activation, arch.geometry)
 
     z = encoder(x)  # (C, B, k)
+    zero = torch.zeros(z.shape[:2], dtype=x.dtype, device=x.device)
     if method == "likelihood":
         x_hat, J = mlp_with_jacobian(z, decoder_layers, arch.activation)  # (C, B, d), (C, B, d, k)
         rows = restrict_to_tangent(J.flatten(0, 1), z.flatten(0, 1), arch.geometry)
         log_volume = -sum_log_singular_values(rows).view(z.shape[:2])
     else:
         x_hat = mlp_forward(z, decoder_layers, arch.activation)
-        log_volume = torch.zeros(z.shape[:2], dtype=x.dtype, device=x.device)
+        log_volume = zero
     e = x - x_hat
-    zero = torch.zeros_like(log_volume)
+    log_prior = (
+        zero
+        if method == "reconstruction"
+        else PRIORS[arch.prior].stacked(arch, params, encoder, x).log_prob(z)
+    )
     if method == "latent":
-        log_prior = PRIORS[arch.prior].stacked(arch, params, encoder, x).log_prob(z)
         return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
-    # log_normal_residual per model: the variance and the constant rounded to x's dtype as there
-    variance = torch.tensor(sigma2, dtype=x.dtype, device=x.device).unsqueeze(1)
-    d = x.shape[-1]
-    constant = torch.tensor(
-        [0.5 * d * (LOG_2PI + math.log(s)) for s in sigma2], dtype=x.dtype, device=x.device
-    ).unsqueeze(1)
-    log_residual = -0.5 * (e * e).sum(-1) / variance - constant
-    if method == "reconstruction":
-        return _parts(zero, zero, log_residual, e, z, x_hat)
-    log_prior = PRIORS[arch.prior].stacked(arch, params, encoder, x).log_prob(z)
+    squared = (e * e).sum(-1)  # each model's own noise variance, as log_normal_residual takes it
+    log_residual = torch.stack(
+        [log_normal_of_squared(squared[j], s, x.shape[-1]) for j, s in enumerate(sigma2)]
+    )
     return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
 
 

@@ -124,12 +124,11 @@ class _Stacker:
 
     def member_constant(self, name: str, rank: int) -> str:
         """The stacked constant `name`, broadcasting against a tensor of `rank` axes per member."""
-        value = self.per_member[name]
-        ones = max(rank - (value.ndim - 1), 0)
-        shaped = value.reshape(value.shape[:1] + (1,) * ones + value.shape[1:])
         key = f"{name}@{rank}"
         if key not in self.constants:
-            self.constants[key] = shaped
+            value = self.per_member[name]
+            ones = max(rank - (value.ndim - 1), 0)
+            self.constants[key] = value.reshape(value.shape[:1] + (1,) * ones + value.shape[1:])
         return key
 
     def model(self) -> onnx.ModelProto:
@@ -167,13 +166,12 @@ class _Stacker:
         if any(a.HasField("g") or a.graphs for a in node.attribute):
             raise NotStackable(f"a {op} node holds a subgraph; its iterations differ per member")
         out_rank = self.ranks.get(node.output[0])
-        data_ops = ELEMENTWISE | {"Concat", "Softmax", "ReduceLogSumExp", "ReduceMax"}
         inputs = list(node.input)
         for i, name in enumerate(inputs):
             if name in self.per_member:
-                # data inputs of broadcasting ops meet tensors of the output's rank; others (an
+                # inputs of broadcasting ops meet tensors of the output's rank; others (an
                 # Unsqueeze's or Transpose's data) are the stack itself, their axes moved below
-                rank = out_rank if op in data_ops else self.ranks[name]
+                rank = out_rank if op in ELEMENTWISE else self.ranks[name]
                 if rank is None:
                     raise NotStackable(f"the rank of {node.output[0]!r} ({op}) is unknown")
                 inputs[i] = self.member_constant(name, rank)

@@ -1,6 +1,7 @@
 """Coalesced scoring: concurrent requests merged, each answered exactly its own rows."""
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,6 +16,19 @@ from .conftest import ready_client
 from .test_metrics import scrape, value
 
 
+def slowed(client, seconds: float) -> Callable[[], None]:
+    """Make the served scorer sleep `seconds` before each call; returns what undoes it."""
+    scorer = client.app.state.service.host.served.scorer
+    original = scorer.score
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    scorer.score = slow
+    return lambda: setattr(scorer, "score", original)
+
+
 def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
     settings = Settings(
         model_path=tiny_bundle,
@@ -25,16 +39,9 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
         warmup_rows=4,
     )
     client = ready_client(settings)
-    scorer = client.app.state.service.host.served.scorer
-    original = scorer.score
-
-    def slow(*args, **kwargs):
-        # A request arriving while no call runs is scored at once: calls that take a while make
-        # the later requests gather behind the running one, whatever the threads' timing.
-        time.sleep(0.3)
-        return original(*args, **kwargs)
-
-    scorer.score = slow
+    # A request arriving while no call runs is scored at once: calls that take a while make the
+    # later requests gather behind the running one, whatever the threads' timing.
+    restore = slowed(client, 0.3)
     try:
         batches = [
             np.r_[manifold_rows(3 + i, seed=50 + i), off_manifold_rows(2, seed=70 + i)] for i in range(8)
@@ -62,7 +69,7 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_bundle):
         assert value(samples, "anomaly_coalesced_batch_rows_sum") == sum(len(b) for b in batches)
         assert 1 <= merged < len(batches)  # at least two requests shared a batch
         assert value(samples, "anomaly_coalesce_queue_seconds_count") == len(batches)
-        scorer.score = original
+        restore()
         # different options are never merged: each still gets its own method's scores
         a = client.post("/score", json={"instances": batches[0].tolist(), "method": "latent"}).json()
         assert a["method"] == "latent"
@@ -77,21 +84,14 @@ def test_with_coalescing_a_slow_scorer_answers_503_at_the_time_limit(tiny_bundle
         Settings(model_path=tiny_bundle, coalesce=True, request_timeout_s=0.2, inline_rows=0, warmup_rows=4)
     )
     try:
-        scorer = client.app.state.service.host.served.scorer
-        original = scorer.score
-
-        def slow(*args, **kwargs):
-            time.sleep(1.0)
-            return original(*args, **kwargs)
-
-        scorer.score = slow
+        restore = slowed(client, 1.0)
         start = time.perf_counter()
         response = client.post("/score", json={"instances": manifold_rows(3, seed=5).tolist()})
         elapsed = time.perf_counter() - start
         assert response.status_code == 503, response.text
         assert "did not finish within 0.2 s" in response.json()["error"]
         assert elapsed < 0.9 and value(scrape(client), "anomaly_timeouts_total") == 1
-        scorer.score = original
+        restore()
         time.sleep(1.0)  # the abandoned call finishes and gives its permit back
         assert client.post("/score", json={"instances": manifold_rows(3, seed=6).tolist()}).status_code == 200
     finally:
