@@ -230,6 +230,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument(
+        "--keep-scores",
+        action="store_true",
+        help="also write every member's held-out scores per split to OUT/<protocol>/scores/ (.npz), "
+        "to try other combinations without refitting",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a pipeline check: the two smallest datasets, one split, two candidates, 300 steps",
@@ -680,6 +686,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             candidates=tuple(expand_grid(grid, largest, Candidate())),
             fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr, trim=args.trim),
             contamination=PROTOCOLS[protocol],
+            scores_dir=str(args.out / protocol / "scores") if args.keep_scores else None,
         )
         _evaluate_protocol(args, protocol, datasets, list(splits), options, grid)
     return 0

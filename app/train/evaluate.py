@@ -43,7 +43,7 @@ from app.train import selection as rule
 from app.train.data import read_table
 from app.train.fit import fit_candidates
 from app.train.options import Candidate, FitOptions
-from app.train.selection import ENSEMBLES, auc, evaluate_candidate
+from app.train.selection import ENSEMBLES, CandidateReport, auc, evaluate_candidate
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")
@@ -157,6 +157,9 @@ class EvaluateOptions:
     knn_k: int = 5
     forest_trees: int = 200
     contamination: float = PROTOCOLS["contaminated"]
+    # Where each split's held-out scores go (evaluate --keep-scores), so that other ways of combining
+    # the members can be measured without refitting them; None: nowhere.
+    scores_dir: str | None = None
 
 
 @dataclass
@@ -177,6 +180,23 @@ def fitting(dataset: Dataset, options: EvaluateOptions) -> list[Candidate]:
 def fitting_steps(dataset: Dataset, options: EvaluateOptions) -> int:
     """Optimiser steps this dataset costs per split, for the progress bar: candidate groups x steps."""
     return len({c.group() for c in fitting(dataset, options)}) * options.fit.steps
+
+
+def keep_scores(
+    path: Path,
+    y_test: NDArray[np.bool_],
+    baseline: dict[str, NDArray[np.float64]],
+    reports: Sequence[CandidateReport],
+) -> None:
+    """One split's held-out scores in one .npz: `y_test`, `baseline/<detector>` (test rows) and, per
+    candidate i and ensemble term t (app.bundle.ensemble.terms), `val/<i>/<t>` and `test/<i>/<t>`,
+    higher = more anomalous."""
+    arrays = {"y_test": y_test} | {f"baseline/{name}": s for name, s in baseline.items()}
+    for i, report in enumerate(reports):
+        arrays |= {f"val/{i}/{t}": v for t, v in report.val_scores.items()}
+        arrays |= {f"test/{i}/{t}": v for t, v in report.test_scores.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
 
 
 def evaluate_split(
@@ -209,6 +229,8 @@ def evaluate_split(
         row["projected_rows"], row["projected_capped"] = report.projected_rows, report.projected_capped
         rows.append(row)
     baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
+    if options.scores_dir is not None:
+        keep_scores(Path(options.scores_dir) / f"{dataset.name}-{split}.npz", data.y_test, baseline, reports)
     ensembles = {}
     for name, (combination, terms) in ENSEMBLES.items():
         # A member whose held-out scores are not all finite (a diverged fit) has no scale to rank on.

@@ -169,10 +169,11 @@ def test_loda_reader_refuses_mismatched_files_and_unknown_names(tmp_path):
         load_datasets(tmp_path / "x")
 
 
-def test_an_ensembles_auc_is_its_members_scores_recomputed():
+def test_an_ensembles_auc_is_its_members_scores_recomputed(tmp_path):
     """evaluate_split's ensembles against a direct computation: the same split and fits, each
     member's test values counted against its validation values by brute force: as the share at or
-    below (a rank), or as the surprisal of the share at or above (the default, Fisher's)."""
+    below (a rank), or as the surprisal of the share at or above (the default, Fisher's). The
+    scores it keeps (--keep-scores) are those same values, and the baselines' those of a refit."""
     from dataclasses import replace
 
     from app.train.evaluate import EvaluateOptions, evaluate_split, fitting
@@ -183,8 +184,11 @@ def test_an_ensembles_auc_is_its_members_scores_recomputed():
 
     dataset = Dataset("manifold", manifold_rows(300, seed=61), off_manifold_rows(60, seed=62))
     candidates = (Candidate(latent_dim=2, hidden=8, components=2, beta=b) for b in (0.1, 1.0))
-    options = EvaluateOptions(candidates=tuple(candidates), fit=FitOptions(steps=60, batch_size=50))
+    options = EvaluateOptions(
+        candidates=tuple(candidates), fit=FitOptions(steps=60, batch_size=50), scores_dir=str(tmp_path)
+    )
     result = evaluate_split(dataset, 1, options)
+    kept = np.load(tmp_path / "manifold-1.npz")
 
     data = protocol_split(dataset, seed=1)
     fit_rows, val_rows = stratified_holdout(data.y_train, 0.2, seed=1)
@@ -203,6 +207,11 @@ def test_an_ensembles_auc_is_its_members_scores_recomputed():
         manifold_val = -(val["log_prior"] + val["log_volume"])
         manifold_test = -(test["log_prior"] + test["log_volume"])
         residual_val, residual_test = -val["log_residual"], -test["log_residual"]
+        i = len(members)
+        # The same float32 networks on the same rows in one process: the same values, bit for bit.
+        np.testing.assert_array_equal(kept[f"val/{i}/likelihood.manifold"], manifold_val)
+        np.testing.assert_array_equal(kept[f"test/{i}/likelihood.residual"], residual_test)
+        np.testing.assert_array_equal(kept[f"test/{i}/likelihood"], -test["log_prob"])
         # Ranks as exact fractions, so rows tied at the top stay tied, as AUC counts them.
         members.append(
             {
@@ -220,3 +229,8 @@ def test_an_ensembles_auc_is_its_members_scores_recomputed():
     assert result.ensembles["likelihood, factor ranks"] == pytest.approx(
         auc(data.y_test, combined), abs=1e-12
     )
+    np.testing.assert_array_equal(kept["y_test"], data.y_test)
+    assert f"val/{len(members)}/likelihood" not in kept.files
+    baseline = baseline_scores(data.x_train, data.x_test, 1, options.knn_k, options.forest_trees)
+    for name, values in baseline.items():
+        np.testing.assert_allclose(kept[f"baseline/{name}"], values, rtol=1e-12, err_msg=name)
