@@ -3,9 +3,12 @@
 A body is read before the request takes a place in the scoring queue, so a client that sends its
 headers and then stalls holds a socket and the bytes it sent, never a queue slot. What it may hold
 is bounded three ways:
-- time: the whole body within `timeout_s`, and after `grace_s` at least `min_rate` bytes/s on
-  average since reading began (a client dripping a byte every few seconds is cut off within
-  seconds, not at the deadline); otherwise 408 and the connection is closed;
+- time: the whole body within `timeout_s`, and at least `min_rate` bytes/s over every window of
+  `window_s` (a client dripping a byte every few seconds is cut off within seconds, not at the
+  deadline); otherwise 408 and the connection is closed. The rate is measured over the last window,
+  not averaged since reading began: an average lets a client send megabytes at once and then hold
+  them, stalled, against the shared budget until the deadline, as sixteen such clients did with the
+  whole budget for 30 s in an audit;
 - size: `max_bytes` per body, refused before reading where Content-Length declares more (413);
 - memory: the bytes of all bodies being read, parsed or scored at once stay within the budget
   (503 with Retry-After beyond it). Bytes are counted as they arrive, not as declared, so a slow
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -32,21 +36,29 @@ CLOSE = {"Connection": "close"}
 class BodyLimits:
     max_bytes: int
     timeout_s: float = 30.0
-    min_rate: float = 16 * 1024  # bytes/s, averaged since reading began
-    grace_s: float = 2.0  # before the rate applies: a connection's first round trips
+    min_rate: float = 16 * 1024  # bytes/s over every window
+    window_s: float = 2.0  # long enough for a connection's first round trips and a congested link's pauses
 
 
 class BodyBudget:
     """Bytes of request bodies held at once. Only the event loop touches it, so it needs no lock.
-    `observe` is told every new total (the service's gauge)."""
+    `observe` is told every new total (the service's gauge), `refused` every body refused."""
 
-    def __init__(self, limit: int, observe: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        observe: Callable[[int], None] | None = None,
+        refused: Callable[[], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.held = 0
         self.observe = observe
+        self.refused = refused
 
     def take(self, size: int) -> None:
         if self.held + size > self.limit:
+            if self.refused is not None:
+                self.refused()
             raise Overloaded(
                 f"request bodies in flight would exceed the memory budget of {self.limit} bytes",
                 {"held": self.held, "limit": self.limit},
@@ -90,9 +102,15 @@ async def _receive_into(body: bytearray, request: Request, limits: BodyLimits, b
     loop = asyncio.get_running_loop()
     start = loop.time()
     end = start + limits.timeout_s
+    per_window = limits.min_rate * limits.window_s
+    # (time, bytes so far) of the arrivals that the coming windows still count: the window ending at
+    # t holds too few bytes once it has passed the first arrival after which fewer than `per_window`
+    # bytes came, so the next bytes are due `window_s` after that arrival.
+    arrivals = deque([(start, 0)])
     while True:
-        # By when the next bytes must come: the deadline, or where the average rate falls too low.
-        by_rate = start + limits.grace_s + len(body) / limits.min_rate
+        while arrivals[0][1] <= len(body) - per_window:
+            arrivals.popleft()
+        by_rate = arrivals[0][0] + limits.window_s
         try:
             async with asyncio.timeout_at(min(end, by_rate)):
                 message = await request.receive()
@@ -101,7 +119,7 @@ async def _receive_into(body: bytearray, request: Request, limits: BodyLimits, b
             reason = (
                 f"the body was not complete within {limits.timeout_s:g} s"
                 if by_rate >= end
-                else f"the body arrived slower than {limits.min_rate:g} bytes/s "
+                else f"the body arrived slower than {limits.min_rate:g} bytes/s over {limits.window_s:g} s "
                 f"({len(body)} bytes in {elapsed:.1f} s)"
             )
             detail = {"received": len(body), "timeout_s": limits.timeout_s, "min_rate": limits.min_rate}
@@ -116,3 +134,5 @@ async def _receive_into(body: bytearray, request: Request, limits: BodyLimits, b
         body += chunk
         if not message.get("more_body", False):
             return
+        if chunk:
+            arrivals.append((loop.time(), len(body)))

@@ -229,7 +229,8 @@ def _timeout(settings: Settings) -> dict[str, Any]:
     # The body arrives within app.api.body's read loop only; its message, rebuilt for a stalled upload.
     received, elapsed = 4096, 2.5
     return RequestTimeout(
-        f"the body arrived slower than {settings.body_min_rate:g} bytes/s ({received} bytes in {elapsed} s)",
+        f"the body arrived slower than {settings.body_min_rate:g} bytes/s over "
+        f"{settings.body_rate_window_s:g} s ({received} bytes in {elapsed} s)",
         {"received": received, "timeout_s": settings.body_timeout_s, "min_rate": settings.body_min_rate},
     ).body()
 

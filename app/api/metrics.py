@@ -138,6 +138,12 @@ class Metrics:
             "Scoring requests refused with 503 because the queue was full",
             registry=r,
         )
+        self.body_rejections = Counter(
+            "anomaly_body_budget_rejected_total",
+            "Requests refused with 503 because the bodies in flight would exceed "
+            "ANOMALY_MAX_INFLIGHT_BODY_BYTES",
+            registry=r,
+        )
         self.timeouts = Counter(
             "anomaly_timeouts_total", "Scoring requests that exceeded the time limit", registry=r
         )

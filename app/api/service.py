@@ -53,6 +53,8 @@ def build_service(settings: Settings) -> Service:
         ),
         metrics,
     )
-    limits = BodyLimits(settings.max_body_bytes, settings.body_timeout_s, settings.body_min_rate)
-    bodies = BodyBudget(settings.max_inflight_body_bytes, metrics.body_bytes.set)
+    limits = BodyLimits(
+        settings.max_body_bytes, settings.body_timeout_s, settings.body_min_rate, settings.body_rate_window_s
+    )
+    bodies = BodyBudget(settings.max_inflight_body_bytes, metrics.body_bytes.set, metrics.body_rejections.inc)
     return Service(settings, metrics, host, scheduler, limits, bodies)

@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     )
     body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this")
     body_min_rate: float = Field(
-        16 * 1024, gt=0, description="bytes/s a body must average after its first 2 s, else 408"
+        16 * 1024, gt=0, description="bytes/s a body must keep up over every window, else 408"
+    )
+    body_rate_window_s: float = Field(
+        2.0, gt=0, description="the window of the body rate; also how long an upload may stall"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys for /score and /model; empty = open"

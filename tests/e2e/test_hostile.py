@@ -21,7 +21,6 @@ from .test_reliability import serving as reliability_serving
 from .test_server import Server, start_server
 
 BODY_TIMEOUT_S = 4.0
-GRACE_S = 2.0  # app.api.body.BodyLimits.grace_s
 
 
 # Plain uvicorn unless a test asks for the serve command.
@@ -98,6 +97,25 @@ def test_stalled_uploads_hold_no_queue_slot_and_are_cut_off(tiny_bundle, tmp_pat
         assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="408") == 8
 
 
+def test_bytes_sent_early_earn_no_credit_for_a_stall(tiny_bundle, tmp_path):
+    """Audit finding: with the rate averaged since the body began, 4 MiB sent at once and then
+    nothing bought minutes of credit, so sixteen such uploads held the whole body budget (every
+    /score refused, 503) until the deadline. The rate is now kept over every window: an upload that
+    stalls is cut one window after its last bytes, and lets go of what it held."""
+    sent = 1024 * 1024
+    with serving(tiny_bundle, tmp_path / "s.log", body_timeout_s="60") as s:
+        sock = connect(s)
+        send_head(sock, "/score", {"Content-Type": "application/json", "Content-Length": str(4 * sent)})
+        sock.sendall(b" " * sent)  # 512 s of credit at 2 KiB/s under the average rule
+        # Under the average rule this ends at the 60 s deadline, "not complete within 60 s".
+        status, body, closed = read_response(sock, timeout=30)
+        assert status == 408 and "slower than 16384 bytes/s over 2 s" in body["error"] and closed, body
+        assert body["detail"]["received"] == sent
+        sock.close()
+        assert metric(s.base, "anomaly_request_body_bytes") == 0
+        assert honest(s).status_code == 200
+
+
 def test_a_slow_but_steady_upload_is_cut_at_the_deadline(tiny_bundle, tmp_path):
     """A client that keeps the minimum rate still has to finish within the deadline."""
     with serving(tiny_bundle, tmp_path / "s.log", body_timeout_s="3", body_min_rate="64") as s:
@@ -168,7 +186,11 @@ def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
     """Defect 5: only the queue length bounded the memory of bodies in flight."""
     body_limit, budget = 32 * 1024, 64 * 1024
     with serving(
-        tiny_bundle, tmp_path / "s.log", max_body_bytes=str(body_limit), max_inflight_body_bytes=str(budget)
+        tiny_bundle,
+        tmp_path / "s.log",
+        max_body_bytes=str(body_limit),
+        max_inflight_body_bytes=str(budget),
+        body_rate_window_s="30",  # the holders stall: the rate must not cut them while the test runs
     ) as s:
         holders = []
         for _ in range(2):  # 2 x 30 KiB held, partly sent
@@ -187,6 +209,7 @@ def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
         sock.sendall(b" " * 10000)
         status, body, closed = read_response(sock, timeout=5)
         assert status == 503 and "memory budget" in body["error"] and closed, body
+        assert metric(s.base, "anomaly_body_budget_rejected_total") == 1
         sock.close()
         for holder in holders:
             holder.close()
