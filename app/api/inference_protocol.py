@@ -15,6 +15,8 @@ Specification: github.com/kserve/open-inference-protocol, specification/protocol
 from __future__ import annotations
 
 import itertools
+import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ import orjson
 from numpy.typing import NDArray
 
 from app.api.errors import BadRequest, PayloadTooLarge
-from app.api.parsing import Body, ScoreRequest, check_values, describe, reject_duplicate_keys
+from app.api.parsing import Body, ScoreRequest, check_values, describe, load_json, reject_duplicate_keys
 from app.engine.errors import InvalidInput
 from app.engine.scorer import ScoreOutput
 
@@ -52,6 +54,9 @@ WIRE_DTYPES = {"FP64": np.dtype("<f8"), "BOOL": np.dtype("u1")}  # binary output
 REQUEST_KEYS = ("id", "model_name", "parameters", "inputs", "outputs")
 REQUEST_PARAMETERS = ("method", "threshold", "binary_data_output")
 INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
+# str.isdigit() admits digits int() refuses ('²'), and int() refuses more than 4300 digits: ASCII
+# digits only, and no more than a 64-bit count takes.
+HEADER_LENGTH_FORM = re.compile("[0-9]{1,20}")
 
 
 @dataclass(frozen=True)
@@ -79,17 +84,15 @@ def _header_and_binary(body: Body, header_length: str | None) -> tuple[Any, memo
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if HEADER_LENGTH_FORM.fullmatch(header_length) is None or int(header_length) > len(body):
+            # reprlib: the value may be thousands of characters long
             raise BadRequest(
-                f"Inference-Header-Content-Length {header_length!r} must be a byte count within the "
-                f"body's {len(body)} bytes"
+                f"Inference-Header-Content-Length {reprlib.repr(header_length)} must be a byte count "
+                f"(digits 0-9) within the body's {len(body)} bytes"
             )
         split = int(header_length)
         json_part, binary = memoryview(body)[:split], memoryview(body)[split:]
-    try:
-        doc = orjson.loads(json_part)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"the inference request is not valid JSON: {e}") from None
+    doc = load_json(json_part, what="the inference request")
     reject_duplicate_keys(bytes(json_part) if isinstance(json_part, memoryview) else json_part, doc)
     return doc, binary
 
@@ -104,10 +107,10 @@ def _input_rows(
     name, d = tensor.get("name"), len(features)
     if name != INPUT:
         raise InvalidInput(
-            f"input {describe(name)}: this model's one input is {INPUT!r}", {"accepted": [INPUT]}
+            f"input name {describe(name)}: this model's one input is {INPUT!r}", {"accepted": [INPUT]}
         )
     datatype = tensor.get("datatype")
-    if datatype not in INPUT_DTYPES:
+    if not isinstance(datatype, str) or datatype not in INPUT_DTYPES:  # a list or object is unhashable
         raise InvalidInput(
             f"input 'x' has datatype {describe(datatype)}; send one of {list(INPUT_DTYPES)}",
             {"accepted": list(INPUT_DTYPES)},
@@ -181,9 +184,14 @@ def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...]
     if not isinstance(requested, list) or not requested:
         raise InvalidInput("'outputs' must be a non-empty array of {\"name\": ...} objects")
     names, binary = [], set()
-    for item in requested:
+    for k, item in enumerate(requested):
         output = _object(item, "each of 'outputs'")
         name = output.get("name")
+        if not isinstance(name, str):  # a list or object is unhashable: no lookup in OUTPUTS
+            raise InvalidInput(
+                f"outputs[{k}] 'name' must be a string, one of {list(OUTPUT_NAMES)}; got {describe(name)}",
+                {"accepted": list(OUTPUT_NAMES)},
+            )
         if name not in OUTPUTS:
             raise InvalidInput(
                 f"unknown output {describe(name)}; this model's outputs: {list(OUTPUT_NAMES)}",
@@ -229,10 +237,10 @@ def parse_infer(
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput(f"'inputs' must hold exactly one tensor, {INPUT!r}; got {describe(inputs)}")
-    x, used = _input_rows(_object(inputs[0], "the input"), binary, columns, max_rows)
+    x, used = _input_rows(_object(inputs[0], "each of 'inputs'"), binary, columns, max_rows)
     if used != len(binary):
         raise BadRequest(f"the body holds {len(binary) - used} bytes after the binary data of its inputs")
-    check_values(x, columns)
+    check_values(x, columns, lambda i: f"input {INPUT!r} row {i}")
     outputs, binary_outputs = _outputs(doc, binary_default)
     if "outputs" not in doc and binary_default:
         binary_outputs |= {"constant_mismatch"}

@@ -22,8 +22,10 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import reprlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,8 @@ OPTIONS = ("method", "threshold", "components", "explain")
 ID_FIELDS = ("ids", "id_key")
 # Larger magnitudes are no measurement; squared in float32 they would overflow to inf.
 MAX_ABS_VALUE = 1e15
+# Integer ids are echoed through orjson, which writes 64-bit integers only.
+ID_RANGE = range(-(2**63), 2**63)
 KEYS = ("instances", *OPTIONS, *ID_FIELDS)
 Body = bytes | bytearray
 
@@ -73,8 +77,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def check_values(x: NDArray[np.float64], features: list[str]) -> None:
-    """Refuse NaN, infinities and magnitudes above MAX_ABS_VALUE, naming the first one."""
+def instance(i: int) -> str:
+    return f"instances[{i}]"
+
+
+def check_values(x: NDArray[np.float64], features: list[str], row: Callable[[int], str] = instance) -> None:
+    """Refuse NaN, infinities and magnitudes above MAX_ABS_VALUE, naming the first one: its row as
+    `row(i)` says (/score's `instances[i]`) and its column."""
     with np.errstate(invalid="ignore"):
         bad = ~(np.abs(x) <= MAX_ABS_VALUE)
     if bad.any():
@@ -85,7 +94,7 @@ def check_values(x: NDArray[np.float64], features: list[str]) -> None:
             else f"the limit is {MAX_ABS_VALUE:g}"
         )
         raise InvalidInput(
-            f"instances[{i}], {_column(features, j)} is {x[i, j]}: {reason}",
+            f"{row(i)}, {_column(features, j)} is {x[i, j]}: {reason}",
             {"row": i, "column": features[j], "value": str(x[i, j])},
         )
 
@@ -171,7 +180,7 @@ def _rows_from_objects(
             if id_key not in row:
                 raise InvalidInput(f"instances[{i}] has no {id_key!r}, the declared id_key", {"row": i})
             row = {k: v for k, v in given.items() if k != id_key}
-            ids.append(given[id_key])
+            ids.append(_check_id(given[id_key], f"instances[{i}][{id_key!r}]", i))
         if len(row) != len(features) or not known.issuperset(row):
             missing = [f for f in features if f not in row]
             unknown = [k for k in row if k not in known]
@@ -186,6 +195,14 @@ def _rows_from_objects(
     return out, ids
 
 
+def _check_id(value: Any, where: str, row: int) -> str | int:
+    """An id is a string or an integer of at most 64 bits: what any client can read back exactly."""
+    if type(value) is str or (type(value) is int and value in ID_RANGE):
+        return value
+    kind = "an integer beyond 64 bits" if type(value) is int else describe(value)
+    raise InvalidInput(f"{where}, an id, must be a string or a 64-bit integer, got {kind}", {"row": row})
+
+
 def _ids(doc: dict[str, Any], n: int, by_name: bool) -> tuple[list[Any] | None, str | None]:
     """`ids` (one string or integer per row) or `id_key` (object rows only), checked."""
     ids, id_key = doc.get("ids"), doc.get("id_key")
@@ -196,26 +213,61 @@ def _ids(doc: dict[str, Any], n: int, by_name: bool) -> tuple[list[Any] | None, 
     if ids is not None:
         if not isinstance(ids, list) or len(ids) != n:
             raise InvalidInput(f"'ids' must be a list of one id per row ({n}), got {describe(ids)}")
-        bad = next((i for i, v in enumerate(ids) if type(v) not in (str, int)), None)
-        if bad is not None:
-            raise InvalidInput(f"ids[{bad}] must be a string or an integer, got {describe(ids[bad])}")
+        for i, value in enumerate(ids):
+            _check_id(value, f"ids[{i}]", i)
     return ids, id_key
 
 
-def _load(body: Body) -> Any:
+# Python's parser reads what orjson refuses (NaN, Infinity, numbers beyond the float range), so that
+# the caller can name the row that holds one. It holds the GIL, at ~100 ms per MiB of such a body:
+# larger bodies are not parsed twice, their error is located from orjson's position instead.
+REPARSE_BYTES = 64 * 1024
+_LIST_ROWS_START = re.compile(rb'\s*\{\s*"instances"\s*:\s*\[')
+_TOKEN = re.compile(rb"-?[\w.+-]{1,40}")
+
+
+def load_json(body: Body, features: list[str] | None = None, what: str = "the body") -> Any:
+    """The parsed document. Where orjson refuses it and the body is small, Python's parser (see
+    REPARSE_BYTES); where large, the error names the refused text and, for rows of a /score body
+    in their usual form (`features` given), its row and column."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as strict_error:
-        # NaN, Infinity and overflowing literals are not JSON; Python's parser accepts them, so the
-        # caller can say which row holds one instead of a bare syntax error. It also accepts what
-        # orjson rightly refuses, lone surrogates (a \\ud800 escape), which no UTF-8 text can hold:
-        # writing the document back as UTF-8 finds them.
+        if len(body) > REPARSE_BYTES:
+            raise _located(bytes(body), strict_error, features, what) from None
+        # Python's parser also accepts what orjson rightly refuses, lone surrogates (a \\ud800
+        # escape), which no UTF-8 text can hold: writing the document back as UTF-8 finds them.
         try:
-            doc = json.loads(body.decode("utf-8"), parse_constant=float)
+            doc = json.loads(bytes(body).decode("utf-8"), parse_constant=float)
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except (UnicodeError, ValueError, RecursionError):
-            raise BadRequest(f"the body is not valid JSON: {strict_error}") from None
+            raise BadRequest(f"{what} is not valid JSON: {strict_error}") from None
         return doc
+
+
+def _located(
+    body: bytes, error: orjson.JSONDecodeError, features: list[str] | None, what: str
+) -> BadRequest | InvalidInput:
+    """orjson's refusal of a large body, with the text it refused and, where the rows before it are
+    lists of plain numbers, the row and column that hold it. orjson counts characters, so the
+    position is a byte offset only where the text before it is ASCII."""
+    pos = error.pos
+    if pos > 0 and body[pos - 1 : pos] == b"-":  # orjson points past the sign of -Infinity
+        pos -= 1
+    token = _TOKEN.match(body, pos) if body[:pos].isascii() else None
+    found = f" ({token.group().decode('ascii', 'replace')!r})" if token else ""
+    start = _LIST_ROWS_START.match(body)
+    if token and features is not None and start:
+        rows = body[start.end() : pos]
+        opened = rows.count(b"[")
+        if opened and opened == rows.count(b"]") + 1 and not any(c in rows for c in (b'"', b"{")):
+            i, j = opened - 1, rows[rows.rfind(b"[") + 1 :].count(b",")
+            return InvalidInput(
+                f"instances[{i}], {_column(features, j)} is {token.group().decode('ascii')}: only finite "
+                "numbers can be scored, and JSON has no NaN or Infinity",
+                {"row": i, "column": features[j] if j < len(features) else j},
+            )
+    return BadRequest(f"{what} is not valid JSON: {error}{found}")
 
 
 # Beyond this many distinct strings, counting each one's occurrences in the body costs more than
@@ -296,7 +348,7 @@ def _options(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
-    doc = _load(body)
+    doc = load_json(body, features)
     if not isinstance(doc, dict):
         raise InvalidInput('the body must be a JSON object such as {"instances": [[...], ...]}')
     unknown = [k for k in doc if k not in KEYS]
@@ -328,6 +380,7 @@ def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
     return ScoreRequest(x=x, ids=ids, **options)
 
 
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 NPY_DTYPES = (np.dtype("<f4"), np.dtype("<f8"), np.dtype(">f4"), np.dtype(">f8"))
 
 
@@ -388,10 +441,13 @@ def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.fl
         )
         shape, fortran_order, dtype = read_header(stream)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise BadRequest(f"the body is not a valid .npy array: {e}") from None
+        # numpy's message may quote a parsed header's node ("<ast.BinOp object at 0x7f...>"): no
+        # addresses of the server's memory in an answer.
+        reason = _ADDRESS.sub("", str(e))
+        raise BadRequest(f"the body is not a valid .npy array: {reason[:300]}") from None
     if dtype not in NPY_DTYPES:
         raise InvalidInput(f"the array's dtype is {dtype}; send float32 or float64")
-    if len(shape) != 2 or shape[0] == 0:
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] < 0:
         raise InvalidInput(f"the array has shape {shape}; send a non-empty (rows, {len(features)}) matrix")
     rows, columns = shape
     if rows > max_rows:
@@ -437,6 +493,7 @@ def parse_reload(body: Body) -> ReloadRequest:
         doc = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise BadRequest(f"the body is not valid UTF-8 JSON: {e}") from None
+    reject_duplicate_keys(body, doc)
     try:
         return ReloadRequest.model_validate(doc)
     except ValidationError as e:

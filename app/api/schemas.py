@@ -47,6 +47,9 @@ class ScoreRequest(BaseModel):
 
 
 class ReloadRequest(BaseModel):
+    # An admin's misspelt field ("paht") must not reload the current path instead.
+    model_config = ConfigDict(extra="forbid")
+
     path: str | None = Field(
         None, description="bundle directory relative to the model root; default: reload the current path"
     )

@@ -275,12 +275,14 @@ class ModelHost:
         if not path.is_relative_to(root):
             raise InvalidInput(f"path {requested!r} lies outside the model root {root}", {"root": str(root)})
         # Its files too: a bundle of symbolic links would load whatever they point at.
-        if path.is_dir():
-            for entry in path.iterdir():
-                if not entry.resolve().is_relative_to(root):
-                    raise InvalidInput(
-                        f"{requested}/{entry.name} links outside the model root {root}", {"root": str(root)}
-                    )
+        try:
+            entries = list(path.iterdir()) if path.is_dir() else []
+            outside = next((e for e in entries if not e.resolve().is_relative_to(root)), None)
+        except OSError as e:  # a name too long for the file system, a directory not readable
+            raise InvalidInput(f"path {requested!r} is not a usable path: {e}", {"root": str(root)}) from None
+        if outside is not None:
+            message = f"{requested}/{outside.name} links outside the model root {root}"
+            raise InvalidInput(message, {"root": str(root)})
         return path
 
 

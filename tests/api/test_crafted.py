@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from app.api import routes
+from app.api import parsing, routes
 from app.api.settings import Settings
 
 from ..conftest import FEATURES
@@ -114,6 +114,26 @@ def test_a_large_body_is_parsed_off_the_event_loop(tiny_bundle, monkeypatch):
     crafted, small, numbers = threads
     assert crafted != small  # the crafted body: a worker thread; the small one: the event loop's
     assert numbers == small  # rows of numbers parse in milliseconds: not worth two GIL hand-offs
+
+
+def test_a_large_body_orjson_refuses_is_located_not_parsed_again(client):
+    """Hostile-client audit: a 16 MiB body of rows with one NaN went to Python's parser, which held
+    the GIL (and the event loop) for 1.7 s. Above REPARSE_BYTES the refusal is located from orjson's
+    position instead: row and column where the rows are lists of numbers, the text otherwise. The
+    wording differs from the reparsed path's ("is nan"), which shows which path answered."""
+    n = 8000
+    for literal in ("NaN", "-Infinity", "1e400"):
+        rows = [ROW] * n
+        rows[5000] = "[" + ",".join([literal if j == 3 else "1" for j in range(len(FEATURES))]) + "]"
+        body = '{"instances": [' + ",".join(rows) + "]}"
+        assert len(body) > parsing.REPARSE_BYTES
+        check(post(client, body), 422, f"instances[5000], column 3 ('f3') is {literal}: only finite numbers")
+    objects = [OBJECT_ROW + "}"] * 2000  # within the test settings' body limit
+    objects[7] = objects[7].replace('"f2": 1', '"f2": NaN')
+    check(post(client, '{"instances": [' + ",".join(objects) + "]}"), 400, "not valid JSON", "('NaN')")
+    # Below the bound, Python's parser still reads it and check_values names the cell.
+    small = '{"instances": [' + ROW + ",[1,1,1,NaN,1,1]]}"
+    check(post(client, small), 422, "instances[1], column 3", "is nan")
 
 
 def test_the_documented_schema_requires_a_non_empty_instances_array_as_the_service_does(client):

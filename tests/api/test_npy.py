@@ -52,6 +52,14 @@ def test_npy_refusals(client):
     # an object array is refused by its header, before numpy would unpickle anything
     check(post_npy(client, npy(np.array([{"a": 1}], dtype=object))), 422, "dtype is object")
     check(post_npy(client, b"\x93NUMPY garbage"), 400, "not a valid .npy")
+    # numpy's own message quotes the header's parsed node with its address: not in an answer.
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1+1, 6), }".ljust(117) + "\n"
+    crafted = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    body = check(post_npy(client, crafted), 400, "not a valid .npy", "ast.BinOp")
+    assert " at 0x" not in body["error"]
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (-1, 6), }".ljust(117) + "\n"
+    negative = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    check(post_npy(client, negative), 422, "shape (-1, 6); send a non-empty (rows, 6) matrix")
     check(post_npy(client, npy(ROWS), colour="red"), 422, "unknown query parameters ['colour']")
     check(post_npy(client, npy(ROWS), explain="maybe"), 422, "'explain' must be true or false")
     check(post_npy(client, npy(np.zeros((501, 6)))), 413, "501 rows")

@@ -3,6 +3,7 @@ specification (oip_schemas.py), answers equal to /score's, JSON and binary tenso
 
 import json
 
+import httpx
 import jsonschema
 import numpy as np
 import pytest
@@ -35,6 +36,12 @@ def infer_path(client, version: bool = False) -> str:
 def tensor(rows: np.ndarray, datatype: str = "FP64", nested: bool = False) -> dict:
     data = rows.tolist() if nested else rows.ravel().tolist()
     return {"name": "x", "shape": list(rows.shape), "datatype": datatype, "data": data}
+
+
+def binary_request(rows: np.ndarray = ROWS) -> dict:
+    """A request for rows sent as binary FP64 data after the JSON."""
+    x = {"name": "x", "shape": list(rows.shape), "datatype": "FP64"}
+    return {"inputs": [x | {"parameters": {"binary_data_size": rows.nbytes}}]}
 
 
 def binary_body(document: dict, *chunks: bytes) -> tuple[bytes, dict]:
@@ -156,6 +163,12 @@ def test_binary_tensors_in_and_out_equal_score(v2):
     np.testing.assert_array_equal(decode(response)["score"], score_answer(v2, ROWS)["scores"])
 
 
+def with_value(rows: np.ndarray, i: int, j: int, value: float) -> np.ndarray:
+    changed = rows.copy()
+    changed[i, j] = value
+    return changed
+
+
 def bad(rows=ROWS, **changes) -> dict:
     request = {"inputs": [tensor(rows)]}
     for key, change in changes.items():
@@ -171,14 +184,18 @@ def bad(rows=ROWS, **changes) -> dict:
     [
         (bad(x_name="input0"), 422, "this model's one input is 'x'"),
         (bad(x_datatype="INT64"), 422, "send one of ['FP32', 'FP64']"),
+        (bad(x_datatype=["FP64"]), 422, "input 'x' has datatype list ['FP64']; send one of ['FP32', 'FP64']"),
+        (bad(x_datatype={}), 422, "input 'x' has datatype dict {}; send one of ['FP32', 'FP64']"),
         (bad(x_shape=[len(ROWS), D + 1]), 422, f"send [rows, {D}]"),
         (bad(x_shape=[len(ROWS) + 1, D]), 422, "data has"),
         (bad(x_data=[1.0] * (len(ROWS) * D - 1) + ["1"]), 422, "expected a number, got str"),
         (bad(x_data=[True] * (len(ROWS) * D)), 422, "row 0, column 0 ('f0'): expected a number, got bool"),
         (bad(x_data=[1e300] * (len(ROWS) * D)), 422, "the limit is 1e+15"),
+        (bad(with_value(ROWS, 3, 2, 1e300)), 422, "input 'x' row 3, column 2 ('f2') is 1e+300: the limit is"),
         (bad(x_extra=1), 422, "unknown input fields ['extra']"),
         (bad(inputs=[]), 422, "exactly one tensor"),
         (bad(outputs=[{"name": "nope"}]), 422, "unknown output str 'nope'"),
+        (bad(outputs=[{"name": "score"}, {"name": {}}]), 422, "outputs[1] 'name' must be a string, one of"),
         (bad(outputs=[{"name": "score"}, {"name": "score"}]), 422, "requested twice"),
         (bad(parameters={"priority": 1}), 422, "unknown parameters ['priority']"),
         (bad(parameters={"method": "nope"}), 422, "unknown score method"),
@@ -192,6 +209,83 @@ def bad(rows=ROWS, **changes) -> dict:
 )
 def test_refusals_are_the_protocols_error_documents(v2, request_body, status, fragment):
     check_error(v2.post(infer_path(v2), json=request_body), status, fragment)
+
+
+# Every field of the request, with values of JSON types it does not take: each is refused as the
+# client's error, naming the field, never a 500 (a list or an object once reached a dict lookup).
+WRONG_TYPES = ({}, [[]], ["FP64"], "s", 7, True)
+FIELDS = {  # path -> the types the field takes, which are no wrong type for it
+    ("id",): (str,),
+    ("model_name",): (),
+    ("parameters",): (dict,),
+    ("parameters", "method"): (str,),
+    ("parameters", "threshold"): (str, int, float),
+    ("parameters", "binary_data_output"): (bool,),
+    ("inputs",): (),
+    ("inputs", 0, "name"): (str,),
+    ("inputs", 0, "shape"): (),
+    ("inputs", 0, "datatype"): (str,),
+    ("inputs", 0, "data"): (),
+    ("inputs", 0, "parameters"): (dict,),
+    ("inputs", 0, "parameters", "binary_data_size"): (),
+    ("outputs",): (),
+    ("outputs", 0, "name"): (str,),
+    ("outputs", 0, "parameters"): (dict,),
+    ("outputs", 0, "parameters", "binary_data"): (bool,),
+}
+
+
+@pytest.mark.parametrize("path", list(FIELDS), ids=lambda path: ".".join(map(str, path)))
+def test_wrong_json_types_are_refused_naming_the_field(v2, path):
+    for wrong in (v for v in WRONG_TYPES if type(v) not in FIELDS[path]):
+        request = bad(parameters={}, outputs=[{"name": "score", "parameters": {}}])
+        request["inputs"][0]["parameters"] = {}
+        node = request
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = wrong
+        response = v2.post(infer_path(v2), json=request)
+        check_error(response, 422, str(path[-1]))
+
+
+def post_raw_header(client, path: str, body: bytes, header: tuple[bytes, bytes]) -> httpx.Response:
+    """POST with a header's bytes as a server passes them on: the TestClient re-encodes header
+    values as UTF-8, so b"\\xb2" would reach the app as 'Â²', not as the '²' uvicorn gives it."""
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=client.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as raw:
+            return await raw.post(path, content=body, headers=[header])
+
+    # In the TestClient's event loop, where the app's scheduler runs
+    return client.portal.call(post)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"\xb2", b"9" * 5000, b"1" * 21, b"12a", b"-1", b" "],
+    ids=["superscript-two", "5000-digits", "21-digits", "letter", "negative", "blank"],
+)
+def test_header_length_takes_ascii_digits_only(v2, value):
+    # '\xb2' (latin-1 '²') passes str.isdigit() but not int(); 5000 digits pass neither int() nor a
+    # readable error message.
+    body, _ = binary_body(binary_request(), ROWS.astype("<f8").tobytes())
+    response = post_raw_header(v2, infer_path(v2), body, (b"Inference-Header-Content-Length", value))
+    check_error(response, 400, "Inference-Header-Content-Length")
+    assert len(response.json()["error"]) < 200
+
+
+def test_non_finite_binary_values_name_the_input_row_and_column(v2):
+    body, headers = binary_body(binary_request(), with_value(ROWS, 1, 4, np.nan).astype("<f8").tobytes())
+    response = v2.post(infer_path(v2), content=body, headers=headers)
+    check_error(response, 422, "input 'x' row 1, column 4 ('f4') is nan: only finite numbers can be scored")
+    assert "instances" not in response.json()["error"]
+    # The same in JSON, which orjson refuses: Python's parser reads it, as /score's does.
+    row = ",".join(["NaN" if j == 4 else "1" for j in range(ROWS.shape[1])])
+    document = '{"inputs": [{"name": "x", "shape": [2, %d], "datatype": "FP64", "data": [%s, %s]}]}'
+    body = document % (ROWS.shape[1], ",".join(["1"] * ROWS.shape[1]), row)
+    response = v2.post(infer_path(v2), content=body, headers={"content-type": "application/json"})
+    check_error(response, 422, "input 'x' row 1, column 4 ('f4') is nan")
 
 
 def test_malformed_bodies_and_binary_framing_are_refused(v2):

@@ -84,6 +84,16 @@ def test_reload_swaps_the_model_and_refuses_a_corrupt_one(root, client):
         "links outside the model root",
     )
     assert version(client) == b
+    # The hostile-client audit's 500s and silent acceptances: a name beyond the file system's limit
+    # (raised by is_dir, not by resolve), a misspelt field, a field given twice.
+    check(client.post("/admin/reload", json={"path": "a" * 5000}, headers=ADMIN), 422, "not a usable path")
+    check(client.post("/admin/reload", json={"paht": "a"}, headers=ADMIN), 422, "paht")
+    duplicated = b'{"path": "a", "path": "b"}'
+    response = client.post(
+        "/admin/reload", content=duplicated, headers=ADMIN | {"content-type": "application/json"}
+    )
+    check(response, 422, "duplicate key 'path'")
+    assert version(client) == b
     samples = scrape(client)
     assert value(samples, "anomaly_reloads_total", result="success") == 1
     assert value(samples, "anomaly_reloads_total", result="failure") == 1

@@ -161,10 +161,27 @@ def test_ids_are_echoed_beside_the_scores_never_scored(client):
     ]
     keyed = client.post("/score", json={"instances": named, "id_key": "sample_id"}).json()
     assert keyed["ids"] == ["S0", "S1", "S2"] and keyed["scores"] == plain["scores"]
+    extreme = client.post("/score", json={"instances": rows.tolist(), "ids": [2**63 - 1, -(2**63), 0]}).json()
+    assert extreme["ids"] == [2**63 - 1, -(2**63), 0]
     assert "ids" not in plain
     for body, fragment in (
         ({"instances": rows.tolist(), "ids": ["a"]}, "one id per row (3)"),
-        ({"instances": rows.tolist(), "ids": ["a", True, "c"]}, "ids[1] must be a string or an integer"),
+        (
+            {"instances": rows.tolist(), "ids": ["a", True, "c"]},
+            "ids[1], an id, must be a string or a 64-bit",
+        ),
+        # The audit's 500: an integer orjson cannot write back, refused before anything is scored.
+        ({"instances": rows.tolist(), "ids": ["a", 2**63, "c"]}, "ids[1], an id, must be a string or a 64-"),
+        # 400 digits: beyond what orjson reads at all, so Python's parser reads it exactly.
+        ({"instances": rows.tolist(), "ids": ["a", "b", int("7" * 400)]}, "ids[2], an id, must be a string"),
+        (
+            {"instances": [*named[:2], named[2] | {"sample_id": 2**63 + 5}], "id_key": "sample_id"},
+            "instances[2]['sample_id'], an id, must be a string or a 64-bit integer, got an integer beyond",
+        ),
+        (
+            {"instances": [named[0] | {"sample_id": 1.5}, *named[1:]], "id_key": "sample_id"},
+            "instances[0]['sample_id'], an id, must be a string or a 64-bit integer, got float 1.5",
+        ),
         ({"instances": rows.tolist(), "id_key": "sample_id"}, "with rows as objects"),
         ({"instances": named, "id_key": "other"}, "has no 'other', the declared id_key"),
         ({"instances": named}, "unknown features ['sample_id']"),
