@@ -639,6 +639,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from app.api.protocol import BoundedHttpToolsProtocol
     from app.api.settings import Settings
 
     if args.model is not None:
@@ -655,6 +656,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": settings.log_level,
         "access_log": False,  # the service writes its own JSON line per request
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "http": BoundedHttpToolsProtocol,
     }
     if args.workers == 1:
         from app.api.main import create_app

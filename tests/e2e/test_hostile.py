@@ -2,6 +2,7 @@
 about connections: stalled uploads, unauthenticated admin bodies, clients that vanish mid-upload, the
 byte budget, and a load that never finishes. Every wait is bounded."""
 
+import contextlib
 import functools
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from app.api.protocol import MAX_HEAD_BYTES, MAX_PIPELINED
 from app.bundle.format import MANIFEST, WEIGHTS, content_version
 
 from ..conftest import manifold_rows
@@ -298,3 +300,50 @@ def test_the_serve_command_refuses_a_bundle_that_does_not_load_in_time(tiny_bund
             process.kill()
             process.wait()
     assert "error: loading" in log.read_text() and "did not finish within 2 s" in log.read_text()
+
+
+def test_an_oversized_request_head_is_refused_431_before_it_is_held(tiny_bundle, tmp_path):
+    """Audit finding: uvicorn read a 64 MiB header into memory and answered 200. `serve` runs
+    app.api.protocol's bounds: a head beyond MAX_HEAD_BYTES gets 431, whether it comes in one piece
+    or dribbles in and never ends."""
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        sock = connect(s)
+        big = "x" * (MAX_HEAD_BYTES + 1)
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n".encode())
+        status, body, closed = read_response(sock, timeout=10)
+        assert status == 431 and body["detail"]["limit"] == MAX_HEAD_BYTES and closed, body
+        sock.close()
+        sock = connect(s)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 64 * MAX_HEAD_BYTES:  # the server must stop this long before
+                sock.sendall(b"y" * 16384)
+                sent += 16384
+                time.sleep(0.001)
+        assert sent < 64 * MAX_HEAD_BYTES
+        status, body, closed = read_response(sock, timeout=10)
+        assert status == 431 and closed, body
+        sock.close()
+        assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200
+
+
+def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path):
+    """Audit finding: a connection pipelining GET /healthz without reading grew the server by
+    400 MB in 6 s. The requests queued within MAX_PIPELINED are answered in order, the last with
+    Connection: close; the rest are never read, and the server stays small and answering."""
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        sock = connect(s)
+        sent = 10 * MAX_PIPELINED
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * sent)
+        sock.settimeout(10)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        answers = data.count(b"HTTP/1.1 ")
+        assert MAX_PIPELINED < answers < sent
+        assert data.count(b"HTTP/1.1 200 OK") == answers  # complete answers, in order, then the close
+        assert data.lower().count(b"connection: close") == 1
+        assert data.rfind(b"connection: close") > data.rfind(b"HTTP/1.1 200")  # in the last answer
+        assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200

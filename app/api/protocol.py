@@ -1,0 +1,113 @@
+"""uvicorn's httptools protocol with the two bounds it lacks, for a service exposed without a proxy.
+
+A hostile-client audit found that uvicorn (0.55, httptools) keeps a request head of any size (a
+64 MiB header was read into memory and answered 200) and queues pipelined requests without limit:
+one connection that sent `GET /healthz` pipelined and never read the answers grew the process by
+400 MB in 6 s, since every answer resumes reading and the next read queues thousands more. nginx
+in front (deploy/nginx) bounds both; these bounds hold where it is not.
+
+- A request head (request line and headers) above MAX_HEAD_BYTES is answered 431 and the
+  connection closed.
+- A connection may queue MAX_PIPELINED requests behind the one being answered. Beyond that, the
+  requests already queued are answered in order, the last with `Connection: close`, and nothing
+  more is read: requests the server never accepted, which an HTTP client retries on a new
+  connection (RFC 9112, 9.3.2).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024  # nginx's default large_client_header_buffers hold 4 x 8 KiB
+MAX_PIPELINED = 32
+
+
+class Refused(Exception):
+    """Raised in a parser callback: httptools stops parsing and uvicorn calls send_400_response."""
+
+    def __init__(self, status: int, reason: str, message: str, detail: dict[str, int]) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.detail = status, reason, message, detail
+
+
+def _too_large() -> Refused:
+    message = f"request line and headers larger than the limit of {MAX_HEAD_BYTES} bytes"
+    return Refused(431, "Request Header Fields Too Large", message, {"limit": MAX_HEAD_BYTES})
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_bytes = 0  # of the head being parsed, as its callbacks see it
+        # httptools gathers a header's value until it ends before calling on_header, so a header of
+        # megabytes is held before it can be counted: the bytes received mid-head count too.
+        self.in_head = False
+        self.head_received = 0
+        self.refusal: Refused | None = None
+        self.finishing = False  # the queued requests are answered, nothing more is read
+
+    def data_received(self, data: bytes) -> None:
+        if self.finishing:  # the parser stopped in error; the close is on its way
+            return
+        if self.in_head:
+            self.head_received += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_received > MAX_HEAD_BYTES and not self.finishing:
+            self.refusal = _too_large()
+            self.send_400_response("")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head, self.head_bytes, self.head_received = True, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if len(self.pipeline) >= MAX_PIPELINED:
+            self._refuse(
+                Refused(
+                    503,
+                    "Service Unavailable",
+                    f"more than {MAX_PIPELINED} pipelined requests queued on one connection",
+                    {"limit": MAX_PIPELINED},
+                )
+            )
+        super().on_headers_complete()
+
+    def _count(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._refuse(_too_large())
+
+    def _refuse(self, refusal: Refused) -> None:
+        self.refusal = refusal
+        raise refusal
+
+    def send_400_response(self, msg: str) -> None:
+        refusal, self.refusal = self.refusal, None
+        if refusal is None:
+            super().send_400_response(msg)
+            return
+        self.finishing = True
+        self.flow.pause_reading()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Answers owed on this connection go first, in order: close after the newest.
+            self.cycle.keep_alive = False
+            return
+        body = json.dumps({"error": refusal.message, "detail": refusal.detail}).encode()
+        head = (
+            f"HTTP/1.1 {refusal.status} {refusal.reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode("ascii") + body)
+        self.transport.close()
