@@ -78,6 +78,9 @@ class Network:
         return Network(**{f.name: getattr(self, f.name) for f in fields(Network)})
 
 
+_NAME_FIELDS = ("activation", "geometry", "prior")
+
+
 @dataclass(frozen=True)
 class Architecture(Network):
     """Everything needed to rebuild encoder, decoder and prior; stored verbatim in a model bundle."""
@@ -100,6 +103,16 @@ class Architecture(Network):
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Architecture:
+        """As stored: every field present, sizes as JSON integers (not 64.0), names as strings."""
+        known = {f.name: f for f in fields(cls)}
+        unknown, missing = sorted(set(data) - set(known)), sorted(set(known) - set(data))
+        if unknown or missing:
+            wrong = (f"{what} fields {names}" for what, names in (("unknown", unknown), ("missing", missing)))
+            raise ValueError(", ".join(w for w in wrong if not w.endswith("[]")))
+        for name, value in data.items():
+            wanted = str if name in _NAME_FIELDS else int
+            if type(value) is not wanted:
+                raise ValueError(f"{name} must be a JSON {wanted.__name__}, got {value!r}")
         return cls(**data)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:

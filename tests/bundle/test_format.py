@@ -122,6 +122,23 @@ def test_shape_mismatch_is_refused(copy):
         load_bundle(copy)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # The re-implementation audit: 64.0 loaded as a size, which docs/bundle.md says is an integer.
+        (lambda a: a.update(hidden=16.0), r"hidden must be a JSON int, got 16\.0"),
+        (lambda a: a.update(depth=True), r"depth must be a JSON int, got True"),
+        (lambda a: a.update(prior=7), r"prior must be a JSON str, got 7"),
+        (lambda a: a.update(colour="red"), r"unknown fields \['colour'\]"),
+        (lambda a: a.pop("activation"), r"missing fields \['activation'\]"),
+    ],
+)
+def test_an_architecture_of_the_wrong_types_is_refused(copy, edit, message):
+    rewrite_manifest(copy, lambda m: edit(m["architecture"]))
+    with pytest.raises(BundleError, match="invalid architecture: " + message):
+        load_bundle(copy)
+
+
 def test_garbage_manifest_is_refused(copy):
     (copy / MANIFEST).write_bytes(b"\x00\xff not json")
     with pytest.raises(BundleError, match="not valid JSON"):

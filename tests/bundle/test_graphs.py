@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 from safetensors.numpy import load_file, save_file
 
@@ -49,12 +50,39 @@ def output_node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
 
 
 def test_the_shipped_model_and_the_tiny_bundle_pass(tiny_bundle):
-    for root in (DEFAULT, tiny_bundle):
-        bundle = load_bundle(root)
-        graphs = verified_graphs(bundle)
-        assert list(graphs) == list(METHODS)
-        for method, data in graphs.items():  # written here, so bit for bit the files
-            assert data == bundle.graphs[method].read_bytes()
+    bundle = load_bundle(tiny_bundle)
+    graphs = verified_graphs(bundle)
+    assert list(graphs) == list(METHODS)
+    for method, data in graphs.items():  # written here, so bit for bit the files
+        assert data == bundle.graphs[method].read_bytes()
+    # Written on another CPU: a computed constant (Graph.computed) may round differently in its last
+    # bit, which is what COMPUTED_RTOL is for; the shipped projected graph's -1/scale^2 of the prior
+    # did, on an AMD EPYC. Everything else is the file's, and no value is further than 1e-12.
+    bundle = load_bundle(DEFAULT)
+    graphs = verified_graphs(bundle)
+    assert list(graphs) == list(METHODS)
+    for method, data in graphs.items():
+        rebuilt, stored = onnx.load_from_string(data), onnx.load(bundle.graphs[method])
+        ours, theirs = list(_tensors(rebuilt)), list(_tensors(stored))
+        assert [t.name for t in ours] == [t.name for t in theirs], method
+        for a, b in zip(ours, theirs, strict=True):
+            values_a, values_b = numpy_helper.to_array(a), numpy_helper.to_array(b)
+            assert values_a.dtype == values_b.dtype, (method, a.name)
+            np.testing.assert_allclose(values_a, values_b, rtol=1e-12, atol=0, err_msg=f"{method} {a.name}")
+            a.ClearField("raw_data"), b.ClearField("raw_data")
+        assert rebuilt.SerializeToString() == stored.SerializeToString(), method  # all but the values
+
+
+def _tensors(message):  # type: ignore[no-untyped-def]
+    """Every TensorProto inside an ONNX message (initializers, Constant attributes, Loop bodies)."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for item in [value] if isinstance(value, Message) else value:
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from _tensors(item)
 
 
 def test_another_methods_graph_is_refused(bundle):
