@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore")
+    # Errors name the setting, never its value: a refused key must not reach the logs.
+    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore", hide_input_in_errors=True)
 
     model_path: Path = Field(Path("models/default"), description="bundle directory to serve")
     method: str | None = Field(None, description="default score method (default: the bundle's)")
@@ -86,4 +87,15 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys", "admin_key")
+    @classmethod
+    def _header_safe(cls, value: list[str] | str | None) -> list[str] | str | None:
+        # A key travels in a header, which HTTP reads as bytes: a key of 'é' matches only a client
+        # that sends it Latin-1 encoded, and never one that sends UTF-8. Refused at start instead.
+        keys = [value] if isinstance(value, str) else value or []
+        bad = [k for k in keys if not (k.isascii() and k.isprintable() and " " not in k)]
+        if bad:
+            raise ValueError(f"{len(bad)} key(s) hold characters other than printable ASCII without spaces")
         return value

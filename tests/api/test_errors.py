@@ -138,6 +138,15 @@ def test_keys_come_from_the_environment_as_a_comma_separated_list(monkeypatch):
     monkeypatch.setenv("ANOMALY_MAX_ROWS", "7")
     settings = Settings()
     assert settings.api_keys == ["a", "b"] and settings.max_rows == 7
+    # A key travels in a header: one that is not printable ASCII would match only some clients'
+    # encodings (an audit's 'kéy2' matched Latin-1 senders, not UTF-8 ones). Refused at start, and
+    # the error names the setting but not the secret.
+    for name, value in (("ANOMALY_API_KEYS", "a,kéy2"), ("ANOMALY_ADMIN_KEY", "two words")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match="printable ASCII") as refused:
+            Settings()
+        assert value not in str(refused.value) and name.removeprefix("ANOMALY_").lower() in str(refused.value)
+        monkeypatch.delenv(name)
 
 
 def test_a_model_that_fails_to_load_keeps_the_process_up_and_answers_503(tmp_path):
