@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import ClientClosed
 from app.api.metrics import Metrics
 
 access = logging.getLogger("anomaly_scores.access")
@@ -87,7 +88,14 @@ class RequestLogMiddleware:
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode("latin-1")),
                 ]
-            await send(message)
+            try:
+                await send(message)
+            except RuntimeError as e:
+                # uvloop refuses a write to a transport the client has just closed (asyncio's loop
+                # drops it): the client went away, as a 499, not the server's failure to log as one.
+                if "closed" not in str(e):
+                    raise
+                status = ClientClosed.status
 
         try:
             await self.app(scope, receive, send_with_id)

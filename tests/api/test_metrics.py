@@ -176,3 +176,39 @@ def test_process_and_interpreter_metrics_come_with_the_apps_own(fresh):
         == 1
     )
     assert ("python_gc_collections_total", (("generation", "0"),)) in samples
+
+
+def test_a_response_to_a_client_that_has_gone_is_counted_499_and_not_raised():
+    """Hostile-client audit: a client that closed its connection mid-pipeline made uvloop refuse
+    the response's write (RuntimeError, 'the handler is closed'), which reached the error handler,
+    logged a traceback as an unhandled error and was counted 200. Now a 499, and nothing raised."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from app.api.logs import RequestLogMiddleware
+    from app.api.metrics import Metrics
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def gone(message):  # type: ignore[no-untyped-def]
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def broken(message):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Expected ASGI message 'http.response.body'")  # a bug: still raised
+
+    metrics = Metrics()
+    middleware = RequestLogMiddleware(app, metrics)
+    scope = {"type": "http", "method": "GET", "path": "/model", "headers": []}
+    asyncio.run(middleware(scope, None, gone))
+    with pytest.raises(RuntimeError, match="Expected ASGI"):
+        asyncio.run(middleware(scope, None, broken))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert value(samples, "anomaly_requests_total", endpoint="/model", code="499") == 1
+    assert value(samples, "anomaly_requests_total", endpoint="/model", code="200") == 1
