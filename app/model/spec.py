@@ -104,11 +104,11 @@ class Architecture(Network):
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Architecture:
         """As stored: every field present, sizes as JSON integers (not 64.0), names as strings."""
-        known = {f.name: f for f in fields(cls)}
-        unknown, missing = sorted(set(data) - set(known)), sorted(set(known) - set(data))
-        if unknown or missing:
-            wrong = (f"{what} fields {names}" for what, names in (("unknown", unknown), ("missing", missing)))
-            raise ValueError(", ".join(w for w in wrong if not w.endswith("[]")))
+        names = {f.name for f in fields(cls)}
+        groups = (("unknown", set(data) - names), ("missing", names - set(data)))
+        wrong = [f"{what} fields {sorted(group)}" for what, group in groups if group]
+        if wrong:
+            raise ValueError(", ".join(wrong))
         for name, value in data.items():
             wanted = str if name in _NAME_FIELDS else int
             if type(value) is not wanted:
