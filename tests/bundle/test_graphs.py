@@ -57,7 +57,7 @@ def test_the_shipped_model_and_the_tiny_bundle_pass(tiny_bundle):
         assert data == bundle.graphs[method].read_bytes()
     # Written on another CPU: a computed constant (Graph.computed) may round differently in its last
     # bit, which is what COMPUTED_RTOL is for; the shipped projected graph's -1/scale^2 of the prior
-    # did, on an AMD EPYC. Everything else is the file's, and no value is further than 1e-12.
+    # did, on an AMD EPYC without AVX-512. Everything else is the file's, no value further than 1e-12.
     bundle = load_bundle(DEFAULT)
     graphs = verified_graphs(bundle)
     assert list(graphs) == list(METHODS)
