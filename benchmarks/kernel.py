@@ -1,11 +1,13 @@
 """Scoring kernels side by side, in one run: rows/s of `likelihood` at several batch sizes. Prints JSON.
 
     .venv/bin/python benchmarks/kernel.py [--batches 1 64 1024 16384] [--seconds 1.0] [--repeats 3]
-        [--members 12]
+        [--ensemble default]
 
-With --members M, also an ensemble of M such networks (latent sizes 2, 4, 8 in turn, as the default
-grid's): the onnx backend's one call for all members, the same members scored by M calls of
-single-model scorers, and the ratio of the ensemble's time per row to one member's; the floating-
+With --ensemble GRID ('default', the grid `anomaly-scores train` fits with no options, or a JSON
+file of lists as `train --grid` takes), also the ensemble of that grid's candidates at d = 30, each a
+freshly initialised network of its architecture: the onnx backend's one call for all members, the
+same members scored by M calls of single-model scorers, one model of `train --grid none`'s
+architecture, and the ratio of the ensemble's time per row to that one model's; the floating-
 point operations of their matrix products per row (from the graphs' shapes), the rate the
 ensemble's products reach, and the rate of one large float32 GEMM on this machine, with the
 ensemble's rows/s if every product ran at that rate: a ceiling for any kernel on these cores.
@@ -39,6 +41,7 @@ from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
 from app.model.spec import Architecture
+from app.train.options import GRIDS, Candidate, expand_grid
 
 
 def naive(model: ManifoldModel, x: torch.Tensor) -> torch.Tensor:
@@ -104,15 +107,11 @@ def gemm_flops_per_second(seconds: float, repeats: int) -> float:
 def members_figures(
     args: argparse.Namespace, train: np.ndarray, calibration: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, object]:
-    """rows/s of an ensemble of args.members fresh networks against one member and M separate calls."""
-    models = [
-        ManifoldModel(
-            Architecture(
-                input_dim=30, latent_dim=(2, 4, 8)[i % 3], hidden=64, depth=3, prior="vamp", components=4
-            )
-        ).eval()
-        for i in range(args.members)
-    ]
+    """rows/s of the ensemble of a grid's candidates against one model and M separate calls."""
+    grid = GRIDS[args.ensemble] if args.ensemble in GRIDS else json.loads(Path(args.ensemble).read_text())
+    candidates = expand_grid(grid, 30)
+    models = [ManifoldModel(c.architecture(30)).eval() for c in candidates]
+    single = ManifoldModel(Candidate().architecture(30)).eval()
     bundle = save_ensemble(
         tmp / "ensemble",
         models=models,
@@ -128,8 +127,9 @@ def members_figures(
         default_fpr=0.1,
     )
     ensemble = OnnxScorer(bundle)
-    # Each member alone is a single-model bundle of the same network: what one model costs.
-    members = [
+    # Each member alone is a single-model bundle of the same network: M of them is the ensemble
+    # without one call; `one` is what `train --grid none` would serve instead.
+    one, *members = [
         OnnxScorer(
             save_bundle(
                 tmp / f"member-{i}",
@@ -142,19 +142,17 @@ def members_figures(
                 default_fpr=0.1,
             )
         )
-        for i, model in enumerate(models)
+        for i, model in enumerate([single, *models])
     ]
     flops = {
-        "one_member": matmul_flops_per_row(verified_graphs(members[1].bundle)["likelihood"]),
+        "one_model": matmul_flops_per_row(verified_graphs(one.bundle)["likelihood"]),
         "ensemble": sum(matmul_flops_per_row(verified_graphs(m)["likelihood"]) for m in ensemble.members),
     }
     gemm = gemm_flops_per_second(args.seconds, args.repeats)
     by_batch: dict[str, dict[str, float]] = {}
     for batch in args.batches:
         x = train[np.arange(batch) % len(train)]
-        one = rows_per_second(
-            lambda x=x: members[1].score(x, "likelihood"), batch, args.seconds, args.repeats
-        )
+        alone = rows_per_second(lambda x=x: one.score(x, "likelihood"), batch, args.seconds, args.repeats)
         merged = rows_per_second(
             lambda x=x: ensemble.score(x, "likelihood"), batch, args.seconds, args.repeats
         )
@@ -162,17 +160,21 @@ def members_figures(
             lambda x=x: [m.score(x, "likelihood") for m in members], batch, args.seconds, args.repeats
         )
         by_batch[str(batch)] = {
-            "one_member": round(one),
+            "one_model": round(alone),
             "ensemble_one_call": round(merged),
             "members_separate_calls": round(separate),
-            "ensemble_time_over_one_member": round(one / merged, 2),
+            "ensemble_time_over_one_model": round(alone / merged, 2),
             "ensemble_matmul_gflop_per_s": round(merged * flops["ensemble"] / 1e9, 1),
         }
     return {
-        "members": args.members,
-        "latent_sizes": "2, 4, 8 in turn",
+        "grid": args.ensemble,
+        "members": [
+            {k: v for k, v in c.to_dict().items() if k in ("latent_dim", "hidden", "beta", "kernel_width")}
+            for c in candidates
+        ],
+        "one_model": {"latent_dim": single.arch.latent_dim, "hidden": single.arch.hidden},
         "matmul_flop_per_row": {k: round(v) for k, v in flops.items()},
-        "ensemble_over_one_member_flop": round(flops["ensemble"] / flops["one_member"], 2),
+        "ensemble_over_one_model_flop": round(flops["ensemble"] / flops["one_model"], 2),
         "large_gemm_gflop_per_s": round(gemm / 1e9, 1),
         # rows/s if every product ran at the large GEMM's rate and nothing else cost anything
         "ensemble_rows_per_s_at_large_gemm_rate": round(gemm / flops["ensemble"]),
@@ -186,7 +188,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the best is reported")
     parser.add_argument("--naive-rows", type=int, default=200, help="the naive loop is timed on this many")
-    parser.add_argument("--members", type=int, default=0, help="also time an ensemble of this many networks")
+    parser.add_argument(
+        "--ensemble", help="also time the ensemble of this grid: 'default' or a JSON file of lists"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     arch = Architecture(input_dim=30, latent_dim=4, hidden=64, depth=3, prior="vamp", components=4)
@@ -222,7 +226,7 @@ def main() -> None:
                 ),
             }
             results[str(batch)] = {k: round(v) for k, v in entry.items()}
-        ensemble = members_figures(args, train, calibration, Path(tmp)) if args.members else None
+        ensemble = members_figures(args, train, calibration, Path(tmp)) if args.ensemble else None
         rows = min(args.naive_rows, len(train))
         xt = torch.tensor(train[:rows], dtype=torch.float32)
     naive_rate = rows_per_second(lambda: naive(model, xt), rows, args.seconds, args.repeats)
