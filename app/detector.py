@@ -5,7 +5,7 @@
     >>> rng = np.random.default_rng(0)
     >>> t = rng.uniform(-1, 1, size=(400, 1))
     >>> X = np.hstack([t, t**2, -t]) + 0.01 * rng.standard_normal((400, 3))  # rows near a curve
-    >>> detector = ManifoldDetector(hidden=16, steps=300, fpr=0.05).fit(X)  # an ensemble of 4
+    >>> detector = ManifoldDetector(hidden=16, steps=300, fpr=0.05).fit(X)  # an ensemble of 2
     >>> far = np.array([[0.0, 1.0, 0.0]])  # off the curve
     >>> bool(detector.score_samples(far)[0] < detector.score_samples(X[:1])[0])
     True
@@ -62,7 +62,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self,
         *,
         latent_dim: int = 4,
-        hidden: int = 64,
+        hidden: int = 32,
         depth: int = 3,
         activation: str = "swish",
         prior: str = "vamp",

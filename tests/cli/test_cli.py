@@ -79,10 +79,10 @@ def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trai
     args = ["train", str(root / "train.csv"), "--label-column", "label", "--hidden", "8", "--steps", "40"]
     assert main([*args, "--out", str(tmp_path / "ensemble"), "--quiet"]) == 0
     bundle = load_bundle(tmp_path / "ensemble")
-    # The default grid on 6 features: latent 2 and 4 (8 exceeds them) x 2 betas x 2 kernel widths.
-    assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 8
+    # The default grid on 6 features: latent 2 and 4 (8 exceeds them) x 2 kernel widths.
+    assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 4
     assert main(["info", str(tmp_path / "ensemble")]) == 0
-    assert "ensemble of 8 members, scored by factor_fisher: latent 2/4" in capsys.readouterr().out
+    assert "ensemble of 4 members, scored by factor_fisher: latent 2/4" in capsys.readouterr().out
     out = tmp_path / "scores.csv"
     assert main(["score", str(tmp_path / "ensemble"), str(root / "new.npy"), "--out", str(out)]) == 0
     scored, expected = pd.read_csv(out), OnnxScorer(bundle).score(rows)
