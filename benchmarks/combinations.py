@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +83,12 @@ RULES: dict[str, Callable[[Terms, Terms], NDArray[np.float64]]] = {
 }
 
 
-def table(folder: Path) -> str:
-    aucs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+AUCs = dict[str, dict[str, list[float]]]  # detector -> dataset -> test AUC per split
+
+
+def kept_splits(folder: Path) -> Iterator[tuple[str, str, NDArray[np.bool_], AUCs, Terms, Terms]]:
+    """(dataset, split, test labels, empty AUC record, validation terms, test terms) per kept split;
+    the record already holds the baselines' AUCs."""
     paths = sorted(folder.glob("*.npz"))
     if not paths:
         raise SystemExit(f"{folder}: no kept scores (run evaluate --keep-scores)")
@@ -93,30 +96,45 @@ def table(folder: Path) -> str:
         match = re.fullmatch(r"(.*)-(\d+)\.npz", path.name)
         if match is None:
             continue
-        dataset = match.group(1)
+        dataset, split = match.groups()
         y, baselines, val, test = load(path)
-        for name, values in baselines.items():
-            aucs[name][dataset].append(auc(y, values))
-        for name, rule in RULES.items():
-            combined = rule(val, test)
-            aucs[name][dataset].append(auc(y, np.nanmean(combined, 0) if combined.ndim == 2 else combined))
+        record: AUCs = {name: {dataset: [auc(y, values)]} for name, values in baselines.items()}
+        yield dataset, split, y, record, val, test
+
+
+def merge(into: AUCs, record: AUCs) -> None:
+    for name, per in record.items():
+        for dataset, values in per.items():
+            into.setdefault(name, {}).setdefault(dataset, []).extend(values)
+
+
+def markdown(label: str, aucs: AUCs) -> str:
+    """Mean test AUC per dataset and over datasets; n/a where a detector has no split of a dataset."""
     datasets = sorted({d for per in aucs.values() for d in per})
-    lines = [
-        f"| rule | {' | '.join(datasets)} | mean |",
-        "|---|" + "---|" * (len(datasets) + 1),
-    ]
+    lines = [f"| {label} | {' | '.join(datasets)} | mean |", "|---|" + "---|" * (len(datasets) + 1)]
     for name, per in aucs.items():
-        means = [float(np.mean(per[d])) for d in datasets]
-        lines.append(f"| {name} | {' | '.join(f'{m:.3f}' for m in means)} | **{np.mean(means):.3f}** |")
+        means = [float(np.mean(per[d])) if per.get(d) else float("nan") for d in datasets]
+        cells = " | ".join("n/a" if np.isnan(m) else f"{m:.3f}" for m in means)
+        lines.append(f"| {name} | {cells} | **{np.nanmean(means):.3f}** |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_tables(doc: str, table: Callable[[Path], str]) -> None:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("folders", type=Path, nargs="+", help="evaluate --keep-scores folders")
     for folder in parser.parse_args().folders:
         print(f"## {folder}\n\n{table(folder)}\n")
 
 
+def table(folder: Path) -> str:
+    aucs: AUCs = {}
+    for dataset, _, y, record, val, test in kept_splits(folder):
+        for name, rule in RULES.items():
+            combined = rule(val, test)
+            record[name] = {dataset: [auc(y, np.nanmean(combined, 0) if combined.ndim == 2 else combined)]}
+        merge(aucs, record)
+    return markdown("rule", aucs)
+
+
 if __name__ == "__main__":
-    main()
+    print_tables(__doc__, table)

@@ -14,9 +14,7 @@ such rows with care.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,7 +26,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.train.selection import auc
-from benchmarks.combinations import MANIFOLD, RESIDUAL, load, s
+from benchmarks.combinations import MANIFOLD, RESIDUAL, AUCs, kept_splits, markdown, merge, print_tables, s
 
 Row = dict[str, str]  # a candidates.csv row
 SUBSETS: dict[str, Callable[[Row], bool]] = {
@@ -49,36 +47,18 @@ def table(folder: Path) -> str:
     with open(folder.parent / "candidates.csv") as f:
         for row in csv.DictReader(f):
             candidates[(row["dataset"], row["split"])][int(row["candidate"])] = row
-    aucs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for path in sorted(folder.glob("*.npz")):
-        match = re.fullmatch(r"(.*)-(\d+)\.npz", path.name)
-        if match is None:
-            continue
-        dataset, split = match.groups()
-        y, baselines, val, test = load(path)
-        for name, values in baselines.items():
-            aucs[name][dataset].append(auc(y, values))
+    aucs: AUCs = {}
+    for dataset, split, y, record, val, test in kept_splits(folder):
         score = s(val, test, MANIFOLD) + s(val, test, RESIDUAL)  # (members, rows)
-        members = sorted({int(k.split("/")[1]) for k in np.load(path).files if k.startswith("val/")})
+        kept = np.load(folder / f"{dataset}-{split}.npz")
+        members = sorted({int(k.split("/")[1]) for k in kept.files if k.startswith("val/")})
         for name, pick in SUBSETS.items():
             chosen = [j for j, i in enumerate(members) if pick(candidates[(dataset, split)][i])]
             if chosen:
-                aucs[name][dataset].append(auc(y, np.nanmean(score[chosen], 0)))
-    datasets = sorted({d for per in aucs.values() for d in per})
-    lines = [f"| members | {' | '.join(datasets)} | mean |", "|---|" + "---|" * (len(datasets) + 1)]
-    for name, per in aucs.items():
-        means = [float(np.mean(per[d])) if per.get(d) else float("nan") for d in datasets]
-        cells = " | ".join("n/a" if np.isnan(m) else f"{m:.3f}" for m in means)
-        lines.append(f"| {name} | {cells} | **{np.nanmean(means):.3f}** |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", type=Path, nargs="+", help="evaluate --keep-scores folders")
-    for folder in parser.parse_args().folders:
-        print(f"## {folder}\n\n{table(folder)}\n")
+                record[name] = {dataset: [auc(y, np.nanmean(score[chosen], 0))]}
+        merge(aucs, record)
+    return markdown("members", aucs)
 
 
 if __name__ == "__main__":
-    main()
+    print_tables(__doc__, table)
