@@ -44,24 +44,26 @@ def available_cores() -> int:
 class _Layout:
     """Where a session's outputs hold each member's values, and how its calls are cut into blocks."""
 
-    members: tuple[dict[str, tuple[int, int | None]], ...]  # output name -> (position, stack index)
-    batch_axis: tuple[int, ...]  # per session output: its rows' axis (1 behind a stack's member axis)
+    members: tuple[dict[str, tuple[str, int | None]], ...]  # name -> (session output, stack index)
+    batch_axis: dict[str, int]  # per session output: its rows' axis (1 behind a stack's member axis)
     block_rows: int | None  # at most this many rows per call; None: no limit
+    # The session outputs to fetch without and with `explain`: each member's (rows, d) residual is
+    # most of what a call copies out, and only an explanation reads it.
+    outputs: dict[bool, tuple[str, ...]]
 
 
 def _layout(session: ort.InferenceSession, graph: MergedGraph) -> _Layout:
-    position = {output.name: i for i, output in enumerate(session.get_outputs())}
-    members = tuple(
-        {name: (position[output], index) for name, (output, index) in member.items()}
-        for member in graph.members
-    )
-    stacked = [(at, index) for member in members for at, index in member.values() if index is not None]
-    batch_axis = [0] * len(position)
-    for at, _ in stacked:
-        batch_axis[at] = 1
+    names = [output.name for output in session.get_outputs()]
+    members = tuple(dict(member) for member in graph.members)
+    stacked = [
+        (output, index) for member in members for output, index in member.values() if index is not None
+    ]
+    batch_axis = dict.fromkeys(names, 0) | {output: 1 for output, _ in stacked}
     largest = max((index + 1 for _, index in stacked), default=1)
     block_rows = max(MIN_BLOCK_ROWS, MEMBER_ROWS // largest) if largest > 1 else None
-    return _Layout(members, tuple(batch_axis), block_rows)
+    residuals = {output for member in members for name, (output, _) in member.items() if name == "residual"}
+    outputs = {True: tuple(names), False: tuple(n for n in names if n not in residuals)}
+    return _Layout(members, batch_axis, block_rows, outputs)
 
 
 class OnnxScorer:
@@ -112,41 +114,45 @@ class OnnxScorer:
         x_model, mismatch = self.bundle.split_columns(x_raw)
         x = np.ascontiguousarray(x_model, dtype=np.float64)
         try:
-            results = self._run(session, x)
+            results = self._run(session, x, explain)
         except Exception as e:  # onnxruntime's errors (Fail, InvalidArgument, ...) derive from Exception only
             raise ScoringFailed(
                 f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
             ) from e
         members = [
             {
-                name: results[at] if index is None else results[at][index]
-                for name, (at, index) in member.items()
+                name: results[output] if index is None else results[output][index]
+                for name, (output, index) in member.items()
+                if output in results
             }
             for member in self._layouts[session].members
         ]
         return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)
 
-    def _run(self, session: ort.InferenceSession, x: NDArray[np.float64]) -> list[NDArray[np.floating]]:
+    def _run(
+        self, session: ort.InferenceSession, x: NDArray[np.float64], explain: bool
+    ) -> dict[str, NDArray[np.floating]]:
         layout, rows = self._layouts[session], x.shape[0]
+        names = layout.outputs[explain]
         blocks = min(self.threads, rows // MIN_BLOCK_ROWS)
         if layout.block_rows is not None:
             blocks = max(blocks, -(-rows // layout.block_rows))
         if blocks <= 1:
-            return session.run(None, {"x": x})
+            return dict(zip(names, session.run(names, {"x": x}), strict=True))
         chunks = np.array_split(x, blocks)
         lanes = min(self.threads, blocks)
 
         def lane(first: int) -> list[list[NDArray[np.floating]]]:
-            return [session.run(None, {"x": chunk}) for chunk in chunks[first::lanes]]
+            return [session.run(names, {"x": chunk}) for chunk in chunks[first::lanes]]
 
         pending = [self._executor().submit(lane, first) for first in range(1, lanes)]
         # This thread scores the first lane itself rather than wait idle.
         done = [lane(0)] + [p.result() for p in pending]
         parts = [done[i % lanes][i // lanes] for i in range(blocks)]
-        return [
-            np.concatenate(column, axis=axis)
-            for column, axis in zip(zip(*parts, strict=True), layout.batch_axis, strict=True)
-        ]
+        return {
+            name: np.concatenate(column, axis=layout.batch_axis[name])
+            for name, column in zip(names, zip(*parts, strict=True), strict=True)
+        }
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:  # two first calls at once must not each make a pool

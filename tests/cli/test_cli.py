@@ -205,7 +205,7 @@ def test_a_scoring_failure_exits_2_with_error_and_writes_no_misaligned_rows(
     args = ["score", str(root / "bundle"), str(root / "new.csv"), "--out", str(tmp_path / "o.csv")]
     original = OnnxScorer._run
 
-    def fails(self, session, x):
+    def fails(self, *args):
         raise Fail("[ONNXRuntimeError] : 1 : FAIL : a node failed")
 
     monkeypatch.setattr(OnnxScorer, "_run", fails)
@@ -213,7 +213,9 @@ def test_a_scoring_failure_exits_2_with_error_and_writes_no_misaligned_rows(
     err = capsys.readouterr().err
     assert err.startswith("error: onnxruntime failed on the graph of 'likelihood'") and "Traceback" not in err
     monkeypatch.undo()
-    monkeypatch.setattr(OnnxScorer, "_run", lambda self, s, x: [out[:-1] for out in original(self, s, x)])
+    monkeypatch.setattr(
+        OnnxScorer, "_run", lambda self, *a: {name: o[:-1] for name, o in original(self, *a).items()}
+    )
     assert main(args) == 2
     assert "returned log_prob of shape (49,) for 50 rows" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither a partial nor a misaligned output file

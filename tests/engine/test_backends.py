@@ -68,9 +68,16 @@ def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch)
     x = bundle.scaler.mean + rng.standard_normal((1001, len(bundle.features))) * bundle.scaler.scale
     blocked, whole = OnnxScorer(bundle, threads=3), OnnxScorer(bundle, threads=1)
     sizes: list[int] = []
+    fetched: list[list[str]] = []
     session = blocked.sessions["likelihood"]
     run = session.run
-    monkeypatch.setattr(session, "run", lambda names, feed: sizes.append(len(feed["x"])) or run(names, feed))
+
+    def recorded(names, feed):
+        sizes.append(len(feed["x"]))
+        fetched.append(names)
+        return run(names, feed)
+
+    monkeypatch.setattr(session, "run", recorded)
     a, b = blocked.score(x, "likelihood", explain=True), whole.score(x, "likelihood", explain=True)
     assert sorted(sizes) == [333, 334, 334]
     rtol = float32_rtol(bundle.architecture)
@@ -78,10 +85,13 @@ def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch)
         # a row's figures do not depend on its neighbours, up to the GEMM kernels' blocking
         np.testing.assert_allclose(column, b.columns([])[name], rtol=rtol, atol=rtol, err_msg=name)
     np.testing.assert_allclose(a.residual_share, b.residual_share, rtol=rtol, atol=rtol)
-    # too few rows for a second block: one call
+    assert all("residual" in names for names in fetched)
+    # too few rows for a second block: one call; without an explanation the (rows, d) residual,
+    # most of what a call would copy out, is not fetched
     sizes.clear()
+    fetched.clear()
     blocked.score(x[:200], "likelihood")
-    assert sizes == [200]
+    assert sizes == [200] and fetched and not any("residual" in names for names in fetched)
 
 
 def test_every_scoring_call_checks_one_output_row_per_input_row(tiny_bundle, monkeypatch):
@@ -91,12 +101,12 @@ def test_every_scoring_call_checks_one_output_row_per_input_row(tiny_bundle, mon
     x = manifold_rows(4, seed=1)
     assert scorer.score(x, "likelihood").score.shape == (4,)
     run = scorer._run
-    monkeypatch.setattr(scorer, "_run", lambda session, rows: [out[:-1] for out in run(session, rows)])
+    monkeypatch.setattr(scorer, "_run", lambda *a: {name: out[:-1] for name, out in run(*a).items()})
     with pytest.raises(ScoringFailed, match=r"returned log_prob of shape \(3,\) for 4 rows") as failed:
         scorer.score(x, "likelihood")
     assert failed.value.status == 500
     monkeypatch.setattr(
-        scorer, "_run", lambda session, rows: [o[:, :1] if o.ndim == 2 else o for o in run(session, rows)]
+        scorer, "_run", lambda *a: {name: o[:, :1] if o.ndim == 2 else o for name, o in run(*a).items()}
     )
     with pytest.raises(ScoringFailed, match=r"residual of shape \(4, 1\)"):
         scorer.score(x, "likelihood", explain=True)
