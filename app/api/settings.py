@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="scoring requests admitted at once; beyond, 503 at once")
     scoring_concurrency: int = Field(2, ge=1, description="scoring calls running at once")
     inline_rows: int = Field(
-        16, ge=0, description="onnx backend: requests of at most this many rows are scored on the event loop"
+        16,
+        ge=0,
+        description="onnx backend: a single model's requests of at most this many rows are scored on "
+        "the event loop (an ensemble's always in a thread)",
     )
     onnx_threads: int = Field(
         1,

@@ -8,15 +8,19 @@ import time
 import numpy as np
 import pytest
 
-from app.bundle.format import Threshold
+from app.bundle.format import EnsembleBundle, Threshold
 from app.engine.errors import Overloaded
 from app.engine.events import NoEvents
+from app.engine.onnx_backend import OnnxScorer
 from app.engine.scheduler import Scheduler, SchedulerOptions
 from app.engine.scorer import ScoreOutput
+
+from ..conftest import manifold_rows, with_constants
 
 
 class SlowScorer:
     backend, methods = "fake", ("likelihood", "latent")
+    bundle = None  # a single model's scorer as far as the scheduler asks
 
     def __init__(self, seconds: float) -> None:
         self.seconds, self.running, self.most, self.calls = seconds, 0, 0, []
@@ -161,5 +165,23 @@ def test_small_batches_are_scored_inline_and_large_ones_in_a_thread():
         await scheduler.score(scorer, rows(5), "likelihood", None, False)
         await scheduler.score(scorer, rows(2), "projected", None, False)  # float64, many iterations
         assert threads[0] == caller and threads[1] != caller and threads[2] != caller
+
+    asyncio.run(run())
+
+
+def test_an_ensembles_calls_go_to_a_thread_however_few_their_rows(ensemble_result):
+    """One row of an ensemble runs every member's graph: several times a single model's inline call."""
+    bundle = ensemble_result.bundle
+    assert isinstance(bundle, EnsembleBundle)
+
+    async def run():
+        scheduler = Scheduler(SchedulerOptions(inline_rows=16))
+        scorer, caller = OnnxScorer(bundle, threads=1), threading.get_ident()
+        threads = []
+        original = scorer.score
+        scorer.score = lambda *a: threads.append(threading.get_ident()) or original(*a)
+        x = with_constants(manifold_rows(1, seed=5))
+        out = await scheduler.score(scorer, x, "likelihood", None, False)
+        assert threads == [threads[0]] and threads[0] != caller and out.score.shape == (1,)
 
     asyncio.run(run())
