@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with the two bounds it lacks, for a service exposed without a proxy.
+"""uvicorn's httptools protocol with the two bounds it lacks and one refusal, for a service exposed
+without a proxy.
 
 A hostile-client audit found that uvicorn (0.55, httptools) keeps a request head of any size (a
 64 MiB header was read into memory and answered 200) and queues pipelined requests without limit:
@@ -12,6 +13,11 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
   requests already queued are answered in order, the last with `Connection: close`, and nothing
   more is read: requests the server never accepted, which an HTTP client retries on a new
   connection (RFC 9112, 9.3.2).
+- A body sent with a transfer coding besides `chunked` (`Transfer-Encoding: gzip, chunked`) is
+  answered 501 naming the coding, as RFC 9112 (6.1) asks of a server that does not implement it:
+  httptools removes the chunking and leaves the rest, so the body reached the app still gzipped
+  and was refused as malformed JSON. Codings that leave `chunked` out of the last place, or name
+  it twice, leave the body's length unknown: httptools answers those 400 itself.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ MAX_PIPELINED = 32
 class Refused(Exception):
     """Raised in a parser callback: httptools stops parsing and uvicorn calls send_400_response."""
 
-    def __init__(self, status: int, reason: str, message: str, detail: dict[str, int]) -> None:
+    def __init__(self, status: int, reason: str, message: str, detail: dict[str, object]) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.detail = status, reason, message, detail
 
@@ -48,6 +54,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.head_received = 0
         self.refusal: Refused | None = None
         self.finishing = False  # the queued requests are answered, nothing more is read
+        self.codings: list[str] = []  # the request's transfer codings, over every such header
 
     def data_received(self, data: bytes) -> None:
         if self.finishing:  # the parser stopped in error; the close is on its way
@@ -62,6 +69,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.in_head, self.head_bytes, self.head_received = True, 0, 0
+        self.codings = []
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -69,10 +77,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        if name.lower() == b"transfer-encoding":
+            self.codings += [c.strip().lower() for c in value.decode("latin-1").split(",") if c.strip()]
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        others = [c for c in self.codings if c != "chunked"]
+        if others and self.codings[-1:] == ["chunked"] and self.codings.count("chunked") == 1:
+            coding = ", ".join(self.codings)
+            self._refuse(
+                Refused(
+                    501,
+                    "Not Implemented",
+                    f"transfer coding {', '.join(others)} is not supported (Transfer-Encoding: {coding}); "
+                    "send the body as it is, with Content-Length or chunked alone",
+                    {"transfer_encoding": coding},
+                )
+            )
         if len(self.pipeline) >= MAX_PIPELINED:
             self._refuse(
                 Refused(

@@ -4,6 +4,7 @@ byte budget, and a load that never finishes. Every wait is bounded."""
 
 import contextlib
 import functools
+import gzip
 import json
 import os
 import shutil
@@ -347,3 +348,32 @@ def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path)
         assert data.lower().count(b"connection: close") == 1
         assert data.rfind(b"connection: close") > data.rfind(b"HTTP/1.1 200")  # in the last answer
         assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused_501_naming_it(tiny_bundle, tmp_path):
+    """A gzip-then-chunked body reached the app still gzipped (httptools removes only the chunking)
+    and was refused as malformed JSON. RFC 9112 6.1: a coding the server does not implement is a
+    501, here naming it, whether in one header or two; chunked alone still scores."""
+    body = json.dumps({"instances": manifold_rows(2, seed=5).tolist()}).encode()
+
+    def chunked(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+
+    def post(codings: list[str], data: bytes) -> tuple[int, dict, bool]:
+        sock = connect(s)
+        headers = "".join(f"Transfer-Encoding: {c}\r\n" for c in codings)
+        head = f"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{headers}\r\n"
+        sock.sendall(head.encode() + data)
+        try:
+            return read_response(sock, timeout=10)
+        finally:
+            sock.close()
+
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        for codings in (["gzip, chunked"], ["gzip", "chunked"], ["deflate,chunked"]):
+            status, answer, closed = post(codings, chunked(gzip.compress(body)))
+            coding = codings[0].split(",")[0]
+            assert status == 501 and closed, answer
+            assert f"transfer coding {coding} is not supported" in answer["error"], answer
+        status, answer, _ = post(["chunked"], chunked(body))
+        assert status == 200 and len(answer["scores"]) == 2, answer
