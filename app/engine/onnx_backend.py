@@ -54,7 +54,7 @@ class _Layout:
 
 def _layout(session: ort.InferenceSession, graph: MergedGraph) -> _Layout:
     names = [output.name for output in session.get_outputs()]
-    members = tuple(dict(member) for member in graph.members)
+    members = graph.members
     stacked = [
         (output, index) for member in members for output, index in member.values() if index is not None
     ]

@@ -20,10 +20,9 @@ Three paths, one set of rules:
   up to 100 iterations) always goes to a thread, and so does an ensemble's call: it runs every
   member's graph and combines their factors, and one row of the six-member default cost 0.70 ms
   against 0.13 ms for one row and 0.16 ms for 16 rows of the shipped single model (onnx, one
-  thread, AMD EPYC, 2026-12-03).
-  On the event loop it would stop the parsing of other requests for that long; in a thread the
-  loop parses while onnxruntime scores on the other core (1 915 single-row requests/s at 16
-  connections against 1 434 inline, benchmarks/http_load.py).
+  thread, AMD EPYC, 2026-12-03). On the event loop it would stop the parsing of other requests
+  for that long; in a thread the loop parses while onnxruntime scores on the other core (1 915
+  single-row requests/s at 16 connections against 1 434 inline, benchmarks/http_load.py).
 """
 
 from __future__ import annotations

@@ -36,9 +36,8 @@ def served_rtol(arch: Architecture, method: str) -> float:
     evaluations of the networks. Only the product's side rounds here, but besides its networks it
     evaluates the prior's mixture in float32 (each component's log-density of z, then their
     log-sum-exp), which the bound's count of layers leaves out; the second evaluation's share
-    covers it.
-    1.1e-5..3e-5 for these models; at most 2.3e-6 measured (latent's log_prior). projected is
-    float64 in the product: its stopping tolerance."""
+    covers it. 1.1e-5..3e-5 for these models; at most 2.3e-6 measured (latent's log_prior).
+    projected is float64 in the product: its stopping tolerance."""
     return FLOAT64_PROJECTION_RTOL if method == "projected" else float32_rtol(arch)
 
 
@@ -336,7 +335,7 @@ def test_documented_scores_match_the_product(case, method):
         assert error.max() < rtol, (name, error.max(), rtol)
     np.testing.assert_array_less(np.abs(out.score + sum(want)) / scale, rtol)
     # The product in float64 is this document to rounding, or to the iteration's tolerance.
-    exact = TorchScorer(load_bundle(path), dtype="float64").score(x, method)
+    exact = TorchScorer(bundle, dtype="float64").score(x, method)
     rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
     for g, w in zip((exact.log_prior, exact.log_volume, exact.log_residual), want, strict=True):
         np.testing.assert_array_less(np.abs(g - w) / scale, rtol)
