@@ -18,7 +18,7 @@ from app.bundle.format import Bundle, BundleError, describe_networks, load_bundl
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
-from app.train.options import Candidate, FitOptions, grid_conflicts
+from app.train.options import Candidate, FitOptions, NoiseModel, grid_conflicts
 
 if TYPE_CHECKING:
     from app.api.settings import Settings
@@ -227,6 +227,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument(
         "--trim", type=float, default=0.0, help="train with the trimmed objective (train --trim); default 0"
+    )
+    p.add_argument(
+        "--noise",
+        choices=get_args(NoiseModel),
+        default=FitOptions().noise,
+        help=f"the residual's noise (train --noise); default {FitOptions().noise}",
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument(
@@ -686,7 +692,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     for protocol in protocols:
         options = EvaluateOptions(
             candidates=tuple(expand_grid(grid, largest, Candidate())),
-            fit=FitOptions(steps=steps, batch_size=args.batch_size, lr=args.lr, trim=args.trim),
+            fit=FitOptions(
+                steps=steps, batch_size=args.batch_size, lr=args.lr, trim=args.trim, noise=args.noise
+            ),
             contamination=PROTOCOLS[protocol],
             scores_dir=str(args.out / protocol / "scores") if args.keep_scores else None,
         )
@@ -750,6 +758,7 @@ def _evaluate_protocol(
         "batch_size": args.batch_size,
         "lr": args.lr,
         "trim": options.fit.trim,
+        "noise": options.fit.noise,
         "split_seconds": {f"{r.dataset}|{r.split}": round(r.seconds, 1) for r in results},
     } | figures
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

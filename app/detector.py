@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,7 +46,7 @@ from app.engine.factory import create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY
-from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
+from app.train.options import GRIDS, Candidate, FitOptions, NoiseModel, expand_grid, grid_conflicts
 
 
 class ManifoldDetector(OutlierMixin, BaseEstimator):
@@ -75,6 +75,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         batch_size: int = 100,
         lr: float = 1e-3,
         seed: int = 0,
+        noise: str = "diagonal",
         method: str = "likelihood",
         fpr: float = 0.01,
         backend: str = "onnx",
@@ -82,7 +83,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self.latent_dim, self.hidden, self.depth, self.activation = latent_dim, hidden, depth, activation
         self.prior, self.components, self.beta, self.kernel_width = prior, components, beta, kernel_width
         self.grid, self.select = grid, select
-        self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
+        self.steps, self.batch_size, self.lr, self.seed, self.noise = steps, batch_size, lr, seed, noise
         self.method, self.fpr, self.backend = method, fpr, backend
 
     def fit(self, X: Any, y: Any = None) -> ManifoldDetector:
@@ -106,7 +107,15 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             beta=self.beta,
             kernel_width=self.kernel_width,
         )
-        fit = FitOptions(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        if self.noise not in get_args(NoiseModel):
+            raise ValueError(f"noise must be one of {list(get_args(NoiseModel))}, got {self.noise!r}")
+        fit = FitOptions(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            noise=self.noise,  # type: ignore[arg-type]
+        )
         # The detector's rate is the bundle's calibrated default, so a saved and loaded detector flags alike.
         if self.grid is None:
             candidates = [candidate]

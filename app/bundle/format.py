@@ -20,7 +20,7 @@ import json
 import platform
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -51,9 +51,13 @@ if TYPE_CHECKING:
 # 4: an ensemble (docs/bundle.md 11): members' networks and reference values in one bundle, scored
 # by the mean of the members' scores against them; written only for ensembles, so older readers
 # refuse what they cannot score rather than read one member as the model.
+# 5: a network's noise may be one variance per feature, sigma2 * noise.relative_variance; written
+# only for such bundles (single model or ensemble, the "ensemble" key tells which), so a reader of
+# versions 2 to 4 refuses the bundles whose residual it would score as sigma2 I.
 SCHEMA_VERSION = 3
 ENSEMBLE_SCHEMA = 4
-READABLE_VERSIONS = (2, 3, 4)
+NOISE_SCHEMA = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
 # A scored value equals a column's training constant when |x - c| <= CONSTANT_RTOL * |c|: float32
 # transport of c (relative rounding 6e-8) passes, any other value, and any value off a constant 0, not.
 CONSTANT_RTOL = 1e-6
@@ -172,6 +176,12 @@ class Bundle:
         return float(self.manifest["noise"]["sigma2_projected"])
 
     @property
+    def relative_variance(self) -> tuple[float, ...] | None:
+        """Each feature's noise variance over sigma2 (docs/bundle.md 2.4); None: sigma2 I."""
+        w = self.manifest["noise"].get("relative_variance")
+        return None if w is None else tuple(float(v) for v in w)
+
+    @property
     def default_method(self) -> str:
         return str(self.manifest["default_method"])
 
@@ -188,8 +198,13 @@ class Bundle:
         return str(self.manifest.get("created", ""))
 
     @property
-    def noise(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.manifest["noise"].items()}
+    def noise(self) -> dict[str, Any]:
+        """The keyword arguments of app.model.onnx_export.export_graph that describe the noise."""
+        return {
+            "sigma2": self.sigma2,
+            "sigma2_projected": self.sigma2_projected,
+            "relative_variance": self.relative_variance,
+        }
 
     def build_graph(self, method: str) -> bytes:
         """The ONNX graph of `method` as save_bundle writes it, from this bundle's contents."""
@@ -244,6 +259,7 @@ class Bundle:
         }
         model.load_state_dict(state, strict=True)
         model.sigma2, model.sigma2_projected = self.sigma2, self.sigma2_projected
+        model.relative_variance = self.relative_variance
         return model.to(device).eval()
 
 
@@ -268,8 +284,8 @@ class EnsembleBundle(Bundle):
         raise BundleError(f"{self.path}: an ensemble has one architecture per member (bundle.members)")
 
     @property
-    def noise(self) -> dict[str, float]:
-        raise BundleError(f"{self.path}: an ensemble has one noise variance per member (bundle.members)")
+    def noise(self) -> dict[str, Any]:
+        raise BundleError(f"{self.path}: an ensemble has one noise per member (bundle.members)")
 
     @property
     def graphs(self) -> dict[str, Path]:
@@ -305,14 +321,21 @@ def describe_networks(bundle: Bundle) -> tuple[str, str]:
         f"{values([x.activation for x in archs])}, prior {values([x.prior for x in archs])} with "
         f"{values([x.components for x in archs])} component(s)"
     )
+    shapes = [m.relative_variance for m in members]
+    per_feature = (
+        ""
+        if all(w is None for w in shapes)
+        else ", one variance per feature: sigma2 times "
+        f"{min(min(w) for w in shapes if w):.3g} to {max(max(w) for w in shapes if w):.3g}"
+    )
     if not isinstance(bundle, EnsembleBundle):
-        return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}"
+        return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}{per_feature}"
     hp = [m.training.get("hyper_parameters", {}) for m in members]
     text = (
         f"ensemble of {len(members)} members, scored by {bundle.combination}: {text}; beta "
         f"{values([h.get('beta') for h in hp])}, kernel width {values([h.get('kernel_width') for h in hp])}"
     )
-    return text, f"sigma2 from {min(sigma2):.4g} to {max(sigma2):.4g} over the members"
+    return text, f"sigma2 from {min(sigma2):.4g} to {max(sigma2):.4g} over the members{per_feature}"
 
 
 def members_of(bundle: Bundle) -> tuple[Bundle, ...]:
@@ -368,9 +391,17 @@ def _derived_prior_tensors(model: ManifoldModel) -> dict[str, NDArray[np.float64
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-def _noise(model: ManifoldModel) -> dict[str, float]:
+def _noise(model: ManifoldModel) -> dict[str, Any]:
     sigma2 = float(model.sigma2)
-    return {"sigma2": sigma2, "sigma2_projected": float(model.sigma2_projected or sigma2)}
+    noise: dict[str, Any] = {"sigma2": sigma2, "sigma2_projected": float(model.sigma2_projected or sigma2)}
+    if model.relative_variance is not None:
+        noise["relative_variance"] = [float(w) for w in model.relative_variance]
+    return noise
+
+
+def _noise_schema(models: Iterable[ManifoldModel], otherwise: int) -> int:
+    """NOISE_SCHEMA where a network's noise has relative variances, the version `otherwise`."""
+    return NOISE_SCHEMA if any(m.relative_variance is not None for m in models) else otherwise
 
 
 def _write_onnx(
@@ -431,7 +462,7 @@ def save_bundle(
         onnx_files = _write_onnx(out, model, scaler, derived)
         _write_manifest_and_files(
             out,
-            schema=SCHEMA_VERSION if constants else 2,
+            schema=_noise_schema([model], SCHEMA_VERSION if constants else 2),
             networks={"architecture": model.arch.to_dict(), "noise": _noise(model), "onnx": onnx_files},
             tensor_files={WEIGHTS: state | derived},
             graph_files=list(onnx_files.values()),
@@ -578,7 +609,7 @@ def save_ensemble(
                 raise BundleError(f"reference scores {key} are empty or not all finite")
         _write_manifest_and_files(
             out,
-            schema=ENSEMBLE_SCHEMA,
+            schema=_noise_schema(models, ENSEMBLE_SCHEMA),
             networks={"ensemble": {"combination": combination, "members": entries}},
             tensor_files={WEIGHTS: tensors, REFERENCES: refs},
             graph_files=graph_files,
@@ -740,8 +771,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     schema = manifest["schema_version"]
     required = (
         (*(k for k in _REQUIRED if k not in ("architecture", "noise")), "ensemble")
-        if schema == ENSEMBLE_SCHEMA
-        else _REQUIRED + (("columns", "constants") if schema == 3 else ())
+        if is_ensemble(manifest)
+        else _REQUIRED + (("columns", "constants") if schema == 3 or _has_columns(manifest, schema) else ())
     )
     missing = [k for k in required if k not in manifest]
     if missing:
@@ -751,6 +782,11 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if content_version(manifest) != manifest["version"]:
         raise BundleError(f"{root}: the manifest was edited after the bundle was written (version mismatch)")
     return manifest
+
+
+def _has_columns(manifest: dict[str, Any], schema: int) -> bool:
+    """Version 5 may have constant columns; where it names either part, it must name both."""
+    return schema == NOISE_SCHEMA and ("columns" in manifest or "constants" in manifest)
 
 
 def _column_problem(columns: Any, features: Any, constants: Any) -> str | None:
@@ -846,9 +882,14 @@ def _verify_scores(
             raise BundleError(f"{root}: {kind} scores of {key!r} must be finite and ascending")
 
 
-def _verify_network(root: Path, entry: dict[str, Any], files: dict[str, Any]) -> Architecture:
+def _positive(value: Any) -> bool:
+    """A JSON number (not a boolean) that is positive and finite."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < float("inf")
+
+
+def _verify_network(root: Path, entry: dict[str, Any], files: dict[str, Any], schema: int) -> Architecture:
     """A network's architecture, noise and graph files, as a manifest (or an ensemble member's entry)
-    records them; `files` are the bundle's verified files."""
+    of version `schema` records them; `files` are the bundle's verified files."""
     for method, file in entry.get("onnx", {}).items():
         if method not in METHODS or file not in files:
             raise BundleError(f"{root}: the ONNX graph of {method!r} ({file}) is not a verified bundle file")
@@ -856,16 +897,30 @@ def _verify_network(root: Path, entry: dict[str, Any], files: dict[str, Any]) ->
         arch = Architecture.from_dict(entry["architecture"])
     except (TypeError, ValueError) as e:
         raise BundleError(f"{root}: invalid architecture: {e}") from e
+    noise = entry["noise"]
     for key in ("sigma2", "sigma2_projected"):
-        value = entry["noise"][key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-            raise BundleError(f"{root}: noise.{key} must be a positive number, got {value!r}")
+        if not _positive(noise[key]):
+            raise BundleError(f"{root}: noise.{key} must be a positive number, got {noise[key]!r}")
+    if "relative_variance" in noise:
+        w, d = noise["relative_variance"], arch.input_dim
+        if schema != NOISE_SCHEMA:
+            raise BundleError(f"{root}: noise.relative_variance needs schema version {NOISE_SCHEMA}")
+        if not (isinstance(w, list) and len(w) == d and all(_positive(v) for v in w)):
+            raise BundleError(
+                f"{root}: noise.relative_variance must list {d} positive numbers, one per feature"
+            )
     return arch
+
+
+def is_ensemble(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest of a readable version is an ensemble's (docs/bundle.md 11)."""
+    schema = manifest["schema_version"]
+    return schema == ENSEMBLE_SCHEMA or (schema == NOISE_SCHEMA and "ensemble" in manifest)
 
 
 def _load(root: Path) -> Bundle:
     manifest = _read_manifest(root)
-    ensemble = manifest["schema_version"] == ENSEMBLE_SCHEMA
+    ensemble = is_ensemble(manifest)
     _verify_files(
         root, manifest["files"], (WEIGHTS, REFERENCES, CALIBRATION) if ensemble else (WEIGHTS, CALIBRATION)
     )
@@ -876,7 +931,7 @@ def _load(root: Path) -> Bundle:
         members = _load_members(root, manifest, weights)
         d = members[0].architecture.input_dim
     else:
-        arch = _verify_network(root, manifest, manifest["files"])
+        arch = _verify_network(root, manifest, manifest["files"], manifest["schema_version"])
         _verify_weights(root, arch, weights)
         d = arch.input_dim
     scaler = manifest["scaler"]
@@ -929,7 +984,7 @@ def _load_members(
         )
     members = []
     for i, entry in enumerate(entries):
-        arch = _verify_network(root, entry, manifest["files"])
+        arch = _verify_network(root, entry, manifest["files"], manifest["schema_version"])
         own_files = {m: MEMBER_ONNX_FILE.format(method=m, index=i) for m in entry.get("onnx", {})}
         if entry.get("onnx", {}) != own_files or not isinstance(entry.get("hyper_parameters", {}), dict):
             raise BundleError(

@@ -76,6 +76,29 @@ class FunctionMap:
         return value, J, contract
 
 
+class ScaledOutputs:
+    """z -> f(z) * r for a CurvedMap f and fixed factors r (m,): value, Jacobian and curvature
+    scaled alike. With r = 1 / sqrt(w) it whitens a decoder, so that noise sigma2 diag(w) on f's
+    outputs is sigma2 I on its own."""
+
+    def __init__(self, inner: CurvedMap, r: Tensor) -> None:
+        self.inner, self.r = inner, r
+
+    def __call__(self, x: Tensor) -> Tensor:
+        value = self.inner(x)
+        return value * self.r.to(value.dtype)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        value, J = self.inner.forward_with_jacobian(x)
+        r = self.r.to(value.dtype)
+        return value * r, J * r[:, None]
+
+    def forward_with_curvature(self, x: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        value, J, contract = self.inner.forward_with_curvature(x)
+        r = self.r.to(value.dtype)
+        return value * r, J * r[:, None], lambda w: contract(w * r)
+
+
 @dataclass(frozen=True)
 class GenerativeModel:
     """x = f(z) + e, z ~ p(z), with g an approximate inverse of f (optional)."""
@@ -86,6 +109,9 @@ class GenerativeModel:
     sigma2: float = 1.0  # variance of each coordinate of e in the full residual
     sigma2_projected: float | None = None  # the noise variance of the projected method's marginal
     encoder: JacobianMap | None = None  # g: R^d -> R^k
+    # e ~ N(0, sigma2 diag(w)), w (d,) each feature's variance relative to sigma2; None: w = 1, the
+    # paper's sigma2 I.
+    relative_variance: tuple[float, ...] | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -265,6 +291,7 @@ class ManifoldModel(nn.Module):
         self.prior = build_prior(arch)
         self.sigma2 = 1.0
         self.sigma2_projected: float | None = None
+        self.relative_variance: tuple[float, ...] | None = None
 
     def prior_distribution(self) -> LatentDistribution:
         return self.prior.distribution(self.encoder)
@@ -309,5 +336,6 @@ class ManifoldModel(nn.Module):
             geometry=self.arch.geometry,
             sigma2=self.sigma2,
             sigma2_projected=self.sigma2_projected,
+            relative_variance=self.relative_variance,
             encoder=self.encoder,
         )

@@ -22,7 +22,6 @@ and residual (B, d); float32, float64 for `projected`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,12 +40,12 @@ from app.model.linalg import (
 )
 from app.model.methods import OUTPUTS, check_method
 from app.model.nn import emit_mlp, emit_mlp_curvature, emit_mlp_with_tangents, numpy_layers
+from app.model.noise import LOG_2PI, log_normal_constant, whitening_factors
 from app.model.spec import PROJECTION_STEPS, PROJECTION_TOLERANCE, Architecture
 
 if TYPE_CHECKING:
     import onnx
 
-LOG_2PI = math.log(2 * math.pi)
 
 # Every op type the graphs below are made of, all of the default ONNX domain: app.bundle.graphs
 # refuses a graph with any other, and tests/model/test_onnx_export.py checks that this is exactly
@@ -129,8 +128,18 @@ CHANGING = ("z", "objective", "gradient", "hessian", "newton_hessian", "x_hat", 
 class _Projection:
     """app.model.scores.map_point and projected as graph pieces, all float64."""
 
-    def __init__(self, arch: Architecture, weights: dict[str, NDArray[np.float32]], sigma2: float) -> None:
+    def __init__(
+        self,
+        arch: Architecture,
+        weights: dict[str, NDArray[np.float32]],
+        sigma2: float,
+        relative_variance: tuple[float, ...] | None = None,
+    ) -> None:
         self.arch, self.weights, self.sigma2 = arch, weights, sigma2
+        # As app.model.scores.whitened: the projection runs where the noise is sigma2 I, its rows
+        # and the decoder's outputs times r = 1 / sqrt(w).
+        self.r = whitening_factors(relative_variance)
+        self.relative_variance = relative_variance
         self.k, self.m, self.sphere = arch.latent_dim, arch.intrinsic_dim, arch.geometry == "sphere"
         self.enc = numpy_layers(weights, "encoder", arch.depth, np.float64)
         self.dec = numpy_layers(weights, "decoder", arch.depth, np.float64)
@@ -147,6 +156,9 @@ class _Projection:
         density's) and its exact Hessian (the steps') at z (B, k)."""
         cache: list[tuple[str, str, str]] = []
         x_hat, jt = emit_mlp_with_tangents(g, z, self.dec, self.arch.activation, cache)  # J_f^T (B, k, d)
+        r = None if self.r is None else g.const(self.r, np.float64)
+        if r is not None:
+            x_hat, jt = g.mul(x_hat, r), g.mul(jt, r)
         basis = self.basis(g, z)
         rows = g.matmul(g.transpose(basis), jt) if basis is not None else jt  # (B, m, d)
         log_p, prior_gradient, prior_hessian = emit_prior_derivatives(
@@ -164,7 +176,8 @@ class _Projection:
         # curvature C (none for relu, linear or depth 0) and, on the sphere, the bending of great
         # circles -(z . J_f^T r) I, which a decoder without curvature has too.
         curved = self.arch.activation not in ("relu", "linear") and self.arch.depth > 0
-        curvature = emit_mlp_curvature(g, cache, self.dec_weights, residual) if curved else None  # (B, k, k)
+        weighting = residual if r is None else g.mul(residual, r)  # Hess(r . (f / sqrt(w)))
+        curvature = emit_mlp_curvature(g, cache, self.dec_weights, weighting) if curved else None  # (B, k, k)
         if basis is not None:
             pull = g.squeeze(g.matmul(jt, g.unsqueeze(residual, 2)), 2)  # J_f^T r (B, k)
             if curvature is None:
@@ -274,6 +287,8 @@ class _Projection:
     def emit(self, g: Graph, x: str, d: int) -> dict[str, str]:
         """The parts of app.model.scores.projected for standardised rows x (B, d) float64."""
         z = self.retract(g, emit_mlp(g, x, self.enc, self.arch.activation))
+        r = None if self.r is None else g.const(self.r, np.float64)
+        x = x if r is None else g.mul(x, r)
         state = self.linearise(g, x, z)
         state["z"] = z
         norm = g.squeeze(emit_frobenius(g, state["newton_hessian"]), 1)
@@ -295,12 +310,15 @@ class _Projection:
         log_volume = g.sub(
             g.computed(0.5 * self.m * LOG_2PI, np.float64), g.mul(g.sum(log_det, 1), g.const(0.5, np.float64))
         )
-        residual = g.sub(x, final["x_hat"])
-        squared = g.sum(g.mul(residual, residual), 1)
-        constant = 0.5 * d * (LOG_2PI + math.log(self.sigma2))
+        whitened = g.sub(x, final["x_hat"])
+        charged = g.sum(g.mul(whitened, whitened), 1)
+        constant = log_normal_constant(self.sigma2, d, self.relative_variance)
         log_residual = g.sub(
-            g.mul(squared, g.const(-0.5 / self.sigma2, np.float64)), g.computed(constant, np.float64)
+            g.mul(charged, g.const(-0.5 / self.sigma2, np.float64)), g.computed(constant, np.float64)
         )
+        # Isotropic noise: the nodes of the graphs written before relative variances, which still load.
+        residual = whitened if r is None else g.div(whitened, r)
+        squared = charged if r is None else g.sum(g.mul(residual, residual), 1)
         return {
             "log_prior": final["log_prior"],
             "log_volume": log_volume,
@@ -328,6 +346,7 @@ def export_graph(
     scale: NDArray[np.float64],
     sigma2: float,
     sigma2_projected: float,
+    relative_variance: tuple[float, ...] | None = None,
 ) -> ExportedGraph:
     """One method's scoring graph (input raw rows x (B, d) float64, outputs OUTPUTS), with the names of
     its computed constants; `.model.SerializeToString()` is the file a bundle holds."""
@@ -339,18 +358,21 @@ def export_graph(
     g = Graph()
     standardised = g.div(g.sub("x", g.const(mean, np.float64)), g.const(scale, np.float64))
     if method == "projected":
-        values = _Projection(arch, weights, sigma2_projected).emit(g, standardised, d)
+        values = _Projection(arch, weights, sigma2_projected, relative_variance).emit(g, standardised, d)
         out_type = F64
     else:
         x = g.cast(standardised, F32)
         log_prior, log_volume, x_hat = _closed_form(g, x, arch, weights, method)
         residual = g.sub(x, x_hat)
         squared = g.sum(g.mul(residual, residual), 1)
+        r = whitening_factors(relative_variance)
         if method == "latent":
             log_residual = g.mul(squared, g.const(0.0))
         else:
-            constant = 0.5 * d * (LOG_2PI + math.log(sigma2))
-            log_residual = g.sub(g.mul(squared, g.const(-0.5 / sigma2)), g.computed(constant))
+            whitened = residual if r is None else g.mul(residual, g.const(r.astype(np.float32)))
+            charged = squared if r is None else g.sum(g.mul(whitened, whitened), 1)
+            constant = log_normal_constant(sigma2, d, relative_variance)
+            log_residual = g.sub(g.mul(charged, g.const(-0.5 / sigma2)), g.computed(constant))
         values = {
             "log_prior": log_prior,
             "log_volume": log_volume,

@@ -4,22 +4,23 @@ Every function returns `ScoreParts`: the log-density `log_prob` (higher = more n
 with the parts it sums, log_prob = log_prior + log_volume + log_residual, so a caller can see why a
 row scored as it did. The anomaly score is -log_prob.
 
-  likelihood      paper eq. 7: log p(z) - sum_i log s_i(J_f(z) B(z)) + log N(x - f(z); 0, sigma^2 I), z = g(x)
-  encoder         paper eq. 8: log p(z') + sum_i log r_i(B(z')^T J_g(x') Q(x')) + log N(x - x'; 0, sigma^2 I),
+  likelihood      paper eq. 7: log p(z) - sum_i log s_i(J_f(z) B(z)) + log N(x - f(z); 0, S), z = g(x)
+  encoder         paper eq. 8: log p(z') + sum_i log r_i(B(z')^T J_g(x') Q(x')) + log N(x - x'; 0, S),
                   x' = f(g(x)), z' = g(x'), Q(x') an orthonormal basis of the manifold's tangent space
-  reconstruction  paper eq. 4: log N(x - f(g(x)); 0, sigma^2 I)
+  reconstruction  paper eq. 4: log N(x - f(g(x)); 0, S)
   latent          log p(g(x)), the paper's Fig. 1b
-  projected       the Laplace approximation of p(x) = integral N(x; f(z), sigma^2 I) p(z) dz at the
+  projected       the Laplace approximation of p(x) = integral N(x; f(z), S) p(z) dz at the
                   maximum a posteriori z*: a density on R^d whatever the latent size
 
-B(z) is an orthonormal tangent basis (identity for Euclidean latents), m the manifold's dimension.
+S = sigma^2 diag(w) is the noise covariance: the paper's sigma^2 I when the model has no relative
+variances w, otherwise one variance per feature. B(z) is an orthonormal tangent basis (identity for
+Euclidean latents), m the manifold's dimension.
 Singular values are floored at SINGULAR_VALUE_FLOOR so a degenerate Jacobian gives a large finite
 volume term instead of -inf.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -28,12 +29,11 @@ from torch import Tensor
 
 from app.model.geometry import restrict_to_tangent, retract, riemannian_derivatives, tangent_basis
 from app.model.linalg import cholesky_solve, floored_cholesky, orthonormal_columns, sum_log_singular_values
-from app.model.manifold import PRIORS, GenerativeModel, ManifoldModel
+from app.model.manifold import PRIORS, GenerativeModel, ManifoldModel, ScaledOutputs
 from app.model.methods import FLOAT64_METHODS, METHODS, check_method
 from app.model.nn import encode, mlp_forward, mlp_with_jacobian
+from app.model.noise import LOG_2PI, log_normal_constant, whitening_factors
 from app.model.spec import PROJECTION_STEPS, PROJECTION_TOLERANCE, Architecture
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 def scoring_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
@@ -58,14 +58,30 @@ class ScoreParts:
         return -self.log_prob
 
 
-def log_normal_residual(e: Tensor, sigma2: float, dims: int) -> Tensor:
-    """log N(e; 0, sigma2 I_dims) for e (B, ...) whose squared norm lives in `dims` directions."""
-    return log_normal_of_squared((e * e).sum(-1), sigma2, dims)
+def whitening(relative_variance: Sequence[float] | None, like: Tensor) -> Tensor | None:
+    """app.model.noise.whitening_factors in like's dtype and device: residuals times it have noise
+    sigma2 I. None for the paper's isotropic noise (no w)."""
+    r = whitening_factors(relative_variance)
+    return None if r is None else torch.as_tensor(r, device=like.device).to(like.dtype)
 
 
-def log_normal_of_squared(squared: Tensor, sigma2: float, dims: int) -> Tensor:
-    """The same from |e|^2 (B,): a new sigma2 rescores residuals without recomputing them."""
-    return -0.5 * squared / sigma2 - 0.5 * dims * (LOG_2PI + math.log(sigma2))
+def log_normal_residual(
+    e: Tensor, sigma2: float, relative_variance: Sequence[float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """log N(e; 0, sigma2 diag(w)) (B,) for e (B, d), and e whitened, e / sqrt(w) (B, d), whose
+    squared norm over sigma2 it charges."""
+    r = whitening(relative_variance, e)
+    whitened = e if r is None else e * r
+    squared = (whitened * whitened).sum(-1)
+    return log_normal_of_squared(squared, sigma2, e.shape[-1], relative_variance), whitened
+
+
+def log_normal_of_squared(
+    squared: Tensor, sigma2: float, dims: int, relative_variance: Sequence[float] | None = None
+) -> Tensor:
+    """The same from the whitened |e|^2 (B,): a new sigma2 rescores residuals without recomputing
+    them."""
+    return -0.5 * squared / sigma2 - log_normal_constant(sigma2, dims, relative_variance)
 
 
 def _parts(
@@ -109,8 +125,8 @@ def likelihood(model: GenerativeModel, x: Tensor) -> ScoreParts:
     e = x - x_hat
     log_prior = model.prior.log_prob(z)
     log_volume = -sum_log_singular_values(restrict_to_tangent(J, z, model.geometry))
-    log_residual = log_normal_residual(e, model.sigma2, x.shape[1])
-    return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
+    log_residual, whitened = log_normal_residual(e, model.sigma2, model.relative_variance)
+    return _parts(log_prior, log_volume, log_residual, e, z, x_hat, whitened)
 
 
 def encoder(model: GenerativeModel, x: Tensor) -> ScoreParts:
@@ -135,8 +151,8 @@ def encoder(model: GenerativeModel, x: Tensor) -> ScoreParts:
     e = x - x_hat
     log_prior = model.prior.log_prob(z)
     log_volume = sum_log_singular_values(restricted).to(x.dtype)
-    log_residual = log_normal_residual(e, model.sigma2, x.shape[1])
-    return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
+    log_residual, whitened = log_normal_residual(e, model.sigma2, model.relative_variance)
+    return _parts(log_prior, log_volume, log_residual, e, z, x_hat, whitened)
 
 
 def reconstruction(model: GenerativeModel, x: Tensor) -> ScoreParts:
@@ -145,9 +161,9 @@ def reconstruction(model: GenerativeModel, x: Tensor) -> ScoreParts:
     x_hat = model.decoder(z)
     _check_shapes(model, x, x_hat)
     e = x - x_hat
-    log_residual = log_normal_residual(e, model.sigma2, x.shape[1])
+    log_residual, whitened = log_normal_residual(e, model.sigma2, model.relative_variance)
     zero = torch.zeros_like(log_residual)
-    return _parts(zero, zero, log_residual, e, z, x_hat)
+    return _parts(zero, zero, log_residual, e, z, x_hat, whitened)
 
 
 def latent(model: GenerativeModel, x: Tensor) -> ScoreParts:
@@ -166,11 +182,17 @@ STACKED_METHODS = ("likelihood", "reconstruction", "latent")
 
 
 def stacked_score(
-    arch: Architecture, params: dict[str, Tensor], sigma2: Sequence[float], x: Tensor, method: str
+    arch: Architecture,
+    params: dict[str, Tensor],
+    sigma2: Sequence[float],
+    x: Tensor,
+    method: str,
+    relative_variance: Sequence[Sequence[float] | None] | None = None,
 ) -> ScoreParts:
     """`method` (one of STACKED_METHODS) for C models of one architecture at once, as likelihood,
     reconstruction and latent compute it for one: their state stacked along a leading axis
-    (torch.func.stack_module_state), sigma2 their noise variances; every part (C, B), z (C, B, k),
+    (torch.func.stack_module_state), sigma2 and relative_variance (default: none) their noises;
+    every part (C, B), z (C, B, k),
     x_hat (C, B, d). Each layer is one batched product for all C models (an ensemble's members),
     where C models scored one by one launch C times the kernels: what a GPU's time goes to."""
     if method not in STACKED_METHODS:
@@ -198,11 +220,11 @@ def stacked_score(
     )
     if method == "latent":
         return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
-    squared = (e * e).sum(-1)  # each model's own noise variance, as log_normal_residual takes it
-    log_residual = torch.stack(
-        [log_normal_of_squared(squared[j], s, x.shape[-1]) for j, s in enumerate(sigma2)]
-    )
-    return _parts(log_prior, log_volume, log_residual, e, z, x_hat)
+    # Each model's own noise, as log_normal_residual takes it.
+    shapes = [None] * len(sigma2) if relative_variance is None else list(relative_variance)
+    terms = [log_normal_residual(e[j], s, w) for j, (s, w) in enumerate(zip(sigma2, shapes, strict=True))]
+    log_residual = torch.stack([term for term, _ in terms])
+    return _parts(log_prior, log_volume, log_residual, e, z, x_hat, torch.stack([w for _, w in terms]))
 
 
 @dataclass(frozen=True)
@@ -367,25 +389,45 @@ def projected(model: GenerativeModel, x: Tensor, starts: int = 8) -> ScoreParts:
         z0, xs = model.encoder(x), x
     else:
         z0, xs = model.prior.rsample(n * starts).to(x.dtype), x.repeat_interleave(starts, dim=0)
-    point, converged = map_point(model, xs, z0, sigma2)
+    isotropic, r = whitened(model, x)
+    point, converged = map_point(isotropic, xs if r is None else xs * r, z0, sigma2)
     _check_shapes(model, xs, point.x_hat)
     if model.encoder is None:
         best = point.objective.view(n, starts).argmin(-1) + torch.arange(n, device=x.device) * starts
         point, converged = point.rows(best), converged[best]
-    return laplace_parts(point, converged, sigma2, x.dtype)
+    return laplace_parts(point, converged, sigma2, x.dtype, model.relative_variance)
 
 
-def laplace_parts(point: Linearisation, converged: Tensor, sigma2: float, dtype: torch.dtype) -> ScoreParts:
-    """The projected method's parts at a MAP point, in `dtype`."""
+def whitened(model: GenerativeModel, like: Tensor) -> tuple[GenerativeModel, Tensor | None]:
+    """The model in coordinates where its noise sigma2 diag(w) is sigma2 I: decoder f / sqrt(w),
+    and the factors r = 1 / sqrt(w) that take rows x there (the model itself and None for
+    isotropic noise). The projection runs there; laplace_parts takes its results back."""
+    r = whitening(model.relative_variance, like)
+    if r is None:
+        return model, None
+    return replace(model, decoder=ScaledOutputs(model.decoder, r), relative_variance=None), r
+
+
+def laplace_parts(
+    point: Linearisation,
+    converged: Tensor,
+    sigma2: float,
+    dtype: torch.dtype,
+    relative_variance: Sequence[float] | None = None,
+) -> ScoreParts:
+    """The projected method's parts at a MAP point found in whitened coordinates (whitened), in
+    `dtype`; residual and x_hat back in the rows' own coordinates."""
     e = point.residual
-    log_residual = log_normal_of_squared((e * e).sum(-1), sigma2, e.shape[-1])
+    log_residual = log_normal_of_squared((e * e).sum(-1), sigma2, e.shape[-1], relative_variance)
+    r = whitening(relative_variance, e)
     parts = _parts(
         point.log_prior.to(dtype),
         laplace_log_volume(point.hessian).to(dtype),
         log_residual.to(dtype),
-        e.to(dtype),
+        (e if r is None else e / r).to(dtype),
         point.z.to(dtype),
-        point.x_hat,
+        point.x_hat if r is None else point.x_hat / r.to(point.x_hat.dtype),
+        e.to(dtype),
     )
     return replace(parts, converged=converged)
 

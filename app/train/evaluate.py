@@ -214,7 +214,7 @@ def evaluate_split(
     fit = replace(options.fit, seed=split)
     rows, reports = [], []
     for index, fitted in enumerate(fit_candidates(x_fit, candidates, fit, progress)):
-        report = evaluate_candidate(fitted, x_val, y_val, data.x_test, data.y_test)
+        report = evaluate_candidate(fitted, x_val, y_val, data.x_test, data.y_test, fit.noise)
         reports.append(report)
         row: dict[str, Any] = {"dataset": dataset.name, "split": split, "candidate": index}
         row |= fitted.candidate.to_dict()

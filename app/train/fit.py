@@ -27,10 +27,16 @@ from app.model.scores import (
     map_point,
     score,
     scoring_dtype,
+    whitened,
 )
-from app.train.options import Candidate, FitOptions
+from app.train.options import Candidate, FitOptions, NoiseModel
 
 SIGMA2_FLOOR = 1e-8  # a perfect reconstruction must not give an infinite density
+# A feature's noise variance is at least this share of the features' mean. A feature the networks
+# reconstruct almost exactly (a column derived from others) would otherwise weigh its residual
+# without bound, and a product computed in float32 cannot resolve a residual much below 1e-3 of
+# the others': its term would carry the rounding of x - f(z), not the row.
+RELATIVE_VARIANCE_FLOOR = 1e-2
 
 
 @dataclass
@@ -192,22 +198,51 @@ NOISE_TOLERANCE = 1e-4
 NOISE_ITERATIONS = 20
 
 
-def fit_noise(
-    model: ManifoldModel, x_val: NDArray[np.float64], chunk_rows: int = 65_536
-) -> dict[str, NDArray[np.float64]]:
-    """Maximum-likelihood noise variances from held-out rows; returns x_val's `projected` parts.
+def feature_variances(
+    model: ManifoldModel, x: NDArray[np.float64], chunk_rows: int = 65_536
+) -> NDArray[np.float64]:
+    """Each feature's mean squared residual x - f(g(x)) over the rows (d,), the networks in their
+    own dtype as `reconstruction` scores them."""
+    reference = next(model.parameters())
+    total = np.zeros(x.shape[1])
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk_rows):
+            xb = torch.as_tensor(
+                x[start : start + chunk_rows], dtype=reference.dtype, device=reference.device
+            )
+            e = (xb - model.decoder(model.encoder(xb))).double()
+            total += (e * e).sum(0).cpu().numpy()
+    return total / x.shape[0]
 
-    sigma2 (likelihood, encoder, reconstruction): mean |x - f(g(x))|^2 / d.
-    sigma2_projected: the maximum of the rows' Laplace evidence (the projected density) over
-    sigma^2. Its stationarity condition is MacKay's fixed point sigma^2 = sum |x - f(z*)|^2 /
-    sum (d - gamma), gamma = tr(H^-1 J^T J / sigma^2) the latent directions the data determine;
-    it is iterated from sigma2, each pass projecting x_val anew. With d = m no direction is left to
+
+def fit_noise(
+    model: ManifoldModel,
+    x_val: NDArray[np.float64],
+    noise: NoiseModel = "diagonal",
+    chunk_rows: int = 65_536,
+) -> dict[str, NDArray[np.float64]]:
+    """Maximum-likelihood noise from held-out rows; returns x_val's `projected` parts.
+
+    The residual x - f(g(x)) is modelled as N(0, sigma2 diag(w)) (likelihood, encoder,
+    reconstruction). "diagonal": each feature's variance v_j is its mean squared residual,
+    floored at RELATIVE_VARIANCE_FLOOR times their mean; sigma2 is their geometric mean and
+    w = v / sigma2, so sum log w = 0. "isotropic" (the paper's sigma2 I): sigma2 = mean v_j, no w.
+    sigma2_projected: the maximum of the rows' Laplace evidence (the projected density, noise
+    sigma2_projected diag(w)) over its scale. Its stationarity condition is MacKay's fixed point
+    sigma^2 = sum |r (x - f(z*))|^2 / sum (d - gamma), r = 1 / sqrt(w), gamma = tr(H^-1 J^T J /
+    sigma^2) the latent directions the data determine, all in the whitened coordinates; it is
+    iterated from sigma2, each pass projecting x_val anew. With d = m no direction is left to
     estimate it from, and sigma2 is used. The parts returned are those of the last pass, scored
     with the sigma2_projected it ends with, so a caller need not project x_val again.
     """
     d, m = x_val.shape[1], model.arch.intrinsic_dim
-    full = score_rows(model, x_val, "reconstruction")["residual_sq"]
-    model.sigma2 = max(float(full.mean()) / d, SIGMA2_FLOOR)
+    variances = np.maximum(feature_variances(model, x_val, chunk_rows), SIGMA2_FLOOR)
+    if noise == "isotropic" or d == 1:
+        model.sigma2, model.relative_variance = max(float(variances.mean()), SIGMA2_FLOOR), None
+    else:
+        variances = np.maximum(variances, RELATIVE_VARIANCE_FLOOR * variances.mean())
+        model.sigma2 = float(np.exp(np.log(variances).mean()))
+        model.relative_variance = tuple(float(v) for v in variances / model.sigma2)
     model.sigma2_projected = model.sigma2
     if d <= m:
         return score_rows(model, x_val, "projected")
@@ -216,12 +251,14 @@ def fit_noise(
     chunks = x.split(chunk_rows)  # as score_rows, so the parts returned are exactly its
     with torch.no_grad():
         generative = precise.generative()
+        isotropic, r = whitened(generative, x)
         starts = [generative.encoder(chunk) for chunk in chunks]
+        targets = chunks if r is None else [chunk * r for chunk in chunks]
         for iteration in range(NOISE_ITERATIONS):
             sigma2 = model.sigma2_projected
             points = [
-                map_point(generative, chunk, start, sigma2)
-                for chunk, start in zip(chunks, starts, strict=True)
+                map_point(isotropic, chunk, start, sigma2)
+                for chunk, start in zip(targets, starts, strict=True)
             ]
             squared = sum(float((p.residual * p.residual).sum()) for p, _ in points)
             free = sum(float((d - effective_dimensions(p)).sum()) for p, _ in points)
@@ -230,5 +267,8 @@ def fit_noise(
                 break
             model.sigma2_projected = updated
     # map_point with this sigma2 from g(x), as scoring does: these are x_val's projected parts.
-    parts = [_arrays(laplace_parts(point, converged, sigma2, precise.dtype)) for point, converged in points]
+    parts = [
+        _arrays(laplace_parts(point, converged, sigma2, precise.dtype, model.relative_variance))
+        for point, converged in points
+    ]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -180,7 +180,9 @@ def train_bundle(
     fprs, default_fpr = _choose_fprs(request, cal_rows.size, notes)
 
     fitted = fit_candidates(x[splits.train], request.candidates, request.fit, progress)
-    reports = [evaluate_candidate(f, x[splits.validation], val_labels) for f in fitted]
+    reports = [
+        evaluate_candidate(f, x[splits.validation], val_labels, noise=request.fit.noise) for f in fitted
+    ]
     common = {
         "name": request.name,
         "features": features,

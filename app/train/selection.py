@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, RANK_MEAN, term_scores, terms
 from app.model.methods import METHODS
 from app.train.fit import Fitted, fit_noise, score_rows
+from app.train.options import NoiseModel
 
 
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:
@@ -79,10 +80,11 @@ def evaluate_candidate(
     y_val: NDArray[np.bool_] | None = None,
     x_test: NDArray[np.float64] | None = None,
     y_test: NDArray[np.bool_] | None = None,
+    noise: NoiseModel = "diagonal",
 ) -> CandidateReport:
-    """Fit the noise variances on the validation rows, then score them with every method: the mean
+    """Fit the noise on the validation rows, then score them with every method: the mean
     log-likelihood, and the AUC where labels are given; the same for test rows if any."""
-    val_projected = fit_noise(fitted.model, x_val)
+    val_projected = fit_noise(fitted.model, x_val, noise)
     report = CandidateReport(fitted, {}, 0.0)
     for method in METHODS:
         val = val_projected if method == "projected" else score_rows(fitted.model, x_val, method)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from app.bundle.format import CONSTANT_RTOL, MANIFEST, BundleError, load_bundle
+from app.bundle.format import CONSTANT_RTOL, MANIFEST, NOISE_SCHEMA, BundleError, load_bundle
 from app.engine.onnx_backend import OnnxScorer
 from app.engine.torch_backend import TorchScorer
 from app.model.methods import METHODS
@@ -24,7 +24,7 @@ def test_training_keeps_constant_columns_out_of_the_networks_and_records_them(co
     assert bundle.columns == CONSTANT_COLUMNS and bundle.features == FEATURES
     assert bundle.constants == {"site": SITE, "zero": ZERO}
     assert bundle.architecture.input_dim == len(FEATURES) and bundle.scaler.mean.shape == (len(FEATURES),)
-    assert bundle.manifest["schema_version"] == 3
+    assert bundle.manifest["schema_version"] == NOISE_SCHEMA  # constants, and one variance per feature
     assert any("'site' (= 0.1), 'zero' (= 0)" in note for note in constant_bundle.notes)
     assert bundle.training["notes"] == constant_bundle.notes
     # Missing values are filled with the training mean of a feature and the value of a constant.
@@ -93,15 +93,30 @@ def test_every_method_flags_alike(constant_bundle):
         assert out.constant_mismatch[:, 0].all() and out.is_anomaly.all() and (out.p_value == 0).all()
 
 
-def test_a_bundle_without_constant_columns_keeps_schema_2(tiny_bundle):
-    """A reader of version 2 still reads every bundle it scores correctly."""
-    manifest = json.loads((tiny_bundle / MANIFEST).read_text())
-    assert manifest["schema_version"] == 2 and "columns" not in manifest and "constants" not in manifest
-    bundle = load_bundle(tiny_bundle)
-    assert bundle.columns == bundle.features and bundle.constants == {}
-    x = manifold_rows(4, seed=1)
-    same, mismatch = bundle.split_columns(x)
-    assert same is x and mismatch.shape == (4, 0)
+@pytest.mark.parametrize(
+    ("noise", "constants", "schema"),
+    [("isotropic", False, 2), ("isotropic", True, 3), ("diagonal", False, 5), ("diagonal", True, 5)],
+)
+def test_a_bundle_is_written_with_the_lowest_schema_that_describes_it(tmp_path, noise, constants, schema):
+    """A reader of an older version still reads every bundle it scores correctly, and refuses the rest."""
+    rows, columns = manifold_rows(200, seed=1), FEATURES
+    if constants:
+        rows, columns = with_constants(rows), CONSTANT_COLUMNS
+    request = TrainRequest(
+        [Candidate(latent_dim=2, hidden=8, components=2)], FitOptions(steps=20, noise=noise)
+    )
+    train_bundle(rows, columns, request, tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["schema_version"] == schema
+    assert ("relative_variance" in manifest["noise"]) == (noise == "diagonal")
+    assert ("constants" in manifest) == constants and ("columns" in manifest) == constants
+    bundle = load_bundle(tmp_path)
+    assert (bundle.relative_variance is None) == (noise == "isotropic")
+    if not constants:
+        assert bundle.columns == bundle.features and bundle.constants == {}
+        x = manifold_rows(4, seed=1)
+        same, mismatch = bundle.split_columns(x)
+        assert same is x and mismatch.shape == (4, 0)
 
 
 @pytest.fixture()
@@ -128,6 +143,7 @@ def copy(constant_bundle, tmp_path):
         (lambda m: m.update(columns=[*CONSTANT_COLUMNS, "site"]), "name a column twice"),
         (lambda m: m.pop("constants"), "lacks constants"),
         (lambda m: m.update(schema_version=2), "columns and constants need schema version 3"),
+        (lambda m: m.update(schema_version=3), "noise.relative_variance needs schema version 5"),
     ],
 )
 def test_inconsistent_columns_are_refused(copy, edit, message):

@@ -14,8 +14,8 @@ from scipy.stats import percentileofscore
 from sklearn.metrics import roc_auc_score
 
 from app.bundle.format import (
-    ENSEMBLE_SCHEMA,
     MANIFEST,
+    NOISE_SCHEMA,
     REFERENCES,
     WEIGHTS,
     BundleError,
@@ -94,7 +94,9 @@ def _alone(member, x: np.ndarray, method: str) -> dict[str, np.ndarray]:
 def test_training_writes_every_candidate_as_a_member(ensemble_result):
     bundle = load_bundle(ensemble_result.bundle.path)
     assert isinstance(bundle, EnsembleBundle)
-    assert bundle.manifest["schema_version"] == ENSEMBLE_SCHEMA
+    # an ensemble whose members have one noise variance per feature: version 5, with the ensemble key
+    assert bundle.manifest["schema_version"] == NOISE_SCHEMA and "ensemble" in bundle.manifest
+    assert all(m.relative_variance is not None for m in bundle.members)
     assert bundle.combination == "factor_fisher"
     assert len(bundle.members) == 3 == len(ensemble_result.selected)
     assert [m.architecture.latent_dim for m in bundle.members] == [2, 2, 3]

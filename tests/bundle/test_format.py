@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.bundle.format import CALIBRATION, MANIFEST, WEIGHTS, BundleError, content_version, load_bundle
+from app.bundle.graphs import verified_graphs
 from app.engine.torch_backend import TorchScorer
 from app.model.manifold import ManifoldModel
 from app.model.methods import METHODS
@@ -98,11 +99,46 @@ def test_missing_file_is_refused(copy):
 
 def test_other_schema_version_is_refused(copy):
     rewrite_manifest(copy, lambda m: m.update(schema_version=99))
-    with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2, 3, 4$"):
+    with pytest.raises(BundleError, match=r"schema version 99, this build reads versions 2, 3, 4, 5$"):
         load_bundle(copy)
     rewrite_manifest(copy, lambda m: m.update(schema_version=1))
-    with pytest.raises(BundleError, match=r"version 1, this build reads versions 2, 3, 4: .* retrain it"):
+    with pytest.raises(BundleError, match=r"version 1, this build reads versions 2, 3, 4, 5: .* retrain it"):
         load_bundle(copy)
+
+
+def _set_first_relative_variance(value):
+    return lambda m: m["noise"]["relative_variance"].__setitem__(0, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["noise"]["relative_variance"].pop(), "must list 6 positive numbers, one per feature"),
+        (_set_first_relative_variance(0.0), "must list 6 positive numbers"),
+        (_set_first_relative_variance(-1.0), "must list 6 positive numbers"),
+        (_set_first_relative_variance(True), "must list 6 positive numbers"),
+        (_set_first_relative_variance("1.0"), "must list 6 positive numbers"),
+        (lambda m: m["noise"].update(relative_variance=2.0), "must list 6 positive numbers"),
+        (lambda m: m.update(schema_version=2), "relative_variance needs schema version 5"),
+    ],
+)
+def test_malformed_relative_variances_are_refused(tiny_bundle, tmp_path, edit, message):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, target)
+    assert load_bundle(target).relative_variance is not None  # what train writes by default
+    rewrite_manifest(target, edit)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(target)
+
+
+def test_the_graphs_are_checked_against_the_relative_variances(tiny_bundle, tmp_path):
+    """An edited relative variance, its manifest made consistent again, no longer matches the graphs
+    the exporter builds from the bundle: the service refuses them rather than score with either."""
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, target)
+    rewrite_manifest(target, _set_first_relative_variance(7.0))
+    with pytest.raises(BundleError, match="is not the graph the exporter builds from the bundle"):
+        verified_graphs(load_bundle(target))
 
 
 def test_edited_manifest_is_refused(copy):

@@ -45,7 +45,8 @@ def read_bundle(path):
     """The loading checks of docs/bundle.md, section 'Loading a bundle'."""
     root = Path(path)
     manifest = json.loads((root / "bundle.json").read_text())
-    assert manifest["schema_version"] == 2
+    # 5 when the noise has one variance per feature (what training writes by default), else 2
+    assert manifest["schema_version"] == (5 if "relative_variance" in manifest["noise"] else 2)
     assert all(key in manifest for key in REQUIRED)
     assert version_of(manifest) == manifest["version"]
     assert {"weights.safetensors", "calibration.safetensors"} <= set(manifest["files"])
@@ -104,6 +105,10 @@ class Reference:
         self.a = self.manifest["architecture"]
         self.sphere = self.a["geometry"] == "sphere"
         self.noise = self.manifest["noise"]
+        # the noise covariance is sigma2 * diag(w); w = 1 without relative variances (section 2.4)
+        self.relative = np.asarray(
+            self.noise.get("relative_variance", np.ones(self.a["input_dim"])), dtype=np.float64
+        )
 
     def mlp(self, net, x, second=False):
         """(B, n_in) -> value (B, n_out), Jacobian (B, n_out, n_in) and, if asked, the second
@@ -169,8 +174,10 @@ class Reference:
     def log_prior(self, z):
         return self.prior_terms(z)[0]
 
-    def gauss(self, e, sigma2, dims):
-        return -0.5 * (e * e).sum(1) / sigma2 - 0.5 * dims * (LOG_2PI + np.log(sigma2))
+    def gauss(self, e, sigma2):
+        """log N(e; 0, sigma2 diag(w))."""
+        variances = sigma2 * self.relative
+        return -0.5 * (e * e / variances).sum(1) - 0.5 * (e.shape[1] * LOG_2PI + np.log(variances).sum())
 
     def log_sv(self, J):  # sum of log singular values, each floored at 1e-12
         return np.log(np.maximum(np.linalg.svd(J, compute_uv=False), 1e-12)).sum(1)
@@ -183,14 +190,14 @@ class Reference:
         """(log_prior, log_volume, log_residual) of the standardised rows."""
         s = self.manifest["scaler"]
         x = (np.asarray(x_raw, dtype=np.float64) - s["mean"]) / s["scale"]
-        d, z = x.shape[1], self.encode(x)[0]
+        z = self.encode(x)[0]
         zero = np.zeros(len(x))
         if method == "latent":
             return self.log_prior(z), zero, zero
         if method == "projected":
             return self.projected(x, z)
         x_hat, J = self.decoder_in_tangent(z)
-        residual = self.gauss(x - x_hat, self.noise["sigma2"], d)
+        residual = self.gauss(x - x_hat, self.noise["sigma2"])
         if method == "reconstruction":
             return zero, zero, residual
         if method == "likelihood":
@@ -211,19 +218,22 @@ class Reference:
         return np.einsum("bkm,bk->bm", B, gradient), B.transpose(0, 2, 1) @ hessian @ B - bending
 
     def linearise(self, x, z, sigma2):
+        """The objective |x - f(z)|^2 over 2 sigma2 diag(w) minus log p(z), and its derivatives; the
+        noise's precision enters as weights 1 / w, not by whitening the decoder."""
         x_hat, J, S = self.mlp("decoder", z, second=True)
         r = x - x_hat
+        weighted = r / self.relative
         log_p, prior_gradient, prior_hessian = self.prior_terms(z)
-        pull = np.einsum("bok,bo->bk", J, r)  # grad of r . f with r fixed
-        pull_gradient, pull_hessian = self.riemannian(z, pull, np.einsum("bo,boij->bij", r, S))
+        pull = np.einsum("bok,bo->bk", J, weighted)  # grad of (r / w) . f with r fixed
+        pull_gradient, pull_hessian = self.riemannian(z, pull, np.einsum("bo,boij->bij", weighted, S))
         prior_gradient, prior_hessian = self.riemannian(z, prior_gradient, prior_hessian)
         Jt = J @ self.basis(z) if self.sphere else J
-        gauss_newton = Jt.transpose(0, 2, 1) @ Jt / sigma2 - prior_hessian
+        gauss_newton = Jt.transpose(0, 2, 1) @ (Jt / self.relative[:, None]) / sigma2 - prior_hessian
         return {
             "z": z,
             "x_hat": x_hat,
             "log_prior": log_p,
-            "objective": 0.5 * (r * r).sum(1) / sigma2 - log_p,
+            "objective": 0.5 * (r * weighted).sum(1) / sigma2 - log_p,
             "gradient": -pull_gradient / sigma2 - prior_gradient,
             "hessian": gauss_newton,
             "newton": gauss_newton - pull_hessian / sigma2,
@@ -264,7 +274,7 @@ class Reference:
         log_volume = 0.5 * m * LOG_2PI - np.log(
             np.diagonal(cholesky(cur["hessian"])[0], axis1=1, axis2=2)
         ).sum(1)
-        return cur["log_prior"], log_volume, self.gauss(e, sigma2, x.shape[1])
+        return cur["log_prior"], log_volume, self.gauss(e, sigma2)
 
 
 def cholesky(A):
@@ -373,7 +383,7 @@ def read_ensemble(path):
     entries, its tensors (prefix stripped) and its reference scores."""
     root = Path(path)
     manifest = json.loads((root / "bundle.json").read_text())
-    assert manifest["schema_version"] == 4 and version_of(manifest) == manifest["version"]
+    assert manifest["schema_version"] in (4, 5) and version_of(manifest) == manifest["version"]
     combination = manifest["ensemble"]["combination"]
     for name, entry in manifest["files"].items():
         data = (root / name).read_bytes()

@@ -91,7 +91,9 @@ def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trai
     np.testing.assert_array_equal(scored["is_anomaly"], expected.is_anomaly)
     assert main([*args, "--select", "--out", str(tmp_path / "one"), "--quiet"]) == 0
     one = load_bundle(tmp_path / "one")
-    assert not isinstance(one, EnsembleBundle) and one.manifest["schema_version"] == 2
+    # one model with one noise variance per feature (docs/bundle.md 2.4): schema 5 without an ensemble
+    assert not isinstance(one, EnsembleBundle) and one.manifest["schema_version"] == 5
+    assert one.relative_variance is not None and len(one.relative_variance) == rows.shape[1]
     assert one.training["selection"] == "supervised: highest validation AUC of 'likelihood'"
 
 

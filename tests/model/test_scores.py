@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torch.func import stack_module_state
 
@@ -43,12 +44,20 @@ def _grid(x_range, y_range, step):
     return torch.stack([X.reshape(-1), Y.reshape(-1)], dim=1), step * step
 
 
-def test_linear_decoder_likelihood_matches_closed_form():
+# Relative noise variances far from 1 and not normalised (sum log w != 0): the density must use them
+# as stored.
+RELATIVE_VARIANCE = (0.05, 1.0, 3.0, 0.5, 2.0, 0.25)
+
+
+@pytest.mark.parametrize("relative_variance", [None, RELATIVE_VARIANCE])
+def test_linear_decoder_likelihood_matches_closed_form(relative_variance):
     torch.manual_seed(0)
     d, k, sigma2 = 6, 3, 0.7
     A, b = torch.randn(d, k, dtype=F64), torch.randn(d, dtype=F64)
     C, c = torch.randn(k, d, dtype=F64), torch.randn(k, dtype=F64)  # any encoder
-    model = GenerativeModel(_linear(A, b), StandardNormal(k, F64), "euclidean", sigma2, None, _linear(C, c))
+    model = GenerativeModel(
+        _linear(A, b), StandardNormal(k, F64), "euclidean", sigma2, None, _linear(C, c), relative_variance
+    )
     x = torch.randn(500, d, dtype=F64) * 2
 
     parts = likelihood(model, x)
@@ -57,7 +66,8 @@ def test_linear_decoder_likelihood_matches_closed_form():
     e = x.numpy() - (z @ A.numpy().T + b.numpy())
     log_prior = -0.5 * (z**2).sum(1) - 0.5 * k * math.log(2 * math.pi)
     log_volume = -0.5 * np.linalg.slogdet(A.numpy().T @ A.numpy())[1]
-    log_residual = -0.5 * (e**2).sum(1) / sigma2 - 0.5 * d * math.log(2 * math.pi * sigma2)
+    variances = sigma2 * np.ones(d) if relative_variance is None else sigma2 * np.asarray(relative_variance)
+    log_residual = scipy.stats.multivariate_normal(np.zeros(d), np.diag(variances)).logpdf(e)
     np.testing.assert_allclose(parts.log_prior.numpy(), log_prior, rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts.log_volume.numpy(), np.full(500, log_volume), rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts.log_residual.numpy(), log_residual, rtol=0, atol=1e-6)
@@ -127,10 +137,11 @@ def test_encoder_volume_matches_finite_differences_on_a_curved_decoder():
     torch.testing.assert_close(parts.log_volume, expected, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("relative_variance", [None, RELATIVE_VARIANCE[:5]])
 @pytest.mark.parametrize("prior", ["standard", "one gaussian"])
-def test_projected_is_the_exact_marginal_of_a_linear_gaussian_model(prior):
-    # x = A z + b + e, z ~ N(mu, S^2), e ~ N(0, sigma2 I): p(x) = N(b + A mu, A S^2 A^T + sigma2 I).
-    # The log joint is quadratic in z, so the Laplace approximation is exact.
+def test_projected_is_the_exact_marginal_of_a_linear_gaussian_model(prior, relative_variance):
+    # x = A z + b + e, z ~ N(mu, S^2), e ~ N(0, sigma2 diag(w)): p(x) = N(b + A mu, A S^2 A^T +
+    # sigma2 diag(w)). The log joint is quadratic in z, so the Laplace approximation is exact.
     torch.manual_seed(7)
     d, k, sigma2 = 5, 2, 0.4
     A, b = torch.randn(d, k, dtype=F64), torch.randn(d, dtype=F64)
@@ -140,13 +151,19 @@ def test_projected_is_the_exact_marginal_of_a_linear_gaussian_model(prior):
         mu, scales = torch.randn(k, dtype=F64), torch.rand(k, dtype=F64) + 0.3
         latent = GaussianMixture(mu[None], scales[None])
     start = FunctionMap(lambda x: 0.1 * x[:, :k])  # a poor start: the MAP iteration must fix it
-    model = GenerativeModel(_linear(A, b), latent, "euclidean", sigma2, None, start)
+    model = GenerativeModel(_linear(A, b), latent, "euclidean", sigma2, None, start, relative_variance)
     x = torch.randn(300, d, dtype=F64) * 2
     parts = projected(model, x)
-    covariance = A @ torch.diag(scales**2) @ A.T + sigma2 * torch.eye(d, dtype=F64)
+    w = torch.ones(d, dtype=F64) if relative_variance is None else torch.tensor(relative_variance, dtype=F64)
+    covariance = A @ torch.diag(scales**2) @ A.T + sigma2 * torch.diag(w)
     exact = torch.distributions.MultivariateNormal(b + A @ mu, covariance).log_prob(x)
     assert bool(parts.converged.all())
     torch.testing.assert_close(parts.log_prob, exact, rtol=0, atol=1e-9)
+    # the parts are the rows' own: x_hat = f(z*), and the reconstruction error its plain distance
+    torch.testing.assert_close(parts.x_hat, parts.z @ A.T + b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        parts.reconstruction_error, ((x - parts.x_hat) ** 2).sum(1), rtol=1e-12, atol=0
+    )
 
 
 def test_projected_density_integrates_to_one_for_a_linear_decoder():
@@ -345,12 +362,14 @@ def test_stacked_models_score_each_as_it_scores_alone(prior, geometry):
     models = [ManifoldModel(arch).eval() for _ in range(3)]
     for i, model in enumerate(models):
         model.sigma2 = 0.2 + 0.3 * i
+    models[1].relative_variance = (0.5, 2.0, 1.0, 0.1, 4.0, 1.5)  # the others isotropic
     params = {name: value.detach() for name, value in stack_module_state(models)[0].items()}
     x = torch.randn(40, 6)
     rtol = float32_rtol(arch)
     with torch.no_grad():
         for method in STACKED_METHODS:
-            stacked = stacked_score(arch, params, [m.sigma2 for m in models], x, method)
+            noises = [m.relative_variance for m in models]
+            stacked = stacked_score(arch, params, [m.sigma2 for m in models], x, method, noises)
             for j, model in enumerate(models):
                 alone = score(model.generative(), x, method)
                 scale = torch.stack([alone.log_prior.abs(), alone.log_volume.abs(), alone.log_residual.abs()])

@@ -11,7 +11,7 @@ from scipy.stats import multivariate_normal
 
 from app.bundle.format import WEIGHTS, load_bundle
 from app.engine.torch_backend import TorchScorer
-from app.train.fit import fit_candidates, fit_noise, imq_mmd, score_rows
+from app.train.fit import RELATIVE_VARIANCE_FLOOR, fit_candidates, fit_noise, imq_mmd, score_rows
 from app.train.options import GRIDS, Candidate, FitOptions, expand_grid
 from app.train.pipeline import TrainRequest, split_rows, train_bundle
 from app.train.selection import auc
@@ -50,15 +50,37 @@ def test_paper_grid_has_the_288_combinations_and_drops_latents_that_do_not_fit()
         expand_grid({"latnet": [2]}, input_dim=5)
 
 
+def _residuals(model, x):
+    with torch.no_grad():
+        xt = torch.tensor(x, dtype=torch.float32)
+        return (xt - model.decoder(model.encoder(xt))).double().numpy()
+
+
 def test_fitted_noise_variance_is_the_mean_squared_residual_per_direction():
     x = (manifold_rows(400, seed=1) - 10) / 3
     [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=200))
     model = fitted.model
-    fit_noise(model, x)
-    with torch.no_grad():
-        xt = torch.tensor(x, dtype=torch.float32)
-        residual = (xt - model.decoder(model.encoder(xt))).double().numpy()
+    fit_noise(model, x, "isotropic")
+    residual = _residuals(model, x)
+    assert model.relative_variance is None
     assert model.sigma2 == pytest.approx((residual**2).sum(1).mean() / 6, rel=1e-5)
+
+
+def test_diagonal_noise_is_each_features_mean_squared_residual_floored_at_a_share_of_their_mean():
+    # The maximum-likelihood variances of a zero-mean Gaussian with diagonal covariance are the
+    # per-feature mean squares. Feature 0 is constant, so the networks reconstruct it almost exactly:
+    # its variance must be raised to RELATIVE_VARIANCE_FLOOR times the mean, not left near zero.
+    x = (manifold_rows(400, seed=1) - 10) / 3
+    x[:, 0] = 0.0
+    [fitted] = fit_candidates(x, [Candidate(latent_dim=2, hidden=16, components=2)], FitOptions(steps=200))
+    model = fitted.model
+    fit_noise(model, x, "diagonal")
+    mean_squares = (_residuals(model, x) ** 2).mean(0)
+    floor = RELATIVE_VARIANCE_FLOOR * mean_squares.mean()
+    assert mean_squares[0] < floor  # the case exercises the floor
+    expected = np.maximum(mean_squares, floor)
+    np.testing.assert_allclose(model.sigma2 * np.asarray(model.relative_variance), expected, rtol=1e-5)
+    assert np.log(model.relative_variance).sum() == pytest.approx(0.0, abs=1e-9)  # sigma2: geometric mean
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,20 +107,24 @@ def test_fit_noise_returns_exactly_the_projected_scores_under_the_fitted_noise(d
     np.testing.assert_array_equal(chunked["log_prob"], fresh["log_prob"])
 
 
-def test_projected_noise_variance_maximises_the_exact_marginal_likelihood_of_a_linear_model():
+@pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
+def test_projected_noise_variance_maximises_the_exact_marginal_likelihood_of_a_linear_model(noise):
     # A linear decoder (depth 0) with the standard normal prior: the projected density is then the
-    # exact marginal N(b, A A^T + sigma2 I), and the evidence fixed point must be its maximum
-    # likelihood noise variance, found here by scipy's bounded scalar search on the exact density.
+    # exact marginal N(b, A A^T + sigma2 diag(w)), and the evidence fixed point must be its maximum
+    # likelihood noise scale, found here by scipy's bounded scalar search on the exact density
+    # (w fixed at the fitted relative variances; 1 for isotropic noise).
     x = (manifold_rows(400, seed=3) - 10) / 3
     candidate = Candidate(latent_dim=2, hidden=8, depth=0, activation="linear", prior="normal")
     [fitted] = fit_candidates(x, [candidate], FitOptions(steps=300))
     model = fitted.model.double()
-    fit_noise(model, x)
+    fit_noise(model, x, noise)
     A = model.decoder.net.layers[0].weight.detach().numpy()
     b = model.decoder.net.layers[0].bias.detach().numpy()
+    w = np.ones(6) if model.relative_variance is None else np.asarray(model.relative_variance)
+    assert (noise == "isotropic") == np.all(w == 1.0)
 
     def negative_log_likelihood(log_sigma2):
-        covariance = A @ A.T + np.exp(log_sigma2) * np.eye(6)
+        covariance = A @ A.T + np.exp(log_sigma2) * np.diag(w)
         return -multivariate_normal(b, covariance).logpdf(x).sum()
 
     best = minimize_scalar(
