@@ -37,7 +37,11 @@ class ScoreRequest(BaseModel):
         "members' means), and for an ensemble member_scores, each member's score per row (their mean is "
         "the row's score)",
     )
-    explain: bool = Field(False, description="add each feature's share of the squared residual")
+    explain: bool = Field(
+        False,
+        description="add each feature's share of the residual term: (x_j - x'_j)^2 / w_j over their sum, "
+        "w_j its relative noise variance",
+    )
     ids: list[str | int] | None = Field(
         None, description="one identifier per row, echoed as the answer's ids (not scored, not logged)"
     )

@@ -14,9 +14,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle import ensemble
-from app.bundle.format import Bundle, EnsembleBundle, Threshold
+from app.bundle.format import Bundle, EnsembleBundle, Threshold, members_of
 from app.engine.errors import ScoringFailed
 from app.model.methods import check_method
+from app.model.noise import whitening_factors
 
 # Members stacked along a leading axis (both backends) run each operation on M times a member's
 # rows, and past this many member rows per call their tensors outgrow a CPU's caches: 1024-row
@@ -138,14 +139,16 @@ def assemble_members(
     ensemble's score is the mean of the members' scores by its combination (app.bundle.ensemble);
     its log-likelihood, parts, reconstruction error and residual are the members' means, reported
     beside it."""
-    if not isinstance(bundle, EnsembleBundle):
-        return assemble(bundle, method, fpr, members[0], explain, rows, constant_mismatch)
-    if len(members) != len(bundle.members):
+    if isinstance(bundle, EnsembleBundle) and len(members) != len(bundle.members):
         raise ScoringFailed(
             f"the scoring of {method!r} returned {len(members)} members' outputs for "
             f"{len(bundle.members)} members: the bundle {bundle.path} is broken",
             {"method": method},
         )
+    if explain:
+        members = [_whitened(owner, parts) for owner, parts in zip(members_of(bundle), members, strict=True)]
+    if not isinstance(bundle, EnsembleBundle):
+        return assemble(bundle, method, fpr, members[0], explain, rows, constant_mismatch)
     for i, parts in enumerate(members):
         _check_shapes(bundle, method, parts, rows, f" (member {i})")
     # (members, rows) per output: the terms, references and means below as whole-array operations,
@@ -173,6 +176,13 @@ def assemble_members(
         constant_mismatch,
         member_scores,
     )
+
+
+def _whitened(member: Bundle, parts: dict[str, NDArray[np.floating]]) -> dict[str, NDArray[np.floating]]:
+    """parts with the residual over the square roots of the member's relative noise variances: each
+    feature's share of its square is then its share of the residual term the score charges."""
+    r = whitening_factors(member.relative_variance)
+    return parts if r is None else parts | {"residual": np.asarray(parts["residual"], np.float64) * r}
 
 
 def assemble(

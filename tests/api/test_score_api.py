@@ -68,7 +68,8 @@ def test_thresholds_by_name_and_by_rate_flag_exactly_the_small_p_values(client, 
         assert by_rate["is_anomaly"] == [p <= fpr for p in by_rate["p_values"]]
 
 
-def test_explain_gives_each_features_share_of_the_residual(client, bundle):
+def test_explain_gives_each_features_share_of_the_residual_term(client, bundle):
+    """Each feature's (x_j - x'_j)^2 / w_j over their sum: its share of what the residual term charges."""
     body = client.post("/score", json={"instances": ROWS.tolist(), "explain": True}).json()
     assert body["explain"]["features"] == FEATURES
     share = np.asarray(body["explain"]["residual_share"])
@@ -76,6 +77,8 @@ def test_explain_gives_each_features_share_of_the_residual(client, bundle):
     with torch.no_grad():
         x = torch.tensor(bundle.scaler.transform(ROWS), dtype=torch.float32)
         e2 = ((x - model.decoder(model.encoder(x))) ** 2).double().numpy()
+    assert bundle.relative_variance is not None  # one noise variance per feature, as trained by default
+    e2 = e2 / np.asarray(bundle.relative_variance)
     rtol = float32_rtol(bundle.architecture)
     np.testing.assert_allclose(share, e2 / e2.sum(1, keepdims=True), rtol=rtol, atol=rtol)
     np.testing.assert_allclose(share.sum(1), 1.0, rtol=1e-9)
