@@ -207,11 +207,11 @@ REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 RESPONSE_EXAMPLE: dict[str, Any] = {
-    "model": {"name": "breast-cancer-demo", "version": "753814c52de12a28"},
+    "model": {"name": "breast-cancer-demo", "version": "a025d92eaa0d2583"},
     "method": "likelihood",
-    "threshold": {"name": "fpr_0.1", "fpr": 0.1, "value": 116.8},
-    "scores": [61.2, 402.7],
+    "threshold": {"name": "fpr_0.1", "fpr": 0.1, "value": 154.7},
+    "scores": [33.1, 504.2],
     "is_anomaly": [False, True],
-    "p_values": [0.514, 0.019],
-    "log_likelihood": [-61.2, -402.7],
+    "p_values": [0.667, 0.038],
+    "log_likelihood": [-33.1, -504.2],
 }
