@@ -145,12 +145,13 @@ def assemble_members(
             f"{len(bundle.members)} members: the bundle {bundle.path} is broken",
             {"method": method},
         )
+    single = not isinstance(bundle, EnsembleBundle)
+    for i, parts in enumerate(members):  # before the residuals are whitened, which would broadcast
+        _check_shapes(bundle, method, parts, rows, "" if single else f" (member {i})")
     if explain:
         members = [_whitened(owner, parts) for owner, parts in zip(members_of(bundle), members, strict=True)]
-    if not isinstance(bundle, EnsembleBundle):
+    if single:
         return assemble(bundle, method, fpr, members[0], explain, rows, constant_mismatch)
-    for i, parts in enumerate(members):
-        _check_shapes(bundle, method, parts, rows, f" (member {i})")
     # (members, rows) per output: the terms, references and means below as whole-array operations,
     # since per-member Python work, not arithmetic, is what a small request's answer costs.
     stacked = {name: np.stack([p[name] for p in members]).astype(np.float64) for name in members[0]}

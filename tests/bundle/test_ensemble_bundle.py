@@ -254,8 +254,9 @@ def test_an_ensemble_of_one_member_scores_as_its_member(ensemble_result, tmp_pat
     expected = _member_score(one.members[0], alone, "likelihood")
     np.testing.assert_allclose(out.score, expected, rtol=1e-14, atol=1e-14)
     assert out.member_scores.shape == (len(x), 1)
-    # The root mean square of one member's residual is its magnitude: the same shares.
-    squared = alone["residual"] ** 2
+    # The root mean square of one member's residual is its magnitude: the same shares, of the
+    # residual term (each squared residual over the feature's relative noise variance).
+    squared = alone["residual"] ** 2 / np.asarray(one.members[0].relative_variance)
     np.testing.assert_allclose(
         out.residual_share, squared / squared.sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-15
     )

@@ -249,9 +249,7 @@ class Reference:
         done = np.zeros(len(x), dtype=bool)
         for step in range(steps + 1):
             L, definite = cholesky(cur["newton"] + damping[:, None, None] * np.eye(m))
-            delta = -np.linalg.solve(L.transpose(0, 2, 1), np.linalg.solve(L, cur["gradient"][:, :, None]))[
-                :, :, 0
-            ]
+            delta = -triangular_solves(L, cur["gradient"])
             ambient = np.einsum("bkm,bm->bk", self.basis(cur["z"]), delta) if self.sphere else delta
             done |= np.linalg.norm(ambient, axis=1) <= tol * (1 + np.linalg.norm(cur["z"], axis=1))
             if step == steps or done.all():
@@ -289,6 +287,19 @@ def cholesky(A):
         below = A[:, j + 1 :, j] - np.einsum("brj,bj->br", L[:, j + 1 :, :j], L[:, j, :j])
         L[:, j + 1 :, j] = below / L[:, j, j, None]
     return L, definite
+
+
+def triangular_solves(L, b):
+    """(L L^T)^-1 b for b (B, m), by forward then back substitution. A general solver (LU with row
+    exchanges) can meet an exact zero pivot where a floored pivot sits below entries 1e12 times
+    larger; rows whose pivots were floored are not stepped (section 6.7), whatever this gives."""
+    y = b.copy()
+    with np.errstate(all="ignore"):
+        for i in range(L.shape[1]):
+            y[:, i] = (y[:, i] - np.einsum("bj,bj->b", L[:, i, :i], y[:, :i])) / L[:, i, i]
+        for i in reversed(range(L.shape[1])):
+            y[:, i] = (y[:, i] - np.einsum("bj,bj->b", L[:, i + 1 :, i], y[:, i + 1 :])) / L[:, i, i]
+    return y
 
 
 def holdout_rows():
