@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,7 +46,7 @@ from app.engine.factory import create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY
-from app.train.options import GRIDS, Candidate, FitOptions, NoiseModel, expand_grid, grid_conflicts
+from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
 
 
 class ManifoldDetector(OutlierMixin, BaseEstimator):
@@ -107,8 +107,6 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             beta=self.beta,
             kernel_width=self.kernel_width,
         )
-        if self.noise not in get_args(NoiseModel):
-            raise ValueError(f"noise must be one of {list(get_args(NoiseModel))}, got {self.noise!r}")
         fit = FitOptions(
             steps=self.steps,
             batch_size=self.batch_size,

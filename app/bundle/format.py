@@ -321,12 +321,12 @@ def describe_networks(bundle: Bundle) -> tuple[str, str]:
         f"{values([x.activation for x in archs])}, prior {values([x.prior for x in archs])} with "
         f"{values([x.components for x in archs])} component(s)"
     )
-    shapes = [m.relative_variance for m in members]
+    relative = [w for m in members if (w := m.relative_variance) is not None]
     per_feature = (
-        ""
-        if all(w is None for w in shapes)
-        else ", one variance per feature: sigma2 times "
-        f"{min(min(w) for w in shapes if w):.3g} to {max(max(w) for w in shapes if w):.3g}"
+        f", one variance per feature: sigma2 times {min(map(min, relative)):.3g} to "
+        f"{max(map(max, relative)):.3g}"
+        if relative
+        else ""
     )
     if not isinstance(bundle, EnsembleBundle):
         return text, f"sigma2 {sigma2[0]:.4g}, projected {bundle.sigma2_projected:.4g}{per_feature}"

@@ -85,10 +85,10 @@ class TorchScorer:
             # a GPU wants the largest tensors; a CPU's caches want MEMBER_ROWS member rows at most
             rows = x.shape[0] if x.device.type == "cuda" else max(1, MEMBER_ROWS // len(indices))
             arch, sigma2 = self.models[indices[0]].arch, [self.models[i].sigma2 for i in indices]
-            shapes = [self.models[i].relative_variance for i in indices]
+            noises = [self.models[i].relative_variance for i in indices]
             with torch.no_grad():
                 blocks = [
-                    stacked_score(arch, self.stack(group, dtype), sigma2, block, method, shapes)
+                    stacked_score(arch, self.stack(group, dtype), sigma2, block, method, noises)
                     for block in x.split(rows)
                 ]
             members |= {i: _arrays(blocks, j, x, explain) for j, i in enumerate(indices)}

@@ -192,9 +192,9 @@ def stacked_score(
     """`method` (one of STACKED_METHODS) for C models of one architecture at once, as likelihood,
     reconstruction and latent compute it for one: their state stacked along a leading axis
     (torch.func.stack_module_state), sigma2 and relative_variance (default: none) their noises;
-    every part (C, B), z (C, B, k),
-    x_hat (C, B, d). Each layer is one batched product for all C models (an ensemble's members),
-    where C models scored one by one launch C times the kernels: what a GPU's time goes to."""
+    every part (C, B), z (C, B, k), x_hat (C, B, d). Each layer is one batched product for all C
+    models (an ensemble's members), where C models scored one by one launch C times the kernels:
+    what a GPU's time goes to."""
     if method not in STACKED_METHODS:
         raise ValueError(f"{method!r} is not scored stacked; stacked methods: {list(STACKED_METHODS)}")
     encoder_layers = ManifoldModel.stacked_layers(arch, params, "encoder")
@@ -221,8 +221,8 @@ def stacked_score(
     if method == "latent":
         return _parts(log_prior, zero, zero, e, z, x_hat, e_scored=torch.zeros_like(e))
     # Each model's own noise, as log_normal_residual takes it.
-    shapes = [None] * len(sigma2) if relative_variance is None else list(relative_variance)
-    terms = [log_normal_residual(e[j], s, w) for j, (s, w) in enumerate(zip(sigma2, shapes, strict=True))]
+    noises = [None] * len(sigma2) if relative_variance is None else list(relative_variance)
+    terms = [log_normal_residual(e[j], s, w) for j, (s, w) in enumerate(zip(sigma2, noises, strict=True))]
     log_residual = torch.stack([term for term, _ in terms])
     return _parts(log_prior, log_volume, log_residual, e, z, x_hat, torch.stack([w for _, w in terms]))
 

@@ -236,11 +236,12 @@ def fit_noise(
     with the sigma2_projected it ends with, so a caller need not project x_val again.
     """
     d, m = x_val.shape[1], model.arch.intrinsic_dim
-    variances = np.maximum(feature_variances(model, x_val, chunk_rows), SIGMA2_FLOOR)
+    variances = feature_variances(model, x_val, chunk_rows)
+    mean = float(variances.mean())
     if noise == "isotropic" or d == 1:
-        model.sigma2, model.relative_variance = max(float(variances.mean()), SIGMA2_FLOOR), None
+        model.sigma2, model.relative_variance = max(mean, SIGMA2_FLOOR), None
     else:
-        variances = np.maximum(variances, RELATIVE_VARIANCE_FLOOR * variances.mean())
+        variances = np.maximum(variances, max(RELATIVE_VARIANCE_FLOOR * mean, SIGMA2_FLOOR))
         model.sigma2 = float(np.exp(np.log(variances).mean()))
         model.relative_variance = tuple(float(v) for v in variances / model.sigma2)
     model.sigma2_projected = model.sigma2

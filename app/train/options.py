@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from app.model.spec import Architecture, Network, PriorName
 
@@ -79,6 +79,8 @@ class FitOptions:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.trim < 1:
             raise ValueError(f"trim must be in [0, 1), got {self.trim}")
+        if self.noise not in get_args(NoiseModel):
+            raise ValueError(f"noise must be one of {list(get_args(NoiseModel))}, got {self.noise!r}")
 
 
 def expand_grid(

@@ -66,6 +66,11 @@ def test_fitted_noise_variance_is_the_mean_squared_residual_per_direction():
     assert model.sigma2 == pytest.approx((residual**2).sum(1).mean() / 6, rel=1e-5)
 
 
+def test_an_unknown_noise_model_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"noise must be one of \['diagonal', 'isotropic'\], got 'full'"):
+        FitOptions(noise="full")  # type: ignore[arg-type]
+
+
 def test_diagonal_noise_is_each_features_mean_squared_residual_floored_at_a_share_of_their_mean():
     # The maximum-likelihood variances of a zero-mean Gaussian with diagonal covariance are the
     # per-feature mean squares. Feature 0 is constant, so the networks reconstruct it almost exactly:
