@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from scipy import special
 
 from app.model.graph import Graph
+from app.model.noise import LOG_2PI
 
 # torch is imported only inside the functions that compute with it, so that the serving install,
 # which has no torch, can build and verify graphs with the emitters (app.bundle.graphs).
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-LOG_2PI = math.log(2 * math.pi)
 Parameters = dict[str, NDArray[np.floating]]  # a bundle's tensors, the derived prior among them
 Emitted = str | tuple[str, str, str]  # log p, or log p with its gradient and Hessian
 

@@ -21,6 +21,7 @@ volume term instead of -inf.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -61,8 +62,16 @@ class ScoreParts:
 def whitening(relative_variance: Sequence[float] | None, like: Tensor) -> Tensor | None:
     """app.model.noise.whitening_factors in like's dtype and device: residuals times it have noise
     sigma2 I. None for the paper's isotropic noise (no w)."""
-    r = whitening_factors(relative_variance)
-    return None if r is None else torch.as_tensor(r, device=like.device).to(like.dtype)
+    if relative_variance is None:
+        return None
+    return _whitening(tuple(relative_variance), like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _whitening(relative_variance: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Kept per model, device and dtype: on a GPU, building it per call would be a synchronous
+    # host-to-device copy in every scoring call. Callers only multiply by it, never write to it.
+    return torch.as_tensor(whitening_factors(relative_variance), device=device).to(dtype)
 
 
 def log_normal_residual(
