@@ -249,16 +249,20 @@ class Reference:
         done = np.zeros(len(x), dtype=bool)
         for step in range(steps + 1):
             L, definite = cholesky(cur["newton"] + damping[:, None, None] * np.eye(m))
-            delta = -triangular_solves(L, cur["gradient"])
-            ambient = np.einsum("bkm,bm->bk", self.basis(cur["z"]), delta) if self.sphere else delta
-            done |= np.linalg.norm(ambient, axis=1) <= tol * (1 + np.linalg.norm(cur["z"], axis=1))
+            # Every row's trial point is computed and the refused ones masked below. A row whose
+            # factor needed the floor is refused untried (section 6.7); its step can be so large
+            # that its norm and trial overflow, which the mask discards.
+            with np.errstate(over="ignore"):
+                delta = -triangular_solves(L, cur["gradient"])
+                ambient = np.einsum("bkm,bm->bk", self.basis(cur["z"]), delta) if self.sphere else delta
+                done |= np.linalg.norm(ambient, axis=1) <= tol * (1 + np.linalg.norm(cur["z"], axis=1))
             if step == steps or done.all():
                 break
-            moved = cur["z"] + ambient
-            moved = moved / np.linalg.norm(moved, axis=1)[:, None] if self.sphere else moved
-            trial = self.linearise(x, moved, sigma2)
-            predicted = 0.5 * (delta * (damping[:, None] * delta - cur["gradient"])).sum(1)
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                moved = cur["z"] + ambient
+                moved = moved / np.linalg.norm(moved, axis=1)[:, None] if self.sphere else moved
+                trial = self.linearise(x, moved, sigma2)
+                predicted = 0.5 * (delta * (damping[:, None] * delta - cur["gradient"])).sum(1)
                 gain = (cur["objective"] - trial["objective"]) / predicted
             taken = (predicted > 0) & (gain > 0) & ~done & definite
             for key in cur:
