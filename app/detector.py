@@ -44,9 +44,20 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from app.bundle.format import Bundle, load_bundle
 from app.engine.factory import create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
-from app.model.methods import METHODS
+from app.model.methods import MAX_ABS_VALUE, METHODS
 from app.model.spec import PRIOR_GEOMETRY
 from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
+
+
+def _within_limit(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """values, if every magnitude is within the limit the service and the command line apply too
+    (validate_data has refused NaN and infinities)."""
+    too_large = np.abs(values) > MAX_ABS_VALUE
+    if too_large.any():
+        i, j = (int(v) for v in np.argwhere(too_large)[0])
+        limit = f"beyond the limit of {MAX_ABS_VALUE:g} on any value"
+        raise ValueError(f"X[{i}, {j}] is {values[i, j]:g}, {limit}")
+    return values
 
 
 class ManifoldDetector(OutlierMixin, BaseEstimator):
@@ -92,7 +103,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        values = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        values = _within_limit(validate_data(self, X, dtype=np.float64, ensure_min_samples=2))
         names = [
             str(n) for n in getattr(self, "feature_names_in_", [f"x{j}" for j in range(values.shape[1])])
         ]
@@ -178,7 +189,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         names = getattr(self, "feature_names_in_", None)
         if names is not None and hasattr(X, "columns") and set(X.columns) == set(names):
             X = X[list(names)]  # a DataFrame's columns are matched by name, whatever their order
-        values = validate_data(self, X, dtype=np.float64, reset=False)
+        values = _within_limit(validate_data(self, X, dtype=np.float64, reset=False))
         return self.scorer_.score(values, self.method, self.fpr)
 
     def score_samples(self, X: Any) -> NDArray[np.float64]:

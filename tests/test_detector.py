@@ -147,6 +147,16 @@ def test_too_few_rows_or_an_unresolvable_rate_are_refused_with_the_reason():
         ManifoldDetector(**(SMALL | {"fpr": 0.001})).fit(manifold_rows(200, seed=55))
 
 
+def test_a_magnitude_beyond_the_services_limit_is_refused_naming_the_cell(fitted):
+    detector, rows = fitted
+    X = rows.copy()
+    X.iloc[3, 1] = 1e15  # the limit itself is a value
+    assert detector.predict(X).shape == (len(X),)
+    X.iloc[4, 2] = -2e15
+    with pytest.raises(ValueError, match=r"X\[4, 2\] is -2e\+15, beyond the limit of 1e\+15"):
+        detector.predict(X)
+
+
 def test_the_modules_documented_example_runs_as_printed():
     import doctest
 

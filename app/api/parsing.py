@@ -37,13 +37,12 @@ from pydantic import ValidationError
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import ReloadRequest
 from app.engine.errors import InvalidInput
+from app.model.methods import MAX_ABS_VALUE
 
 OPTIONS = ("method", "threshold", "components", "explain")
 # Identifiers a JSON request may carry to have them echoed beside the scores: `ids`, one per row, or
 # `id_key`, a key of every object row that is no feature. Never scored, never logged.
 ID_FIELDS = ("ids", "id_key")
-# Larger magnitudes are no measurement; squared in float32 they would overflow to inf.
-MAX_ABS_VALUE = 1e15
 # Integer ids are echoed through orjson, which writes 64-bit integers only.
 ID_RANGE = range(-(2**63), 2**63)
 KEYS = ("instances", *OPTIONS, *ID_FIELDS)
@@ -447,7 +446,8 @@ def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.fl
         raise BadRequest(f"the body is not a valid .npy array: {reason[:300]}") from None
     if dtype not in NPY_DTYPES:
         raise InvalidInput(f"the array's dtype is {dtype}; send float32 or float64")
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] < 0:
+    # numpy's header check lets booleans through as integers ('shape': (True, 30)).
+    if len(shape) != 2 or any(type(n) is not int for n in shape) or shape[0] <= 0 or shape[1] < 0:
         raise InvalidInput(f"the array has shape {shape}; send a non-empty (rows, {len(features)}) matrix")
     rows, columns = shape
     if rows > max_rows:

@@ -204,7 +204,9 @@ def assemble(
     threshold = bundle.threshold(method, bundle.default_fpr if fpr is None else fpr)
     log_likelihood = np.asarray(parts["log_prob"], dtype=np.float64)
     score = np.asarray(parts["score"], dtype=np.float64) if "score" in parts else -log_likelihood
-    p_value, is_anomaly = bundle.p_values(method, score), score > threshold.value
+    # A score that is not a number (arithmetic that overflowed on a row far outside the data) ranks
+    # above every calibration score, as p_values puts it: flagged, with p = 1/(n + 1).
+    p_value, is_anomaly = bundle.p_values(method, score), ~(score <= threshold.value)
     if constant_mismatch.any():
         off = constant_mismatch.any(axis=1)
         p_value[off], is_anomaly[off] = 0.0, True

@@ -15,6 +15,10 @@ OUTPUTS = ("log_prob", *PARTS, "reconstruction_error", "residual")
 # when to stop by comparing objectives and step lengths, which float32 networks would blur at 1e-7,
 # and differently on every CPU; the closed-form methods are well conditioned in float32.
 FLOAT64_METHODS = ("projected",)
+# The largest magnitude of a raw value the product scores or trains on, on every path (the service,
+# the command line, the batch engines). Larger ones are no measurement; squared in float32 they would
+# overflow to inf.
+MAX_ABS_VALUE = 1e15
 
 
 class UnknownMethod(ValueError):

@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from app.model.methods import MAX_ABS_VALUE
+
 
 class DataError(ValueError):
     """A user's data file cannot be used; the message names the file and the row and/or column."""
@@ -598,12 +600,19 @@ def _matrix(
     for j, (column, name) in enumerate(zip(columns, names, strict=True)):
         values[:, j] = _numbers(source, batch, column, name)
     nonfinite = ~np.isfinite(values)
-    fatal = np.isinf(values) if missing == "drop" else nonfinite
+    with np.errstate(invalid="ignore"):
+        too_large = np.abs(values) > MAX_ABS_VALUE  # infinities included; NaN (missing) is not
+    fatal = too_large | nonfinite if missing == "error" else too_large
     if fatal.any():
         i, j = np.argwhere(fatal)[0]  # row-major, so the first bad cell in file order is reported
         message = f"{source.where(batch, i)}, column {names[j]!r} holds"
         if np.isinf(values[i, j]):
             raise source.error(f"{message} an infinite value")
+        if too_large[i, j]:
+            raise source.error(
+                f"{message} {values[i, j]:g}, beyond the limit of {MAX_ABS_VALUE:g} on any value "
+                "(rescale the column, e.g. seconds rather than nanoseconds)"
+            )
         raise MissingValue(f"{source.path}: {message} a missing value")
     return values, nonfinite.any(axis=1)
 

@@ -94,6 +94,26 @@ def test_row_blocks_scored_in_parallel_come_back_whole_and_in_order(monkeypatch)
     assert sizes == [200] and fetched and not any("residual" in names for names in fetched)
 
 
+def test_a_score_that_is_not_a_number_ranks_above_every_calibration_score(tiny_bundle, monkeypatch):
+    """Arithmetic that overflows on a row far outside the data gives a NaN score: flagged, with the
+    p-value of a score above all n calibration scores, 1/(n + 1), so that flagged <=> p <= fpr holds."""
+    bundle = load_bundle(tiny_bundle)
+    scorer = OnnxScorer(bundle, threads=1)
+    x = manifold_rows(3, seed=2)
+    run = scorer._run
+
+    def overflowed(*a):
+        out = run(*a)
+        return out | {"log_prob": np.where(np.arange(3) == 1, np.nan, out["log_prob"])}
+
+    monkeypatch.setattr(scorer, "_run", overflowed)
+    out = scorer.score(x, "likelihood")
+    n = bundle.calibration["likelihood"].size
+    assert np.isnan(out.score[1]) and out.is_anomaly[1]
+    assert out.p_value[1] == 1 / (n + 1)
+    assert np.array_equal(out.is_anomaly, out.p_value <= out.threshold.fpr)
+
+
 def test_every_scoring_call_checks_one_output_row_per_input_row(tiny_bundle, monkeypatch):
     """Defect 6: a graph answering n-1 rows was served (1 score for 2 rows with HTTP 200). Whatever
     a backend returns, assemble refuses outputs that do not have one entry per input row."""

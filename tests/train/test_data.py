@@ -2,6 +2,7 @@
 way a file can be wrong."""
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,20 @@ def test_infinity_is_always_an_error(tmp_path, missing):
     path = _csv(tmp_path / "d.csv", "a,b\n1,2\n-inf,4\n5,6\n")
 
     _error(lambda: read_table(path, missing=missing), str(path), f"row 2 {CSV_ROW}", "column 'a'", "infinite")
+
+
+@pytest.mark.parametrize("missing", ["error", "drop"])
+def test_a_magnitude_beyond_the_limit_is_always_an_error(tmp_path, missing):
+    """The service refuses |value| > 1e15 (squared in float32 it overflows); so does every table reader."""
+    path = _csv(tmp_path / "d.csv", "a,b\n1,1e15\n2,-1e15\n3,-1.5e15\n5,6\n")
+
+    _error(
+        partial(read_table, path, missing=missing),
+        f"row 3 {CSV_ROW}",
+        "column 'b'",
+        "-1.5e+15",
+        "limit of 1e+15",
+    )
 
 
 def test_drop_removes_incomplete_rows_and_reports_them(tmp_path):
