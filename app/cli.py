@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -18,12 +19,17 @@ from app.bundle.format import Bundle, BundleError, describe_networks, load_bundl
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
-from app.train.options import Candidate, FitOptions, NoiseModel, grid_conflicts
+from app.train.options import GRIDS, Candidate, FitOptions, NoiseModel, grid_conflicts
 
 if TYPE_CHECKING:
     from app.api.settings import Settings
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def _grid_sizes() -> str:
+    """The named grids with their candidates on a table wide enough for all of them."""
+    return ", ".join(f"{name!r} ({math.prod(map(len, grid.values()))})" for name, grid in GRIDS.items())
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -42,8 +48,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--grid",
         default="default",
-        help="the candidates: 'default' (12), 'paper' (288), a JSON file of lists, or 'none' for one "
-        "model of the options above",
+        help=f"the candidates: {_grid_sizes()}, a JSON file of lists, or 'none' for one model of the "
+        "options above; latent sizes that do not fit the table's width are left out",
     )
     fit.add_argument(
         "--select",
@@ -289,8 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grid_spec(value: str) -> dict[str, list[Any]]:
-    from app.train.options import GRIDS
-
     if value in GRIDS:
         return GRIDS[value]
     path = Path(value)
