@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import reprlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -72,6 +73,31 @@ class BodyBudget:
         self.held -= size
         if self.observe is not None:
             self.observe(self.held)
+
+
+def media_type(request: Request, accepted: Sequence[str], missing: str | None = None) -> str:
+    """The request's media type if it is one of `accepted` (a request without a Content-Type is taken
+    as `missing`, where given) and names no charset but UTF-8; 415 otherwise. JSON is UTF-8 (RFC
+    8259): a body in another charset would be read wrongly, not refused, if its label were ignored."""
+    header = request.headers.get("content-type", "")
+    kind, _, parameters = header.partition(";")
+    kind = kind.strip().lower()
+    if not kind and missing is not None:
+        return missing
+    if kind not in accepted:
+        given = f"content type {reprlib.repr(kind)}" if kind else "no content type"
+        raise UnsupportedMediaType(
+            f"{given}; send one of {list(accepted)}",
+            {"accepted": list(accepted)},
+        )
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(
+                f"charset {reprlib.repr(charset)}; send the body in UTF-8", {"accepted": ["utf-8"]}
+            )
+    return kind
 
 
 def check_encoding(request: Request) -> None:

@@ -282,7 +282,7 @@ def error_examples(features: list[str], settings: Settings) -> Examples:
             ),
             "query": _example(
                 "query parameters on a JSON request",
-                _raised(lambda: check_query("application/json", {"threshold": "0.05"})),
+                _raised(lambda: check_query("application/json", [("threshold", "0.05")])),
             ),
             "method": _example("an unknown score method", _raised(lambda: check_method("isolation_forest"))),
         },

@@ -14,6 +14,7 @@ Specification: github.com/kserve/open-inference-protocol, specification/protocol
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import reprlib
@@ -25,7 +26,15 @@ import orjson
 from numpy.typing import NDArray
 
 from app.api.errors import BadRequest, PayloadTooLarge
-from app.api.parsing import Body, ScoreRequest, check_values, describe, load_json, reject_duplicate_keys
+from app.api.parsing import (
+    Body,
+    ScoreRequest,
+    check_values,
+    describe,
+    load_json,
+    quoted,
+    reject_duplicate_keys,
+)
 from app.engine.errors import InvalidInput
 from app.engine.scorer import ScoreOutput
 
@@ -101,7 +110,7 @@ def _input_rows(
     tensor: dict[str, Any], binary: memoryview, features: list[str], max_rows: int
 ) -> tuple[NDArray[np.float64], int]:
     """The (n, d) rows of the input tensor and how many binary bytes it used."""
-    unknown = [k for k in tensor if k not in INPUT_KEYS]
+    unknown = quoted([k for k in tensor if k not in INPUT_KEYS])
     if unknown:
         raise InvalidInput(f"unknown input fields {unknown}; accepted: {list(INPUT_KEYS)}")
     name, d = tensor.get("name"), len(features)
@@ -145,7 +154,11 @@ def _input_rows(
                 f"input 'x' binary_data_size is {describe(size)}; {shape} {datatype} takes {expected} bytes"
             )
         if len(binary) < size:
-            raise BadRequest(f"input 'x' promises {size} bytes of binary data; the body holds {len(binary)}")
+            # Without the header the whole body is the JSON request, and no byte is left for tensors.
+            hint = "" if binary else " (the Inference-Header-Content-Length header says where the JSON ends)"
+            raise BadRequest(
+                f"input 'x' promises {size} bytes of binary data; the body holds {len(binary)}{hint}"
+            )
         x = np.frombuffer(binary[:size], dtype=dtype).reshape(n, d)
         return np.asarray(x, dtype=np.float64), size
     if "data" not in tensor:
@@ -211,7 +224,7 @@ def parse_infer(
 ) -> InferRequest:
     doc, binary = _header_and_binary(body, header_length)
     doc = _object(doc, "the inference request")
-    unknown = [k for k in doc if k not in REQUEST_KEYS]
+    unknown = quoted([k for k in doc if k not in REQUEST_KEYS])
     if unknown:
         raise InvalidInput(f"unknown fields {unknown}; accepted: {list(REQUEST_KEYS)}", {"unknown": unknown})
     if doc.get("model_name", model) != model:
@@ -220,7 +233,7 @@ def parse_infer(
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {describe(request_id)}")
     parameters = _object(doc.get("parameters", {}), "'parameters'")
-    unknown = [k for k in parameters if k not in REQUEST_PARAMETERS]
+    unknown = quoted([k for k in parameters if k not in REQUEST_PARAMETERS])
     if unknown:
         raise InvalidInput(
             f"unknown parameters {unknown}; accepted: {list(REQUEST_PARAMETERS)}", {"unknown": unknown}
@@ -230,8 +243,9 @@ def parse_infer(
         raise InvalidInput(f"parameter 'method' must be a string, got {describe(method)}")
     threshold = parameters.get("threshold")
     if isinstance(threshold, int | float) and not isinstance(threshold, bool):
-        threshold = float(threshold)
-    elif threshold is not None and not isinstance(threshold, str):
+        with contextlib.suppress(OverflowError):  # an integer beyond any float is refused below
+            threshold = float(threshold)
+    if threshold is not None and not isinstance(threshold, str | float):
         raise InvalidInput(f"parameter 'threshold' must be a name or a rate, got {describe(threshold)}")
     binary_default = _flag(parameters.get("binary_data_output", False), "parameter 'binary_data_output'")
     inputs = doc.get("inputs")

@@ -24,8 +24,9 @@ import itertools
 import json
 import re
 import reprlib
+import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,18 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 
 
 def describe(value: Any) -> str:
     return f"{type(value).__name__} {_REPR.repr(value)}"
+
+
+# An error quotes at most this many of a client's names: a row of a million unknown keys must not
+# come back as a 24 MB answer.
+QUOTED_NAMES = 8
+
+
+def quoted(names: list[str]) -> list[str]:
+    """The first QUOTED_NAMES of a client's names, each cut to 40 characters, and a last entry
+    '... (N in all)' when there were more: what an error's message and detail repeat of them."""
+    shown = [n if len(n) <= 40 else f"{n[:40]}..." for n in names[:QUOTED_NAMES]]
+    return shown + ([f"... ({len(names)} in all)"] if len(names) > QUOTED_NAMES else [])
 
 
 def _column(features: list[str], j: int) -> str:
@@ -161,11 +174,24 @@ def _rows_from_lists(instances: list[Any], features: list[str], only_numbers: bo
     return np.array(instances, dtype=np.float64)
 
 
+def _normalisation_hint(missing: list[str], row: dict[str, Any]) -> str:
+    """Where a key is a missing feature's name in another Unicode normal form (a client that sends
+    'é' as 'e' and a combining accent), say so: the two print alike."""
+    forms = {unicodedata.normalize("NFC", f) for f in missing}
+    if any(unicodedata.normalize("NFC", k) in forms for k in itertools.islice(row, QUOTED_NAMES * 8)):
+        return " (a key differs from a feature only in its Unicode normal form: send the model's spelling)"
+    return ""
+
+
 def _rows_from_objects(
     instances: list[Any], features: list[str], id_key: str | None
 ) -> tuple[NDArray[np.float64], list[Any] | None]:
     """The rows, and each row's `id_key` value when the request declares one."""
     known = set(features)
+    if id_key in known:
+        raise InvalidInput(
+            f"'id_key' {_REPR.repr(id_key)} is a feature of the model; name a key of the rows that is none"
+        )
     out = np.empty((len(instances), len(features)), dtype=np.float64)
     ids: list[Any] | None = None if id_key is None else []
     for i, given in enumerate(instances):
@@ -177,14 +203,16 @@ def _rows_from_objects(
         row = given
         if ids is not None:
             if id_key not in row:
-                raise InvalidInput(f"instances[{i}] has no {id_key!r}, the declared id_key", {"row": i})
+                declared = f"instances[{i}] has no {_REPR.repr(id_key)}, the declared id_key"
+                raise InvalidInput(declared, {"row": i})
             row = {k: v for k, v in given.items() if k != id_key}
-            ids.append(_check_id(given[id_key], f"instances[{i}][{id_key!r}]", i))
+            ids.append(_check_id(given[id_key], f"instances[{i}][{_REPR.repr(id_key)}]", i))
         if len(row) != len(features) or not known.issuperset(row):
             missing = [f for f in features if f not in row]
-            unknown = [k for k in row if k not in known]
+            unknown = quoted([k for k in row if k not in known])
             raise InvalidInput(
-                f"instances[{i}]: missing features {missing}, unknown features {unknown}",
+                f"instances[{i}]: missing features {missing}, unknown features {unknown}"
+                + _normalisation_hint(missing, row),
                 {"row": i, "missing": missing, "unknown": unknown},
             )
         values = [row[f] for f in features]
@@ -223,6 +251,7 @@ def _ids(doc: dict[str, Any], n: int, by_name: bool) -> tuple[list[Any] | None, 
 REPARSE_BYTES = 64 * 1024
 _LIST_ROWS_START = re.compile(rb'\s*\{\s*"instances"\s*:\s*\[')
 _TOKEN = re.compile(rb"-?[\w.+-]{1,40}")
+_NON_FINITE = (b"NaN", b"Infinity", b"-Infinity")
 
 
 def load_json(body: Body, features: list[str] | None = None, what: str = "the body") -> Any:
@@ -266,6 +295,13 @@ def _located(
                 "numbers can be scored, and JSON has no NaN or Infinity",
                 {"row": i, "column": features[j] if j < len(features) else j},
             )
+    if token and (token.group() in _NON_FINITE or "infinity when parsed" in str(error)):
+        # A value refused for what it is, as a small body's is (422), though not located in a row
+        return InvalidInput(
+            f"{what} holds {token.group().decode('ascii')} at character {pos}: only finite numbers can be "
+            "scored, and JSON has no NaN or Infinity",
+            {"position": pos},
+        )
     return BadRequest(f"{what} is not valid JSON: {error}{found}")
 
 
@@ -350,7 +386,7 @@ def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
     doc = load_json(body, features)
     if not isinstance(doc, dict):
         raise InvalidInput('the body must be a JSON object such as {"instances": [[...], ...]}')
-    unknown = [k for k in doc if k not in KEYS]
+    unknown = quoted([k for k in doc if k not in KEYS])
     if unknown:
         raise InvalidInput(f"unknown fields {unknown}; accepted: {list(KEYS)}", {"unknown": unknown})
     if "instances" not in doc:
@@ -390,7 +426,9 @@ def _flag(value: str | None, name: str) -> bool:
         return True
     if value.lower() in ("false", "0"):
         return False
-    raise InvalidInput(f"query parameter '{name}' must be true or false, got {value!r}", {"field": name})
+    raise InvalidInput(
+        f"query parameter '{name}' must be true or false, got {_REPR.repr(value)}", {"field": name}
+    )
 
 
 # Bodies the event loop parses itself. Parsing holds the GIL, so a worker thread adds no parallelism,
@@ -418,13 +456,20 @@ def parse_is_cheap(body: Body, content_type: str) -> bool:
     return start != -1 and not any(body.find(c, start, end) != -1 for c in (b'"', b"t", b"f", b"n"))
 
 
-def check_query(content_type: str, query: dict[str, str]) -> None:
-    """Options of a JSON request go in its body, of a .npy request in the query; nothing else."""
+def check_query(content_type: str, items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The query's options, each given once. Options of a JSON request go in its body, of a .npy
+    request in the query; nothing else."""
     accepted = list(OPTIONS) if content_type == "application/x-npy" else []
-    unknown = [k for k in query if k not in accepted]
+    pairs = list(items)
+    unknown = quoted([k for k, _ in pairs if k not in accepted])
     if unknown:
         where = "query parameters" if accepted else "query parameters (JSON options go in the body)"
         raise InvalidInput(f"unknown {where} {unknown}; accepted: {accepted}", {"unknown": unknown})
+    query = dict(pairs)
+    if len(query) < len(pairs):  # which of two values was meant is not ours to guess
+        repeated = sorted(k for k, count in Counter(k for k, _ in pairs).items() if count > 1)
+        raise InvalidInput(f"query parameters {repeated} given more than once", {"repeated": repeated})
+    return query
 
 
 def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.floating]:
@@ -472,17 +517,13 @@ def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.fl
 
 def parse_npy(body: Body, features: list[str], max_rows: int, query: dict[str, str]) -> ScoreRequest:
     """A .npy file (float32 or float64, 2-D, rows in feature order); options as query parameters."""
-    check_query("application/x-npy", query)
+    query = check_query("application/x-npy", query.items())
     x = np.ascontiguousarray(_npy_matrix(body, features, max_rows), dtype=np.float64)
     check_values(x, features)
-    threshold: str | float | None = query.get("threshold")
-    if threshold is not None:
-        with contextlib.suppress(ValueError):  # a rate; otherwise a threshold's name
-            threshold = float(threshold)
     return ScoreRequest(
         x=x,
         method=query.get("method"),
-        threshold=threshold,
+        threshold=query.get("threshold"),  # a name or a rate's text, as the server's default is
         components=_flag(query.get("components"), "components"),
         explain=_flag(query.get("explain"), "explain"),
     )

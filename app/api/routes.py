@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 
 from app.api import schemas
 from app.api.auth import authorize, authorize_admin
-from app.api.body import read_body
-from app.api.errors import UnsupportedMediaType, json_response
+from app.api.body import media_type, read_body
+from app.api.errors import json_response
 from app.api.parsing import ScoreRequest, check_query, parse_json, parse_npy, parse_reload
 from app.api.scoring import score_body
 from app.api.service import Service
@@ -73,10 +73,6 @@ NPY_QUERY_PARAMETERS: list[dict[str, Any]] = [
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
-
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _response_body(served: Served, out: ScoreOutput, request: ScoreRequest) -> dict[str, Any]:
@@ -147,14 +143,8 @@ async def score(request: Request) -> Response:
     service = service_of(request)
     authorize(request, service.settings)
     served = service.host.served
-    content_type = media_type(request)
-    if content_type not in CONTENT_TYPES:
-        raise UnsupportedMediaType(
-            f"content type {content_type or 'missing'!r}; send one of {CONTENT_TYPES}",
-            {"accepted": CONTENT_TYPES},
-        )
-    query = dict(request.query_params)
-    check_query(content_type, query)
+    content_type = media_type(request, CONTENT_TYPES)
+    query = check_query(content_type, request.query_params.multi_items())
     columns, max_rows = served.bundle.columns, service.settings.max_rows
     if content_type == "application/json":
         parsed, out = await score_body(
@@ -191,10 +181,8 @@ async def reload(request: Request) -> Response:
     authorize_admin(request, service.settings)
     limits = replace(service.body_limits, max_bytes=ADMIN_BODY_BYTES)
     async with read_body(request, limits, service.bodies) as body:
-        if body.strip() and media_type(request) != "application/json":
-            raise UnsupportedMediaType(
-                "send the reload request as application/json", {"accepted": ["application/json"]}
-            )
+        if body.strip():
+            media_type(request, ["application/json"])
         requested = parse_reload(body).path if body.strip() else None
     path = service.host.resolve_reload_path(requested)
     previous = service.host.current.bundle.version if service.host.current is not None else None

@@ -29,7 +29,7 @@ class ScoreRequest(BaseModel):
     threshold: str | float | None = Field(
         None,
         description="a false-positive rate, as a number (0.05) or a name (fpr_0.05): any rate from 1/n "
-        "(n calibration scores) up to 1; the threshold is derived from the stored calibration scores",
+        "(n calibration scores) and below 1; the threshold is derived from the stored calibration scores",
     )
     components: bool = Field(
         False,

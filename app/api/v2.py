@@ -7,6 +7,7 @@ are the protocol's `{"error": "..."}` (app.api.errors answers every /v2 path so)
 
 from __future__ import annotations
 
+import reprlib
 from importlib import metadata
 
 from fastapi import APIRouter, Request
@@ -14,6 +15,7 @@ from fastapi.responses import Response
 
 from app.api import schemas
 from app.api.auth import authorize
+from app.api.body import media_type
 from app.api.errors import NotFound, json_response
 from app.api.inference_protocol import (
     DEFAULT_OUTPUTS,
@@ -24,11 +26,13 @@ from app.api.inference_protocol import (
     encode_response,
     parse_infer,
 )
+from app.api.parsing import check_query
 from app.api.scoring import score_body
 from app.api.service import Service
 from app.engine.host import Served
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+V2_CONTENT_TYPES = ["application/json", "application/octet-stream"]
 ERRORS = {code: {"model": schemas.V2Error} for code in (400, 401, 404, 408, 413, 415, 422, 500, 503)}
 
 
@@ -42,11 +46,12 @@ def _served(service: Service, name: str, version: str | None) -> Served:
     bundle = served.bundle
     if name != bundle.name:
         raise NotFound(
-            f"unknown model {name!r}; this server serves {bundle.name!r}", {"models": [bundle.name]}
+            f"unknown model {reprlib.repr(name)}; this server serves {bundle.name!r}",
+            {"models": [bundle.name]},
         )
     if version is not None and version != bundle.version:
         raise NotFound(
-            f"model {name!r} has no version {version!r}; it serves version {bundle.version!r}",
+            f"model {name!r} has no version {reprlib.repr(version)}; it serves version {bundle.version!r}",
             {"versions": [bundle.version]},
         )
     return served
@@ -118,6 +123,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
     authorize(request, service.settings)
     served = _served(service, name, version)
+    # The protocol's clients send JSON, or JSON then tensors (octet-stream), some without a
+    # Content-Type; anything else is not an inference request. Its options live in the body.
+    media_type(request, V2_CONTENT_TYPES, missing="application/json")
+    check_query("application/json", request.query_params.multi_items())
     header_length = request.headers.get(HEADER_LENGTH)
     columns, max_rows = served.bundle.columns, service.settings.max_rows
     # A binary body's JSON header is small and its tensor is read in place, as a .npy body's is.

@@ -6,9 +6,10 @@ a request in flight and every answer names the version that scored it.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
+import re
+import reprlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,6 +43,8 @@ class HostOptions:
 
 
 T = TypeVar("T")
+# A rate as a plain decimal number, in ASCII digits.
+_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 # Abandoned loads still running (each holding what it had read): beyond this, reloads are refused
 # until one ends, so a storage outage cannot pile up stuck threads.
@@ -112,31 +115,23 @@ def resolve_fpr(bundle: Bundle, threshold: str | float | None, fallback: float, 
     if isinstance(threshold, str):
         if threshold in names:
             return names[threshold]
-        with contextlib.suppress(ValueError):
-            rate = float(threshold.removeprefix("fpr_"))
+        text = threshold.removeprefix("fpr_")
+        if _DECIMAL.fullmatch(text):  # not float()'s wider syntax: "0.1_0", Arabic-Indic digits, "nan"
+            rate = float(text)
     else:
         rate = float(threshold)
     n = bundle.calibration[method].size
     if rate is None or not 1 / n <= rate < 1:
         raise InvalidInput(
-            f"threshold {threshold!r}: give a false-positive rate from 1/n = {1 / n:.3g} ({n} calibration "
-            f"scores of {method!r}) up to 1, as a number or a name such as fpr_0.05; calibrated at "
-            f"training: {list(names)}",
+            f"threshold {reprlib.repr(threshold)}: give a false-positive rate from 1/n = {1 / n:.3g} ({n} "
+            f"calibration scores of {method!r}) and below 1, as a number or a name such as fpr_0.05; "
+            f"calibrated at training: {list(names)}",
             {"accepted": list(names), "min_rate": 1 / n},
         )
     for fpr in bundle.fprs:  # a calibrated rate keeps its name, whatever its float spelling
         if abs(fpr - rate) <= 1e-12 * max(1.0, fpr):
             return fpr
     return rate
-
-
-def _threshold_setting(value: str | None) -> str | float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 class ModelHost:
@@ -160,7 +155,7 @@ class ModelHost:
             raise ValueError(
                 f"the default method {method!r} cannot be scored by the {o.backend} backend here"
             )
-        fpr = resolve_fpr(bundle, _threshold_setting(o.threshold), bundle.default_fpr, method)
+        fpr = resolve_fpr(bundle, o.threshold, bundle.default_fpr, method)
         rows = bundle.sample_rows(o.warmup_rows)
         for m in scorer.methods:
             scorer.score(rows, m, fpr)

@@ -6,6 +6,8 @@ PyTorch. The mathematics of each method is in app.model.scores, its graph in app
 
 from __future__ import annotations
 
+import reprlib
+
 METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
 # log p(x) = log_prior + log_volume + log_residual: what each method reports about a row
 PARTS = ("log_prior", "log_volume", "log_residual")
@@ -25,7 +27,8 @@ class UnknownMethod(ValueError):
     """A score method that does not exist; the message lists the ones that do."""
 
     def __init__(self, method: object) -> None:
-        super().__init__(f"unknown score method {method!r}; choose one of {list(METHODS)}")
+        # reprlib: the name comes from a client and may be megabytes long
+        super().__init__(f"unknown score method {reprlib.repr(method)}; choose one of {list(METHODS)}")
         self.method = method
         self.accepted = list(METHODS)
 

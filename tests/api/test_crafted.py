@@ -119,8 +119,9 @@ def test_a_large_body_is_parsed_off_the_event_loop(tiny_bundle, monkeypatch):
 def test_a_large_body_orjson_refuses_is_located_not_parsed_again(client):
     """Hostile-client audit: a 16 MiB body of rows with one NaN went to Python's parser, which held
     the GIL (and the event loop) for 1.7 s. Above REPARSE_BYTES the refusal is located from orjson's
-    position instead: row and column where the rows are lists of numbers, the text otherwise. The
-    wording differs from the reparsed path's ("is nan"), which shows which path answered."""
+    position instead: row and column where the rows are lists of numbers, the text and its position
+    otherwise, 422 either way, as a small body's non-finite value is. The wording differs from the
+    reparsed path's ("is nan"), which shows which path answered."""
     n = 8000
     for literal in ("NaN", "-Infinity", "1e400"):
         rows = [ROW] * n
@@ -130,7 +131,11 @@ def test_a_large_body_orjson_refuses_is_located_not_parsed_again(client):
         check(post(client, body), 422, f"instances[5000], column 3 ('f3') is {literal}: only finite numbers")
     objects = [OBJECT_ROW + "}"] * 2000  # within the test settings' body limit
     objects[7] = objects[7].replace('"f2": 1', '"f2": NaN')
-    check(post(client, '{"instances": [' + ",".join(objects) + "]}"), 400, "not valid JSON", "('NaN')")
+    text = '{"instances": [' + ",".join(objects) + "]}"
+    body = check(post(client, text), 422, "holds NaN at character")
+    assert body["detail"]["position"] == text.index("NaN")
+    broken = '{"instances": [' + ",".join(objects).replace('"f2": 1', '"f2": 1x', 1) + "]}"
+    check(post(client, broken), 400, "not valid JSON")  # text that is no value at all stays a 400
     # Below the bound, Python's parser still reads it and check_values names the cell.
     small = '{"instances": [' + ROW + ",[1,1,1,NaN,1,1]]}"
     check(post(client, small), 422, "instances[1], column 3", "is nan")

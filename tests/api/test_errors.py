@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from app.api.parsing import _normalisation_hint as _hint
 from app.api.settings import Settings
 
 from ..conftest import FEATURES
@@ -58,6 +59,11 @@ def check(response, status: int, *fragments: str) -> dict:
         ),
         ('{"instances": [[1,1,1,1,1,1]], "threshold": 1.5}', ["threshold 1.5: give a false-positive rate"]),
         ('{"instances": [[1,1,1,1,1,1]], "threshold": "high"}', ["threshold 'high': give a false-positive"]),
+        # a rate is a plain decimal number: not float()'s underscores, other scripts' digits or "nan"
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": "0.1_0"}', ["threshold '0.1_0': give a"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": "\u0660.\u0665"}', ["give a false-positive rate"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": "nan"}', ["threshold 'nan': give a"]),
+        ('{"instances": [[1,1,1,1,1,1]], "threshold": 1}', ["threshold 1.0:", "and below 1"]),
         ('{"instances": [[1,1,1,1,1,1]], "components": "yes"}', ["'components' must be true or false"]),
     ],
 )
@@ -79,6 +85,32 @@ def test_named_rows_with_missing_or_unknown_features_are_422(client):
     check(post(client, json.dumps({"instances": [extra]})), 422, "unknown features ['f9']")
     check(post(client, json.dumps({"instances": [row, ROW]})), 422, "instances[1] is a list")
     check(post(client, json.dumps({"instances": [row | {"f0": "1"}]})), 422, "column 0 ('f0')")
+
+
+def test_an_error_quotes_a_bounded_part_of_what_the_client_sent(client):
+    """A row of thousands of unknown keys, or a method name of 150 000 characters, is refused in a few hundred
+    bytes: the first names, each cut, and how many there were."""
+    row = dict(zip(FEATURES, ROW, strict=True)) | {f"k{i:05d}" + "x" * 100: 1 for i in range(1500)}
+    response = post(client, json.dumps({"instances": [row]}))
+    body = check(response, 422, "unknown features ['k00000", "... (1500 in all)")
+    assert len(response.content) < 2000
+    assert len(body["detail"]["unknown"]) == 9
+    response = post(client, json.dumps({"instances": [ROW], "method": "m" * 150_000}))
+    check(response, 422, "unknown score method 'mmm")
+    assert len(response.content) < 1000
+    response = post(client, json.dumps({"instances": [ROW], "threshold": "t" * 150_000}))
+    check(response, 422, "threshold 'ttt")
+    assert len(response.content) < 1000
+
+
+def test_object_rows_name_what_is_wrong_with_their_keys(client):
+    row = dict(zip(FEATURES, ROW, strict=True))
+    check(post(client, json.dumps({"instances": [row], "id_key": "f2"})), 422, "'id_key' 'f2' is a feature")
+    decomposed = [{("f\u0301" + k[1:] if k == "f0" else k): v for k, v in row.items()}]
+    check(post(client, json.dumps({"instances": decomposed})), 422, "missing features ['f0']")  # not f+accent
+    # a feature named e-acute, sent decomposed (they print alike), is named as such
+    assert "Unicode normal form" in _hint(["\u00e9"], {"e\u0301": 1.0})
+    assert _hint(["\u00e9"], {"e": 1.0}) == ""
 
 
 def test_duplicate_keys_and_deep_nesting_are_refused(client):
@@ -110,7 +142,12 @@ def test_wrong_content_type_is_415(client):
     check(
         post(client, json.dumps({"instances": [ROW]}), "text/plain"), 415, "'text/plain'", "application/json"
     )
-    check(client.post("/score", content=b"{}", headers={"content-type": ""}), 415, "'missing'")
+    check(client.post("/score", content=b"{}", headers={"content-type": ""}), 415, "no content type")
+    # JSON is UTF-8: a body labelled in another charset would be misread, so it is refused.
+    utf16 = json.dumps({"instances": [ROW]}).encode("utf-16")
+    check(post(client, utf16, "application/json; charset=utf-16"), 415, "charset 'utf-16'", "UTF-8")
+    ok = post(client, json.dumps({"instances": [ROW]}), 'application/json; charset="UTF-8"')
+    assert ok.status_code == 200, ok.text
 
 
 def test_unknown_route_and_method_keep_the_error_shape(client):

@@ -60,6 +60,17 @@ def test_npy_refusals(client):
     header = "{'descr': '<f8', 'fortran_order': False, 'shape': (-1, 6), }".ljust(117) + "\n"
     negative = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
     check(post_npy(client, negative), 422, "shape (-1, 6); send a non-empty (rows, 6) matrix")
+    # numpy's header check takes a boolean for an integer; reshape would then fail with a 500
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (True, 6), }".ljust(117) + "\n"
+    boolean = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    check(post_npy(client, boolean + ROWS[0].tobytes()), 422, "shape (True, 6)")
+    # which of two values was meant is not the server's to guess
+    twice = client.post(
+        "/score?method=latent&method=encoder",
+        content=npy(ROWS),
+        headers={"content-type": "application/x-npy"},
+    )
+    check(twice, 422, "query parameters ['method'] given more than once")
     check(post_npy(client, npy(ROWS), colour="red"), 422, "unknown query parameters ['colour']")
     check(post_npy(client, npy(ROWS), explain="maybe"), 422, "'explain' must be true or false")
     check(post_npy(client, npy(np.zeros((501, 6)))), 413, "501 rows")

@@ -321,6 +321,36 @@ def test_malformed_bodies_and_binary_framing_are_refused(v2):
     check_error(v2.post(path, content=body, headers=headers), 422, f"takes {size} bytes")
 
 
+def test_content_types_query_parameters_and_bounded_echoes(v2):
+    """/v2 refuses what /score refuses, with the protocol's error document: a body that is no
+    inference request (415), options in the query (they belong in 'parameters', 422), an integer
+    threshold beyond any float (once a 500), and quotes of client input cut short."""
+    path, document = infer_path(v2), json.dumps({"inputs": [tensor(ROWS)]}).encode()
+    for content_type in ("application/json", "application/octet-stream", "application/json; charset=utf-8"):
+        assert v2.post(path, content=document, headers={"content-type": content_type}).status_code == 200
+    assert v2.post(path, content=document, headers={"content-type": ""}).status_code == 200  # some clients
+    check_error(v2.post(path, content=document, headers={"content-type": "text/plain"}), 415, "'text/plain'")
+    check_error(
+        v2.post(path, content=document, headers={"content-type": "application/json; charset=latin-1"}),
+        415,
+        "charset 'latin-1'",
+    )
+    check_error(v2.post(path + "?method=latent", content=document), 422, "go in the body) ['method']")
+    huge = {"inputs": [tensor(ROWS)], "parameters": {"threshold": 10**400}}
+    check_error(v2.post(path, content=json.dumps(huge)), 422, "'threshold' must be a name or a rate")
+    response = v2.post("/v2/models/" + "n" * 5000 + "/infer", content=document)
+    check_error(response, 404, "unknown model 'nnn")
+    assert len(response.content) < 500
+    many = {"inputs": [tensor(ROWS)]} | {f"field{i}": 1 for i in range(1000)}
+    response = v2.post(path, content=json.dumps(many))
+    check_error(response, 422, "... (1000 in all)")
+    assert len(response.content) < 1000
+    # binary_data_size without the header that says where the JSON ends
+    binary = {"inputs": [{"name": "x", "shape": list(ROWS.shape), "datatype": "FP64"}]}
+    binary["inputs"][0]["parameters"] = {"binary_data_size": ROWS.nbytes}
+    check_error(v2.post(path, content=json.dumps(binary)), 400, "Inference-Header-Content-Length header says")
+
+
 def test_unknown_models_and_versions_are_404(v2):
     check_error(v2.post("/v2/models/nope/infer", json=bad()), 404, f"this server serves '{v2.model}'")
     check_error(v2.get(f"/v2/models/{v2.model}/versions/0000"), 404, f"serves version '{v2.version}'")
