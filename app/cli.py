@@ -644,6 +644,7 @@ def _check_bundle_within(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import functools
     import os
     import signal
 
@@ -666,7 +667,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": settings.log_level,
         "access_log": False,  # the service writes its own JSON line per request
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
-        "http": BoundedHttpToolsProtocol,
+        "http": functools.partial(BoundedHttpToolsProtocol, head_timeout_s=settings.head_timeout_s),
     }
     if args.workers == 1:
         from app.api.main import create_app

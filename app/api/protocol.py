@@ -13,6 +13,12 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
   requests already queued are answered in order, the last with `Connection: close`, and nothing
   more is read: requests the server never accepted, which an HTTP client retries on a new
   connection (RFC 9112, 9.3.2).
+- A request head must arrive whole within `head_timeout_s` (ANOMALY_HEAD_TIMEOUT_S) of the
+  connection's opening, or of the head's first byte on a kept-alive connection: otherwise 408 and
+  the connection is closed. uvicorn's keep-alive timeout acts only after a response, so a
+  connection that sent nothing, or a header line every few seconds, was held until the process ran
+  out of file descriptors (an audit held 33 for 45 s, untouched). A response still owed on the
+  connection is sent first, as for the refusals below.
 - A body sent with a transfer coding besides `chunked` (`Transfer-Encoding: gzip, chunked`) is
   answered 501 naming the coding, as RFC 9112 (6.1) asks of a server that does not implement it:
   httptools removes the chunking and leaves the rest, so the body reached the app still gzipped
@@ -22,6 +28,7 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -29,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default large_client_header_buffers hold 4 x 8 KiB
 MAX_PIPELINED = 32
+HEAD_TIMEOUT_S = 10.0  # nginx's client_header_timeout is 60 s; a client sends its head in one go
 
 
 class Refused(Exception):
@@ -45,8 +53,10 @@ def _too_large() -> Refused:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, head_timeout_s: float = HEAD_TIMEOUT_S, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self.head_deadline: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # of the head being parsed, as its callbacks see it
         # httptools gathers a header's value until it ends before calling on_header, so a header of
         # megabytes is held before it can be counted: the bytes received mid-head count too.
@@ -55,6 +65,32 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.refusal: Refused | None = None
         self.finishing = False  # the queued requests are answered, nothing more is read
         self.codings: list[str] = []  # the request's transfer codings, over every such header
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self.head_deadline is None:
+            self.head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self.head_deadline = None
+        if self.finishing or self.transport.is_closing():
+            return
+        t = self.head_timeout_s
+        message = f"the request line and headers did not arrive within {t:g} s"
+        self.refusal = Refused(408, "Request Timeout", message, {"timeout_s": t})
+        self.send_400_response("")
 
     def data_received(self, data: bytes) -> None:
         if self.finishing:  # the parser stopped in error; the close is on its way
@@ -68,6 +104,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._arm_head_deadline()  # a new connection's is running already
         self.in_head, self.head_bytes, self.head_received = True, 0, 0
         self.codings = []
 
@@ -82,6 +119,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._disarm_head_deadline()
         self.in_head = False
         others = [c for c in self.codings if c != "chunked"]
         if others and self.codings[-1:] == ["chunked"] and self.codings.count("chunked") == 1:

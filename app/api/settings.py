@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.api.protocol import HEAD_TIMEOUT_S
+
 
 class Settings(BaseSettings):
     # Errors name the setting, never its value: a refused key must not reach the logs.
@@ -25,6 +27,9 @@ class Settings(BaseSettings):
         64 * 1024 * 1024,
         ge=1024,
         description="bytes of request bodies being read, parsed or scored at once; beyond, 503 at once",
+    )
+    head_timeout_s: float = Field(
+        HEAD_TIMEOUT_S, gt=0, description="a request line and headers must arrive within this (`serve` only)"
     )
     body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this")
     body_min_rate: float = Field(

@@ -329,6 +329,33 @@ def test_an_oversized_request_head_is_refused_431_before_it_is_held(tiny_bundle,
         assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200
 
 
+def test_a_request_head_that_does_not_arrive_in_time_is_answered_408_and_closed(tiny_bundle, tmp_path):
+    """Audit finding: a connection that sent nothing, or a header line every few seconds, was held
+    for as long as it liked (uvicorn's keep-alive timeout acts only after a response). Each gets 408
+    and a close once its head is ANOMALY_HEAD_TIMEOUT_S late; a kept-alive connection's next head
+    has its own deadline, from its first byte; honest clients are answered meanwhile."""
+    with reliability_serving(tiny_bundle, tmp_path / "s.log", head_timeout_s="1.5") as s:
+        silent, dripping = connect(s), connect(s)
+        started = time.monotonic()
+        dripping.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for i in range(2):
+            time.sleep(0.5)
+            dripping.sendall(f"X-Drip-{i}: 1\r\n".encode())
+            assert honest(s).status_code == 200
+        for sock in (dripping, silent):
+            status, body, closed = read_response(sock, timeout=10)
+            assert status == 408 and body["detail"]["timeout_s"] == 1.5 and closed, body
+            sock.close()
+        assert 1.4 < time.monotonic() - started < 6
+        kept, opened = connect(s), time.monotonic()
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(kept, timeout=0.5)[:2] == (200, {"status": "ok"})
+        time.sleep(max(0.0, opened + 2.0 - time.monotonic()))  # past the first deadline, within keep-alive
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(kept, timeout=2)[0] == 200
+        kept.close()
+
+
 def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path):
     """Audit finding: a connection pipelining GET /healthz without reading grew the server by
     400 MB in 6 s. The requests queued within MAX_PIPELINED are answered in order, the last with
