@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from app.api.errors import ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from app.api.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from app.api.protocol import MALFORMED
 from app.engine.errors import Overloaded
 
 # Whatever follows an unread body on the connection cannot be parsed: close it after answering.
@@ -151,6 +152,12 @@ async def _receive_into(body: bytearray, request: Request, limits: BodyLimits, b
             detail = {"received": len(body), "timeout_s": limits.timeout_s, "min_rate": limits.min_rate}
             raise RequestTimeout(reason, detail, CLOSE) from None
         if message["type"] == "http.disconnect":
+            if MALFORMED in request.scope:
+                raise BadRequest(
+                    f"the HTTP layer refused the request mid-body ({request.scope[MALFORMED]}) and closed "
+                    f"the connection after {len(body)} bytes",
+                    headers=CLOSE,
+                )
             raise ClientClosed(f"the client closed the connection after sending {len(body)} bytes")
         chunk = message.get("body", b"")
         if len(body) + len(chunk) > limits.max_bytes:

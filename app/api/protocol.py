@@ -36,6 +36,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default large_client_header_buffers hold 4 x 8 KiB
 MAX_PIPELINED = 32
+# Set in a request's ASGI scope when the HTTP layer answered it 400 itself (a malformed chunk size
+# mid-body, say): the app then sees the connection close, and must count a 400, not a client gone.
+MALFORMED = "anomaly_scores.malformed"
 HEAD_TIMEOUT_S = 10.0  # nginx's client_header_timeout is 60 s; a client sends its head in one go
 
 
@@ -156,6 +159,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         refusal, self.refusal = self.refusal, None
         if refusal is None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.scope[MALFORMED] = msg  # type: ignore[literal-required]
             super().send_400_response(msg)
             return
         self.finishing = True

@@ -185,6 +185,28 @@ def test_a_client_vanishing_mid_upload_is_counted_as_499_not_500(tiny_bundle, tm
         assert "Traceback" not in log and "ClientDisconnect" not in log
 
 
+def test_a_malformed_chunk_mid_body_is_counted_as_the_400_it_was_answered(tiny_bundle, tmp_path):
+    """Audit finding: httptools answers a bad chunk size 400 and closes; the app, reading the body,
+    saw the close and counted a 499 ("client closed the request"). The client closed nothing."""
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        for size in (b"zz", b"-5", b"f" * 20):
+            sock = connect(s)
+            send_head(sock, "/score", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+            sock.sendall(b"10\r\n" + b'{"instances": [[' + b"\r\n")
+            time.sleep(0.2)  # the app is reading the body when the bad chunk arrives
+            sock.sendall(size + b"\r\n{}\r\n0\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 400")
+            sock.close()
+        wait_for(
+            lambda: metric(s.base, "anomaly_requests_total", endpoint="/score", code="400") == 3,
+            "three requests counted as 400",
+            timeout=10,
+        )
+        assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 0
+        assert honest(s).status_code == 200
+        assert "client closed the request" not in s.log.read_text()
+
+
 def test_bodies_in_flight_stay_within_the_byte_budget(tiny_bundle, tmp_path):
     """Defect 5: only the queue length bounded the memory of bodies in flight."""
     body_limit, budget = 32 * 1024, 64 * 1024
