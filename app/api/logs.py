@@ -77,7 +77,10 @@ class RequestLogMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
                 break
-        request_id = request_id or uuid.uuid4().hex
+        # Echoed in a header and written to logs that people read in terminals: visible ASCII only,
+        # anything else is replaced by an id of our own rather than passed on.
+        if not (request_id.isascii() and request_id.isprintable() and request_id.strip()):
+            request_id = uuid.uuid4().hex
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -97,6 +97,9 @@ def test_health_ready_and_request_id(client):
     assert client.get("/readyz").json()["status"] == "ready"
     echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
+    for hostile in ("\x1b[31mred", "caf\u00e9", "  "):  # terminal escapes, non-ASCII, blank
+        replaced = client.get("/healthz", headers={"X-Request-ID": hostile.encode("latin-1")})
+        assert len(replaced.headers["x-request-id"]) == 32, hostile
     generated = client.get("/healthz").headers["x-request-id"]
     assert len(generated) == 32 and generated != client.get("/healthz").headers["x-request-id"]
 
