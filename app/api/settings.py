@@ -45,8 +45,11 @@ class Settings(BaseSettings):
     backend: Literal["onnx", "torch"] = Field("onnx", description="onnx (CPU, no PyTorch) or torch")
     device: str = Field("auto", description="torch backend: cpu, cuda, or auto (CUDA when present)")
     coalesce: bool = Field(True, description="merge concurrent requests into one scoring batch")
-    coalesce_max_rows: int = Field(
-        4096, ge=1, description="a merged batch is scored once it holds this many rows"
+    coalesce_max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="a merged batch is scored once it holds this many rows (default 4096; 65536 for the "
+        "torch backend on a CUDA device, whose per-call cost only large batches repay)",
     )
     coalesce_wait_ms: float = Field(2.0, ge=0, description="or once its first request has waited this long")
     max_queue: int = Field(64, ge=1, description="scoring requests admitted at once; beyond, 503 at once")

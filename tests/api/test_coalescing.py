@@ -96,3 +96,19 @@ def test_with_coalescing_a_slow_scorer_answers_503_at_the_time_limit(tiny_bundle
         assert client.post("/score", json={"instances": manifold_rows(3, seed=6).tolist()}).status_code == 200
     finally:
         client.__exit__(None, None, None)
+
+
+def test_merged_batches_grow_to_65536_rows_only_for_torch_on_a_gpu(tiny_bundle, monkeypatch):
+    import torch
+
+    from app.api.service import CPU_COALESCE_ROWS, GPU_COALESCE_ROWS, coalesce_rows
+
+    def rows(**options) -> int:
+        return coalesce_rows(Settings(model_path=tiny_bundle, **options))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rows() == rows(backend="torch") == rows(backend="torch", device="auto") == CPU_COALESCE_ROWS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rows(backend="torch") == rows(backend="torch", device="cuda:0") == GPU_COALESCE_ROWS
+    assert rows(backend="torch", device="cpu") == rows() == CPU_COALESCE_ROWS  # onnx runs on the CPU
+    assert rows(backend="torch", coalesce_max_rows=100) == 100  # a setting wins
