@@ -75,18 +75,32 @@ class Explanation(BaseModel):
     residual_share: list[list[float]] = Field(..., description="per row, each feature's share; rows sum to 1")
 
 
+# A score or log-density is null where float arithmetic overflowed (infinite or NaN; JSON has
+# neither): only on a row far outside the data, which is then flagged with p-value 1/(n + 1).
+Value = float | None
+
+
 class ScoreResponse(BaseModel):
     model: ModelRef
     method: str
     threshold: ThresholdInfo
-    scores: list[float] = Field(..., description="-log p(x): higher = more anomalous")
-    is_anomaly: list[bool] = Field(..., description="score > threshold.value, i.e. p_value <= threshold.fpr")
+    scores: list[Value] = Field(
+        ..., description="-log p(x): higher = more anomalous; null where the arithmetic overflowed"
+    )
+    is_anomaly: list[bool] = Field(
+        ...,
+        description="score > threshold.value, i.e. p_value <= threshold.fpr (a score that overflowed on a "
+        "row far outside the data, null here, counts as above every threshold)",
+    )
     p_values: list[float] = Field(..., description="(1 + #calibration scores >= score) / (n + 1)")
-    log_likelihood: list[float]
-    log_prior: list[float] | None = None
-    log_volume: list[float] | None = None
-    log_residual: list[float] | None = None
-    reconstruction_error: list[float] | None = None
+    log_likelihood: list[Value]
+    log_prior: list[Value] | None = None
+    log_volume: list[Value] | None = None
+    log_residual: list[Value] | None = None
+    reconstruction_error: list[Value] | None = None
+    member_scores: list[list[Value]] | None = Field(
+        None, description="an ensemble's, with components: per row, each member's score (their mean: score)"
+    )
     constant_mismatch: list[list[str]] | None = Field(
         None,
         description="only for a model with constant columns (GET /model: constants): per row, those whose "
