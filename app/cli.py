@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 
 import numpy as np
 
-from app.bundle.format import Bundle, BundleError, describe_networks, load_bundle
+from app.bundle.format import MANIFEST, Bundle, BundleError, describe_networks, load_bundle
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
@@ -344,8 +346,13 @@ def _train(args: argparse.Namespace) -> int:
         )
     fit = FitOptions(**{f.name: getattr(args, f.name) for f in fields(FitOptions)})
     fit = replace(fit, device=resolve_device(fit.device))
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
-        raise ValueError(f"--out {args.out} exists and is not empty; pass --force to replace it")
+    _check_out(args.out, [p for p in (args.data, args.labels) if p is not None], what="directory")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        # --force replaces a bundle, nothing else: not a file, not a directory of other things
+        if not (args.out / MANIFEST).is_file():
+            raise ValueError(f"--out {args.out} exists and is not a bundle (no {MANIFEST}); name another")
+        if not args.force:
+            raise ValueError(f"--out {args.out} holds a bundle; pass --force to replace it")
     try:
         table = read_table(
             args.data,
@@ -402,18 +409,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: Path, inputs: list[Path], what: str = "file") -> None:
+    """Refuse, before any work, an --out that could not be written or would destroy an input: the
+    input itself, a directory holding an input, a read-only file, a path under a file."""
+    target = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if source == target or source.is_relative_to(target):
+            raise ValueError(f"--out {out} would replace the input {given}; write somewhere else")
+    if out.exists():
+        if what == "file" and not out.is_file():
+            raise ValueError(f"--out {out} exists and is not a file")
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"--out {out} exists and is read-only")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {parent} (permission denied)")
+
+
 @contextmanager
-def _writer(path: Path) -> Iterator[Any]:
-    """Append-only writer of column dicts as CSV or Parquet, chosen by the suffix. Rows go to a
-    partial file renamed to `path` only when every chunk was written: a run that fails halfway
-    leaves no output that could pass for a whole one."""
+def _writer(path: Path, schema: Any) -> Iterator[Any]:
+    """Append-only writer of record batches of `schema` as CSV or Parquet, chosen by the suffix. Rows
+    go to a partial file renamed to `path` only when every chunk was written: a run that fails
+    halfway leaves no output that could pass for a whole one. No rows give a file of the columns."""
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out must end in one of {OUTPUT_SUFFIXES}, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with _format_writer(partial, suffix) as write:
+        with _format_writer(partial, suffix, schema) as write:
             yield write
         partial.replace(path)
     finally:
@@ -421,42 +450,29 @@ def _writer(path: Path) -> Iterator[Any]:
 
 
 @contextmanager
-def _format_writer(path: Path, suffix: str) -> Iterator[Any]:
+def _format_writer(path: Path, suffix: str, schema: Any) -> Iterator[Any]:
     import pyarrow as pa
 
     if suffix == ".csv":
-        first = True
         with path.open("w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow(schema.names)  # pandas' quoting, for 0 rows too
 
             def write(batch: pa.RecordBatch) -> None:
-                nonlocal first
-                batch.to_pandas().to_csv(f, header=first, index=False, float_format="%.9g")
-                first = False
+                batch.to_pandas().to_csv(f, header=False, index=False, float_format="%.9g")
 
             yield write
     else:
         import pyarrow.parquet as pq
 
-        writer: pq.ParquetWriter | None = None
-
-        def write(batch: pa.RecordBatch) -> None:
-            nonlocal writer
-            if writer is None:
-                writer = pq.ParquetWriter(path, batch.schema)
-            writer.write_batch(batch)
-
-        try:
-            yield write
-        finally:
-            if writer is not None:
-                writer.close()
+        with pq.ParquetWriter(path, schema) as writer:
+            yield writer.write_batch
 
 
 def _score(args: argparse.Namespace) -> int:
     from app.engine.factory import create_scorer
 
     with _needs("train"):
-        from app.batch.core import ROW, BatchOptions, output_schema, score_file
+        from app.batch.core import BatchOptions, output_schema, score_file
         from app.train.data import MissingValue, id_types
 
     bundle = load_bundle(args.bundle)
@@ -469,17 +485,22 @@ def _score(args: argparse.Namespace) -> int:
     )
     if args.engine != "local":
         return _score_distributed(args, options)
+    _check_out(args.out, [args.data])
     scorer = create_scorer(bundle, args.backend, args.device, dtype=args.dtype)
     schema = output_schema(bundle, options, id_types(args.data, options.id_columns))
-    batches = score_file(scorer, args.data, options, schema)
-    rows = read = imputed = 0
-    with _writer(args.out) as write:
+    read = 0
+
+    def seen(chunk: Any) -> None:
+        nonlocal read
+        read = chunk.end
+
+    batches = score_file(scorer, args.data, options, schema, on_chunk=seen)
+    rows = imputed = 0
+    with _writer(args.out, schema) as write:
         try:
             for batch in batches:
                 write(batch)
                 rows += batch.num_rows
-                if options.missing == "skip" and batch.num_rows:
-                    read = batch.column(ROW)[-1].as_py()
                 if options.missing == "impute":
                     imputed += int(np.count_nonzero(batch.column("imputed").to_numpy()))
         except MissingValue as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +59,7 @@ class BatchOptions:
 
 def output_schema(bundle: Bundle, options: BatchOptions, ids: Mapping[str, pa.DataType]) -> pa.Schema:
     """The columns every batch of a run is written with: ids, row, scores, constant_mismatch, imputed."""
-    fields = [pa.field(name, ids[name]) for name in options.id_columns]
+    fields = []
     if options.writes_rows:
         fields.append(pa.field(ROW, pa.int64()))
     fields += [pa.field(name, kind) for name, kind in SCORE_TYPES.items()]
@@ -67,15 +67,27 @@ def output_schema(bundle: Bundle, options: BatchOptions, ids: Mapping[str, pa.Da
         fields.append(pa.field("constant_mismatch", pa.string()))
     if options.missing == "impute":
         fields.append(pa.field("imputed", pa.int64()))
-    return pa.schema(fields)
+    outputs = {f.name for f in fields}
+    for i, name in enumerate(options.id_columns):
+        if name in outputs or name in options.id_columns[:i]:
+            clash = "is named twice" if name in options.id_columns[:i] else "has the name of an output column"
+            raise ValueError(f"id column {name!r} {clash}; the output's are {sorted(outputs)}")
+    return pa.schema([pa.field(name, ids[name]) for name in options.id_columns] + fields)
 
 
 def score_chunks(
-    scorer: Scorer, chunks: Iterable[Chunk], options: BatchOptions, schema: pa.Schema
+    scorer: Scorer,
+    chunks: Iterable[Chunk],
+    options: BatchOptions,
+    schema: pa.Schema,
+    on_chunk: Callable[[Chunk], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Each chunk of checked rows scored into one record batch of `schema` (output_schema)."""
+    """Each chunk of checked rows scored into one record batch of `schema` (output_schema);
+    `on_chunk` sees each chunk first (how many rows of the file it read, kept or skipped)."""
     constants = list(scorer.bundle.constants)
     for chunk in chunks:
+        if on_chunk is not None:
+            on_chunk(chunk)
         output = scorer.score(chunk.values, options.method, options.fpr)
         columns: dict[str, object] = dict(chunk.ids)
         if options.writes_rows:
@@ -98,12 +110,17 @@ def _reading(bundle: Bundle, options: BatchOptions) -> dict[str, Any]:
 
 
 def score_file(
-    scorer: Scorer, path: str | Path, options: BatchOptions, schema: pa.Schema, row_group: int | None = None
+    scorer: Scorer,
+    path: str | Path,
+    options: BatchOptions,
+    schema: pa.Schema,
+    row_group: int | None = None,
+    on_chunk: Callable[[Chunk], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """A file (or one Parquet row group of it) streamed in chunks and scored; memory stays bounded by
     options.chunk_rows. Errors name the file, the row and the column."""
     chunks = iter_chunks(path, **_reading(scorer.bundle, options), row_group=row_group)
-    return score_chunks(scorer, chunks, options, schema)
+    return score_chunks(scorer, chunks, options, schema, on_chunk)
 
 
 def score_batch(

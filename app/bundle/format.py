@@ -633,7 +633,10 @@ def save_ensemble(
 
 
 def _move_into_place(staged: Path, final: Path) -> None:
-    """`staged` becomes `final`; a bundle already there is replaced (the caller decided it may be)."""
+    """`staged` becomes `final`; a bundle already there is replaced (the caller decided it may be),
+    an empty directory too, but nothing else: a user's directory of other files is never deleted."""
+    if final.exists() and not (final.is_dir() and ((final / MANIFEST).is_file() or not any(final.iterdir()))):
+        raise BundleError(f"{final} exists and is not a bundle; it is left as it is")
     if final.exists():
         old = final.parent / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
         final.rename(old)

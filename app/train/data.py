@@ -11,6 +11,8 @@ which would turn a ragged row into "missing values" (and, with missing="drop", i
 from __future__ import annotations
 
 import csv
+import itertools
+import stat
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -61,6 +63,7 @@ class Chunk:
     rows: np.ndarray  # (m,) 0-based row numbers in the file, so rows skipped for missing values show
     ids: dict[str, list[Any]]  # id column -> its values for the kept rows, as the file holds them
     imputed: np.ndarray | None  # (m,) cells filled in per row, with missing="impute"
+    end: int  # rows of the file read once this chunk is, kept or skipped
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields with == has no single truth value
@@ -152,8 +155,13 @@ class _CsvSource(_Source):
                 f"has one column, named {names[0][:60]!r}: it looks separated by semicolons; "
                 "save it with commas (a spreadsheet's 'CSV (comma delimited)')"
             )
-        # pandas writes 0, 1, 2, ... as the header of an unnamed frame: whole numbers can be names.
-        if all(_is_float(name) for name in names) and not all(name.isdigit() for name in names):
+        # pandas writes 0, 1, 2, ... as the header of an unnamed frame, and sensors may be numbered:
+        # whole numbers in increasing order can be names. A first row of data rarely is in order (a
+        # headerless table of integers lost its first row to the header, silently).
+        numbered = all(name.isdigit() for name in names) and all(
+            int(a) < int(b) for a, b in itertools.pairwise(names)
+        )
+        if all(_is_float(name) for name in names) and not numbered:
             raise self.error(
                 "its first line holds numbers, not column names: a CSV file needs a header line "
                 "(headerless numbers can be a whitespace-separated .txt file)"
@@ -270,7 +278,8 @@ class _NpySource(_Source):
         if self._array.ndim != 2:
             raise self.error(f"must hold a 2-D array (rows x columns), found shape {self._array.shape}")
         dtype = self._array.dtype
-        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        # dtype.kind, not issubdtype: numpy counts timedelta64 ("m") among the integers
+        if dtype.kind not in "iuf":
             raise self.error(f"holds {dtype} values; only integer and floating-point arrays are numeric data")
         self.names = [f"x{j}" for j in range(self._array.shape[1])]
 
@@ -288,7 +297,7 @@ class _TextSource(_Source):
 
     def __init__(self, path: Path, head: bytes) -> None:
         super().__init__(path)
-        _reject_binary(path, head, "text")
+        _reject_binary(path, head, "plain")
         first = next(self._lines(), None)
         if first is None:
             raise self.error("has no data rows, only blank or comment lines")
@@ -520,7 +529,8 @@ def _chunks(
             imputed = absent.sum(axis=1)
             values = np.where(absent, fill, values)  # type: ignore[arg-type]
         ids = {name: _as_list(column)[keep] for name, column in zip(id_names, batch.columns[d:], strict=True)}
-        yield Chunk(values[keep], rows[keep], {k: v.tolist() for k, v in ids.items()}, imputed)
+        ids_kept = {k: v.tolist() for k, v in ids.items()}
+        yield Chunk(values[keep], rows[keep], ids_kept, imputed, batch.start + batch.n_rows)
 
 
 def _as_list(column: _Column) -> np.ndarray:
@@ -553,6 +563,16 @@ def label_like_columns(table: Table) -> list[str]:
 
 def _open(path: Path, *, labels: bool = False) -> _Source:
     """The file, checked to exist and to be what its extension says; a labels file is CSV or else text."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: no such file") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if not stat.S_ISREG(mode):
+        # A FIFO blocks the open until a writer comes and cannot be read twice; a device never ends.
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+        raise DataError(f"{path}: is {kind}, not a regular file")
     try:
         with path.open("rb") as file:
             head = file.read(8192)

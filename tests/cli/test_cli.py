@@ -1,5 +1,6 @@
 """The command line end to end: train -> bundle -> info -> score, and its refusals."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,71 @@ def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
     )
 
 
+def test_nothing_a_user_did_not_ask_to_replace_is_overwritten_or_deleted(trained, tmp_path, capsys):
+    """Audit findings: `train --force` deleted a directory of the user's files (the training table
+    included) and `score` overwrote its own input. Every --out is checked before any work."""
+    root, _ = trained
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    data = work / "data.csv"
+    data.write_bytes((root / "train.csv").read_bytes())
+    small = ["--label-column", "label", "--grid", "none", "--steps", "5", "--quiet", "--force"]
+    for out in (work, data):
+        assert main(["train", str(data), "--out", str(out), *small]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["train", str(data), "--out", str(other), *small]) == 2
+    assert "is not a bundle (no bundle.json)" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == (work / "notes.txt").read_text() == "mine"
+    assert data.read_bytes() == (root / "train.csv").read_bytes()
+    new = root / "new.csv"
+    copy = tmp_path / "new.csv"
+    copy.write_bytes(new.read_bytes())
+    assert main(["score", str(root / "bundle"), str(copy), "--out", str(copy)]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    locked = tmp_path / "locked.csv"
+    locked.write_text("keep")
+    locked.chmod(0o444)
+    if not os.access(locked, os.W_OK):  # root may write a read-only file regardless
+        assert main(["score", str(root / "bundle"), str(new), "--out", str(locked)]) == 2
+        assert "is read-only" in capsys.readouterr().err
+    assert main(["score", str(root / "bundle"), str(new), "--out", str(locked / "o.csv")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert copy.read_bytes() == new.read_bytes() and locked.read_text() == "keep"
+
+
+def test_zero_rows_give_the_columns_and_id_columns_may_not_shadow_outputs(trained, tmp_path, capsys):
+    root, _ = trained
+    header = tmp_path / "header.csv"
+    header.write_text(",".join(FEATURES) + "\n")
+    for out in (tmp_path / "o.csv", tmp_path / "o.parquet"):
+        assert main(["score", str(root / "bundle"), str(header), "--out", str(out)]) == 0
+        written = pd.read_csv(out) if out.suffix == ".csv" else pq.read_table(out).to_pandas()
+        assert len(written) == 0 and list(written.columns) == COLUMNS
+    capsys.readouterr()
+    table = pd.read_csv(root / "new.csv")
+    table["score"] = "a"
+    table.to_csv(tmp_path / "ids.csv", index=False)
+    args = ["score", str(root / "bundle"), str(tmp_path / "ids.csv"), "--out", str(tmp_path / "s.csv")]
+    assert main([*args, "--id-column", "score"]) == 2
+    assert "id column 'score' has the name of an output column" in capsys.readouterr().err
+    # rows skipped after the last one kept are counted too
+    table = pd.read_csv(root / "new.csv").head(5)
+    table.loc[[3, 4], FEATURES[0]] = np.nan
+    table.to_csv(tmp_path / "gaps.csv", index=False)
+    gaps = ["score", str(root / "bundle"), str(tmp_path / "gaps.csv"), "--out", str(tmp_path / "g.csv")]
+    assert main([*gaps, "--missing", "skip"]) == 0
+    assert "scored 3 rows, 2 rows with missing values left out" in capsys.readouterr().err
+    # a FIFO would block the open until a writer came: refused for what it is
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    assert main(["score", str(root / "bundle"), str(pipe), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
+
+
 def test_shipped_default_model_reproduces_its_calibration_scores():
     # Issue 13's requirement: on any CPU, both backends reproduce the stored calibration scores to
     # 1e-5 relative. The closed forms' float32 arithmetic bounds their error by float32_rtol
@@ -290,7 +356,7 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     # An existing bundle is replaced only when asked.
     args = train_args(root, out, "--id-column", "sample_id", "--missing", "drop", "--label-column", "label")
     assert main(args) == 2
-    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert "holds a bundle; pass --force to replace it" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     bundle = load_bundle(out)
     assert bundle.features == FEATURES and not list(tmp_path.glob(".bundle*"))

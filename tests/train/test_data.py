@@ -607,3 +607,13 @@ def test_a_semicolon_separated_or_headerless_csv_gets_a_hint(tmp_path):
     unnamed = tmp_path / "u.csv"
     pd.DataFrame(_values(5)).to_csv(unnamed, index=False)  # header 0,1,2,3: names, as pandas writes them
     assert read_table(unnamed).feature_names == ["0", "1", "2", "3"]
+    # Integers out of order are a first row of data, not a header (it lost a row silently before).
+    integers = tmp_path / "i.csv"
+    integers.write_text("80,40,6\n1,2,3\n4,5,6\n")
+    _error(lambda: read_table(integers), "first line holds numbers, not column names")
+    durations = tmp_path / "d.npy"
+    np.save(durations, np.arange(6).reshape(3, 2).astype("timedelta64[ns]"))  # numpy: an integer type
+    _error(lambda: read_table(durations), "holds timedelta64[ns] values")
+    numbered = tmp_path / "n.csv"
+    numbered.write_text("101,102,205\n1,2,3\n4,5,6\n")  # sensors by number
+    assert read_table(numbered).feature_names == ["101", "102", "205"]
