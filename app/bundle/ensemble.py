@@ -96,17 +96,64 @@ def member_scores(
     among the member's references of that term (Fisher's combination of the factors' p-values).
     references[m] and values[m] map each term to member m's reference values (sorted if
     `ascending`, as a bundle's are) and to its values of the rows (term_scores)."""
-    if len(references) != len(values) or not references:
-        raise ValueError(f"{len(references)} reference sets for {len(values)} members' scores")
+    if not values or any(member.keys() != values[0].keys() for member in values):
+        raise ValueError("every member's scores must hold the same terms")
+    terms = {term: [np.asarray(member[term], dtype=np.float64) for member in values] for term in values[0]}
+    return stacked_member_scores(combination, references, terms, ascending)
+
+
+def stacked_member_scores(
+    combination: str,
+    references: Sequence[Mapping[str, NDArray[np.float64]]],
+    terms: Mapping[str, NDArray[np.float64] | Sequence[NDArray[np.float64]]],
+    ascending: bool = False,
+) -> NDArray[np.float64]:
+    """member_scores, with each term's values of every member at once: terms[t][m] member m's values
+    of term t, an (members, rows) array as a backend's stacked outputs give them, or a list."""
     _check(combination)
-    statistic = ranks if combination == RANK_MEAN else surprisal
-    return np.stack(
-        [
-            np.sum([statistic(refs[t], v, ascending) for t, v in member.items()], axis=0)
-            for refs, member in zip(references, values, strict=True)
-        ],
-        axis=1,
+    counts = {len(values) for values in terms.values()}
+    if not references or counts != {len(references)}:
+        given = ", ".join(map(str, sorted(counts)))
+        raise ValueError(f"{len(references)} reference sets for {given} members' scores")
+    per_term = [
+        _members_statistic(combination, [refs[term] for refs in references], values, ascending)
+        for term, values in terms.items()
+    ]
+    return np.ascontiguousarray(np.sum(per_term, axis=0).T)  # (rows, members), rows whole in memory
+
+
+# Below this many comparisons (members x rows x reference values), a term's counts for every member
+# come from one broadcast comparison instead of a binary search per member: what a small request
+# costs is Python's overhead per numpy call (a dozen per member and term), not the arithmetic.
+BROADCAST_COMPARISONS = 1 << 16
+
+
+def _members_statistic(
+    combination: str,
+    references: list[NDArray[np.float64]],
+    values: NDArray[np.float64] | Sequence[NDArray[np.float64]],
+    ascending: bool,
+) -> NDArray[np.float64]:
+    """(members, rows): each member's rank or surprisal of its values among its references."""
+    n = np.size(references[0])
+    broadcast = (
+        ascending  # a bundle's references: sorted and finite, checked at load
+        and n > 0
+        and all(np.size(r) == n for r in references)
+        and all(v.ndim == 1 and v.shape == values[0].shape for v in values)
+        and len(values) * values[0].size * n <= BROADCAST_COMPARISONS
     )
+    if not broadcast:
+        statistic = ranks if combination == RANK_MEAN else surprisal
+        return np.stack([statistic(r, v, ascending) for r, v in zip(references, values, strict=True)])
+    # The counts searchsorted finds in sorted references, exactly: #{r <= v} and #{r >= v}.
+    r = np.stack(references)[:, None, :]
+    v = values if isinstance(values, np.ndarray) else np.stack(values)
+    if combination == RANK_MEAN:
+        out = (r <= v[:, :, None]).sum(axis=-1) / n
+    else:
+        out = np.log(n + 1.0) - np.log1p((r >= v[:, :, None]).sum(axis=-1))
+    return np.where(np.isnan(v), np.nan, out)
 
 
 def _ordered(reference: NDArray[np.float64], ascending: bool) -> NDArray[np.float64]:

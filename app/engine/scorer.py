@@ -155,11 +155,10 @@ def assemble_members(
     # (members, rows) per output: the terms, references and means below as whole-array operations,
     # since per-member Python work, not arithmetic, is what a small request's answer costs.
     stacked = {name: np.stack([p[name] for p in members]).astype(np.float64) for name in members[0]}
-    terms = ensemble.term_scores(bundle.combination, method, stacked)
-    member_scores = ensemble.member_scores(
+    member_scores = ensemble.stacked_member_scores(
         bundle.combination,
         [member.calibration for member in bundle.members],
-        [{term: values[i] for term, values in terms.items()} for i in range(len(members))],
+        ensemble.term_scores(bundle.combination, method, stacked),
         ascending=True,
     )
     mean = {name: values.mean(axis=0) for name, values in stacked.items() if name != "residual"}

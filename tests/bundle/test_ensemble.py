@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import percentileofscore
 
+from app.bundle import ensemble
 from app.bundle.ensemble import (
     FACTOR_FISHER,
     RANK_MEAN,
@@ -56,6 +57,35 @@ def test_the_rank_mean_member_score_is_its_rank_and_no_member_dominates():
     assert combined[1] == pytest.approx(combined[2], abs=0.02)  # one member's extreme counts no more than 1
     with pytest.raises(ValueError, match="2 reference sets for 1 members"):
         member_scores(RANK_MEAN, [{"latent": small}, {"latent": huge}], [{"latent": rows[0]}])
+
+
+@pytest.mark.parametrize("combination", [RANK_MEAN, FACTOR_FISHER])
+def test_small_batches_counted_by_one_comparison_equal_the_binary_search_exactly(combination, monkeypatch):
+    """A bundle's small calls count references by one broadcast comparison of all members, larger
+    ones by searchsorted per member: the same counts, so the same bits, ties and NaN included."""
+    rng = np.random.default_rng(7)
+    names = terms(combination, "likelihood")  # one term, or the two factors
+    # integers: many ties between values and references; one NaN row
+    refs = [{t: np.sort(rng.integers(0, 20, 63).astype(float)) for t in names} for _ in range(6)]
+    values = [{t: rng.integers(-2, 23, 9).astype(float) for t in names} for _ in range(6)]
+    for member in values:
+        member[names[0]][4] = np.nan
+    broadcast = member_scores(combination, refs, values, ascending=True)
+    monkeypatch.setattr(ensemble, "BROADCAST_COMPARISONS", 0)
+    searched = member_scores(combination, refs, values, ascending=True)
+    assert np.array_equal(broadcast, searched, equal_nan=True) and np.isnan(broadcast[4]).all()
+
+    def brute(reference, v):  # the definitions, counted one value at a time
+        if combination == RANK_MEAN:
+            return np.array([np.sum(reference <= s) / reference.size for s in v])
+        return -np.log(_p(reference, v))
+
+    expected = np.array([sum(brute(r[t], v[t]) for t in names) for r, v in zip(refs, values, strict=True)]).T
+    # log(n + 1) - log1p(count) against -log(p): each log within half an ulp of log(64), summed over
+    # two factors, so within 4 ulps of log(64) absolute
+    atol = 4 * np.spacing(np.log(64.0))
+    finite = np.delete(broadcast, 4, axis=0)
+    np.testing.assert_allclose(finite, np.delete(expected, 4, axis=0), rtol=0, atol=atol)
 
 
 def _parts(rng, n):
