@@ -688,6 +688,10 @@ def _labels(source: _Source, batch: _Batch, column: _Column, what: str) -> np.nd
         tokens = pc.utf8_lower(pc.utf8_trim_whitespace(column))
         is_true = pc.is_in(tokens, value_set=_TRUE_TOKENS).to_numpy(zero_copy_only=False)
         valid = is_true | pc.is_in(tokens, value_set=_FALSE_TOKENS).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(~valid):  # other spellings of 0 and 1: "1.00", "0e0"
+            number = _as_number(tokens[i].as_py())
+            if number in (0.0, 1.0):
+                is_true[i], valid[i] = number == 1.0, True
     elif pa.types.is_boolean(column.type):
         is_true = pc.fill_null(column, False).to_numpy(zero_copy_only=False)
         valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
@@ -699,6 +703,13 @@ def _labels(source: _Source, batch: _Batch, column: _Column, what: str) -> np.nd
             f"{what} must be 0/1 or true/false, but {source.where(batch, i)} holds {_value(column, i)!r}"
         )
     return is_true
+
+
+def _as_number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _is_string(kind: pa.DataType) -> bool:

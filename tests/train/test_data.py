@@ -177,7 +177,12 @@ def test_label_column_absent_names_it_and_lists_columns(tmp_path):
     _error(lambda: read_table(path, label_column="y"), str(path), "'y'", "'a', 'b', 'c', 'd'")
 
 
-@pytest.mark.parametrize(("cell", "shown"), [("2", "'2'"), ("yes", "'yes'"), ("", "''")])
+def test_labels_spelled_as_other_numbers_are_read_as_the_numbers(tmp_path):
+    path = _csv(tmp_path / "d.csv", "a,y\n1,1.00\n2,0e0\n3, 1 \n4,0.000\n")
+    assert read_table(path, label_column="y").labels.tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize(("cell", "shown"), [("2", "'2'"), ("yes", "'yes'"), ("", "''"), ("1.5", "'1.5'")])
 def test_label_column_not_zero_one_names_row_and_value(tmp_path, cell, shown):
     path = _csv(tmp_path / "d.csv", f"a,y\n1,0\n2,1\n3,{cell}\n")
 
