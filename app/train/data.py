@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
 import stat
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -192,6 +193,11 @@ class _CsvSource(_Source):
         if ragged is not None:
             row, line, found, width = ragged
             return self.error(f"{self.row(row, line)} has {found} fields but the header has {width}")
+        if "straddl" in str(error):  # arrow's "straddling object straddles two block boundaries"
+            return self.error(
+                "holds a field longer than the CSV reader's block of 1 MiB: a value of megabytes, or a "
+                "quote opened and never closed, which runs on to the end of the file"
+            )
         return self.error(f"cannot be parsed as CSV: {error}")
 
     def batches(self, columns: list[int], chunk_rows: int) -> Iterator[_Batch]:
@@ -274,7 +280,9 @@ class _NpySource(_Source):
             # mmap keeps memory bounded; allow_pickle=False because a pickle can run code on load.
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as error:
-            raise self.error(f"cannot be read as a .npy array: {error}") from error
+            # numpy may quote a parsed header's node with its address: the message keeps neither
+            reason = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", str(error))
+            raise self.error(f"cannot be read as a .npy array: {reason}") from error
         if self._array.ndim != 2:
             raise self.error(f"must hold a 2-D array (rows x columns), found shape {self._array.shape}")
         dtype = self._array.dtype

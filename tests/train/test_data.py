@@ -177,6 +177,19 @@ def test_label_column_absent_names_it_and_lists_columns(tmp_path):
     _error(lambda: read_table(path, label_column="y"), str(path), "'y'", "'a', 'b', 'c', 'd'")
 
 
+def test_a_field_beyond_the_readers_block_and_a_crafted_npy_header_are_named(tmp_path):
+    """Audit findings: arrow's 'straddling object straddles two block boundaries (try to increase
+    block size?)' named no cause the user could act on, and numpy's refusal of a header quoted a
+    node with its memory address."""
+    long = _csv(tmp_path / "l.csv", 'a,b\n1,2\n3,"' + "x" * (3 << 20) + '"\n')
+    _error(lambda: read_table(long), "a field longer than the CSV reader's block of 1 MiB", "never closed")
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (nope, 2), }".ljust(117) + "\n"
+    crafted = tmp_path / "c.npy"
+    crafted.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+    error = _error(lambda: read_table(crafted), "cannot be read as a .npy array")
+    assert " at 0x" not in str(error)
+
+
 def test_labels_spelled_as_other_numbers_are_read_as_the_numbers(tmp_path):
     path = _csv(tmp_path / "d.csv", "a,y\n1,1.00\n2,0e0\n3, 1 \n4,0.000\n")
     assert read_table(path, label_column="y").labels.tolist() == [True, False, True, False]
