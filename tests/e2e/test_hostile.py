@@ -65,6 +65,15 @@ def read_response(sock: socket.socket, timeout: float) -> tuple[int, dict, bool]
     return status, json.loads(rest[:length]), closed
 
 
+def wait_counted(server: Server, code: str, count: int) -> None:
+    """Until /metrics counts `count` /score requests answered `code` (the log line comes after)."""
+
+    def counted() -> bool:
+        return metric(server.base, "anomaly_requests_total", endpoint="/score", code=code) == count
+
+    wait_for(counted, f"{count} requests counted as {code}", timeout=10)
+
+
 def honest(server: Server) -> httpx.Response:
     return httpx.post(
         f"{server.base}/score", json={"instances": manifold_rows(2, seed=5).tolist()}, timeout=10
@@ -174,11 +183,7 @@ def test_a_client_vanishing_mid_upload_is_counted_as_499_not_500(tiny_bundle, tm
             sock.sendall(b'{"instances": [[')
             time.sleep(0.2)
             sock.close()
-        wait_for(
-            lambda: metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 3,
-            "three requests counted as 499",
-            timeout=10,
-        )
+        wait_counted(s, "499", 3)
         assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="500") == 0
         assert honest(s).status_code == 200
         log = s.log.read_text()
@@ -197,11 +202,7 @@ def test_a_malformed_chunk_mid_body_is_counted_as_the_400_it_was_answered(tiny_b
             sock.sendall(size + b"\r\n{}\r\n0\r\n\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 400")
             sock.close()
-        wait_for(
-            lambda: metric(s.base, "anomaly_requests_total", endpoint="/score", code="400") == 3,
-            "three requests counted as 400",
-            timeout=10,
-        )
+        wait_counted(s, "400", 3)
         assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 0
         assert honest(s).status_code == 200
         assert "client closed the request" not in s.log.read_text()
