@@ -284,25 +284,28 @@ def _located(
         pos -= 1
     token = _TOKEN.match(body, pos) if body[:pos].isascii() else None
     found = f" ({token.group().decode('ascii', 'replace')!r})" if token else ""
+    # A number refused for its value (NaN, an infinity, one beyond the float range) is a 422, as in a
+    # small body; malformed text ("1.e5", "0x10") is no value at all: 400.
+    if token is None or not (token.group() in _NON_FINITE or "infinity when parsed" in str(error)):
+        return BadRequest(f"{what} is not valid JSON: {error}{found}")
+    text = token.group().decode("ascii")
+    reason = (
+        f"the limit is {MAX_ABS_VALUE:g}"
+        if text.lstrip("-").isdigit()
+        else "only finite numbers can be scored, and JSON has no NaN or Infinity"
+    )
     start = _LIST_ROWS_START.match(body)
-    if token and features is not None and start:
+    if features is not None and start:
         rows = body[start.end() : pos]
         opened = rows.count(b"[")
         if opened and opened == rows.count(b"]") + 1 and not any(c in rows for c in (b'"', b"{")):
             i, j = opened - 1, rows[rows.rfind(b"[") + 1 :].count(b",")
             return InvalidInput(
-                f"instances[{i}], {_column(features, j)} is {token.group().decode('ascii')}: only finite "
-                "numbers can be scored, and JSON has no NaN or Infinity",
+                f"instances[{i}], {_column(features, j)} is {text}: {reason}",
                 {"row": i, "column": features[j] if j < len(features) else j},
             )
-    if token and (token.group() in _NON_FINITE or "infinity when parsed" in str(error)):
-        # A value refused for what it is, as a small body's is (422), though not located in a row
-        return InvalidInput(
-            f"{what} holds {token.group().decode('ascii')} at character {pos}: only finite numbers can be "
-            "scored, and JSON has no NaN or Infinity",
-            {"position": pos},
-        )
-    return BadRequest(f"{what} is not valid JSON: {error}{found}")
+    # not located in a row (object rows, /v2's data), but refused for what it is all the same
+    return InvalidInput(f"{what} holds {text} at character {pos}: {reason}", {"position": pos})
 
 
 # Beyond this many distinct strings, counting each one's occurrences in the body costs more than

@@ -136,6 +136,14 @@ def test_a_large_body_orjson_refuses_is_located_not_parsed_again(client):
     assert body["detail"]["position"] == text.index("NaN")
     broken = '{"instances": [' + ",".join(objects).replace('"f2": 1', '"f2": 1x', 1) + "]}"
     check(post(client, broken), 400, "not valid JSON")  # text that is no value at all stays a 400
+    for malformed in ("1.e5", "0x10", "1_000", "01", "nan"):  # re-audit: once called non-finite, 422
+        rows = [ROW] * n
+        rows[0] = "[" + ",".join([malformed if j == 3 else "1" for j in range(len(FEATURES))]) + "]"
+        check(post(client, '{"instances": [' + ",".join(rows) + "]}"), 400, "not valid JSON")
+    rows = [ROW] * n
+    rows[9] = "[" + ",".join(["1" + "0" * 400 if j == 1 else "1" for j in range(len(FEATURES))]) + "]"
+    huge = '{"instances": [' + ",".join(rows) + "]}"
+    check(post(client, huge), 422, "instances[9], column 1", "limit is 1e+15")
     # Below the bound, Python's parser still reads it and check_values names the cell.
     small = '{"instances": [' + ROW + ",[1,1,1,NaN,1,1]]}"
     check(post(client, small), 422, "instances[1], column 3", "is nan")
