@@ -23,6 +23,7 @@ import reprlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from email.message import Message
 
 from fastapi import Request
 
@@ -78,26 +79,28 @@ class BodyBudget:
 
 def media_type(request: Request, accepted: Sequence[str], missing: str | None = None) -> str:
     """The request's media type if it is one of `accepted` (a request without a Content-Type is taken
-    as `missing`, where given) and names no charset but UTF-8; 415 otherwise. JSON is UTF-8 (RFC
-    8259): a body in another charset would be read wrongly, not refused, if its label were ignored."""
-    header = request.headers.get("content-type", "")
-    kind, _, parameters = header.partition(";")
-    kind = kind.strip().lower()
+    as `missing`, where given) and, for JSON, names no charset but UTF-8; 415 otherwise. JSON is
+    UTF-8 (RFC 8259): a body in another charset would be read wrongly, not refused, if its label were
+    ignored. A binary type's charset means nothing and is not judged."""
+    headers = request.headers.getlist("content-type")
+    if len(headers) > 1:  # which one the client meant is not ours to guess
+        raise BadRequest("Content-Type given more than once", {"content_type": [h[:100] for h in headers]})
+    header = headers[0] if headers else ""
+    kind = header.partition(";")[0].strip().lower()
     if not kind and missing is not None:
         return missing
     if kind not in accepted:
         given = f"content type {reprlib.repr(kind)}" if kind else "no content type"
-        raise UnsupportedMediaType(
-            f"{given}; send one of {list(accepted)}",
-            {"accepted": list(accepted)},
-        )
-    for parameter in parameters.split(";"):
-        name, _, value = parameter.partition("=")
-        charset = value.strip().strip('"').lower()
-        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
-            raise UnsupportedMediaType(
-                f"charset {reprlib.repr(charset)}; send the body in UTF-8", {"accepted": ["utf-8"]}
-            )
+        raise UnsupportedMediaType(f"{given}; send one of {list(accepted)}", {"accepted": list(accepted)})
+    if kind == "application/json" and ";" in header:
+        # the parameters as RFC 2045 reads them, quoted strings whole (the compat32 parser: 15 us,
+        # where EmailMessage's header registry takes 200)
+        parsed = Message()
+        parsed["content-type"] = header
+        charsets = [value for name, value in parsed.get_params(failobj=[])[1:] if name.lower() == "charset"]
+        if len(charsets) > 1 or any(c.lower() not in ("utf-8", "utf8") for c in charsets):
+            shown = reprlib.repr(", ".join(charsets))
+            raise UnsupportedMediaType(f"charset {shown}; send the body in UTF-8", {"accepted": ["utf-8"]})
     return kind
 
 

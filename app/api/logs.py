@@ -75,11 +75,12 @@ class RequestLogMiddleware:
         request_id = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
+                request_id = value.decode("latin-1")
                 break
-        # Echoed in a header and written to logs that people read in terminals: visible ASCII only,
-        # anything else is replaced by an id of our own rather than passed on.
-        if not (request_id.isascii() and request_id.isprintable() and request_id.strip()):
+        # Echoed in a header and written to logs that people read in terminals: at most 128 visible
+        # ASCII characters, or else an id of our own (a cut one would match nothing the client has).
+        visible = request_id.isascii() and request_id.isprintable() and request_id.strip()
+        if not (visible and len(request_id) <= 128):
             request_id = uuid.uuid4().hex
         status = 500
 

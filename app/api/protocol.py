@@ -98,6 +98,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.finishing:  # the parser stopped in error; the close is on its way
             return
+        if not self.in_head and (self.cycle is None or self.cycle.response_complete):
+            # Bytes with no request in progress: blank lines before a request line (which httptools
+            # skips without beginning a message), or the rest of a body the app answered without
+            # reading. Either re-arms the deadline, which uvicorn's keep-alive timer, cancelled by
+            # any byte, would otherwise leave to no one.
+            self._arm_head_deadline()
         if self.in_head:
             self.head_received += len(data)
         super().data_received(data)

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from app.api import schemas
 from app.api.auth import authorize
 from app.api.body import media_type
-from app.api.errors import NotFound, json_response
+from app.api.errors import BadRequest, NotFound, json_response
 from app.api.inference_protocol import (
     DEFAULT_OUTPUTS,
     EXTENSIONS,
@@ -127,7 +127,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     # Content-Type; anything else is not an inference request. Its options live in the body.
     media_type(request, V2_CONTENT_TYPES, missing="application/json")
     check_query("application/json", request.query_params.multi_items())
-    header_length = request.headers.get(HEADER_LENGTH)
+    lengths = request.headers.getlist(HEADER_LENGTH)
+    if len(lengths) > 1:
+        raise BadRequest(f"{HEADER_LENGTH} given more than once", {"values": [v[:40] for v in lengths]})
+    header_length = lengths[0] if lengths else None
     columns, max_rows = served.bundle.columns, service.settings.max_rows
     # A binary body's JSON header is small and its tensor is read in place, as a .npy body's is.
     kind = "application/x-npy" if header_length is not None else "application/json"

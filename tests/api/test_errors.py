@@ -148,6 +148,14 @@ def test_wrong_content_type_is_415(client):
     check(post(client, utf16, "application/json; charset=utf-16"), 415, "charset 'utf-16'", "UTF-8")
     ok = post(client, json.dumps({"instances": [ROW]}), 'application/json; charset="UTF-8"')
     assert ok.status_code == 200, ok.text
+    # parameters read as RFC 2045 does: quoted strings whole, and a charset named twice is no answer
+    row = json.dumps({"instances": [ROW]})
+    check(post(client, row, 'application/json; charset="utf-8;x"'), 415, "charset")
+    assert post(client, row, 'application/json; x="a;charset=latin-1"').status_code == 200
+    check(post(client, row, "application/json; charset=utf-8; charset=latin-1"), 415, "charset")
+    twice = [("content-type", "application/json"), ("content-type", "application/x-npy")]
+    duplicated = client.post("/score", content=row.encode(), headers=twice)
+    check(duplicated, 400, "Content-Type given more than once")
 
 
 def test_unknown_route_and_method_keep_the_error_shape(client):

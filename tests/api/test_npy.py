@@ -71,6 +71,9 @@ def test_npy_refusals(client):
         headers={"content-type": "application/x-npy"},
     )
     check(twice, 422, "query parameters ['method'] given more than once")
+    # a charset means nothing to a binary type: not judged
+    labelled = {"content-type": "application/x-npy; charset=utf-16"}
+    assert client.post("/score", content=npy(ROWS), headers=labelled).status_code == 200
     check(post_npy(client, npy(ROWS), colour="red"), 422, "unknown query parameters ['colour']")
     check(post_npy(client, npy(ROWS), explain="maybe"), 422, "'explain' must be true or false")
     check(post_npy(client, npy(np.zeros((501, 6)))), 413, "501 rows")

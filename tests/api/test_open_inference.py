@@ -349,6 +349,9 @@ def test_content_types_query_parameters_and_bounded_echoes(v2):
     binary = {"inputs": [{"name": "x", "shape": list(ROWS.shape), "datatype": "FP64"}]}
     binary["inputs"][0]["parameters"] = {"binary_data_size": ROWS.nbytes}
     check_error(v2.post(path, content=json.dumps(binary)), 400, "Inference-Header-Content-Length header says")
+    body, headers = binary_body(binary, ROWS.tobytes())
+    twice = [(k, v) for k, v in headers.items()] * 2
+    check_error(v2.post(path, content=body, headers=twice), 400, "given more than once")
 
 
 def test_unknown_models_and_versions_are_404(v2):

@@ -97,7 +97,7 @@ def test_health_ready_and_request_id(client):
     assert client.get("/readyz").json()["status"] == "ready"
     echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
-    for hostile in ("\x1b[31mred", "caf\u00e9", "  "):  # terminal escapes, non-ASCII, blank
+    for hostile in ("\x1b[31mred", "caf\u00e9", "  ", "x" * 129):  # escapes, non-ASCII, blank, too long
         replaced = client.get("/healthz", headers={"X-Request-ID": hostile.encode("latin-1")})
         assert len(replaced.headers["x-request-id"]) == 32, hostile
     generated = client.get("/healthz").headers["x-request-id"]

@@ -376,7 +376,20 @@ def test_a_request_head_that_does_not_arrive_in_time_is_answered_408_and_closed(
         time.sleep(max(0.0, opened + 2.0 - time.monotonic()))  # past the first deadline, within keep-alive
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_response(kept, timeout=2)[0] == 200
+        # Re-audit: a blank line after an answer (httptools skips it without beginning a request,
+        # and it cancels uvicorn's keep-alive timer) held the connection for good.
+        kept.sendall(b"\r\n")
+        status, body, closed = read_response(kept, timeout=5)
+        assert status == 408 and closed, body
         kept.close()
+        # So did the rest of a body the app answered without reading (here 415, before the body).
+        early = connect(s)
+        send_head(early, "/score", {"Content-Type": "text/plain", "Content-Length": "100000"})
+        assert read_response(early, timeout=2)[0] == 415
+        early.sendall(b"x")
+        status, body, closed = read_response(early, timeout=5)
+        assert status == 408 and closed, body
+        early.close()
 
 
 def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path):
