@@ -241,8 +241,12 @@ class Bundle:
         return dict(self.manifest.get("training") or {})
 
     def threshold(self, method: str, fpr: float) -> Threshold:
+        """The threshold of a calibrated rate under its stored name; of any other rate under a name
+        that gives the same rate back when a client sends it (%g's six digits may not: the name of
+        1/n rounded down would be refused as below 1/n)."""
         scores = self.calibration[method]
-        return Threshold(cal.threshold_name(fpr), method, fpr, cal.threshold(scores, fpr))
+        name = cal.threshold_name(fpr) if fpr in self.fprs else f"fpr_{fpr!r}"
+        return Threshold(name, method, fpr, cal.threshold(scores, fpr))
 
     def p_values(self, method: str, scores: NDArray[np.float64]) -> NDArray[np.float64]:
         return cal.p_values(self.calibration[method], scores)

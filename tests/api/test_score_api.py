@@ -154,6 +154,13 @@ def test_any_rate_the_calibration_resolves_is_a_threshold_on_the_spot(client, ti
         assert body["threshold"] == {"name": calibration.threshold_name(rate), "fpr": rate, "value": expected}
         assert body["is_anomaly"] == [s > expected for s in body["scores"]]
         assert body["is_anomaly"] == [p <= rate for p in body["p_values"]]
+    # Re-audit: the name of an uncalibrated rate must give the rate back. %g's six digits named 1/n
+    # below 1/n, and sending that name back was refused.
+    n = scores_sorted.size
+    body = client.post("/score", json={"instances": rows.tolist(), "threshold": 1 / n}).json()
+    assert body["threshold"]["fpr"] == 1 / n and body["threshold"]["name"] == f"fpr_{1 / n!r}"
+    again = client.post("/score", json={"instances": rows.tolist(), "threshold": body["threshold"]["name"]})
+    assert again.status_code == 200 and again.json()["threshold"] == body["threshold"]
 
 
 def test_ids_are_echoed_beside_the_scores_never_scored(client):
