@@ -54,10 +54,13 @@ def bundle_files(path: str | Path) -> dict[str, bytes]:
 def _scorer(files: dict[str, bytes]) -> Scorer:
     key = files[MANIFEST].decode()  # the manifest holds every file's hash: it names the bundle exactly
     if key not in _SCORERS:
-        directory = Path(tempfile.mkdtemp(prefix="anomaly-scores-bundle-"))
-        for name, data in files.items():
-            (directory / name).write_bytes(data)
-        _SCORERS[key] = create_scorer(load_bundle(directory), "onnx", threads=1)
+        # The files are read while the scorer is built (graphs into onnxruntime's sessions, weights
+        # into memory), so the copy goes with the block: a long-lived executor keeps no litter.
+        with tempfile.TemporaryDirectory(prefix="anomaly-scores-bundle-") as name:
+            directory = Path(name)
+            for file, data in files.items():
+                (directory / file).write_bytes(data)
+            _SCORERS[key] = create_scorer(load_bundle(directory), "onnx", threads=1)
     return _SCORERS[key]
 
 

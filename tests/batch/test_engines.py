@@ -146,3 +146,26 @@ def test_a_users_spark_dataframe_is_scored_lazily(spark, tiny_bundle, lake, tmp_
     frame = spark.read.parquet(str(lake / "nested"))
     scored = score_dataframe(frame, tiny_bundle, BatchOptions(id_columns=("key",))).toPandas()
     one_file(scored, tiny_bundle, lake, tmp_path, "nested/b.parquet")
+
+
+def test_a_spark_workers_copy_of_the_bundle_is_removed_once_its_scorer_is_built(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """A Python worker lives across tasks and jobs: it writes the bundle's files to build its scorer and
+    must not leave them behind, while the scorer it keeps scores as one built from the bundle itself."""
+    import tempfile
+
+    from app.batch import on_spark
+    from app.engine.factory import create_scorer
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(on_spark, "_SCORERS", {})
+    scorer = on_spark._scorer(on_spark.bundle_files(tiny_bundle))
+    assert list(scratch.iterdir()) == []
+    bundle = load_bundle(tiny_bundle)
+    x = np.random.default_rng(0).normal(size=(64, len(bundle.columns)))
+    reference = create_scorer(bundle, "onnx", threads=1)
+    for method in reference.methods:
+        np.testing.assert_array_equal(scorer.score(x, method).score, reference.score(x, method).score)
