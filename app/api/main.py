@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -21,6 +22,7 @@ from app.api import v2
 from app.api.docs import TAGS, install_openapi, mount_docs
 from app.api.errors import register_error_handlers
 from app.api.logs import RequestLogMiddleware, configure_logging
+from app.api.protocol import REFUSED
 from app.api.routes import router
 from app.api.service import build_service
 from app.api.settings import Settings
@@ -35,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(service.settings.log_level)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Loading runs beside the server so /healthz answers at once and /readyz says 503 until done.
         threading.Thread(target=service.host.load, name="model-load", daemon=True).start()
         loop = asyncio.get_running_loop()
@@ -43,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             NotImplementedError, RuntimeError, ValueError
         ):  # no signals off the main thread
             loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
-        yield
+        # The server shares this state with its connections: the HTTP layer reports its refusals here.
+        yield {REFUSED: service.metrics.http_refused}
         await service.scheduler.drain(service.settings.shutdown_grace_s)
 
     def reload_on_signal() -> None:

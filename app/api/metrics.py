@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from app.api.protocol import REASONS
 from app.bundle.format import Bundle
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -147,6 +148,14 @@ class Metrics:
         self.timeouts = Counter(
             "anomaly_timeouts_total", "Scoring requests that exceeded the time limit", registry=r
         )
+        self.refused = Counter(
+            "anomaly_http_refused_total",
+            "Requests the HTTP layer refused before the app saw them, by status and reason",
+            ["code", "reason"],
+            registry=r,
+        )
+        for code, reason in REASONS.items():
+            self.refused.labels(str(code), reason)  # at 0 from the start, as the reloads below
         self.reloads = Counter("anomaly_reloads_total", "Model reloads by result", ["result"], registry=r)
         for result in ("success", "failure"):
             # Both series exist at 0 from the start: increase() cannot see a counter's first sample as
@@ -178,6 +187,10 @@ class Metrics:
         self.merged_rows.observe(rows)
         for seconds in waited:
             self.queue_seconds.observe(seconds)
+
+    def http_refused(self, code: int, reason: str) -> None:
+        """app.api.protocol's report of a request it refused itself (its REFUSED callable)."""
+        self.refused.labels(str(code), reason).inc()
 
     def _attach_model(self, bundle: Bundle, method: str) -> None:
         self.model_info.clear()

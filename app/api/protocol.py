@@ -24,12 +24,17 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
   httptools removes the chunking and leaves the rest, so the body reached the app still gzipped
   and was refused as malformed JSON. Codings that leave `chunked` out of the last place, or name
   it twice, leave the body's length unknown: httptools answers those 400 itself.
+
+Each answer given here, and each 400 httptools gives a malformed request, is reported to the
+callable the app's lifespan puts in its state under REFUSED (status, reason): the service counts
+them in /metrics, which the app's own counters cannot, since the app never sees these requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -40,14 +45,24 @@ MAX_PIPELINED = 32
 # mid-body, say): the app then sees the connection close, and must count a 400, not a client gone.
 MALFORMED = "anomaly_scores.malformed"
 HEAD_TIMEOUT_S = 10.0  # nginx's client_header_timeout is 60 s; a client sends its head in one go
+# The lifespan state's key for the callable told of each request refused here: (status, reason).
+REFUSED = "anomaly_scores.refused"
+# Every reason passed to it, by status, so a counter can show each series from the start.
+REASONS = {
+    400: "malformed",
+    408: "head_timeout",
+    431: "head_too_large",
+    501: "transfer_coding",
+    503: "pipelined",
+}
 
 
 class Refused(Exception):
     """Raised in a parser callback: httptools stops parsing and uvicorn calls send_400_response."""
 
-    def __init__(self, status: int, reason: str, message: str, detail: dict[str, object]) -> None:
+    def __init__(self, status: int, phrase: str, message: str, detail: dict[str, object]) -> None:
         super().__init__(message)
-        self.status, self.reason, self.message, self.detail = status, reason, message, detail
+        self.status, self.phrase, self.message, self.detail = status, phrase, message, detail
 
 
 def _too_large() -> Refused:
@@ -162,13 +177,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.refusal = refusal
         raise refusal
 
+    def _report(self, status: int) -> None:
+        report: Callable[[int, str], None] | None = self.app_state.get(REFUSED)
+        if report is not None:
+            report(status, REASONS[status])
+
     def send_400_response(self, msg: str) -> None:
         refusal, self.refusal = self.refusal, None
         if refusal is None:
             if self.cycle is not None and not self.cycle.response_complete:
+                # mid-body: the app answers this request, and counts it, once it sees the close
                 self.cycle.scope[MALFORMED] = msg  # type: ignore[literal-required]
+            else:
+                self._report(400)
             super().send_400_response(msg)
             return
+        self._report(refusal.status)
         self.finishing = True
         self.flow.pause_reading()
         if self.cycle is not None and not self.cycle.response_complete:
@@ -177,7 +201,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         body = json.dumps({"error": refusal.message, "detail": refusal.detail}).encode()
         head = (
-            f"HTTP/1.1 {refusal.status} {refusal.reason}\r\ncontent-type: application/json\r\n"
+            f"HTTP/1.1 {refusal.status} {refusal.phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode("ascii") + body)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from app.api.protocol import MAX_HEAD_BYTES, MAX_PIPELINED
+from app.api.protocol import MAX_HEAD_BYTES, MAX_PIPELINED, REASONS
 from app.bundle.format import MANIFEST, WEIGHTS, content_version
 
 from ..conftest import manifold_rows
@@ -72,6 +72,12 @@ def wait_counted(server: Server, code: str, count: int) -> None:
         return metric(server.base, "anomaly_requests_total", endpoint="/score", code=code) == count
 
     wait_for(counted, f"{count} requests counted as {code}", timeout=10)
+
+
+def refused(server: Server, code: int) -> float:
+    """What /metrics counts of requests the HTTP layer refused with `code`: the app never saw them,
+    so anomaly_requests_total cannot."""
+    return metric(server.base, "anomaly_http_refused_total", code=str(code), reason=REASONS[code])
 
 
 def honest(server: Server) -> httpx.Response:
@@ -204,6 +210,7 @@ def test_a_malformed_chunk_mid_body_is_counted_as_the_400_it_was_answered(tiny_b
             sock.close()
         wait_counted(s, "400", 3)
         assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 0
+        assert refused(s, 400) == 0  # the app saw these requests and counted them: once, not twice
         assert honest(s).status_code == 200
         assert "client closed the request" not in s.log.read_text()
 
@@ -350,6 +357,7 @@ def test_an_oversized_request_head_is_refused_431_before_it_is_held(tiny_bundle,
         assert status == 431 and closed, body
         sock.close()
         assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200
+        assert refused(s, 431) == 2 and refused(s, 400) == 0
 
 
 def test_a_request_head_that_does_not_arrive_in_time_is_answered_408_and_closed(tiny_bundle, tmp_path):
@@ -390,6 +398,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_answered_408_and_closed(
         status, body, closed = read_response(early, timeout=5)
         assert status == 408 and closed, body
         early.close()
+        assert refused(s, 408) == 4
 
 
 def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path):
@@ -411,6 +420,7 @@ def test_pipelined_requests_beyond_the_bound_are_not_read(tiny_bundle, tmp_path)
         assert data.lower().count(b"connection: close") == 1
         assert data.rfind(b"connection: close") > data.rfind(b"HTTP/1.1 200")  # in the last answer
         assert httpx.get(f"{s.base}/healthz", timeout=5).status_code == 200
+        assert refused(s, 503) == 1  # one request refused; the connection read nothing after it
 
 
 def test_a_transfer_coding_other_than_chunked_is_refused_501_naming_it(tiny_bundle, tmp_path):
@@ -440,3 +450,27 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501_naming_it(tiny_bund
             assert f"transfer coding {coding} is not supported" in answer["error"], answer
         status, answer, _ = post(["chunked"], chunked(body))
         assert status == 200 and len(answer["scores"]) == 2, answer
+        assert refused(s, 501) == 3
+
+
+def test_a_malformed_request_is_answered_400_and_counted(tiny_bundle, tmp_path):
+    """httptools answers a request it cannot parse 400 before the app exists for it; /metrics
+    counts those beside the refusals of app.api.protocol, each series present from the start."""
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        for code in REASONS:
+            assert refused(s, code) == 0
+        text = httpx.get(f"{s.base}/metrics", timeout=5).text
+        assert all(
+            f'anomaly_http_refused_total{{code="{c}",reason="{r}"}} 0.0' in text for c, r in REASONS.items()
+        )
+        for garbage in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost t\r\n\r\n",
+            b"GET /\x00 HTTP/1.1\r\n\r\n",
+        ):
+            sock = connect(s)
+            sock.sendall(garbage)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 400"), garbage
+            sock.close()
+        assert refused(s, 400) == 3
+        assert honest(s).status_code == 200
