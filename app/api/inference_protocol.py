@@ -63,6 +63,12 @@ WIRE_DTYPES = {"FP64": np.dtype("<f8"), "BOOL": np.dtype("u1")}  # binary output
 REQUEST_KEYS = ("id", "model_name", "parameters", "inputs", "outputs")
 REQUEST_PARAMETERS = ("method", "threshold", "binary_data_output")
 INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
+# binary_data_size: the binary extension's; content_type: MLServer's codecs send "np" for a tensor
+INPUT_PARAMETERS = ("binary_data_size", "content_type")
+OUTPUT_KEYS = ("name", "parameters")
+# Triton's classification extension (parameters.classification) is not offered: refused by name,
+# not answered as if it had not been asked.
+OUTPUT_PARAMETERS = ("binary_data",)
 # str.isdigit() admits digits int() refuses ('²'), and int() refuses more than 4300 digits: ASCII
 # digits only, and no more than a 64-bit count takes.
 HEADER_LENGTH_FORM = re.compile("[0-9]{1,20}")
@@ -110,9 +116,7 @@ def _input_rows(
     tensor: dict[str, Any], binary: memoryview, features: list[str], max_rows: int
 ) -> tuple[NDArray[np.float64], int]:
     """The (n, d) rows of the input tensor and how many binary bytes it used."""
-    unknown = quoted([k for k in tensor if k not in INPUT_KEYS])
-    if unknown:
-        raise InvalidInput(f"unknown input fields {unknown}; accepted: {list(INPUT_KEYS)}")
+    _known(tensor, INPUT_KEYS, "input fields")
     name, d = tensor.get("name"), len(features)
     if name != INPUT:
         raise InvalidInput(
@@ -143,6 +147,13 @@ def _input_rows(
             f"{n} rows in one request; the limit is {max_rows}", {"rows": n, "limit": max_rows}
         )
     parameters = _object(tensor.get("parameters", {}), "input 'x' parameters")
+    _known(parameters, INPUT_PARAMETERS, "input 'x' parameters")
+    content_type = parameters.get("content_type", "np")
+    if content_type != "np":
+        raise InvalidInput(
+            f"input 'x' content_type {describe(content_type)}: this model takes one tensor, 'np'",
+            {"accepted": ["np"]},
+        )
     size = parameters.get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -190,6 +201,17 @@ def _json_rows(data: Any, n: int, d: int, features: list[str]) -> NDArray[np.flo
         raise InvalidInput("input 'x' holds an integer too large for a float") from None
 
 
+def _known(mapping: dict[str, Any], accepted: tuple[str, ...], what: str) -> None:
+    """Refuse keys of `mapping` outside `accepted`: a misspelt option silently ignored would answer
+    a question the client did not ask."""
+    unknown = quoted([k for k in mapping if k not in accepted])
+    if unknown:
+        raise InvalidInput(
+            f"unknown {what} {unknown}; accepted: {list(accepted)}",
+            {"unknown": unknown, "accepted": list(accepted)},
+        )
+
+
 def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...], frozenset[str]]:
     requested = doc.get("outputs")
     if requested is None:
@@ -199,6 +221,7 @@ def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...]
     names, binary = [], set()
     for k, item in enumerate(requested):
         output = _object(item, "each of 'outputs'")
+        _known(output, OUTPUT_KEYS, f"outputs[{k}] fields")
         name = output.get("name")
         if not isinstance(name, str):  # a list or object is unhashable: no lookup in OUTPUTS
             raise InvalidInput(
@@ -213,6 +236,7 @@ def _outputs(doc: dict[str, Any], binary_default: bool) -> tuple[tuple[str, ...]
         if name in names:
             raise InvalidInput(f"output {name!r} requested twice")
         parameters = _object(output.get("parameters", {}), f"output {name!r} parameters")
+        _known(parameters, OUTPUT_PARAMETERS, f"output {name!r} parameters")
         if _flag(parameters.get("binary_data", binary_default), f"output {name!r} binary_data"):
             binary.add(name)
         names.append(name)
@@ -224,20 +248,14 @@ def parse_infer(
 ) -> InferRequest:
     doc, binary = _header_and_binary(body, header_length)
     doc = _object(doc, "the inference request")
-    unknown = quoted([k for k in doc if k not in REQUEST_KEYS])
-    if unknown:
-        raise InvalidInput(f"unknown fields {unknown}; accepted: {list(REQUEST_KEYS)}", {"unknown": unknown})
+    _known(doc, REQUEST_KEYS, "fields")
     if doc.get("model_name", model) != model:
         raise InvalidInput(f"'model_name' is {describe(doc['model_name'])}, the path names {model!r}")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {describe(request_id)}")
     parameters = _object(doc.get("parameters", {}), "'parameters'")
-    unknown = quoted([k for k in parameters if k not in REQUEST_PARAMETERS])
-    if unknown:
-        raise InvalidInput(
-            f"unknown parameters {unknown}; accepted: {list(REQUEST_PARAMETERS)}", {"unknown": unknown}
-        )
+    _known(parameters, REQUEST_PARAMETERS, "parameters")
     method = parameters.get("method")
     if method is not None and not isinstance(method, str):
         raise InvalidInput(f"parameter 'method' must be a string, got {describe(method)}")

@@ -109,7 +109,10 @@ def test_json_inference_equals_score(v2, datatype, nested, version):
     outputs.append("reconstruction_error")
     request = {
         "id": "abc",
-        "inputs": [tensor(rows, datatype, nested)],
+        # MLServer's numpy codec marks its tensors content_type "np": what this input is anyway
+        "inputs": [
+            tensor(rows, datatype, nested) | ({"parameters": {"content_type": "np"}} if nested else {})
+        ],
         "outputs": [{"name": n} for n in outputs],
     }
     response = v2.post(infer_path(v2, version), json=request)
@@ -193,6 +196,18 @@ def bad(rows=ROWS, **changes) -> dict:
         (bad(x_data=[1e300] * (len(ROWS) * D)), 422, "the limit is 1e+15"),
         (bad(with_value(ROWS, 3, 2, 1e300)), 422, "input 'x' row 3, column 2 ('f2') is 1e+300: the limit is"),
         (bad(x_extra=1), 422, "unknown input fields ['extra']"),
+        (
+            bad(x_parameters={"shared_memory_region": "r"}),
+            422,
+            "unknown input 'x' parameters ['shared_memory",
+        ),
+        (bad(x_parameters={"content_type": "pd"}), 422, "input 'x' content_type str 'pd': this model takes"),
+        (
+            bad(outputs=[{"name": "score", "parameters": {"classification": 2}}]),
+            422,
+            "unknown output 'score' parameters ['classification']; accepted: ['binary_data']",
+        ),
+        (bad(outputs=[{"name": "score", "shape": [1]}]), 422, "unknown outputs[0] fields ['shape']"),
         (bad(inputs=[]), 422, "exactly one tensor"),
         (bad(outputs=[{"name": "nope"}]), 422, "unknown output str 'nope'"),
         (bad(outputs=[{"name": "score"}, {"name": {}}]), 422, "outputs[1] 'name' must be a string, one of"),
