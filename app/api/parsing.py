@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import ReloadRequest
 from app.engine.errors import InvalidInput
-from app.model.methods import MAX_ABS_VALUE
+from app.model.methods import MAX_ABS_VALUE, npy_problem
 
 OPTIONS = ("method", "threshold", "components", "explain")
 # Identifiers a JSON request may carry to have them echoed beside the scores: `ids`, one per row, or
@@ -418,7 +418,6 @@ def parse_json(body: Body, features: list[str], max_rows: int) -> ScoreRequest:
     return ScoreRequest(x=x, ids=ids, **options)
 
 
-_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 NPY_DTYPES = (np.dtype("<f4"), np.dtype("<f8"), np.dtype(">f4"), np.dtype(">f8"))
 
 
@@ -488,9 +487,7 @@ def _npy_matrix(body: Body, features: list[str], max_rows: int) -> NDArray[np.fl
         )
         shape, fortran_order, dtype = read_header(stream)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        # numpy's message may quote a parsed header's node ("<ast.BinOp object at 0x7f...>"): no
-        # addresses of the server's memory in an answer.
-        reason = _ADDRESS.sub("", str(e))
+        reason = npy_problem(e)
         raise BadRequest(f"the body is not a valid .npy array: {reason[:300]}") from None
     if dtype not in NPY_DTYPES:
         raise InvalidInput(f"the array's dtype is {dtype}; send float32 or float64")

@@ -1,4 +1,5 @@
-"""The score methods and the parts every method reports: defined here once, imported everywhere.
+"""The score methods, the parts every method reports and what every path accepts to score: defined
+here once, imported everywhere.
 
 Torch-free, so the serving path, the bundle format and the command line can name methods without
 PyTorch. The mathematics of each method is in app.model.scores, its graph in app.model.onnx_export.
@@ -6,6 +7,7 @@ PyTorch. The mathematics of each method is in app.model.scores, its graph in app
 
 from __future__ import annotations
 
+import re
 import reprlib
 
 METHODS = ("likelihood", "encoder", "reconstruction", "latent", "projected")
@@ -21,6 +23,13 @@ FLOAT64_METHODS = ("projected",)
 # the command line, the batch engines). Larger ones are no measurement; squared in float32 they would
 # overflow to inf.
 MAX_ABS_VALUE = 1e15
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+
+
+def npy_problem(error: Exception) -> str:
+    """numpy's reason for refusing a .npy file or body, as a user may read it: numpy's message may
+    quote a parsed header's node ("<ast.BinOp object at 0x7f...>"), an address of this process."""
+    return _ADDRESS.sub("", str(error))
 
 
 class UnknownMethod(ValueError):

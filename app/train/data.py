@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import re
 import stat
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from app.model.methods import MAX_ABS_VALUE
+from app.model.methods import MAX_ABS_VALUE, npy_problem
 
 
 class DataError(ValueError):
@@ -280,9 +279,7 @@ class _NpySource(_Source):
             # mmap keeps memory bounded; allow_pickle=False because a pickle can run code on load.
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as error:
-            # numpy may quote a parsed header's node with its address: the message keeps neither
-            reason = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", str(error))
-            raise self.error(f"cannot be read as a .npy array: {reason}") from error
+            raise self.error(f"cannot be read as a .npy array: {npy_problem(error)}") from error
         if self._array.ndim != 2:
             raise self.error(f"must hold a 2-D array (rows x columns), found shape {self._array.shape}")
         dtype = self._array.dtype
