@@ -4,6 +4,7 @@ with save_bundle, and one that replaces a bundle's file as whoever can write the
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,19 @@ def off_manifold_rows(n: int, seed: int) -> np.ndarray:
     direction = rng.standard_normal((n, 6))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     return base + 3.0 * direction
+
+
+# The paper's datasets, beside the repository as CI places them (../shared), wherever it is cloned.
+LODA = Path(__file__).resolve().parents[2] / "shared" / "data" / "loda"
+
+
+@pytest.fixture(scope="session")
+def loda() -> Path:
+    if not LODA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs with ../shared beside the repository, but {LODA} is missing")
+        pytest.skip(f"the paper's datasets are not at {LODA}")
+    return LODA
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """`anomaly-scores evaluate --quick` on the paper's data: the pipeline's outputs, not AUC levels."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,17 +12,6 @@ from app.cli import main
 from app.model.methods import METHODS
 from app.train.evaluate import select
 from app.train.selection import auc
-
-LODA = Path(__file__).resolve().parents[3] / "shared" / "data" / "loda"
-
-
-@pytest.fixture(scope="module")
-def loda() -> Path:
-    if not LODA.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs with ../shared beside the repository, but {LODA} is missing")
-        pytest.skip(f"the paper's datasets are not at {LODA}")
-    return LODA
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 
 from app.train.data import DataError, Table, iter_chunks, read_table
 
-HABERMAN = Path("/work/shared/data/loda/haberman/normal.txt")
 FORMATS = ["data.csv", "data.parquet", "data.pq", "data.npy", "data.txt", "data.dat", "DATA.CSV"]
 CSV_ROW = "(1-based, header not counted)"
 
@@ -77,11 +76,12 @@ def test_every_format_round_trips_exactly(tmp_path, name):
     assert table.dropped_rows == ()
 
 
-def test_loda_text_file_loads_like_loadtxt():
-    table = read_table(HABERMAN)
+def test_loda_text_file_loads_like_loadtxt(loda):
+    haberman = loda / "haberman" / "normal.txt"
+    table = read_table(haberman)
 
     assert table.values.shape == (225, 3)
-    np.testing.assert_array_equal(table.values, np.loadtxt(HABERMAN, ndmin=2))
+    np.testing.assert_array_equal(table.values, np.loadtxt(haberman, ndmin=2))
     assert table.feature_names == ["x0", "x1", "x2"]
 
 
