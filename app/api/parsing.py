@@ -530,9 +530,13 @@ def parse_npy(body: Body, features: list[str], max_rows: int, query: dict[str, s
 
 
 def parse_reload(body: Body) -> ReloadRequest:
-    try:  # Python's parser: a reload body is small, and any integer it holds is still JSON
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+    # Python's parser: a reload body is small, and any integer it holds is still JSON. Decoded here,
+    # since json.loads of bytes also takes UTF-16 and UTF-32, which the content type does not allow;
+    # and written back, since it takes lone surrogates (a \\ud800 escape) that no UTF-8 text holds.
+    try:
+        doc = json.loads(bytes(body).decode("utf-8"))
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:  # UnicodeError is a ValueError
         raise BadRequest(f"the body is not valid UTF-8 JSON: {e}") from None
     reject_duplicate_keys(body, doc)
     try:

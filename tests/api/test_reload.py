@@ -93,6 +93,10 @@ def test_reload_swaps_the_model_and_refuses_a_corrupt_one(root, client):
         "/admin/reload", content=duplicated, headers=ADMIN | {"content-type": "application/json"}
     )
     check(response, 422, "duplicate key 'path'")
+    # json.loads of bytes reads UTF-16 and UTF-32 too: an audit's UTF-16 body reloaded the model
+    json_type = ADMIN | {"content-type": "application/json"}
+    for body in ('{"path": "a"}'.encode("utf-16"), b'{"path": "\\ud800"}', b'\xef\xbb\xbf{"path": "a"}'):
+        check(client.post("/admin/reload", content=body, headers=json_type), 400, "not valid UTF-8 JSON")
     assert version(client) == b
     samples = scrape(client)
     assert value(samples, "anomaly_reloads_total", result="success") == 1
