@@ -59,6 +59,10 @@ class ClientClosed(ServiceError):
     status, error = 499, "client closed the request"
 
 
+# The ASGI scope key of the request's id (X-Request-ID: the client's, or one app.api.logs made).
+REQUEST_ID = "anomaly_scores.request_id"
+
+
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
@@ -105,4 +109,7 @@ def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(request, {"error": "internal error", "detail": type(exc).__name__}, 500)
+        request_id = request.scope.get(REQUEST_ID)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        content = {"error": "internal error", "detail": type(exc).__name__}
+        return error_response(request, content, 500, headers)

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import ClientClosed
+from app.api.errors import REQUEST_ID, ClientClosed
 from app.api.metrics import Metrics
 
 access = logging.getLogger("anomaly_scores.access")
@@ -82,6 +82,9 @@ class RequestLogMiddleware:
         visible = request_id.isascii() and request_id.isprintable() and request_id.strip()
         if not (visible and len(request_id) <= 128):
             request_id = uuid.uuid4().hex
+        # For the answer to an unhandled error, which Starlette's outermost middleware sends around
+        # this one: errors.py's handler adds the header from here.
+        scope[REQUEST_ID] = request_id
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -1,6 +1,7 @@
 """Every refusal: status, {"error", "detail"} shape, and a message naming the row, column or limit."""
 
 import json
+import time
 
 import pytest
 
@@ -209,3 +210,28 @@ def test_a_model_that_fails_to_load_keeps_the_process_up_and_answers_503(tmp_pat
         response = post(client, json.dumps({"instances": [ROW]}))
         check(response, 503, "failed to load")
         assert response.headers["retry-after"] == "1"
+
+
+def test_an_unhandled_error_is_a_500_that_keeps_the_request_id_and_is_counted(tiny_bundle, monkeypatch):
+    """Starlette answers an unhandled exception from its outermost middleware, around the one that
+    adds X-Request-ID: an audit's 500 came back without the id its log line carries."""
+    from fastapi.testclient import TestClient
+
+    from app.api import routes
+    from app.api.main import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(routes, "check_query", broken)
+    with TestClient(create_app(Settings(model_path=tiny_bundle)), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.05)
+        response = client.post(
+            "/score", json={"instances": [[0.0] * len(FEATURES)]}, headers={"X-Request-ID": "t-1"}
+        )
+        assert response.status_code == 500 and response.headers.get("x-request-id") == "t-1"
+        assert response.json() == {"error": "internal error", "detail": "RuntimeError"}
+        generated = client.post("/score", json={"instances": [[0.0] * len(FEATURES)]})
+        assert len(generated.headers.get("x-request-id", "")) == 32
+        assert 'anomaly_requests_total{code="500",endpoint="/score"} 2.0' in client.get("/metrics").text
