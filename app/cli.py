@@ -73,6 +73,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Given(argparse.Action):
+    """Stores the value and the option's name in `given`: an option given with its default value is
+    still given (`--latent 4` beside a grid that varies the latent size is a contradiction)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, _: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.__dict__.setdefault("given", set()).add(self.dest)
+
+
 def _options_from(group: argparse._ArgumentGroup, cls: type) -> None:
     """One option per field of the dataclass `cls`: its type, choices (a Literal's values), default
     and the `help` of its metadata, or of the Network field it redeclares with another default."""
@@ -90,6 +101,7 @@ def _options_from(group: argparse._ArgumentGroup, cls: type) -> None:
             type=type(choices[0]) if choices else kind,
             choices=choices,
             default=default,
+            action=_Given,
             help=meta["help"] + ("" if default is None else f" (default {default})"),
         )
 
@@ -338,7 +350,7 @@ def _train(args: argparse.Namespace) -> int:
     network["geometry"] = args.geometry or PRIOR_GEOMETRY[args.prior]
     base = Candidate(**network)
     grid = _grid_spec(args.grid) if args.grid != "none" else None
-    conflicts = grid_conflicts(grid, base) if grid is not None else []
+    conflicts = grid_conflicts(grid, base, getattr(args, "given", set())) if grid is not None else []
     if conflicts:
         raise ValueError(
             f"--grid {args.grid} varies {'; '.join(conflicts)}: pass --grid none to train one model with "

@@ -7,6 +7,7 @@ PyTorch (the serving image has none).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
@@ -109,14 +110,17 @@ def expand_grid(
     return out
 
 
-def grid_conflicts(grid: dict[str, list[object]], base: Candidate) -> list[str]:
-    """The options set away from their defaults in `base` that `grid` varies, so would override
-    without a word: 'latent_dim=2 (the grid tries 2, 4, 8)'."""
+def grid_conflicts(
+    grid: dict[str, list[object]], base: Candidate, given: Collection[str] | None = None
+) -> list[str]:
+    """The options of `base` that `grid` varies, so would override without a word: 'latent_dim=2
+    (the grid tries 2, 4, 8)'. Those named in `given` (a command line's), or where that is not
+    known (an estimator's parameters), those set away from their defaults."""
     default = Candidate()
     return [
         f"{key}={getattr(base, key)} (the grid tries {', '.join(map(str, values))})"
         for key, values in grid.items()
-        if getattr(base, key) != getattr(default, key)
+        if (key in given if given is not None else getattr(base, key) != getattr(default, key))
     ]
 
 

@@ -177,6 +177,10 @@ def test_refusals_exit_2_with_a_clear_message(trained, tmp_path, capsys):
         "--grid default varies latent_dim=8 (the grid tries 2, 4, 8): pass --grid none"
         in capsys.readouterr().err
     )
+    # An audit's: an option given at its default value was overridden by the grid without a word.
+    assert main([*args, "--latent", "4", "--kernel-width", "1.0"]) == 2
+    error = capsys.readouterr().err
+    assert "varies latent_dim=4 (the grid tries 2, 4, 8); kernel_width=1.0 (the grid tries" in error
 
 
 def test_nothing_a_user_did_not_ask_to_replace_is_overwritten_or_deleted(trained, tmp_path, capsys):
