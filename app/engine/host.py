@@ -224,6 +224,11 @@ class ModelHost:
             raise Conflict("a reload is already in progress")
         if len(self.abandoned) >= MAX_ABANDONED:
             self.reload_lock.release()
+            # A reload asked for and not done, as a refused bundle is: logged and counted, so a
+            # SIGHUP's (whose caller only logs conflicts) is not lost without a trace.
+            self.events.reload_finished(False)
+            fields = {"model_path": str(target), "abandoned": len(self.abandoned)}
+            log.error("reload refused: abandoned loads are still running", extra={"fields": fields})
             raise LoadTimedOut(
                 f"{len(self.abandoned)} abandoned loads are still running; a new one starts when one "
                 "of them ends (restart the process to end them now)",

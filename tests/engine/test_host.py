@@ -10,6 +10,7 @@ import pytest
 
 from app.bundle.format import MANIFEST, content_version
 from app.engine.errors import InvalidInput, LoadTimedOut, NotReady
+from app.engine.events import NoEvents
 from app.engine.host import MAX_ABANDONED, HostOptions, ModelHost
 
 
@@ -48,8 +49,8 @@ LIMIT_S = 4.0
 class SlowHost(ModelHost):
     """prepare() of a path named 'slow' waits on an event the test sets: a load that hangs."""
 
-    def __init__(self, options: HostOptions) -> None:
-        super().__init__(options)
+    def __init__(self, options: HostOptions, events: NoEvents | None = None) -> None:
+        super().__init__(options, events)
         self.release = threading.Event()
 
     def prepare(self, path):
@@ -64,7 +65,13 @@ def test_a_reload_past_its_time_limit_is_abandoned_and_the_old_model_serves_on(t
     shutil.copytree(tiny_bundle, root / "slow")
     # A limit well above an honest load's time (the first one imports onnx: about a second), so only
     # the load that waits on the test's event runs past it.
-    host = SlowHost(HostOptions(root / "current", warmup_rows=4, load_timeout_s=LIMIT_S))
+    failures = []
+
+    class Recorded(NoEvents):
+        def reload_finished(self, succeeded: bool) -> None:
+            failures.append(not succeeded)
+
+    host = SlowHost(HostOptions(root / "current", warmup_rows=4, load_timeout_s=LIMIT_S), Recorded())
     host.load()
     old = host.served
     try:
@@ -80,6 +87,8 @@ def test_a_reload_past_its_time_limit_is_abandoned_and_the_old_model_serves_on(t
         assert len(host.abandoned) == MAX_ABANDONED
         with pytest.raises(LoadTimedOut, match="abandoned loads are still running"):
             host.reload(root / "current")
+        # Counted as the failed reload it is (an audit found it neither logged nor counted).
+        assert failures == [True, False, True, True]
     finally:
         host.release.set()
     # Once they end, their results are dropped (no swap) and reloads work again.
