@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,19 +58,33 @@ def squared_residuals(model: ManifoldModel, x: NDArray[np.float64]) -> NDArray[n
         return (rows - model.decoder(model.encoder(rows))).double().numpy() ** 2
 
 
-def fit_split(dataset: Dataset, split: int, protocol: str, seed: int, path: Path) -> None:
+@dataclass
+class FittedSplit:
+    x_fit: NDArray[np.float64]
+    held: dict[str, NDArray[np.float64]]  # "val" and "test" rows
+    members: list[ManifoldModel]
+    arrays: dict[str, NDArray[Any]]  # y_test and each baseline's test scores, "baseline/<name>"
+
+
+def fit_default(dataset: Dataset, split: int, protocol: str, seed: int) -> FittedSplit:
+    """The default grid fitted on `evaluate`'s split and hold-out, with the fitting seed of refit `seed`."""
     torch.set_num_threads(1)  # one process per core
     options = EvaluateOptions(candidates=tuple(expand_grid(GRIDS["default"], dataset.normal.shape[1])))
     data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol])
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit = data.x_train[fit_rows]
-    held = {"val": data.x_train[val_rows], "test": data.x_test}
     fitted = fit_candidates(x_fit, fitting(dataset, options), replace(options.fit, seed=split + 100 * seed))
-    arrays = {"y_test": data.y_test}
+    arrays: dict[str, NDArray[Any]] = {"y_test": data.y_test}
     baselines = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     arrays |= {f"baseline/{name}": scores for name, scores in baselines.items()}
-    for i, member in enumerate(fitted):
-        model = member.model.eval()
+    members = [member.model.eval() for member in fitted]
+    return FittedSplit(x_fit, {"val": data.x_train[val_rows], "test": data.x_test}, members, arrays)
+
+
+def fit_split(dataset: Dataset, split: int, protocol: str, seed: int, path: Path) -> None:
+    fitted = fit_default(dataset, split, protocol, seed)
+    x_fit, held, arrays = fitted.x_fit, fitted.held, fitted.arrays
+    for i, model in enumerate(fitted.members):
         variance = np.maximum(squared_residuals(model, x_fit).mean(axis=0), SIGMA2_FLOOR)
         for part, x in held.items():
             parts = score_rows(model, x, "likelihood")

@@ -1,0 +1,135 @@
+"""Ways to estimate the residual's per-feature noise variances, measured on the default ensemble.
+
+    .venv/bin/python benchmarks/noise_variants.py ../shared/data/loda --out /tmp/noise [--jobs 2]
+
+For each protocol, dataset and split, `evaluate`'s split, hold-out, default grid and fitting seed
+(benchmarks/refits.py, seed 0) are fitted again, and each member keeps its manifold factor and its
+squared residuals per feature on the fitting, validation and test rows, in
+OUT/<protocol>/<dataset>-<split>.npz (a file already there is reused). Fitting does not depend on
+the noise, so every variance estimate below scores the same networks: the residual factor
+sum_j e_j^2 / v_j with v_j each feature's
+- `validation mean` (the product: its mean squared residual on the validation rows),
+- `isotropic` (the paper's sigma^2 I),
+- `validation median`: the median over the validation rows / 0.4549 (a chi-square(1)'s median), which
+  a minority of anomalous rows cannot move as they move the mean,
+- `validation, worst tenth left out`: the mean without the rows of the largest total residual,
+- `fitting mean`, `fitting median`: the same on the fitting rows,
+each floored at 1/100 of the features' mean as the product floors it, combined by the default rule.
+Prints the mean test AUC over the datasets (each the mean of its splits) per protocol, beside
+Isolation Forest and kNN on the same splits, and per variant against the product's: datasets better
+and worse, Wilcoxon signed-rank p. docs/evaluation.md, "Robust noise variances", is its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.stats import wilcoxon
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from app.bundle.ensemble import FACTOR_FISHER, member_scores
+from app.train.evaluate import PROTOCOLS, Dataset, load_datasets
+from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
+from app.train.selection import auc
+from benchmarks.refits import SPLITS, fit_default, squared_residuals
+
+CHI2_1_MEDIAN = 0.454936  # scipy.stats.chi2(1).median()
+
+
+def _trimmed(e2: NDArray[np.float64]) -> NDArray[np.float64]:
+    total = (e2 / e2.mean(axis=0)).sum(axis=1)
+    return e2[total <= np.quantile(total, 0.9)].mean(axis=0)
+
+
+VARIANTS: dict[str, tuple[str, Callable[[NDArray[np.float64]], NDArray[np.float64]]]] = {
+    "validation mean (the product)": ("val", lambda e2: e2.mean(axis=0)),
+    "isotropic": ("val", lambda e2: np.ones(e2.shape[1])),
+    "validation median": ("val", lambda e2: np.median(e2, axis=0) / CHI2_1_MEDIAN),
+    "validation, worst tenth left out": ("val", _trimmed),
+    "fitting mean": ("fit", lambda e2: e2.mean(axis=0)),
+    "fitting median": ("fit", lambda e2: np.median(e2, axis=0) / CHI2_1_MEDIAN),
+}
+
+
+def fit_split(dataset: Dataset, split: int, protocol: str, path: Path) -> None:
+    fitted = fit_default(dataset, split, protocol, seed=0)
+    arrays = dict(fitted.arrays)
+    for i, model in enumerate(fitted.members):
+        arrays[f"fit/{i}/e2"] = squared_residuals(model, fitted.x_fit).astype(np.float32)
+        for part, x in fitted.held.items():
+            parts = score_rows(model, x, "likelihood")
+            arrays[f"{part}/{i}/manifold"] = -(parts["log_prior"] + parts["log_volume"])
+            arrays[f"{part}/{i}/e2"] = squared_residuals(model, x).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
+    rows, estimate = VARIANTS[variant]
+    references, values = [], []
+    for i in sorted({int(k.split("/")[1]) for k in z.files if k.startswith("val/")}):
+        v = estimate(z[f"{rows}/{i}/e2"].astype(np.float64))
+        v = np.maximum(v, max(RELATIVE_VARIANCE_FLOOR * v.mean(), SIGMA2_FLOOR))
+        references.append({"m": z[f"val/{i}/manifold"], "r": (z[f"val/{i}/e2"] / v).sum(axis=1)})
+        values.append({"m": z[f"test/{i}/manifold"], "r": (z[f"test/{i}/e2"] / v).sum(axis=1)})
+    return auc(z["y_test"], member_scores(FACTOR_FISHER, references, values).mean(axis=1))
+
+
+def report(out: Path, datasets: list[Dataset]) -> None:
+    for protocol in PROTOCOLS:
+        figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
+        for dataset in datasets:
+            for split in range(SPLITS):
+                z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
+                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")}
+                row |= {variant: ensemble_auc(z, variant) for variant in VARIANTS}
+                for name, value in row.items():
+                    figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
+        means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
+        product = means[next(iter(VARIANTS))]
+        print(f"\n{protocol}: mean test AUC over {len(datasets)} datasets, {SPLITS} splits each")
+        for name, per_dataset in means.items():
+            # closer than this: one AUC summed in two orders, a tie
+            difference = np.where(np.abs(per_dataset - product) < 1e-9, 0.0, per_dataset - product)
+            versus = ""
+            if name in VARIANTS and difference.any():
+                versus = (
+                    f"  better on {int((difference > 0).sum())}, worse on {int((difference < 0).sum())}, "
+                    f"Wilcoxon p = {wilcoxon(difference).pvalue:.3f}"
+                )
+            print(f"  {name:34s} {per_dataset.mean():.4f}{versus}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="the Loda datasets' folder")
+    parser.add_argument("--out", type=Path, required=True, help="where the kept residuals go")
+    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    args = parser.parse_args()
+    datasets = load_datasets(args.root)
+    work = sorted(  # the largest datasets first, so that no process is left with a long one at the end
+        (
+            (dataset, split, protocol, args.out / protocol / f"{dataset.name}-{split}.npz")
+            for protocol in PROTOCOLS
+            for dataset in datasets
+            for split in range(SPLITS)
+        ),
+        key=lambda task: -task[0].rows,
+    )
+    todo = [task for task in work if not task[-1].exists()]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for done, _ in enumerate(pool.map(fit_split, *zip(*todo, strict=True)) if todo else [], 1):
+            print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
+    report(args.out, datasets)
+
+
+if __name__ == "__main__":
+    main()
