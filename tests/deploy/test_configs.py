@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "NoReplicaUp": "1m",
     "HighErrorRate": "5m",
     "HighLatencyP99": "5m",
+    "ScoringShed": "10m",
     "FlaggedRateFarAboveCalibrated": "15m",
     "ModelVersionSkew": "30m",
     "ReloadFailed": None,
