@@ -173,7 +173,8 @@ class SplitResult:
 
 
 def fitting(dataset: Dataset, options: EvaluateOptions) -> list[Candidate]:
-    """The candidates this dataset trains: latent sizes below its number of features, as in the paper."""
+    """The candidates this dataset trains: latent sizes below its number of features (the paper's "smaller
+    or equal" would keep one more, as `train` does)."""
     return [c for c in options.candidates if c.latent_dim < dataset.normal.shape[1]]
 
 
