@@ -1,6 +1,6 @@
 """Ways to estimate the residual's per-feature noise variances, measured on the default ensemble.
 
-    .venv/bin/python benchmarks/noise_variants.py ../shared/data/loda --out /tmp/noise [--jobs 2]
+    .venv/bin/python benchmarks/noise_variants.py ../shared/data/loda --out /tmp/noise [--jobs 2] [--steps N]
 
 For each protocol, dataset and split, `evaluate`'s split, hold-out, default grid and fitting seed
 (benchmarks/refits.py, seed 0) are fitted again, and each member keeps its manifold factor and its
@@ -17,7 +17,8 @@ sum_j e_j^2 / v_j with v_j each feature's
 each floored at 1/100 of the features' mean as the product floors it, combined by the default rule.
 Prints the mean test AUC over the datasets (each the mean of its splits) per protocol, beside
 Isolation Forest and kNN on the same splits, and per variant against the product's: datasets better
-and worse, Wilcoxon signed-rank p. docs/evaluation.md, "Robust noise variances", is its output.
+and worse, Wilcoxon signed-rank p. docs/evaluation.md, "Robust noise variances", is its output;
+with `--steps 500` (another --out), "Fewer steps, with the factor rule".
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ VARIANTS: dict[str, tuple[str, Callable[[NDArray[np.float64]], NDArray[np.float6
 }
 
 
-def fit_split(dataset: Dataset, split: int, protocol: str, path: Path) -> None:
-    fitted = fit_default(dataset, split, protocol, seed=0)
+def fit_split(dataset: Dataset, split: int, protocol: str, steps: int | None, path: Path) -> None:
+    fitted = fit_default(dataset, split, protocol, seed=0, steps=steps)
     arrays = dict(fitted.arrays)
     for i, model in enumerate(fitted.members):
         arrays[f"fit/{i}/e2"] = squared_residuals(model, fitted.x_fit).astype(np.float32)
@@ -113,11 +114,12 @@ def main() -> None:
     parser.add_argument("root", help="the Loda datasets' folder")
     parser.add_argument("--out", type=Path, required=True, help="where the kept residuals go")
     parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the product's)")
     args = parser.parse_args()
     datasets = load_datasets(args.root)
     work = sorted(  # the largest datasets first, so that no process is left with a long one at the end
         (
-            (dataset, split, protocol, args.out / protocol / f"{dataset.name}-{split}.npz")
+            (dataset, split, protocol, args.steps, args.out / protocol / f"{dataset.name}-{split}.npz")
             for protocol in PROTOCOLS
             for dataset in datasets
             for split in range(SPLITS)

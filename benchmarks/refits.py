@@ -66,14 +66,18 @@ class FittedSplit:
     arrays: dict[str, NDArray[Any]]  # y_test and each baseline's test scores, "baseline/<name>"
 
 
-def fit_default(dataset: Dataset, split: int, protocol: str, seed: int) -> FittedSplit:
-    """The default grid fitted on `evaluate`'s split and hold-out, with the fitting seed of refit `seed`."""
+def fit_default(
+    dataset: Dataset, split: int, protocol: str, seed: int, steps: int | None = None
+) -> FittedSplit:
+    """The default grid fitted on `evaluate`'s split and hold-out, with the fitting seed of refit `seed`
+    (and `steps` optimiser steps instead of the default's)."""
     torch.set_num_threads(1)  # one process per core
     options = EvaluateOptions(candidates=tuple(expand_grid(GRIDS["default"], dataset.normal.shape[1])))
     data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol])
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit = data.x_train[fit_rows]
-    fitted = fit_candidates(x_fit, fitting(dataset, options), replace(options.fit, seed=split + 100 * seed))
+    fit = replace(options.fit, seed=split + 100 * seed, steps=steps or options.fit.steps)
+    fitted = fit_candidates(x_fit, fitting(dataset, options), fit)
     arrays: dict[str, NDArray[Any]] = {"y_test": data.y_test}
     baselines = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     arrays |= {f"baseline/{name}": scores for name, scores in baselines.items()}
