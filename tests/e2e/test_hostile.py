@@ -278,15 +278,16 @@ def test_a_load_that_never_finishes_is_abandoned_and_sigterm_still_ends_the_proc
         tmp_path / "s.log",
         command="serve",
         admin_key="k",
-        load_timeout_s="2",
+        # the honest start-up load must fit too: 2 s failed it once on two cores busy with other work
+        load_timeout_s="5",
         shutdown_grace_s="5",
     ) as s:
         version = served_version(s.base)
         reload = {"X-Admin-Key": "k"}
         started = time.monotonic()
         r = httpx.post(f"{s.base}/admin/reload", json={"path": "stuck"}, headers=reload, timeout=30)
-        assert r.status_code == 503 and "did not finish within 2 s" in r.json()["error"], r.text
-        assert time.monotonic() - started < 10
+        assert r.status_code == 503 and "did not finish within 5 s" in r.json()["error"], r.text
+        assert time.monotonic() - started < 15
         assert honest(s).status_code == 200 and served_version(s.base) == version
         # The lock was given back: a good reload goes through while the abandoned one still hashes.
         r = httpx.post(f"{s.base}/admin/reload", json={"path": "current"}, headers=reload, timeout=30)
