@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ from numpy.typing import NDArray
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from app.bundle.format import Bundle, load_bundle
-from app.engine.factory import create_scorer
+from app.bundle.format import Bundle, load_bundle, move_into_place
+from app.engine.factory import BACKENDS, create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
 from app.model.methods import MAX_ABS_VALUE, METHODS
 from app.model.spec import PRIOR_GEOMETRY
@@ -101,8 +102,9 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         """Train on the rows of X (no labels: `y` is ignored, as for every unsupervised detector)."""
         from app.train.pipeline import TrainRequest, constant_columns, train_bundle
 
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        self._check_scoring_parameters()
+        if self.prior not in PRIOR_GEOMETRY:
+            raise ValueError(f"prior must be one of {list(PRIOR_GEOMETRY)}, got {self.prior!r}")
         values = _within_limit(validate_data(self, X, dtype=np.float64, ensure_min_samples=2))
         names = [
             str(n) for n in getattr(self, "feature_names_in_", [f"x{j}" for j in range(values.shape[1])])
@@ -149,18 +151,38 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             name="detector",
             ensemble=self.grid is not None and not self.select,
         )
-        self._use(train_bundle(values, names, request, self._directory() / "bundle").bundle)
+        import torch
+
+        # Training seeds torch's generator: the caller's own random stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            result = train_bundle(values, names, request, self._directory() / "bundle")
+        for note in result.notes:  # what the command line prints: constant columns, rates it could not keep
+            warnings.warn(note, UserWarning, stacklevel=2)
+        self._use(result.bundle)
         return self
 
+    def _check_scoring_parameters(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if isinstance(self.fpr, bool) or not isinstance(self.fpr, int | float) or not 0 < self.fpr < 1:
+            raise ValueError(f"fpr must be a false-positive rate between 0 and 1, got {self.fpr!r}")
+
     def _directory(self) -> Path:
-        """A scratch directory for the fitted bundle, removed with the detector."""
+        """A scratch directory for the next bundle, removed with the detector, or once another
+        bundle is in use (_use): a detector refitted in a loop keeps one, a failed fit none."""
+        stale = self.__dict__.pop("_pending", None)
+        if stale is not None:
+            stale()
         directory = Path(tempfile.mkdtemp(prefix="anomaly-scores-"))
-        weakref.finalize(self, shutil.rmtree, directory, True)
+        self._pending = weakref.finalize(self, shutil.rmtree, directory, True)
         return directory
 
     def __getstate__(self) -> dict[str, Any]:
         # onnxruntime's sessions do not pickle: a fitted detector pickles as its bundle's files.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("bundle_", "scorer_")}
+        unpicklable = ("bundle_", "scorer_", "_scratch", "_pending")
+        state = {k: v for k, v in self.__dict__.items() if k not in unpicklable}
         if "bundle_" in self.__dict__:
             files = self.bundle_.path.iterdir()
             state["bundle_files_"] = {f.name: f.read_bytes() for f in files if f.is_file()}
@@ -177,15 +199,33 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             self._use(load_bundle(directory))
 
     def _use(self, bundle: Bundle) -> None:
+        previous, self._scratch = self.__dict__.get("_scratch"), self.__dict__.pop("_pending")
+        if previous is not None:
+            previous()
         self.bundle_ = bundle
         self.scorer_: Scorer = create_scorer(bundle, self.backend, threads=1)
         self.n_features_in_ = len(bundle.columns)
         self.constants_ = dict(bundle.constants)
-        self.threshold_ = bundle.threshold(self.method, self.fpr).value
-        self.offset_ = -self.threshold_
+
+    # method, fpr and backend may change after fit (set_params): any rate from 1/n has a threshold
+    # in the bundle, so these follow them rather than what fit saw, and predict, decision_function
+    # and the thresholds always agree.
+    @property
+    def threshold_(self) -> float:
+        """The score above which a row is flagged, for `method` at `fpr` (higher = more anomalous)."""
+        check_is_fitted(self, "bundle_")
+        return self.bundle_.threshold(self.method, self.fpr).value
+
+    @property
+    def offset_(self) -> float:
+        """-threshold_: decision_function = score_samples - offset_ is negative for flagged rows."""
+        return -self.threshold_
 
     def _score(self, X: Any) -> ScoreOutput:
         check_is_fitted(self, "bundle_")
+        self._check_scoring_parameters()
+        if self.scorer_.backend != self.backend:
+            self.scorer_ = create_scorer(self.bundle_, self.backend, threads=1)
         names = getattr(self, "feature_names_in_", None)
         if names is not None and hasattr(X, "columns") and set(X.columns) == set(names):
             X = X[list(names)]  # a DataFrame's columns are matched by name, whatever their order
@@ -193,7 +233,10 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         return self.scorer_.score(values, self.method, self.fpr)
 
     def score_samples(self, X: Any) -> NDArray[np.float64]:
-        """log p(x) of `method` per row: higher = more normal; -inf for a row that differs from a
+        """Minus the bundle's score of `method` per row, higher = more normal: a single model's log
+        p(x); an ensemble's mean of its members' surprisals, negated, which is bounded (rows beyond
+        every member's references all score -2 log(n + 1) for likelihood, n the references: they
+        tie; grid=None or select=True rank them by log p(x)). -inf for a row that differs from a
         column constant in training (density 0 there), so that decision_function < 0 exactly when
         predict flags the row."""
         out = self._score(X)
@@ -208,8 +251,8 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         return np.where(self._score(X).is_anomaly, -1, 1)
 
     def anomaly_score(self, X: Any) -> NDArray[np.float64]:
-        """-log p(x): higher = more anomalous (PyOD's decision_function convention); +inf where
-        score_samples is -inf."""
+        """-score_samples: higher = more anomalous (PyOD's decision_function convention; a single
+        model's -log p(x)); +inf where score_samples is -inf."""
         return -self.score_samples(X)
 
     def is_anomaly(self, X: Any) -> NDArray[np.int64]:
@@ -238,25 +281,46 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         from app.train.data import id_types
 
         check_is_fitted(self, "bundle_")
+        if not hasattr(frame, "columns"):
+            raise TypeError(
+                f"score_frame takes a pandas DataFrame with the columns {list(self.bundle_.columns)}, got "
+                f"{type(frame).__name__}; score_samples, predict and p_value take arrays"
+            )
         table = pa.Table.from_pandas(frame, preserve_index=False)
         options = BatchOptions(self.method, self.fpr, tuple(id_columns), missing)  # type: ignore[arg-type]
         schema = output_schema(self.bundle_, options, id_types(table.schema, options.id_columns))
         return pa.Table.from_batches(score_batch(self.scorer_, table, options, schema), schema).to_pandas()
 
     def save(self, path: str | Path) -> Path:
-        """Write the bundle to `path` (a directory; an existing bundle there is replaced)."""
+        """Write the bundle to `path`, a directory: a bundle or an empty directory there is replaced,
+        anything else is refused (BundleError) and left as it is."""
         check_is_fitted(self, "bundle_")
         target = Path(path)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(self.bundle_.path, target)
+        if target.exists() and target.resolve() == self.bundle_.path.resolve():
+            return target
+        # Staged beside the target, then moved into place: a failed copy leaves the old bundle.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            shutil.copytree(self.bundle_.path, staged, dirs_exist_ok=True)
+            move_into_place(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return target
 
     @classmethod
     def load(cls, path: str | Path, **params: Any) -> ManifoldDetector:
-        """A fitted detector from a bundle (written by save, `anomaly-scores train` or the trainer)."""
-        bundle = load_bundle(path)
-        detector = cls(**({"method": bundle.default_method, "fpr": bundle.default_fpr} | params))
+        """A fitted detector from a bundle (written by save, `anomaly-scores train` or the trainer),
+        scoring as `method`, `fpr` and `backend` say (default: the bundle's method and rate). The
+        bundle is copied: changing or removing `path` later does not change the detector, nor what
+        it pickles or saves."""
+        unknown = sorted(set(params) - {"method", "fpr", "backend"})
+        if unknown:
+            raise TypeError(f"load takes method, fpr and backend; the bundle fixes {unknown}")
+        source = load_bundle(path)  # refused here, naming the user's path, before anything is copied
+        detector = cls(**({"method": source.default_method, "fpr": source.default_fpr} | params))
+        bundle = load_bundle(shutil.copytree(source.path, detector._directory() / "bundle"))
+        detector._check_scoring_parameters()
         detector._use(bundle)
         if bundle.columns != [f"x{j}" for j in range(len(bundle.columns))]:
             detector.feature_names_in_ = np.asarray(bundle.columns, dtype=object)

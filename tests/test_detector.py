@@ -9,7 +9,7 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from app.bundle import calibration
-from app.bundle.format import EnsembleBundle, load_bundle
+from app.bundle.format import BundleError, EnsembleBundle, load_bundle
 from app.detector import ManifoldDetector
 from app.engine.onnx_backend import OnnxScorer
 
@@ -184,3 +184,92 @@ def test_score_frame_is_the_command_lines_table(fitted, tmp_path):
     np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-8)  # CSV keeps 9 digits
     assert got["is_anomaly"].tolist() == expected["is_anomaly"].tolist()
     assert got["imputed"].tolist() == expected["imputed"].tolist() and got["imputed"][3] == 1
+
+
+def test_save_never_deletes_what_is_not_a_bundle_and_saving_onto_its_source_keeps_it(fitted, tmp_path):
+    """Audit findings: save() removed any directory at its path (a user's files included) and
+    load(p).save(p) deleted the bundle before copying it."""
+    detector, rows = fitted
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "chapter.txt").write_text("mine")
+    with pytest.raises(BundleError, match="exists and is not a bundle"):
+        detector.save(users)
+    assert (users / "chapter.txt").read_text() == "mine" and sorted(p.name for p in users.iterdir()) == [
+        "chapter.txt"
+    ]
+    saved = detector.save(tmp_path / "m")
+    again = ManifoldDetector.load(saved)
+    assert again.save(again.bundle_.path) == again.bundle_.path  # its own copy: nothing to do
+    assert detector.save(saved) == saved  # an existing bundle is replaced
+    np.testing.assert_array_equal(
+        ManifoldDetector.load(saved).score_samples(rows), detector.score_samples(rows)
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_a_loaded_detector_is_its_own_copy_of_the_bundle(fitted, tmp_path):
+    """Audit finding: a loaded detector pickled whatever the directory held at pickling time (another
+    model, once retrained there; an error, once removed)."""
+    detector, rows = fitted
+    path = detector.save(tmp_path / "m")
+    loaded = ManifoldDetector.load(path)
+    other = ManifoldDetector(**(SMALL | {"seed": 1})).fit(rows)
+    other.save(path)  # the directory now holds another model
+    unpickled = pickle.loads(pickle.dumps(loaded))
+    np.testing.assert_array_equal(unpickled.score_samples(rows), detector.score_samples(rows))
+    with pytest.raises(TypeError, match=r"load takes method, fpr and backend; the bundle fixes \['hidden'\]"):
+        ManifoldDetector.load(path, hidden=8)
+
+
+def test_parameters_changed_after_fit_take_effect_in_every_method_alike(fitted):
+    """Audit finding: set_params(fpr=...) after fit changed predict but not threshold_, offset_ or
+    decision_function; set_params(backend=...) changed nothing."""
+    detector, rows = fitted
+    changed = pickle.loads(pickle.dumps(detector))
+    x = np.r_[rows.to_numpy()[:40], off_manifold_rows(10, seed=54)]
+    for params in ({"fpr": 0.2}, {"fpr": 0.05, "method": "reconstruction"}, {"method": "latent"}):
+        changed.set_params(**params)
+        assert changed.threshold_ == changed.bundle_.threshold(changed.method, changed.fpr).value
+        flagged = changed.predict(x) == -1
+        np.testing.assert_array_equal(changed.decision_function(x) < 0, flagged)
+        np.testing.assert_array_equal(changed.is_anomaly(x) == 1, flagged)
+    assert changed.threshold_ != detector.threshold_
+    changed.set_params(backend="torch", method="likelihood", fpr=detector.fpr)
+    torch_scores = changed.score_samples(x)
+    assert changed.scorer_.backend == "torch"
+    np.testing.assert_allclose(torch_scores, detector.score_samples(x), rtol=1e-4)
+    for bad, message in (
+        ({"fpr": "0.1"}, "fpr must be a false-positive rate"),
+        ({"backend": "trt"}, "backend"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            changed.set_params(**bad).predict(x)
+        changed.set_params(backend="onnx", fpr=detector.fpr)
+
+
+def test_fit_checks_its_parameters_first_warns_its_notes_and_leaves_the_callers_random_state(tmp_path):
+    import warnings
+
+    import torch
+
+    rows = manifold_rows(200, seed=55)
+    for params, message in (
+        ({"prior": "gauss"}, "prior must be one of"),
+        ({"backend": "x"}, "backend must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ManifoldDetector(**(SMALL | params)).fit(rows)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        detector = ManifoldDetector(**SMALL).fit(np.c_[rows, np.full(len(rows), 7.0)])
+    assert torch.equal(torch.rand(3), expected)  # training seeded a generator of its own
+    assert any("'x6' (= 7) hold the same value" in str(w.message) for w in caught), caught
+    first = detector.bundle_.path.parent
+    detector.fit(rows)
+    assert not first.exists() and detector.bundle_.path.parent.exists()  # a refit keeps one directory
+    with pytest.raises(TypeError, match="score_frame takes a pandas DataFrame"):
+        detector.score_frame(rows)

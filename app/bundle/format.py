@@ -533,7 +533,7 @@ def _staged(out_dir: str | Path, write: Callable[[Path], None]) -> Bundle:
     try:
         write(out)
         load_bundle(out)
-        _move_into_place(out, final)
+        move_into_place(out, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return load_bundle(final)
@@ -636,7 +636,7 @@ def save_ensemble(
     return bundle
 
 
-def _move_into_place(staged: Path, final: Path) -> None:
+def move_into_place(staged: Path, final: Path) -> None:
     """`staged` becomes `final`; a bundle already there is replaced (the caller decided it may be),
     an empty directory too, but nothing else: a user's directory of other files is never deleted."""
     if final.exists() and not (final.is_dir() and ((final / MANIFEST).is_file() or not any(final.iterdir()))):

@@ -30,6 +30,9 @@ def _session_options() -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     # No spinning: in a server, a waiting thread would burn the cores the event loop needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Errors only: the optimiser's notes on the exporter's unused constants (coloured, on stderr, at
+    # every load) said nothing a user could act on; failures still raise.
+    options.log_severity_level = 3
     return options
 
 
