@@ -50,14 +50,16 @@ from app.model.spec import PRIOR_GEOMETRY
 from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
 
 
-def _within_limit(values: NDArray[np.float64]) -> NDArray[np.float64]:
+def _within_limit(values: NDArray[np.float64], names: Any = None) -> NDArray[np.float64]:
     """values, if every magnitude is within the limit the service and the command line apply too
-    (validate_data has refused NaN and infinities)."""
+    (validate_data has refused NaN and infinities). The error names the column: a DataFrame's
+    columns may have come in another order than the training's, which `values` has."""
     too_large = np.abs(values) > MAX_ABS_VALUE
     if too_large.any():
         i, j = (int(v) for v in np.argwhere(too_large)[0])
+        column = f"x{j}" if names is None else str(names[j])
         limit = f"beyond the limit of {MAX_ABS_VALUE:g} on any value"
-        raise ValueError(f"X[{i}, {j}] is {values[i, j]:g}, {limit}")
+        raise ValueError(f"row {i} (0-based), column {column!r} is {values[i, j]:g}, {limit}")
     return values
 
 
@@ -105,7 +107,8 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self._check_scoring_parameters()
         if self.prior not in PRIOR_GEOMETRY:
             raise ValueError(f"prior must be one of {list(PRIOR_GEOMETRY)}, got {self.prior!r}")
-        values = _within_limit(validate_data(self, X, dtype=np.float64, ensure_min_samples=2))
+        values = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        values = _within_limit(values, getattr(self, "feature_names_in_", None))
         names = [
             str(n) for n in getattr(self, "feature_names_in_", [f"x{j}" for j in range(values.shape[1])])
         ]
@@ -229,7 +232,8 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         names = getattr(self, "feature_names_in_", None)
         if names is not None and hasattr(X, "columns") and set(X.columns) == set(names):
             X = X[list(names)]  # a DataFrame's columns are matched by name, whatever their order
-        values = _within_limit(validate_data(self, X, dtype=np.float64, reset=False))
+        values = validate_data(self, X, dtype=np.float64, reset=False)
+        values = _within_limit(values, getattr(self, "feature_names_in_", None))
         return self.scorer_.score(values, self.method, self.fpr)
 
     def score_samples(self, X: Any) -> NDArray[np.float64]:

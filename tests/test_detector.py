@@ -153,8 +153,13 @@ def test_a_magnitude_beyond_the_services_limit_is_refused_naming_the_cell(fitted
     X.iloc[3, 1] = 1e15  # the limit itself is a value
     assert detector.predict(X).shape == (len(X),)
     X.iloc[4, 2] = -2e15
-    with pytest.raises(ValueError, match=r"X\[4, 2\] is -2e\+15, beyond the limit of 1e\+15"):
+    message = rf"row 4 \(0-based\), column '{FEATURES[2]}' is -2e\+15, beyond the limit of 1e\+15"
+    with pytest.raises(ValueError, match=message):
         detector.predict(X)
+    with pytest.raises(ValueError, match=message):  # named, not numbered, whatever the columns' order
+        detector.predict(X[FEATURES[::-1]])
+    with pytest.raises(ValueError, match=r"row 4 \(0-based\), column 'x2' is -2e\+15"):
+        ManifoldDetector(**SMALL).fit(X.to_numpy())
 
 
 def test_the_modules_documented_example_runs_as_printed():
