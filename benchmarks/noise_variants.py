@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from app.bundle.ensemble import FACTOR_FISHER, member_scores
 from app.train.evaluate import PROTOCOLS, Dataset, load_datasets
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
 from app.train.selection import auc
-from benchmarks.refits import SPLITS, fit_default, squared_residuals
+from benchmarks.refits import SPLITS, fit_default, run_fits, squared_residuals
 
 CHI2_1_MEDIAN = 0.454936  # scipy.stats.chi2(1).median()
 
@@ -117,19 +116,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the product's)")
     args = parser.parse_args()
     datasets = load_datasets(args.root)
-    work = sorted(  # the largest datasets first, so that no process is left with a long one at the end
+    run_fits(
+        fit_split,
         (
             (dataset, split, protocol, args.steps, args.out / protocol / f"{dataset.name}-{split}.npz")
             for protocol in PROTOCOLS
             for dataset in datasets
             for split in range(SPLITS)
         ),
-        key=lambda task: -task[0].rows,
+        args.jobs,
     )
-    todo = [task for task in work if not task[-1].exists()]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        for done, _ in enumerate(pool.map(fit_split, *zip(*todo, strict=True)) if todo else [], 1):
-            print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
     report(args.out, datasets)
 
 

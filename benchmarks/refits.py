@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +100,16 @@ def fit_split(dataset: Dataset, split: int, protocol: str, seed: int, path: Path
     np.savez_compressed(path, **arrays)
 
 
+def run_fits(fit: Callable[..., None], tasks: Iterable[tuple[Any, ...]], jobs: int) -> None:
+    """fit(*task) in `jobs` processes for each task, (dataset, ..., output path), whose output is not
+    there yet (so a stopped run resumes); the largest datasets first, so that no process is left
+    with a long one at the end."""
+    todo = [task for task in sorted(tasks, key=lambda task: -task[0].rows) if not task[-1].exists()]
+    with ProcessPoolExecutor(jobs) as pool:
+        for done, _ in enumerate(pool.map(fit, *zip(*todo, strict=True)) if todo else [], 1):
+            print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
+
+
 def ensemble_auc(kept: list[np.lib.npyio.NpzFile], residual: str) -> float:
     """The default combination's test AUC over the members of every file in `kept`."""
     references, values = [], []
@@ -151,8 +162,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
     args = parser.parse_args()
     datasets = load_datasets(args.root)
-    # the largest datasets first, so that no process is left with a long one at the end
-    work = sorted(
+    run_fits(
+        fit_split,
         (
             (dataset, split, protocol, seed, args.out / protocol / f"{dataset.name}-{split}-s{seed}.npz")
             for seed in args.seeds
@@ -160,12 +171,8 @@ def main() -> None:
             for dataset in datasets
             for split in range(SPLITS)
         ),
-        key=lambda task: -task[0].rows,
+        args.jobs,
     )
-    todo = [task for task in work if not task[-1].exists()]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        for done, _ in enumerate(pool.map(fit_split, *zip(*todo, strict=True)) if todo else [], 1):
-            print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
     report(args.out, datasets, args.seeds)
 
 
