@@ -107,8 +107,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self._check_scoring_parameters()
         if self.prior not in PRIOR_GEOMETRY:
             raise ValueError(f"prior must be one of {list(PRIOR_GEOMETRY)}, got {self.prior!r}")
-        values = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
-        values = _within_limit(values, getattr(self, "feature_names_in_", None))
+        values = self._validated(X, "drop or impute those rows before fitting", ensure_min_samples=2)
         names = [
             str(n) for n in getattr(self, "feature_names_in_", [f"x{j}" for j in range(values.shape[1])])
         ]
@@ -201,6 +200,29 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
                 (directory / name).write_bytes(data)
             self._use(load_bundle(directory))
 
+    def _validated(self, X: Any, remedy: str, **checks: Any) -> NDArray[np.float64]:
+        """X as float64 rows, checked as scikit-learn checks them and against the value limit; a
+        missing value is named by its row and column (scikit-learn's message names neither, and
+        suggests another estimator)."""
+        try:
+            values = validate_data(self, X, dtype=np.float64, **checks)
+        except ValueError as error:
+            if "NaN" not in str(error):
+                raise
+            try:
+                rows = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+            except (TypeError, ValueError):
+                raise error from None
+            i, j = (int(v) for v in np.argwhere(np.isnan(rows))[0])
+            names = getattr(self, "feature_names_in_", None)
+            if hasattr(X, "columns"):
+                names = X.columns
+            column = f"x{j}" if names is None else str(names[j])
+            raise ValueError(
+                f"Input X contains NaN: row {i} (0-based), column {column!r} first; {remedy}"
+            ) from None
+        return _within_limit(values, getattr(self, "feature_names_in_", None))
+
     def _use(self, bundle: Bundle) -> None:
         previous, self._scratch = self.__dict__.get("_scratch"), self.__dict__.pop("_pending")
         if previous is not None:
@@ -232,8 +254,9 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         names = getattr(self, "feature_names_in_", None)
         if names is not None and hasattr(X, "columns") and set(X.columns) == set(names):
             X = X[list(names)]  # a DataFrame's columns are matched by name, whatever their order
-        values = validate_data(self, X, dtype=np.float64, reset=False)
-        values = _within_limit(values, getattr(self, "feature_names_in_", None))
+        values = self._validated(
+            X, "score_frame(frame, missing='impute' or 'skip') scores such rows", reset=False
+        )
         return self.scorer_.score(values, self.method, self.fpr)
 
     def score_samples(self, X: Any) -> NDArray[np.float64]:

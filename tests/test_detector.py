@@ -160,6 +160,14 @@ def test_a_magnitude_beyond_the_services_limit_is_refused_naming_the_cell(fitted
         detector.predict(X[FEATURES[::-1]])
     with pytest.raises(ValueError, match=r"row 4 \(0-based\), column 'x2' is -2e\+15"):
         ManifoldDetector(**SMALL).fit(X.to_numpy())
+    # scikit-learn's own message for a missing value named no cell and suggested another estimator
+    X.iloc[4, 2], X.iloc[6, 0] = 0.0, np.nan
+    message = rf"Input X contains NaN: row 6 \(0-based\), column '{FEATURES[0]}' first; score_frame"
+    for frame in (X, X[FEATURES[::-1]]):
+        with pytest.raises(ValueError, match=message):
+            detector.predict(frame)
+    with pytest.raises(ValueError, match=r"row 6 \(0-based\), column 'x0' first; drop or impute"):
+        ManifoldDetector(**SMALL).fit(X.to_numpy())
 
 
 def test_the_modules_documented_example_runs_as_printed():
