@@ -50,6 +50,11 @@ from app.model.spec import PRIOR_GEOMETRY
 from app.train.options import GRIDS, Candidate, FitOptions, expand_grid, grid_conflicts
 
 
+def _column(names: Any, j: int) -> str:
+    """Column j's name in an error: the feature's name, or x{j} where the rows came without names."""
+    return f"x{j}" if names is None else str(names[j])
+
+
 def _within_limit(values: NDArray[np.float64], names: Any = None) -> NDArray[np.float64]:
     """values, if every magnitude is within the limit the service and the command line apply too
     (validate_data has refused NaN and infinities). The error names the column: a DataFrame's
@@ -57,9 +62,8 @@ def _within_limit(values: NDArray[np.float64], names: Any = None) -> NDArray[np.
     too_large = np.abs(values) > MAX_ABS_VALUE
     if too_large.any():
         i, j = (int(v) for v in np.argwhere(too_large)[0])
-        column = f"x{j}" if names is None else str(names[j])
         limit = f"beyond the limit of {MAX_ABS_VALUE:g} on any value"
-        raise ValueError(f"row {i} (0-based), column {column!r} is {values[i, j]:g}, {limit}")
+        raise ValueError(f"row {i} (0-based), column {_column(names, j)!r} is {values[i, j]:g}, {limit}")
     return values
 
 
@@ -172,19 +176,15 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"fpr must be a false-positive rate between 0 and 1, got {self.fpr!r}")
 
     def _directory(self) -> Path:
-        """A scratch directory for the next bundle, removed with the detector, or once another
-        bundle is in use (_use): a detector refitted in a loop keeps one, a failed fit none."""
-        stale = self.__dict__.pop("_pending", None)
-        if stale is not None:
-            stale()
+        """A scratch directory for a bundle of the detector's own (every bundle_ lives in one), removed
+        with the detector, or by _use once another bundle replaces it."""
         directory = Path(tempfile.mkdtemp(prefix="anomaly-scores-"))
-        self._pending = weakref.finalize(self, shutil.rmtree, directory, True)
+        weakref.finalize(self, shutil.rmtree, directory, True)
         return directory
 
     def __getstate__(self) -> dict[str, Any]:
         # onnxruntime's sessions do not pickle: a fitted detector pickles as its bundle's files.
-        unpicklable = ("bundle_", "scorer_", "_scratch", "_pending")
-        state = {k: v for k, v in self.__dict__.items() if k not in unpicklable}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("bundle_", "scorer_")}
         if "bundle_" in self.__dict__:
             files = self.bundle_.path.iterdir()
             state["bundle_files_"] = {f.name: f.read_bytes() for f in files if f.is_file()}
@@ -214,23 +214,21 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             except (TypeError, ValueError):
                 raise error from None
             i, j = (int(v) for v in np.argwhere(np.isnan(rows))[0])
-            names = getattr(self, "feature_names_in_", None)
-            if hasattr(X, "columns"):
-                names = X.columns
-            column = f"x{j}" if names is None else str(names[j])
+            names = X.columns if hasattr(X, "columns") else getattr(self, "feature_names_in_", None)
             raise ValueError(
-                f"Input X contains NaN: row {i} (0-based), column {column!r} first; {remedy}"
+                f"Input X contains NaN: row {i} (0-based), column {_column(names, j)!r} first; {remedy}"
             ) from None
         return _within_limit(values, getattr(self, "feature_names_in_", None))
 
     def _use(self, bundle: Bundle) -> None:
-        previous, self._scratch = self.__dict__.get("_scratch"), self.__dict__.pop("_pending")
-        if previous is not None:
-            previous()
+        previous = self.__dict__.get("bundle_")
         self.bundle_ = bundle
         self.scorer_: Scorer = create_scorer(bundle, self.backend, threads=1)
         self.n_features_in_ = len(bundle.columns)
         self.constants_ = dict(bundle.constants)
+        if previous is not None and previous.path.parent != bundle.path.parent:
+            # a refit in a loop keeps one directory, not one per fit until the detector goes
+            shutil.rmtree(previous.path.parent, ignore_errors=True)
 
     # method, fpr and backend may change after fit (set_params): any rate from 1/n has a threshold
     # in the bundle, so these follow them rather than what fit saw, and predict, decision_function
