@@ -642,10 +642,21 @@ def _matrix(
     return values, nonfinite.any(axis=1)
 
 
+def _plain(column: _Column) -> _Column:
+    """The column's values in a plain Arrow type: pandas writes a `category` column as a dictionary
+    (numbers or their text), and Arrow may hand text over as a string view."""
+    if isinstance(column, pa.Array) and pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if isinstance(column, pa.Array) and pa.types.is_string_view(column.type):
+        column = column.cast(pa.large_string())
+    return column
+
+
 def _numbers(source: _Source, batch: _Batch, column: _Column, name: str) -> np.ndarray:
     """One column as float64, NaN where a value is missing; a non-numeric value is an error."""
     if isinstance(column, np.ndarray):
         return column.astype(np.float64)
+    column = _plain(column)
     if _is_string(column.type):
         return _parse_numbers(source, batch, column, name)
     if _is_numeric(column.type):
@@ -685,6 +696,7 @@ def _first_unparsable(strings: pa.Array) -> int:
 
 def _labels(source: _Source, batch: _Batch, column: _Column, what: str) -> np.ndarray:
     """Anomaly labels as bool, from 0/1 or true/false; a missing label is an error, never guessed at."""
+    column = _plain(column)
     if isinstance(column, np.ndarray) or _is_numeric(column.type):
         numbers = _numbers(source, batch, column, what)
         is_true = numbers == 1

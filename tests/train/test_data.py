@@ -124,6 +124,31 @@ def test_pandas_index_stored_in_parquet_is_not_a_feature(tmp_path):
     np.testing.assert_array_equal(table.values, [[1, 4], [2, 5], [3, 7]])
 
 
+def test_dictionary_encoded_and_string_view_columns_are_read_as_their_values(tmp_path):
+    """pandas writes a `category` column as an Arrow dictionary; its values, numbers or their text,
+    are what the column holds, as are a string view's."""
+    path = tmp_path / "d.parquet"
+    numbers = pa.array([2.5, -1.0, 2.5, 7.0]).dictionary_encode()
+    text = pa.array(["1e-3", "2", " 1e-3", None]).dictionary_encode()
+    view = pa.array(["4", "5.5", "6", "7"], pa.string_view())
+    labels = pa.array(["0", "1", "true", "0"]).dictionary_encode()
+    pq.write_table(pa.table({"n": numbers, "t": text, "v": view, "y": labels}), path)
+    assert pa.types.is_dictionary(pq.read_schema(path).field("t").type)
+
+    table = read_table(path, label_column="y", missing="drop")
+
+    np.testing.assert_array_equal(table.values, [[2.5, 1e-3, 4], [-1, 2, 5.5], [2.5, 1e-3, 6]], strict=True)
+    np.testing.assert_array_equal(table.labels, [False, True, True])
+    assert table.dropped_rows == (3,)  # 0-based
+
+
+def test_a_dictionary_encoded_column_names_its_first_non_number(tmp_path):
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"a": [1.0, 2.0, 3.0], "c": pd.Categorical(["1.5", "x", "1.5"])}).to_parquet(path)
+
+    _error(lambda: read_table(path), "column 'c' is not numeric", "row 2 (1-based)", "'x'")
+
+
 # --- labels ------------------------------------------------------------------------------------------------
 
 
