@@ -67,6 +67,63 @@ def _within_limit(values: NDArray[np.float64], names: Any = None) -> NDArray[np.
     return values
 
 
+NETWORK_PARAMETERS = (
+    "latent_dim",
+    "hidden",
+    "depth",
+    "activation",
+    "prior",
+    "components",
+    "beta",
+    "kernel_width",
+)
+FIT_PARAMETERS = ("steps", "batch_size", "lr", "seed")
+
+
+def _recorded_parameters(bundle: Bundle) -> tuple[dict[str, Any], list[str]]:
+    """The detector parameters that train `bundle`'s model again, as far as its `training` record
+    holds them (docs/bundle.md 2.6, 11.1), and what they cannot say: a refit of a loaded detector
+    (clone(loaded).fit) trains what the bundle holds, not the constructor's defaults."""
+    training = bundle.manifest.get("training", {})
+    fit = training.get("fit", {})
+    params: dict[str, Any] = {key: fit[key] for key in FIT_PARAMETERS if key in fit}
+    caveats = []
+    if fit.get("trim", 0.0):
+        caveats.append(f"it was trained with trim={fit['trim']}, which the Python API does not set")
+    if "ensemble" not in bundle.manifest:
+        noise = bundle.manifest.get("noise", {})
+        params["noise"] = "diagonal" if noise.get("relative_variance") is not None else "isotropic"
+        recorded = training.get("hyper_parameters", {})
+        return params | {k: recorded[k] for k in NETWORK_PARAMETERS if k in recorded} | {
+            "grid": None
+        }, caveats
+    entries = bundle.manifest["ensemble"]["members"]
+    diagonal = {entry["noise"].get("relative_variance") is not None for entry in entries}
+    params["noise"] = "diagonal" if diagonal == {True} else "isotropic"
+    members = training.get("members") or [entry.get("hyper_parameters", {}) for entry in entries]
+    shared = {
+        k: members[0][k] for k in NETWORK_PARAMETERS if all(k in m and m[k] == members[0][k] for m in members)
+    }
+    fields = set(Candidate.__dataclass_fields__)
+    for name, grid in GRIDS.items():
+        # The grid's keys at their defaults, as fit requires; every member one of the grid's candidates
+        # (a member that diverged is left out of the bundle, so the members may be fewer).
+        base = {k: v for k, v in shared.items() if k not in grid}
+        geometry = {} if "geometry" in grid else {"geometry": PRIOR_GEOMETRY.get(base.get("prior", "vamp"))}
+        try:
+            candidate = Candidate(**base, **geometry)
+            expansion = [c.to_dict() for c in expand_grid(grid, len(bundle.features), candidate)]
+        except (TypeError, ValueError):
+            continue
+        if all({k: v for k, v in m.items() if k in fields} in expansion for m in members):
+            return params | base | {"grid": name}, caveats
+    caveats.append(
+        f"its {len(members)} members are the candidates of no named grid ({sorted(GRIDS)}); "
+        "get_params() shows the default grid"
+    )
+    return params | {k: v for k, v in shared.items() if k not in GRIDS["default"]}, caveats
+
+
 class ManifoldDetector(OutlierMixin, BaseEstimator):
     """An anomaly detector trained as `anomaly-scores train` trains, scored as the service scores: the
     paper's likelihood by default (Smidl, Bim, Pevny 2019), of an ensemble of the `grid`'s candidates
@@ -338,12 +395,23 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         """A fitted detector from a bundle (written by save, `anomaly-scores train` or the trainer),
         scoring as `method`, `fpr` and `backend` say (default: the bundle's method and rate). The
         bundle is copied: changing or removing `path` later does not change the detector, nor what
-        it pickles or saves."""
+        it pickles or saves. Its parameters are those the bundle records it was trained with (a
+        single model as grid=None), so that clone(loaded).fit(X) trains the same kind of model on X;
+        a bundle they cannot describe (a grid of no name, a trimmed objective) is loaded with a
+        UserWarning saying what a refit would do instead."""
         unknown = sorted(set(params) - {"method", "fpr", "backend"})
         if unknown:
             raise TypeError(f"load takes method, fpr and backend; the bundle fixes {unknown}")
         source = load_bundle(path)  # refused here, naming the user's path, before anything is copied
-        detector = cls(**({"method": source.default_method, "fpr": source.default_fpr} | params))
+        recorded, caveats = _recorded_parameters(source)
+        if caveats:
+            warnings.warn(
+                f"{path}: a refit of this detector trains another model than the bundle's: "
+                + "; ".join(caveats),
+                UserWarning,
+                stacklevel=2,
+            )
+        detector = cls(**(recorded | {"method": source.default_method, "fpr": source.default_fpr} | params))
         bundle = load_bundle(shutil.copytree(source.path, detector._directory() / "bundle"))
         detector._check_scoring_parameters()
         detector._use(bundle)

@@ -286,3 +286,37 @@ def test_fit_checks_its_parameters_first_warns_its_notes_and_leaves_the_callers_
     assert not first.exists() and detector.bundle_.path.parent.exists()  # a refit keeps one directory
     with pytest.raises(TypeError, match="score_frame takes a pandas DataFrame"):
         detector.score_frame(rows)
+
+
+def test_a_loaded_detector_has_the_parameters_it_was_trained_with(fitted, tmp_path):
+    """Audit finding: a loaded detector showed the constructor's defaults, so clone(loaded).fit trained
+    the default ensemble of 2 000 steps whatever the bundle held."""
+    import warnings
+
+    from sklearn.base import clone
+
+    from app.train.options import Candidate, FitOptions
+    from app.train.pipeline import TrainRequest, train_bundle
+
+    detector, rows = fitted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a bundle the parameters describe loads without a caveat
+        single = ManifoldDetector.load(detector.save(tmp_path / "single"))
+        assert single.get_params() == detector.get_params()
+        ensemble = ManifoldDetector(hidden=8, components=2, steps=30, seed=2, noise="isotropic", fpr=0.1)
+        ensemble.fit(rows)
+        loaded = ManifoldDetector.load(ensemble.save(tmp_path / "ensemble"))
+    assert loaded.get_params() == ensemble.get_params() and loaded.grid == "default"
+    assert clone(loaded).get_params() == ensemble.get_params()
+
+    values = rows.to_numpy()
+    for candidates, fit, caveat in (
+        ([Candidate(hidden=8), Candidate(hidden=12)], FitOptions(steps=20), "candidates of no named grid"),
+        ([Candidate(hidden=8)], FitOptions(steps=20, trim=0.1), "trained with trim=0.1"),
+    ):
+        request = TrainRequest(candidates, fit, ensemble=len(candidates) > 1, fprs=(0.1,), default_fpr=0.1)
+        path = train_bundle(values, FEATURES, request, tmp_path / caveat).bundle.path
+        with pytest.warns(UserWarning, match=f"a refit of this detector trains another model.*{caveat}"):
+            other = ManifoldDetector.load(path)
+        assert other.steps == 20 and other.get_params()["noise"] == "diagonal"
+    assert other.hidden == 8 and other.grid is None
