@@ -62,6 +62,7 @@ def squared_residuals(model: ManifoldModel, x: NDArray[np.float64]) -> NDArray[n
 @dataclass
 class FittedSplit:
     x_fit: NDArray[np.float64]
+    y_fit: NDArray[np.bool_]  # which fitting rows are anomalies (never used in fitting)
     held: dict[str, NDArray[np.float64]]  # "val" and "test" rows
     members: list[ManifoldModel]
     arrays: dict[str, NDArray[Any]]  # y_test and each baseline's test scores, "baseline/<name>"
@@ -83,7 +84,8 @@ def fit_default(
     baselines = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
     arrays |= {f"baseline/{name}": scores for name, scores in baselines.items()}
     members = [member.model.eval() for member in fitted]
-    return FittedSplit(x_fit, {"val": data.x_train[val_rows], "test": data.x_test}, members, arrays)
+    held = {"val": data.x_train[val_rows], "test": data.x_test}
+    return FittedSplit(x_fit, data.y_train[fit_rows], held, members, arrays)
 
 
 def fit_split(dataset: Dataset, split: int, protocol: str, seed: int, path: Path) -> None:
