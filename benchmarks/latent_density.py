@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from scipy.stats import wilcoxon
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 
@@ -48,10 +47,10 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.bundle.ensemble import FACTOR_FISHER, member_scores
-from app.train.evaluate import PROTOCOLS, Dataset, load_datasets
+from app.train.evaluate import Dataset
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
 from app.train.selection import auc
-from benchmarks.refits import SPLITS, fit_default, run_fits, squared_residuals
+from benchmarks.refits import compare, fit_default, fit_every_split, squared_residuals
 
 Array = NDArray[np.float64]
 PARTS = ("fit", "val", "test")
@@ -141,50 +140,14 @@ def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
     return auc(z["y_test"], member_scores(FACTOR_FISHER, references, values).mean(axis=1))
 
 
-def report(out: Path, datasets: list[Dataset]) -> None:
-    for protocol in PROTOCOLS:
-        figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
-        for dataset in datasets:
-            for split in range(SPLITS):
-                z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
-                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")}
-                row |= {variant: ensemble_auc(z, variant) for variant in VARIANTS}
-                for name, value in row.items():
-                    figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
-        means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
-        product = means[next(iter(VARIANTS))]
-        print(f"\n{protocol}: mean test AUC over {len(datasets)} datasets, {SPLITS} splits each")
-        for name, per_dataset in means.items():
-            # closer than this: one AUC summed in two orders, a tie
-            difference = np.where(np.abs(per_dataset - product) < 1e-9, 0.0, per_dataset - product)
-            versus = ""
-            if name in VARIANTS and difference.any():
-                versus = (
-                    f"  better on {int((difference > 0).sum())}, worse on {int((difference < 0).sum())}, "
-                    f"Wilcoxon p = {wilcoxon(difference).pvalue:.3f}"
-                )
-            print(f"  {name:34s} {per_dataset.mean():.4f}{versus}")
-            print("    " + " ".join(f"{value:.3f}" for value in per_dataset))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the Loda datasets' folder")
     parser.add_argument("--out", type=Path, required=True, help="where the kept encodings go")
     parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
     args = parser.parse_args()
-    datasets = load_datasets(args.root)
-    run_fits(
-        fit_split,
-        (
-            (dataset, split, protocol, args.out / protocol / f"{dataset.name}-{split}.npz")
-            for protocol in PROTOCOLS
-            for dataset in datasets
-            for split in range(SPLITS)
-        ),
-        args.jobs,
-    )
-    report(args.out, datasets)
+    datasets = fit_every_split(fit_split, args.root, args.out, args.jobs)
+    compare(args.out, datasets, lambda z: {variant: ensemble_auc(z, variant) for variant in VARIANTS})
 
 
 if __name__ == "__main__":

@@ -30,16 +30,15 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import wilcoxon
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.bundle.ensemble import FACTOR_FISHER, member_scores
-from app.train.evaluate import PROTOCOLS, Dataset, load_datasets
+from app.train.evaluate import Dataset
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
 from app.train.selection import auc
-from benchmarks.refits import SPLITS, fit_default, run_fits, squared_residuals
+from benchmarks.refits import compare, fit_default, fit_every_split, squared_residuals
 
 CHI2_1_MEDIAN = 0.454936  # scipy.stats.chi2(1).median()
 
@@ -83,31 +82,6 @@ def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
     return auc(z["y_test"], member_scores(FACTOR_FISHER, references, values).mean(axis=1))
 
 
-def report(out: Path, datasets: list[Dataset]) -> None:
-    for protocol in PROTOCOLS:
-        figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
-        for dataset in datasets:
-            for split in range(SPLITS):
-                z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
-                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")}
-                row |= {variant: ensemble_auc(z, variant) for variant in VARIANTS}
-                for name, value in row.items():
-                    figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
-        means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
-        product = means[next(iter(VARIANTS))]
-        print(f"\n{protocol}: mean test AUC over {len(datasets)} datasets, {SPLITS} splits each")
-        for name, per_dataset in means.items():
-            # closer than this: one AUC summed in two orders, a tie
-            difference = np.where(np.abs(per_dataset - product) < 1e-9, 0.0, per_dataset - product)
-            versus = ""
-            if name in VARIANTS and difference.any():
-                versus = (
-                    f"  better on {int((difference > 0).sum())}, worse on {int((difference < 0).sum())}, "
-                    f"Wilcoxon p = {wilcoxon(difference).pvalue:.3f}"
-                )
-            print(f"  {name:34s} {per_dataset.mean():.4f}{versus}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the Loda datasets' folder")
@@ -115,18 +89,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the product's)")
     args = parser.parse_args()
-    datasets = load_datasets(args.root)
-    run_fits(
-        fit_split,
-        (
-            (dataset, split, protocol, args.steps, args.out / protocol / f"{dataset.name}-{split}.npz")
-            for protocol in PROTOCOLS
-            for dataset in datasets
-            for split in range(SPLITS)
-        ),
-        args.jobs,
-    )
-    report(args.out, datasets)
+    datasets = fit_every_split(fit_split, args.root, args.out, args.jobs, args.steps)
+    compare(args.out, datasets, lambda z: {variant: ensemble_auc(z, variant) for variant in VARIANTS})
 
 
 if __name__ == "__main__":

@@ -112,6 +112,54 @@ def run_fits(fit: Callable[..., None], tasks: Iterable[tuple[Any, ...]], jobs: i
             print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
 
 
+def fit_every_split(fit: Callable[..., None], root: str, out: Path, jobs: int, *extra: Any) -> list[Dataset]:
+    """fit(dataset, split, protocol, *extra, path) for every protocol, dataset and split of the Loda
+    folder `root`, path OUT/<protocol>/<dataset>-<split>.npz (run_fits: a file already there is
+    reused); returns the datasets."""
+    datasets = load_datasets(root)
+    tasks = (
+        (dataset, split, protocol, *extra, out / protocol / f"{dataset.name}-{split}.npz")
+        for protocol in PROTOCOLS
+        for dataset in datasets
+        for split in range(SPLITS)
+    )
+    run_fits(fit, tasks, jobs)
+    return datasets
+
+
+def compare(
+    out: Path, datasets: list[Dataset], aucs: Callable[[np.lib.npyio.NpzFile], dict[str, float]]
+) -> None:
+    """Per protocol, the mean test AUC over the datasets (each the mean of its splits) of Isolation
+    Forest, kNN and each variant `aucs` gives for a file of fit_every_split's, the first variant the
+    product's; and each other variant against it per dataset: better, worse, Wilcoxon signed-rank p."""
+    for protocol in PROTOCOLS:
+        figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
+        variants: list[str] = []
+        for dataset in datasets:
+            for split in range(SPLITS):
+                z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
+                row = aucs(z)
+                variants = list(row)
+                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")} | row
+                for name, value in row.items():
+                    figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
+        means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
+        product = means[variants[0]]
+        print(f"\n{protocol}: mean test AUC over {len(datasets)} datasets, {SPLITS} splits each")
+        for name, per_dataset in means.items():
+            # closer than this: one AUC summed in two orders, a tie
+            difference = np.where(np.abs(per_dataset - product) < 1e-9, 0.0, per_dataset - product)
+            versus = ""
+            if name in variants[1:] and difference.any():
+                versus = (
+                    f"  better on {int((difference > 0).sum())}, worse on {int((difference < 0).sum())}, "
+                    f"Wilcoxon p = {wilcoxon(difference).pvalue:.3f}"
+                )
+            print(f"  {name:34s} {per_dataset.mean():.4f}{versus}")
+            print("    " + " ".join(f"{value:.3f}" for value in per_dataset))
+
+
 def ensemble_auc(kept: list[np.lib.npyio.NpzFile], residual: str) -> float:
     """The default combination's test AUC over the members of every file in `kept`."""
     references, values = [], []

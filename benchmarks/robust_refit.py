@@ -29,18 +29,17 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import wilcoxon
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.bundle.ensemble import FACTOR_FISHER, member_scores
 from app.model.manifold import ManifoldModel
-from app.train.evaluate import PROTOCOLS, Dataset, EvaluateOptions, fitting, load_datasets
+from app.train.evaluate import PROTOCOLS, Dataset, EvaluateOptions, fitting
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, fit_candidates, score_rows
 from app.train.options import GRIDS, expand_grid
 from app.train.selection import auc
-from benchmarks.refits import SPLITS, fit_default, run_fits, squared_residuals
+from benchmarks.refits import SPLITS, compare, fit_default, fit_every_split, squared_residuals
 
 SHARES = (0.05, 0.1)
 Terms = dict[str, NDArray[np.float64]]
@@ -83,36 +82,15 @@ def fit_split(dataset: Dataset, split: int, protocol: str, path: Path) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def report(out: Path, datasets: list[Dataset]) -> None:
-    names = {"q0": "one fit (the product)"} | {f"q{s}": f"refit without the top {s:.0%}" for s in SHARES}
+def left_out(out: Path, datasets: list[Dataset]) -> None:
+    """How many of the fitting rows' anomalies each share left out, over every dataset and split."""
     for protocol in PROTOCOLS:
-        figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
-        left, total = dict.fromkeys(SHARES, 0), 0
-        for dataset in datasets:
-            for split in range(SPLITS):
-                z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
-                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")}
-                row |= {label: auc(z["y_test"], z[f"{key}/test"]) for key, label in names.items()}
-                for name, value in row.items():
-                    figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
-                for share in SHARES:
-                    left[share] += int(z[f"q{share}/left_out_anomalies"][0])
-                total += int(z[f"q{SHARES[0]}/left_out_anomalies"][1])
-        means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
-        product = means[names["q0"]]
-        print(f"\n{protocol}: mean test AUC over {len(datasets)} datasets, {SPLITS} splits each")
-        for name, per_dataset in means.items():
-            difference = np.where(np.abs(per_dataset - product) < 1e-9, 0.0, per_dataset - product)
-            versus = ""
-            if name.startswith("refit") and difference.any():
-                versus = (
-                    f"  better on {int((difference > 0).sum())}, worse on {int((difference < 0).sum())}, "
-                    f"Wilcoxon p = {wilcoxon(difference).pvalue:.3f}"
-                )
-            print(f"  {name:34s} {per_dataset.mean():.4f}{versus}")
-            print("    " + " ".join(f"{value:.3f}" for value in per_dataset))
+        files = [
+            np.load(out / protocol / f"{d.name}-{split}.npz") for d in datasets for split in range(SPLITS)
+        ]
         for share in SHARES:
-            print(f"  the top {share:.0%} left out {left[share]} of the fitting rows' {total} anomalies")
+            left, total = np.sum([z[f"q{share}/left_out_anomalies"] for z in files], axis=0)
+            print(f"{protocol}: the top {share:.0%} left out {left} of the fitting rows' {total} anomalies")
 
 
 def main() -> None:
@@ -121,18 +99,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the kept scores go")
     parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
     args = parser.parse_args()
-    datasets = load_datasets(args.root)
-    run_fits(
-        fit_split,
-        (
-            (dataset, split, protocol, args.out / protocol / f"{dataset.name}-{split}.npz")
-            for protocol in PROTOCOLS
-            for dataset in datasets
-            for split in range(SPLITS)
-        ),
-        args.jobs,
+    datasets = fit_every_split(fit_split, args.root, args.out, args.jobs)
+    names = {"q0": "one fit (the product)"} | {f"q{s}": f"refit without the top {s:.0%}" for s in SHARES}
+    compare(
+        args.out,
+        datasets,
+        lambda z: {name: auc(z["y_test"], z[f"{key}/test"]) for key, name in names.items()},
     )
-    report(args.out, datasets)
+    left_out(args.out, datasets)
 
 
 if __name__ == "__main__":
