@@ -80,12 +80,18 @@ NETWORK_PARAMETERS = (
 FIT_PARAMETERS = ("steps", "batch_size", "lr", "seed")
 
 
+def _record(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _recorded_parameters(bundle: Bundle) -> tuple[dict[str, Any], list[str]]:
     """The detector parameters that train `bundle`'s model again, as far as its `training` record
     holds them (docs/bundle.md 2.6, 11.1), and what they cannot say: a refit of a loaded detector
     (clone(loaded).fit) trains what the bundle holds, not the constructor's defaults."""
-    training = bundle.manifest.get("training", {})
-    fit = training.get("fit", {})
+    # `training` is a record only (docs/bundle.md 2.6): a bundle from elsewhere may hold less, or other
+    # shapes, and still score; what is not an object here is taken as not recorded.
+    training = _record(bundle.manifest.get("training"))
+    fit = _record(training.get("fit"))
     params: dict[str, Any] = {key: fit[key] for key in FIT_PARAMETERS if key in fit}
     caveats = []
     if fit.get("trim", 0.0):
@@ -93,14 +99,16 @@ def _recorded_parameters(bundle: Bundle) -> tuple[dict[str, Any], list[str]]:
     if "ensemble" not in bundle.manifest:
         noise = bundle.manifest.get("noise", {})
         params["noise"] = "diagonal" if noise.get("relative_variance") is not None else "isotropic"
-        recorded = training.get("hyper_parameters", {})
-        return params | {k: recorded[k] for k in NETWORK_PARAMETERS if k in recorded} | {
-            "grid": None
-        }, caveats
+        recorded = _record(training.get("hyper_parameters"))
+        network = {k: recorded[k] for k in NETWORK_PARAMETERS if k in recorded}
+        return params | network | {"grid": None}, caveats
     entries = bundle.manifest["ensemble"]["members"]
     diagonal = {entry["noise"].get("relative_variance") is not None for entry in entries}
     params["noise"] = "diagonal" if diagonal == {True} else "isotropic"
-    members = training.get("members") or [entry.get("hyper_parameters", {}) for entry in entries]
+    members = training.get("members")
+    if not isinstance(members, list) or len(members) != len(entries):
+        members = [entry.get("hyper_parameters") for entry in entries]
+    members = [_record(m) for m in members]
     shared = {
         k: members[0][k] for k in NETWORK_PARAMETERS if all(k in m and m[k] == members[0][k] for m in members)
     }
