@@ -24,7 +24,9 @@ factor is -(log q(z) + log volume) with q:
   k-th nearest encoding of a fitting row (the k-nearest-neighbour density estimate of the same
   encodings), k = 1, 5, 10, 20 and sqrt(n) of n fitting rows; with the mean of the 5 distances
   instead; and with 1 024 or 256 of the fitting rows' encodings drawn at random as references, what
-  a bundle could afford to carry.
+  a bundle could afford to carry;
+and, the learned prior kept in the manifold factor, a third factor beside the two: the surprisal of
+-log q(z) with q the k-th-nearest-encoding density, k = 5, 20 or sqrt(n).
 Prints the mean test AUC over the datasets (each the mean of its splits) per protocol beside
 Isolation Forest and kNN on the same splits, and per variant against the product's: datasets better
 and worse, Wilcoxon signed-rank p.
@@ -101,33 +103,39 @@ def _neighbours(
     return density
 
 
-VARIANTS: dict[str, Callable[[dict[str, Array]], dict[str, Array]] | None] = {
-    "learned prior (the product)": None,
-    "mixture of 4 diagonal, refitted": _mixture(4, "diag"),
-    "mixture of 8 diagonal, refitted": _mixture(8, "diag"),
-    "mixture of 16 diagonal, refitted": _mixture(16, "diag"),
-    "mixture of 8 full, refitted": _mixture(8, "full"),
-    "nearest encoding": _neighbours(1),
-    "5th nearest encoding": _neighbours(5),
-    "10th nearest encoding": _neighbours(10),
-    "20th nearest encoding": _neighbours(20),
-    "sqrt(n)-th nearest encoding": _neighbours(None),
-    "5 nearest encodings, mean distance": _neighbours(5, mean=True),
-    "5th nearest of 1 024 encodings": _neighbours(5, references=1024),
-    "5th nearest of 256 encodings": _neighbours(5, references=256),
+Density = Callable[[dict[str, Array]], dict[str, Array]]
+# name -> (q in the manifold factor, None: the learned prior; a third factor's q, None: no third)
+VARIANTS: dict[str, tuple[Density | None, Density | None]] = {
+    "learned prior (the product)": (None, None),
+    "mixture of 4 diagonal, refitted": (_mixture(4, "diag"), None),
+    "mixture of 8 diagonal, refitted": (_mixture(8, "diag"), None),
+    "mixture of 16 diagonal, refitted": (_mixture(16, "diag"), None),
+    "mixture of 8 full, refitted": (_mixture(8, "full"), None),
+    "nearest encoding": (_neighbours(1), None),
+    "5th nearest encoding": (_neighbours(5), None),
+    "10th nearest encoding": (_neighbours(10), None),
+    "20th nearest encoding": (_neighbours(20), None),
+    "sqrt(n)-th nearest encoding": (_neighbours(None), None),
+    "5 nearest encodings, mean distance": (_neighbours(5, mean=True), None),
+    "5th nearest of 1 024 encodings": (_neighbours(5, references=1024), None),
+    "5th nearest of 256 encodings": (_neighbours(5, references=256), None),
+    "prior; 3rd factor 5th nearest": (None, _neighbours(5)),
+    "prior; 3rd factor 20th nearest": (None, _neighbours(20)),
+    "prior; 3rd factor sqrt(n)-th": (None, _neighbours(None)),
 }
 
 
 def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
-    density = VARIANTS[variant]
+    density, third = VARIANTS[variant]
     references, values = [], []
     for i in sorted({int(k.split("/")[1]) for k in z.files if k.startswith("val/")}):
         v = z[f"val/{i}/e2"].astype(np.float64).mean(axis=0)
         v = np.maximum(v, max(RELATIVE_VARIANCE_FLOOR * v.mean(), SIGMA2_FLOOR))
+        encodings = {part: z[f"{part}/{i}/z"].astype(np.float64) for part in PARTS}
         if density is None:
             log_q = {part: z[f"{part}/{i}/log_prior"] for part in ("val", "test")}
         else:
-            log_q = density({part: z[f"{part}/{i}/z"].astype(np.float64) for part in PARTS})
+            log_q = density(encodings)
         terms = {
             part: {
                 "m": -(log_q[part] + z[f"{part}/{i}/log_volume"]),
@@ -135,6 +143,9 @@ def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
             }
             for part in ("val", "test")
         }
+        if third is not None:
+            for part, log_density in third(encodings).items():
+                terms[part]["q"] = -log_density
         references.append(terms["val"])
         values.append(terms["test"])
     return auc(z["y_test"], member_scores(FACTOR_FISHER, references, values).mean(axis=1))
