@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,8 +90,11 @@ def _choose_fprs(request: TrainRequest, n_cal: int, notes: list[str]) -> tuple[t
         fprs = tuple(f for f in DEFAULT_FPRS if f >= 1 / n_cal)
         skipped = [f for f in DEFAULT_FPRS if f < 1 / n_cal]
         if skipped:
+            # rate f needs n_cal >= 1/f (the threshold is the largest of the top f share of n_cal scores)
+            needed = [math.ceil(1 / f - 1e-9) for f in skipped]
             notes.append(
-                f"false-positive rates {skipped} need more than {n_cal} calibration rows; not calibrated"
+                f"false-positive rates {skipped} need at least {needed} calibration rows (a share "
+                f"{request.cal_fraction:g} of the table's rows), {n_cal} here; not calibrated"
             )
         if not fprs:
             raise ValueError(f"{n_cal} calibration rows cannot calibrate any of {DEFAULT_FPRS}")
@@ -174,7 +178,9 @@ def train_bundle(
     x = scaler.transform(values)
     val_labels = None if labels is None else labels[splits.validation]
     if val_labels is not None and (val_labels.all() or not val_labels.any()):
-        notes.append("the validation split holds only one class: selection falls back to the log-likelihood")
+        which = "the labels hold" if labels.all() or not labels.any() else "the validation rows' labels hold"
+        then = "no validation AUC" if request.ensemble else "selection falls back to the log-likelihood"
+        notes.append(f"{which} only one class: {then}")
         val_labels = None
     cal_rows = splits.calibration
     fprs, default_fpr = _choose_fprs(request, cal_rows.size, notes)

@@ -266,3 +266,26 @@ def test_fitting_runs_on_one_thread_and_gives_the_callers_setting_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_notes_say_what_the_labels_and_the_calibration_rows_allow(tmp_path):
+    """Audit finding: an ensemble trained with all-zero labels was told that 'selection falls back',
+    though an ensemble selects nothing, and an uncalibrated rate did not say how many rows it needs."""
+    x = manifold_rows(200, seed=7)
+    candidates = [
+        Candidate(latent_dim=2, hidden=8, components=2),
+        Candidate(latent_dim=3, hidden=8, components=2),
+    ]
+    notes = {}
+    for ensemble in (True, False):
+        request = TrainRequest(candidates, FitOptions(steps=10), ensemble=ensemble)
+        result = train_bundle(x, FEATURES, request, tmp_path / str(ensemble), labels=np.zeros(200, bool))
+        notes[ensemble] = result.notes
+    assert "the labels hold only one class: no validation AUC" in notes[True]
+    assert "the labels hold only one class: selection falls back to the log-likelihood" in notes[False]
+    # 40 calibration rows (a fifth of 200): 0.01 needs 100 of them, 0.001 needs 1 000
+    skipped = [note for note in notes[True] if note.startswith("false-positive rates")]
+    assert skipped == [
+        "false-positive rates [0.01, 0.001] need at least [100, 1000] calibration rows "
+        "(a share 0.2 of the table's rows), 40 here; not calibrated"
+    ], notes[True]
