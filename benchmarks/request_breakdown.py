@@ -140,19 +140,15 @@ def main() -> None:
     run, parse, assemble = originals
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
     x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
-    results = run(session, x64)
-    # each member's outputs, as the scorer picks them out of the session's (an ensemble's: its members')
-    parts = [
-        {name: results[at] if index is None else results[at][index] for name, (at, index) in member.items()}
-        for member in scorer._layouts[session].members
-    ]
+    results = run(session, x64, False)
+    parts = scorer._members(session, results)
     mismatch = bundle.split_columns(x64)[1]
     out = assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch)
     parsed = parse(body, bundle.features, service.settings.max_rows)
     answer = routes._response_body(served, out, parsed)  # the body the route writes
     n = args.requests
     isolated = {
-        "onnxruntime": alone(lambda: run(session, x64), n),
+        "onnxruntime": alone(lambda: run(session, x64, False), n),
         "parse": alone(lambda: parse(body, bundle.features, service.settings.max_rows), n),
         "flags_and_p_values": alone(
             lambda: assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch), n

@@ -122,7 +122,15 @@ class OnnxScorer:
             raise ScoringFailed(
                 f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
             ) from e
-        members = [
+        members = self._members(session, results)
+        return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)
+
+    def _members(
+        self, session: ort.InferenceSession, results: dict[str, NDArray[np.floating]]
+    ) -> list[dict[str, NDArray[np.floating]]]:
+        """Each member's outputs, picked out of the session's (a stacked output holds several
+        members'); outputs only `explain` fetches are absent without it."""
+        return [
             {
                 name: results[output] if index is None else results[output][index]
                 for name, (output, index) in member.items()
@@ -130,7 +138,6 @@ class OnnxScorer:
             }
             for member in self._layouts[session].members
         ]
-        return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)
 
     def _run(
         self, session: ort.InferenceSession, x: NDArray[np.float64], explain: bool
