@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 import numpy as np
 
 from app.bundle.format import MANIFEST, Bundle, BundleError, describe_networks, load_bundle
+from app.bundle.scaler import SCALINGS
 from app.engine.errors import ServiceError
 from app.model.methods import METHODS
 from app.model.spec import PRIOR_GEOMETRY, Network
@@ -253,6 +254,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         choices=get_args(NoiseModel),
         default=FitOptions().noise,
         help=f"the residual's noise (train --noise); default {FitOptions().noise}",
+    )
+    p.add_argument(
+        "--scaling",
+        choices=SCALINGS,
+        default=FitOptions().scaling,
+        help=f"how the networks' rows are standardised (train --scaling); default {FitOptions().scaling}",
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     p.add_argument(
@@ -731,7 +738,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         options = EvaluateOptions(
             candidates=tuple(expand_grid(grid, largest, Candidate())),
             fit=FitOptions(
-                steps=steps, batch_size=args.batch_size, lr=args.lr, trim=args.trim, noise=args.noise
+                steps=steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                trim=args.trim,
+                noise=args.noise,
+                scaling=args.scaling,
             ),
             contamination=PROTOCOLS[protocol],
             scores_dir=str(args.out / protocol / "scores") if args.keep_scores else None,
@@ -797,6 +809,7 @@ def _evaluate_protocol(
         "lr": args.lr,
         "trim": options.fit.trim,
         "noise": options.fit.noise,
+        "scaling": options.fit.scaling,
         "split_seconds": {f"{r.dataset}|{r.split}": round(r.seconds, 1) for r in results},
     } | figures
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

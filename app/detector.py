@@ -43,6 +43,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from app.bundle.format import Bundle, load_bundle, move_into_place
+from app.bundle.scaler import SCALINGS
 from app.engine.factory import BACKENDS, create_scorer
 from app.engine.scorer import ScoreOutput, Scorer
 from app.model.methods import MAX_ABS_VALUE, METHODS
@@ -94,6 +95,12 @@ def _recorded_parameters(bundle: Bundle) -> tuple[dict[str, Any], list[str]]:
     fit = _record(training.get("fit"))
     params: dict[str, Any] = {key: fit[key] for key in FIT_PARAMETERS if key in fit}
     caveats = []
+    # Bundles from before the option was recorded were standardised by mean and deviation.
+    scaling = fit.get("scaling", "standard")
+    if scaling in SCALINGS:
+        params["scaling"] = scaling
+    else:
+        caveats.append(f"its scaling {scaling!r} is none of {list(SCALINGS)}; get_params() shows the default")
     if fit.get("trim", 0.0):
         caveats.append(f"it was trained with trim={fit['trim']}, which the Python API does not set")
     if "ensemble" not in bundle.manifest:
@@ -159,6 +166,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         lr: float = 1e-3,
         seed: int = 0,
         noise: str = "diagonal",
+        scaling: str = "robust",
         method: str = "likelihood",
         fpr: float = 0.01,
         backend: str = "onnx",
@@ -167,6 +175,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
         self.prior, self.components, self.beta, self.kernel_width = prior, components, beta, kernel_width
         self.grid, self.select = grid, select
         self.steps, self.batch_size, self.lr, self.seed, self.noise = steps, batch_size, lr, seed, noise
+        self.scaling = scaling
         self.method, self.fpr, self.backend = method, fpr, backend
 
     def fit(self, X: Any, y: Any = None) -> ManifoldDetector:
@@ -197,6 +206,7 @@ class ManifoldDetector(OutlierMixin, BaseEstimator):
             lr=self.lr,
             seed=self.seed,
             noise=self.noise,  # type: ignore[arg-type]
+            scaling=self.scaling,  # type: ignore[arg-type]
         )
         # The detector's rate is the bundle's calibrated default, so a saved and loaded detector flags alike.
         if self.grid is None:

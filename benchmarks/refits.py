@@ -34,14 +34,15 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.bundle.ensemble import FACTOR_FISHER, member_scores
+from app.bundle.scaler import Scaling
 from app.model.manifold import ManifoldModel
 from app.train.evaluate import (
     PROTOCOLS,
     Dataset,
     EvaluateOptions,
-    baseline_scores,
     fitting,
     load_datasets,
+    protocol_baselines,
     protocol_split,
     stratified_holdout,
 )
@@ -69,19 +70,25 @@ class FittedSplit:
 
 
 def fit_default(
-    dataset: Dataset, split: int, protocol: str, seed: int, steps: int | None = None
+    dataset: Dataset,
+    split: int,
+    protocol: str,
+    seed: int,
+    steps: int | None = None,
+    scaling: Scaling | None = None,
 ) -> FittedSplit:
     """The default grid fitted on `evaluate`'s split and hold-out, with the fitting seed of refit `seed`
-    (and `steps` optimiser steps instead of the default's)."""
+    (and `steps` optimiser steps instead of the default's, `scaling` instead of the product's)."""
     torch.set_num_threads(1)  # one process per core
     options = EvaluateOptions(candidates=tuple(expand_grid(GRIDS["default"], dataset.normal.shape[1])))
-    data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol])
+    scaling = scaling or options.fit.scaling
+    data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol], scaling=scaling)
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit = data.x_train[fit_rows]
     fit = replace(options.fit, seed=split + 100 * seed, steps=steps or options.fit.steps)
     fitted = fit_candidates(x_fit, fitting(dataset, options), fit)
     arrays: dict[str, NDArray[Any]] = {"y_test": data.y_test}
-    baselines = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
+    baselines = protocol_baselines(dataset, split, PROTOCOLS[protocol], options, data)
     arrays |= {f"baseline/{name}": scores for name, scores in baselines.items()}
     members = [member.model.eval() for member in fitted]
     held = {"val": data.x_train[val_rows], "test": data.x_test}

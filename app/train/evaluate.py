@@ -36,7 +36,7 @@ import torch
 from numpy.typing import NDArray
 
 from app.bundle.ensemble import member_scores
-from app.bundle.scaler import Scaler
+from app.bundle.scaler import Scaler, Scaling
 from app.model.methods import METHODS
 from app.model.spec import PROJECTION_STEPS
 from app.train import selection as rule
@@ -47,7 +47,10 @@ from app.train.selection import ENSEMBLES, CandidateReport, auc, evaluate_candid
 
 ANOMALY_FILE = "easy.txt"  # the protocol's anomalies: the easy difficulty level only
 SELECTIONS = ("unsupervised", "supervised")
-BASELINES = ("knn", "iforest")
+# kNN on the rows standardised as the networks were (FitOptions.scaling): a scaling that helps the
+# networks may help kNN as much, and a comparison should show it.
+KNN_AS_TRAINED = "knn_as_trained"
+BASELINES = ("knn", "iforest", KNN_AS_TRAINED)
 PROTOCOLS = {"contaminated": 0.1, "clean": 0.0}  # the share of training rows that are anomalies, at most
 
 
@@ -104,7 +107,11 @@ class ProtocolSplit:
 
 
 def protocol_split(
-    dataset: Dataset, seed: int, train_fraction: float = 0.8, contamination: float = 0.1
+    dataset: Dataset,
+    seed: int,
+    train_fraction: float = 0.8,
+    contamination: float = 0.1,
+    scaling: Scaling = "standard",
 ) -> ProtocolSplit:
     rng = np.random.default_rng(seed)
     normal = dataset.normal[rng.permutation(dataset.normal.shape[0])]
@@ -114,7 +121,7 @@ def protocol_split(
     a_train = min(a_pool, math.floor(contamination * n_train / (1 - contamination)))
     x_train = np.r_[normal[:n_train], anomalous[:a_train]]
     x_test = np.r_[normal[n_train:], anomalous[a_pool:]]
-    scaler = Scaler.fit(x_train)
+    scaler = Scaler.fit(x_train, scaling)
     return ProtocolSplit(
         scaler.transform(x_train),
         np.r_[np.zeros(n_train, bool), np.ones(a_train, bool)],
@@ -142,11 +149,28 @@ def baseline_scores(
     x_train: NDArray[np.float64], x_test: NDArray[np.float64], seed: int, knn_k: int, trees: int
 ) -> dict[str, NDArray[np.float64]]:
     from sklearn.ensemble import IsolationForest
+
+    forest = IsolationForest(n_estimators=trees, random_state=seed).fit(x_train)
+    return {"knn": knn_scores(x_train, x_test, knn_k), "iforest": -forest.score_samples(x_test)}
+
+
+def protocol_baselines(
+    dataset: Dataset, split: int, contamination: float, options: EvaluateOptions, trained: ProtocolSplit
+) -> dict[str, NDArray[np.float64]]:
+    """The classical detectors' test scores on a split: kNN and Isolation Forest on its rows
+    standardised by mean and deviation, as the protocol defines them (../shared/data/loda), and kNN
+    on `trained`'s rows, the same split standardised as the networks were (FitOptions.scaling)."""
+    protocol = protocol_split(dataset, seed=split, contamination=contamination)
+    scores = baseline_scores(protocol.x_train, protocol.x_test, split, options.knn_k, options.forest_trees)
+    return scores | {KNN_AS_TRAINED: knn_scores(trained.x_train, trained.x_test, options.knn_k)}
+
+
+def knn_scores(x_train: NDArray[np.float64], x_test: NDArray[np.float64], k: int) -> NDArray[np.float64]:
+    """Each test row's mean distance to its k nearest training rows."""
     from sklearn.neighbors import NearestNeighbors
 
-    distances, _ = NearestNeighbors(n_neighbors=min(knn_k, x_train.shape[0])).fit(x_train).kneighbors(x_test)
-    forest = IsolationForest(n_estimators=trees, random_state=seed).fit(x_train)
-    return {"knn": distances.mean(axis=1), "iforest": -forest.score_samples(x_test)}
+    distances, _ = NearestNeighbors(n_neighbors=min(k, x_train.shape[0])).fit(x_train).kneighbors(x_test)
+    return distances.mean(axis=1)
 
 
 @dataclass(frozen=True)
@@ -205,7 +229,9 @@ def evaluate_split(
 ) -> SplitResult:
     """Fit the grid on one split, score validation and test rows with every method, run the baselines."""
     started = time.perf_counter()
-    data = protocol_split(dataset, seed=split, contamination=options.contamination)
+    data = protocol_split(
+        dataset, seed=split, contamination=options.contamination, scaling=options.fit.scaling
+    )
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit, x_val, y_val = data.x_train[fit_rows], data.x_train[val_rows], data.y_train[val_rows]
     candidates = fitting(dataset, options)
@@ -229,7 +255,7 @@ def evaluate_split(
                 row["val_reconstruction_error"] = report.val_reconstruction_error
         row["projected_rows"], row["projected_capped"] = report.projected_rows, report.projected_capped
         rows.append(row)
-    baseline = baseline_scores(data.x_train, data.x_test, split, options.knn_k, options.forest_trees)
+    baseline = protocol_baselines(dataset, split, options.contamination, options, data)
     if options.scores_dir is not None:
         keep_scores(Path(options.scores_dir) / f"{dataset.name}-{split}.npz", data.y_test, baseline, reports)
     ensembles = {}
@@ -376,7 +402,7 @@ def run_protocol(
 def _label(column: tuple[str, str]) -> str:
     kind, name = column
     if kind == "baseline":
-        return {"knn": "kNN", "iforest": "IForest"}[name]
+        return {"knn": "kNN", "iforest": "IForest", KNN_AS_TRAINED: "kNN, scaled as trained"}[name]
     return f"{ {'ensemble': 'ens', 'unsupervised': 'unsup', 'supervised': 'sup'}[kind] }: {name}"
 
 

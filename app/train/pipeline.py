@@ -174,7 +174,7 @@ def train_bundle(
     columns = list(features)
     values, features, constants = _without_constants(values, columns, notes)
     splits = split_rows(values.shape[0], request.val_fraction, request.cal_fraction, request.fit.seed)
-    scaler = Scaler.fit(values[splits.train])
+    scaler = Scaler.fit(values[splits.train], request.fit.scaling)
     x = scaler.transform(values)
     val_labels = None if labels is None else labels[splits.validation]
     if val_labels is not None and (val_labels.all() or not val_labels.any()):
