@@ -149,7 +149,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         choices=["error", "skip", "impute"],
         default="error",
         help="rows with missing values: stop (default), leave out (the output's `row` column shows "
-        "which rows are there), or fill with the training means (the `imputed` column counts the cells)",
+        "which rows are there), or fill with the scaler's centres, the training medians by default (the "
+        "`imputed` column counts the cells)",
     )
     p.add_argument(
         "--id-column", action="append", default=[], help="a column identifying rows (repeat), written first"
@@ -200,7 +201,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "--missing",
         choices=["error", "skip", "impute"],
         default="error",
-        help="rows of DATA with missing values: stop (default), leave out, or fill with the training means",
+        help="rows of DATA with missing values: stop (default), leave out, or fill with the scaler's centres",
     )
 
 
@@ -525,7 +526,7 @@ def _score(args: argparse.Namespace) -> int:
         except MissingValue as e:
             raise ValueError(f"{e} (--missing skip leaves such rows out, --missing impute fills them)") from e
     skipped = f", {read - rows} rows with missing values left out" if args.missing == "skip" else ""
-    filled = f", {imputed} rows with training means filled in" if args.missing == "impute" else ""
+    filled = f", {imputed} rows with training centres filled in" if args.missing == "impute" else ""
     print(
         f"scored {rows} rows{skipped}{filled} with {bundle.name} {bundle.version} -> {args.out}",
         file=sys.stderr,

@@ -404,7 +404,7 @@ def _scores_section(bundle: Bundle, data: ScoredData) -> str:
     ax.legend(fontsize=8)
     how = {
         "skip": " Rows with a missing value were left out (<code>--missing skip</code>).",
-        "impute": f" {data.imputed} rows had missing values filled with the training means.",
+        "impute": f" {data.imputed} rows had missing values filled with the training centres.",
     }.get(data.missing, "")
     outside = f" {moved} scores beyond the plotted range are drawn in its edge bins." if moved else ""
     return (

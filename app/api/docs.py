@@ -9,9 +9,9 @@ and the pages name nothing outside the service.
 Examples: FastAPI builds the document once and caches it, but the model loads in the background
 after start-up. The document is therefore rebuilt whenever the served bundle differs from the one
 it was built for (first load, reload), so /score's examples carry every feature of that bundle, at
-its training means, and Swagger's "Try it out" answers 200. Until a model is served, the static
-examples of app.api.schemas stand in (and are not kept once one is). The error examples are the
-service's own documents, most of them produced by the code that raises them.
+its training centres (the scaler's), and Swagger's "Try it out" answers 200. Until a model is
+served, the static examples of app.api.schemas stand in (and are not kept once one is). The error
+examples are the service's own documents, most of them produced by the code that raises them.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def score_examples(served: Served) -> dict[str, dict[str, Any]]:
     summary = "one row by feature name, with components"
     return {
         "rows": {
-            "summary": "rows in feature order: the training mean, and a row far above it",
+            "summary": "rows in feature order: the training centre, and a row far above it",
             "value": {"instances": rows},
         },
         "named": {

@@ -154,7 +154,7 @@ class Bundle:
 
     @property
     def fill_values(self) -> NDArray[np.float64]:
-        """Per column, the value that stands in for a missing one: the training mean or constant."""
+        """Per column, the value that stands in for a missing one: the scaler's centre or the constant."""
         means = dict(zip(self.features, self.scaler.mean.tolist(), strict=True)) | self.constants
         return np.asarray([means[name] for name in self.columns], dtype=np.float64)
 

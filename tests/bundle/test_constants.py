@@ -27,7 +27,7 @@ def test_training_keeps_constant_columns_out_of_the_networks_and_records_them(co
     assert bundle.manifest["schema_version"] == NOISE_SCHEMA  # constants, and one variance per feature
     assert any("'site' (= 0.1), 'zero' (= 0)" in note for note in constant_bundle.notes)
     assert bundle.training["notes"] == constant_bundle.notes
-    # Missing values are filled with the training mean of a feature and the value of a constant.
+    # Missing values are filled with the scaler's centre of a feature and the value of a constant.
     fill = dict(zip(CONSTANT_COLUMNS, bundle.fill_values, strict=True))
     assert fill["site"] == SITE and fill["zero"] == ZERO
     np.testing.assert_array_equal([fill[f] for f in FEATURES], bundle.scaler.mean)

@@ -75,6 +75,24 @@ def test_train_writes_a_bundle_that_info_describes(trained, capsys):
     assert f'"version": "{bundle.version}"' in capsys.readouterr().out
 
 
+def test_train_standardises_its_training_rows_as_the_scaling_option_says(trained, tmp_path):
+    root, _ = trained
+    bundle = load_bundle(root / "bundle")
+    values = pd.read_csv(root / "train.csv").drop(columns="label").to_numpy()
+    fit, rows = bundle.manifest["training"]["fit"], bundle.manifest["training"]["rows"]
+    n = values.shape[0]
+    train_rows = split_rows(n, rows["validation"] / n, rows["calibration"] / n, fit["seed"]).train
+    assert fit["scaling"] == "robust"  # the default
+    # The 50th percentile interpolated and the median averaged may round the middle pair apart by an ulp.
+    np.testing.assert_allclose(bundle.scaler.mean, np.median(values[train_rows], axis=0), rtol=1e-15)
+    args = ["train", str(root / "train.csv"), "--ignore-columns", "label", "--grid", "none", "--steps", "5"]
+    assert main([*args, "--scaling", "standard", "--out", str(tmp_path / "standard"), "--quiet"]) == 0
+    standard = load_bundle(tmp_path / "standard")
+    assert standard.manifest["training"]["fit"]["scaling"] == "standard"
+    np.testing.assert_array_equal(standard.scaler.mean, values[train_rows].mean(axis=0))
+    np.testing.assert_array_equal(standard.scaler.scale, values[train_rows].std(axis=0))
+
+
 def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trained, tmp_path, capsys):
     root, rows = trained
     args = ["train", str(root / "train.csv"), "--label-column", "label", "--hidden", "8", "--steps", "40"]
@@ -384,7 +402,7 @@ def test_a_new_users_table_trains_and_scores_with_ids_kept(wine, tmp_path, capsy
     assert skipped["sample_id"].tolist() == [f"W{r - 1:04d}" for r in skipped["row"]]
 
     assert main([*base, "--missing", "impute"]) == 0
-    assert "300 rows, 1 rows with training means filled in" in capsys.readouterr().err
+    assert "300 rows, 1 rows with training centres filled in" in capsys.readouterr().err
     imputed = pd.read_csv(scored)
     assert imputed["sample_id"].tolist() == table["sample_id"].tolist()
     assert imputed["imputed"].tolist() == [1 if i == 5 else 0 for i in range(len(table))]

@@ -119,7 +119,7 @@ def test_summary_table_means_and_counts_against_a_direct_computation():
             rows = candidate_rows(rng.uniform(size=4), rng.normal(size=4), rng.uniform(size=4))
             for row in rows:
                 row |= {f"test_auc_{m}": rng.uniform() for m in METHODS}
-            baselines = {"knn": rng.uniform(), "iforest": rng.uniform()}
+            baselines = {"knn": rng.uniform(), "iforest": rng.uniform(), "knn_as_trained": rng.uniform()}
             results.append(SplitResult(ds, split, rows, baselines, 1.0))
     table, figures = summary_table(results, ["a", "b", "c"])
     chosen = selections(results)
@@ -190,7 +190,7 @@ def test_an_ensembles_auc_is_its_members_scores_recomputed(tmp_path):
     result = evaluate_split(dataset, 1, options)
     kept = np.load(tmp_path / "manifold-1.npz")
 
-    data = protocol_split(dataset, seed=1)
+    data = protocol_split(dataset, seed=1, scaling="robust")  # the networks' rows, as train scales them
     fit_rows, val_rows = stratified_holdout(data.y_train, 0.2, seed=1)
     x_val = data.x_train[val_rows]
     fitted = fit_candidates(data.x_train[fit_rows], fitting(dataset, options), replace(options.fit, seed=1))
@@ -231,6 +231,10 @@ def test_an_ensembles_auc_is_its_members_scores_recomputed(tmp_path):
     )
     np.testing.assert_array_equal(kept["y_test"], data.y_test)
     assert f"val/{len(members)}/likelihood" not in kept.files
-    baseline = baseline_scores(data.x_train, data.x_test, 1, options.knn_k, options.forest_trees)
+    # The protocol's baselines on its own standardisation (mean and deviation), kNN on the networks' too.
+    protocol = protocol_split(dataset, seed=1, scaling="standard")
+    baseline = baseline_scores(protocol.x_train, protocol.x_test, 1, options.knn_k, options.forest_trees)
+    baseline["knn_as_trained"] = baseline_scores(data.x_train, data.x_test, 1, options.knn_k, 1)["knn"]
     for name, values in baseline.items():
         np.testing.assert_allclose(kept[f"baseline/{name}"], values, rtol=1e-12, err_msg=name)
+    assert not np.allclose(kept["baseline/knn"], kept["baseline/knn_as_trained"])
