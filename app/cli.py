@@ -579,6 +579,13 @@ def _score_distributed(args: argparse.Namespace, options: Any) -> int:
     return 0
 
 
+SCALING_TEXT = {
+    "robust": "robust: each feature centred at its training median, divided by its IQR / 1.349 (by its "
+    "deviation where the IQR is 0)",
+    "standard": "standard: each feature centred at its training mean, divided by its deviation",
+}
+
+
 def _print_info(bundle: Bundle) -> None:
     training, features = bundle.training, bundle.features
     networks, noise = describe_networks(bundle)
@@ -598,6 +605,9 @@ def _print_info(bundle: Bundle) -> None:
             f"selection    {training.get('selection')} among {training.get('candidates')} candidates"
         )
         lines.append(f"rows         {training.get('rows', {})}")
+        fit = training.get("fit") if isinstance(training.get("fit"), dict) else {}
+        scaling = fit.get("scaling", "standard")  # bundles from before the record: mean and deviation
+        lines.append(f"scaling      {SCALING_TEXT.get(scaling, scaling)}")
         if "hyper_parameters" in training:
             hp = training["hyper_parameters"]
             lines.append(f"chosen       beta {hp.get('beta')}, kernel width {hp.get('kernel_width')}")

@@ -71,6 +71,7 @@ def test_train_writes_a_bundle_that_info_describes(trained, capsys):
     assert main(["info", str(root / "bundle")]) == 0
     out = capsys.readouterr().out
     assert bundle.version in out and "supervised: highest validation AUC" in out
+    assert "scaling      robust: each feature centred at its training median" in out
     assert main(["info", str(root / "bundle"), "--json"]) == 0
     assert f'"version": "{bundle.version}"' in capsys.readouterr().out
 
