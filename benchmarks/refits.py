@@ -137,9 +137,10 @@ def fit_every_split(fit: Callable[..., None], root: str, out: Path, jobs: int, *
 def compare(
     out: Path, datasets: list[Dataset], aucs: Callable[[np.lib.npyio.NpzFile], dict[str, float]]
 ) -> None:
-    """Per protocol, the mean test AUC over the datasets (each the mean of its splits) of Isolation
-    Forest, kNN and each variant `aucs` gives for a file of fit_every_split's, the first variant the
-    product's; and each other variant against it per dataset: better, worse, Wilcoxon signed-rank p."""
+    """Per protocol, the mean test AUC over the datasets (each the mean of its splits) of the baselines
+    kept (Isolation Forest, kNN) and each variant `aucs` gives for a file of fit_every_split's, the
+    first variant the product's; and each other variant against it per dataset: better, worse,
+    Wilcoxon signed-rank p."""
     for protocol in PROTOCOLS:
         figures: dict[str, dict[str, list[float]]] = {}  # figure -> dataset -> AUCs over splits
         variants: list[str] = []
@@ -148,7 +149,8 @@ def compare(
                 z = np.load(out / protocol / f"{dataset.name}-{split}.npz")
                 row = aucs(z)
                 variants = list(row)
-                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in ("iforest", "knn")} | row
+                baselines = [key.split("/", 1)[1] for key in z.files if key.startswith("baseline/")]
+                row = {name: auc(z["y_test"], z[f"baseline/{name}"]) for name in baselines} | row
                 for name, value in row.items():
                     figures.setdefault(name, {}).setdefault(dataset.name, []).append(value)
         means = {name: np.array([np.mean(v) for v in by.values()]) for name, by in figures.items()}
