@@ -351,7 +351,14 @@ def _train(args: argparse.Namespace) -> int:
         from app.model.device import resolve_device
         from app.train.data import MissingValue, label_like_columns, read_table
         from app.train.options import expand_grid
-        from app.train.pipeline import TrainRequest, constant_columns, constants_note, train_bundle
+        from app.train.pipeline import (
+            TrainRequest,
+            constant_columns,
+            constants_note,
+            ordered_columns,
+            ordered_note,
+            train_bundle,
+        )
 
     # Every option is checked before the data is read or anything is written.
     network = {f.name: getattr(args, f.name) for f in fields(Candidate)}
@@ -397,8 +404,12 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     constants = constant_columns(table.values, table.feature_names)
-    if constants:  # said before the training, not only in the notes after it
-        print(f"warning: {constants_note(constants)}", file=sys.stderr)
+    ordered = ordered_columns(table.values, table.feature_names)
+    # What the table itself shows is said before the training, not only in the notes after it.
+    warned = [constants_note(constants)] if constants else []
+    warned += [ordered_note(ordered)] if ordered else []
+    for warning in warned:
+        print(f"warning: {warning}", file=sys.stderr)
     d = table.values.shape[1] - len(constants)
     candidates = expand_grid(grid, d, base) if grid is not None else [base]
     if grid is None:
@@ -422,7 +433,7 @@ def _train(args: argparse.Namespace) -> int:
             table.values, table.feature_names, request, args.out, labels=table.labels, progress=bar.update
         )
     for note in result.notes:
-        if not constants or note != constants_note(constants):
+        if note not in warned:
             print(f"note: {note}", file=sys.stderr)
     if not args.quiet:
         _print_info(result.bundle)

@@ -140,6 +140,32 @@ def constant_columns(values: NDArray[np.float64], columns: list[str]) -> dict[st
     return {name: float(values[0, j]) for j, name in enumerate(columns) if constant[j]}
 
 
+# Fewer rows than this are in some order by chance too often for a note to mean anything: 20
+# distinct values of a column without order fall in increasing order with probability 1 / 20!.
+MIN_ORDERED_ROWS = 20
+
+
+def ordered_columns(values: NDArray[np.float64], columns: list[str]) -> list[str]:
+    """The columns whose values strictly increase, or strictly decrease, from each row to the next:
+    a row number or a clock, not a measurement. Rows scored later lie beyond every training value
+    there, and every one of them is flagged for that column alone."""
+    if values.shape[0] < MIN_ORDERED_ROWS:
+        return []
+    steps = np.diff(values, axis=0)
+    ordered = (steps > 0).all(axis=0) | (steps < 0).all(axis=0)
+    return [name for name, is_ordered in zip(columns, ordered, strict=True) if is_ordered]
+
+
+def ordered_note(names: list[str]) -> str:
+    shown = ", ".join(map(repr, names))
+    return (
+        f"column(s) {shown} change in the same direction from every row to the next, as a row number or "
+        "a clock does: rows scored later lie beyond the training values there and will be flagged for "
+        "it. If it is not a measurement, leave it out (--id-column keeps it in the output, "
+        "--ignore-columns drops it)"
+    )
+
+
 def constants_note(constants: dict[str, float]) -> str:
     shown = ", ".join(f"{name!r} (= {value:g})" for name, value in constants.items())
     return (
@@ -173,6 +199,9 @@ def train_bundle(
     notes: list[str] = []
     columns = list(features)
     values, features, constants = _without_constants(values, columns, notes)
+    ordered = ordered_columns(values, features)
+    if ordered:
+        notes.append(ordered_note(ordered))
     splits = split_rows(values.shape[0], request.val_fraction, request.cal_fraction, request.fit.seed)
     scaler = Scaler.fit(values[splits.train], request.fit.scaling)
     x = scaler.transform(values)

@@ -94,6 +94,20 @@ def test_train_standardises_its_training_rows_as_the_scaling_option_says(trained
     np.testing.assert_array_equal(standard.scaler.scale, values[train_rows].std(axis=0))
 
 
+def test_a_clock_column_is_warned_of_before_training_and_noted_in_the_bundle(tmp_path, capsys):
+    table = pd.DataFrame(manifold_rows(200, seed=13), columns=FEATURES)
+    table.insert(0, "timestamp", 1_700_000_000 + 60 * np.arange(200))
+    table.to_csv(tmp_path / "telemetry.csv", index=False)
+    args = ["train", str(tmp_path / "telemetry.csv"), "--grid", "none", "--steps", "5", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "bundle")]) == 0
+    err = capsys.readouterr().err
+    said = "column(s) 'timestamp' change in the same direction from every row to the next"
+    assert err.count(said) == 1 and f"warning: {said}" in err  # said before the training, once
+    assert any(said in note for note in load_bundle(tmp_path / "bundle").training["notes"])
+    assert main([*args, "--id-column", "timestamp", "--out", str(tmp_path / "kept")]) == 0
+    assert "same direction" not in capsys.readouterr().err
+
+
 def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trained, tmp_path, capsys):
     root, rows = trained
     args = ["train", str(root / "train.csv"), "--label-column", "label", "--hidden", "8", "--steps", "40"]
