@@ -34,7 +34,6 @@ and worse, Wilcoxon signed-rank p.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,7 @@ from app.bundle.ensemble import FACTOR_FISHER, member_scores
 from app.train.evaluate import Dataset
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
 from app.train.selection import auc
-from benchmarks.refits import compare, fit_default, fit_every_split, squared_residuals
+from benchmarks.refits import compare, fit_default, fit_every_split, fits_parser, squared_residuals
 
 Array = NDArray[np.float64]
 PARTS = ("fit", "val", "test")
@@ -152,10 +151,7 @@ def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="the Loda datasets' folder")
-    parser.add_argument("--out", type=Path, required=True, help="where the kept encodings go")
-    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    parser = fits_parser(__doc__, "encodings")
     args = parser.parse_args()
     datasets = fit_every_split(fit_split, args.root, args.out, args.jobs)
     compare(args.out, datasets, lambda z: {variant: ensemble_auc(z, variant) for variant in VARIANTS})

@@ -23,7 +23,6 @@ with `--steps 500` (another --out), "Fewer steps, with the factor rule".
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ from app.bundle.ensemble import FACTOR_FISHER, member_scores
 from app.train.evaluate import Dataset
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, score_rows
 from app.train.selection import auc
-from benchmarks.refits import compare, fit_default, fit_every_split, squared_residuals
+from benchmarks.refits import compare, fit_default, fit_every_split, fits_parser, squared_residuals
 
 CHI2_1_MEDIAN = 0.454936  # scipy.stats.chi2(1).median()
 
@@ -83,10 +82,7 @@ def ensemble_auc(z: np.lib.npyio.NpzFile, variant: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="the Loda datasets' folder")
-    parser.add_argument("--out", type=Path, required=True, help="where the kept residuals go")
-    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    parser = fits_parser(__doc__, "residuals")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the product's)")
     args = parser.parse_args()
     datasets = fit_every_split(fit_split, args.root, args.out, args.jobs, args.steps)

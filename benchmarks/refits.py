@@ -119,6 +119,16 @@ def run_fits(fit: Callable[..., None], tasks: Iterable[tuple[Any, ...]], jobs: i
             print(f"\r{done}/{len(todo)} fits", end="", file=sys.stderr, flush=True)
 
 
+def fits_parser(doc: str, kept: str = "scores") -> argparse.ArgumentParser:
+    """The arguments every refitting benchmark takes: the Loda folder, --out for what it keeps (a
+    run stopped midway resumes there) and --jobs."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("root", help="the Loda datasets' folder")
+    parser.add_argument("--out", type=Path, required=True, help=f"where the kept {kept} go")
+    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    return parser
+
+
 def fit_every_split(fit: Callable[..., None], root: str, out: Path, jobs: int, *extra: Any) -> list[Dataset]:
     """fit(dataset, split, protocol, *extra, path) for every protocol, dataset and split of the Loda
     folder `root`, path OUT/<protocol>/<dataset>-<split>.npz (run_fits: a file already there is
@@ -214,11 +224,8 @@ def report(out: Path, datasets: list[Dataset], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="the Loda datasets' folder")
-    parser.add_argument("--out", type=Path, required=True, help="where the kept scores go")
+    parser = fits_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
     args = parser.parse_args()
     datasets = load_datasets(args.root)
     run_fits(

@@ -21,7 +21,6 @@ datasets better and worse, Wilcoxon signed-rank p.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from app.train.evaluate import PROTOCOLS, Dataset, EvaluateOptions, fitting
 from app.train.fit import RELATIVE_VARIANCE_FLOOR, SIGMA2_FLOOR, fit_candidates, score_rows
 from app.train.options import GRIDS, expand_grid
 from app.train.selection import auc
-from benchmarks.refits import SPLITS, compare, fit_default, fit_every_split, squared_residuals
+from benchmarks.refits import SPLITS, compare, fit_default, fit_every_split, fits_parser, squared_residuals
 
 SHARES = (0.05, 0.1)
 Terms = dict[str, NDArray[np.float64]]
@@ -94,10 +93,7 @@ def left_out(out: Path, datasets: list[Dataset]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="the Loda datasets' folder")
-    parser.add_argument("--out", type=Path, required=True, help="where the kept scores go")
-    parser.add_argument("--jobs", type=int, default=2, help="processes, one fit each")
+    parser = fits_parser(__doc__)
     args = parser.parse_args()
     datasets = fit_every_split(fit_split, args.root, args.out, args.jobs)
     names = {"q0": "one fit (the product)"} | {f"q{s}": f"refit without the top {s:.0%}" for s in SHARES}
