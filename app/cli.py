@@ -616,6 +616,13 @@ def _print_info(bundle: Bundle) -> None:
             f"selection    {training.get('selection')} among {training.get('candidates')} candidates"
         )
         lines.append(f"rows         {training.get('rows', {})}")
+        held_out = training.get("calibration_auc")
+        if isinstance(held_out, dict) and isinstance(held_out.get("auc"), dict):
+            figures = ", ".join(f"{m} {v:.3f}" for m, v in held_out["auc"].items() if isinstance(v, float))
+            lines.append(
+                f"held-out AUC {figures} ({held_out.get('anomalies')} labelled anomalies among "
+                f"{held_out.get('rows')} calibration rows)"
+            )
         fit = training.get("fit") if isinstance(training.get("fit"), dict) else {}
         scaling = fit.get("scaling", "standard")  # bundles from before the record: mean and deviation
         lines.append(f"scaling      {SCALING_TEXT.get(scaling, scaling)}")

@@ -27,7 +27,7 @@ from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.train.fit import fit_candidates, score_rows
 from app.train.options import Candidate, FitOptions
-from app.train.selection import CandidateReport, evaluate_candidate, select_report
+from app.train.selection import CandidateReport, auc, evaluate_candidate, select_report
 
 MIN_ROWS_PER_SPLIT = 10
 
@@ -261,7 +261,9 @@ def train_bundle(
         "calibration": int(cal_rows.size),
     }
     if request.ensemble:
-        return _save_ensemble(reports, x[cal_rows], request, out_dir, common, rows, labels, notes, started)
+        return _save_ensemble(
+            reports, x[cal_rows], request, out_dir, common, rows, labels, cal_rows, notes, started
+        )
     selected, rule = select_report(reports, request.method, supervised=val_labels is not None)
     criterion = {
         "validation AUC": f"supervised: highest validation AUC of '{request.method}'",
@@ -279,6 +281,7 @@ def train_bundle(
         "labels": _labels_summary(labels),
         "validation_log_likelihood": reports[selected].val_log_likelihood,
         "validation_auc": reports[selected].val_auc or None,
+        "calibration_auc": held_out_auc(None if labels is None else labels[cal_rows], calibration_scores),
         "loss_curve": best.loss_curve,
         "notes": notes,
     }
@@ -294,6 +297,22 @@ def train_bundle(
     return TrainResult(bundle, reports, [selected], notes)
 
 
+def held_out_auc(
+    labels: NDArray[np.bool_] | None, scores: dict[str, NDArray[np.float64]]
+) -> dict[str, Any] | None:
+    """With labels of both classes among the calibration rows, each method's AUC there: rows that
+    neither fitted the networks nor were their references, nor chose among candidates, so the
+    figure is what the bundle does on rows it has not seen (its threshold excepted, which these
+    rows set). None without labels, or with one class."""
+    if labels is None or labels.all() or not labels.any():
+        return None
+    return {
+        "rows": int(labels.size),
+        "anomalies": int(labels.sum()),
+        "auc": {method: auc(labels, scores[method]) for method in METHODS},
+    }
+
+
 def _labels_summary(labels: NDArray[np.bool_] | None) -> dict[str, int] | None:
     return None if labels is None else {"anomalies": int(labels.sum()), "rows": int(labels.size)}
 
@@ -306,6 +325,7 @@ def _save_ensemble(
     common: dict[str, Any],
     rows: dict[str, int],
     labels: NDArray[np.bool_] | None,
+    cal_rows: NDArray[np.intp],
     notes: list[str],
     started: float,
 ) -> TrainResult:
@@ -339,6 +359,7 @@ def _save_ensemble(
         "candidates": len(reports),
         "rows": rows,
         "labels": _labels_summary(labels),
+        "calibration_auc": held_out_auc(None if labels is None else labels[cal_rows], calibration_scores),
         "validation_log_likelihood": {
             m: float(np.mean([reports[i].val_log_likelihood[m] for i in members])) for m in METHODS
         },

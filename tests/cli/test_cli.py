@@ -116,7 +116,23 @@ def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trai
     # The default grid on 6 features: latent 2 and 4 (8 exceeds them) x 2 kernel widths.
     assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 4
     assert main(["info", str(tmp_path / "ensemble")]) == 0
-    assert "ensemble of 4 members, scored by factor_fisher: latent 2/4" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "ensemble of 4 members, scored by factor_fisher: latent 2/4" in info
+    # With labels, the AUC on the calibration rows, which nothing else used: against scikit-learn's
+    # on the scores the service gives those rows (float32 either way; a rounding tie could move the
+    # AUC by one pair in anomalies x normals, and the table has no such near-tie at these scores).
+    from sklearn.metrics import roc_auc_score
+
+    table = pd.read_csv(root / "train.csv")
+    fit, kept = bundle.training["fit"], bundle.training["rows"]
+    n = len(table)
+    cal = split_rows(n, kept["validation"] / n, kept["calibration"] / n, fit["seed"]).calibration
+    labels = table["label"].to_numpy()[cal]
+    held_out = bundle.training["calibration_auc"]
+    assert held_out["rows"] == cal.size and held_out["anomalies"] == labels.sum() > 0
+    served = OnnxScorer(bundle).score(table[FEATURES].to_numpy()[cal])
+    assert held_out["auc"]["likelihood"] == pytest.approx(roc_auc_score(labels, served.score), abs=1e-12)
+    assert f"held-out AUC likelihood {held_out['auc']['likelihood']:.3f}" in info
     out = tmp_path / "scores.csv"
     assert main(["score", str(tmp_path / "ensemble"), str(root / "new.npy"), "--out", str(out)]) == 0
     scored, expected = pd.read_csv(out), OnnxScorer(bundle).score(rows)
