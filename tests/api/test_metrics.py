@@ -100,7 +100,12 @@ def test_flagged_rows_are_counted_per_method_and_threshold(fresh):
     default, other_method = bundle.default_method, "reconstruction"
     calibrated = bundle.threshold(default, max(bundle.fprs)).name  # the widest: it flags rows here
     assert 0.3 not in bundle.fprs and 0.25 not in bundle.fprs  # uncalibrated: threshold="other"
-    rows = np.r_[manifold_rows(20, seed=5), off_manifold_rows(20, seed=6)].tolist()
+    # Rows far from all of the training rows (+30 in every feature, ten of their spreads), so that each
+    # series gets flagged rows whatever the small model learned; the off-manifold rows alone, 3 away,
+    # were not always flagged by it.
+    rows = np.r_[
+        manifold_rows(20, seed=5), off_manifold_rows(10, seed=6), manifold_rows(10, seed=7) + 30
+    ].tolist()
     requests = [
         {"threshold": calibrated},
         {"threshold": calibrated, "method": other_method},
