@@ -34,7 +34,6 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from app.bundle.ensemble import FACTOR_FISHER, member_scores
-from app.bundle.scaler import Scaling
 from app.model.manifold import ManifoldModel
 from app.train.evaluate import (
     PROTOCOLS,
@@ -75,14 +74,12 @@ def fit_default(
     protocol: str,
     seed: int,
     steps: int | None = None,
-    scaling: Scaling | None = None,
 ) -> FittedSplit:
     """The default grid fitted on `evaluate`'s split and hold-out, with the fitting seed of refit `seed`
-    (and `steps` optimiser steps instead of the default's, `scaling` instead of the product's)."""
+    (and `steps` optimiser steps instead of the default's)."""
     torch.set_num_threads(1)  # one process per core
     options = EvaluateOptions(candidates=tuple(expand_grid(GRIDS["default"], dataset.normal.shape[1])))
-    scaling = scaling or options.fit.scaling
-    data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol], scaling=scaling)
+    data = protocol_split(dataset, seed=split, contamination=PROTOCOLS[protocol], scaling=options.fit.scaling)
     fit_rows, val_rows = stratified_holdout(data.y_train, options.val_fraction, seed=split)
     x_fit = data.x_train[fit_rows]
     fit = replace(options.fit, seed=split + 100 * seed, steps=steps or options.fit.steps)

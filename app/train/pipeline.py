@@ -239,6 +239,7 @@ def train_bundle(
         notes.append(f"{which} only one class: {then}")
         val_labels = None
     cal_rows = splits.calibration
+    cal_labels = None if labels is None else labels[cal_rows]
     fprs, default_fpr = _choose_fprs(request, cal_rows.size, notes)
 
     fitted = fit_candidates(x[splits.train], request.candidates, request.fit, progress)
@@ -262,7 +263,7 @@ def train_bundle(
     }
     if request.ensemble:
         return _save_ensemble(
-            reports, x[cal_rows], request, out_dir, common, rows, labels, cal_rows, notes, started
+            reports, x[cal_rows], request, out_dir, common, rows, labels, cal_labels, notes, started
         )
     selected, rule = select_report(reports, request.method, supervised=val_labels is not None)
     criterion = {
@@ -281,7 +282,7 @@ def train_bundle(
         "labels": _labels_summary(labels),
         "validation_log_likelihood": reports[selected].val_log_likelihood,
         "validation_auc": reports[selected].val_auc or None,
-        "calibration_auc": held_out_auc(None if labels is None else labels[cal_rows], calibration_scores),
+        "calibration_auc": held_out_auc(cal_labels, calibration_scores),
         "loss_curve": best.loss_curve,
         "notes": notes,
     }
@@ -325,7 +326,7 @@ def _save_ensemble(
     common: dict[str, Any],
     rows: dict[str, int],
     labels: NDArray[np.bool_] | None,
-    cal_rows: NDArray[np.intp],
+    cal_labels: NDArray[np.bool_] | None,
     notes: list[str],
     started: float,
 ) -> TrainResult:
@@ -359,7 +360,7 @@ def _save_ensemble(
         "candidates": len(reports),
         "rows": rows,
         "labels": _labels_summary(labels),
-        "calibration_auc": held_out_auc(None if labels is None else labels[cal_rows], calibration_scores),
+        "calibration_auc": held_out_auc(cal_labels, calibration_scores),
         "validation_log_likelihood": {
             m: float(np.mean([reports[i].val_log_likelihood[m] for i in members])) for m in METHODS
         },
