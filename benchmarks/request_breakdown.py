@@ -31,6 +31,7 @@ import orjson
 from app.api import routes
 from app.api.main import create_app
 from app.api.settings import Settings
+from app.bundle.format import EnsembleBundle
 from app.engine import onnx_backend as onnx_scorer
 
 
@@ -118,12 +119,14 @@ def main() -> None:
 
         return wrapper
 
-    originals = (scorer._run, routes.parse_json, onnx_scorer.assemble_members)
+    ensemble = isinstance(bundle, EnsembleBundle)
+    assembling = "assemble_combined" if ensemble else "assemble_members"
+    originals = (scorer._run, routes.parse_json, getattr(onnx_scorer, assembling))
     observe, respond = service.metrics.observe_scores, routes.json_response
     # Instance and module attributes, looked up at call time by the route and the scorer.
     scorer._run = timed("onnxruntime", scorer._run)
     routes.parse_json = timed("parse", routes.parse_json)
-    onnx_scorer.assemble_members = timed("flags_and_p_values", onnx_scorer.assemble_members)
+    setattr(onnx_scorer, assembling, timed("flags_and_p_values", originals[2]))
     service.metrics.observe_scores = timed("metrics", observe)
     routes.json_response = timed("response", respond)
 
@@ -141,7 +144,7 @@ def main() -> None:
     session, method, fpr = scorer.sessions[served.method], served.method, served.fpr
     x64 = np.ascontiguousarray(x, dtype=np.float64)  # what the scorer hands the graphs
     results = run(session, x64, False)
-    parts = scorer._members(session, results)
+    parts = results if ensemble else [results]
     mismatch = bundle.split_columns(x64)[1]
     out = assemble(bundle, method, fpr, parts, False, x64.shape[0], mismatch)
     parsed = parse(body, bundle.features, service.settings.max_rows)

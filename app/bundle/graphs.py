@@ -36,9 +36,12 @@ from google.protobuf.message import DecodeError, Message
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
+from app.bundle import ensemble
 from app.bundle.format import Bundle, BundleError, EnsembleBundle
 from app.model import stacking
+from app.model.graph import Graph
 from app.model.methods import FLOAT64_METHODS, OUTPUTS
+from app.model.noise import whitening_factors
 from app.model.onnx_export import GRAPH_OPS, LOOP_METHOD, ExportedGraph
 from app.model.spec import PROJECTION_STEPS
 
@@ -82,33 +85,37 @@ MEMBER_OUTPUT = "m{index}/{name}"
 
 @dataclass(frozen=True)
 class MergedGraph:
-    """One method's graph that scores every member of a bundle in one call, and where each member's
-    outputs are in it: members[i] maps each of OUTPUTS to the graph output holding member i's
-    values and, for a stack of members, member i's index along its leading axis (None: the whole
-    output is member i's)."""
+    """One method's graph that scores every member of a bundle in one call. outputs: what the scorer
+    fetches, OUTPUTS for one model, app.bundle.ensemble.COMBINED_OUTPUTS (the members combined) for
+    an ensemble. members[i] maps each of OUTPUTS to the graph output holding member i's values and,
+    for a stack of members, member i's index along its leading axis (None: the whole output is
+    member i's); stack: the most members in one stack (1: none stacked)."""
 
     data: bytes
+    outputs: tuple[str, ...]
     members: tuple[dict[str, tuple[str, int | None]], ...]
+    stack: int = 1
 
 
 def merged_graphs(bundle: Bundle) -> dict[str, MergedGraph]:
-    """Per method, one graph that scores every member of an ensemble in one call. Members of one
-    graph structure (one architecture) are stacked along a leading axis (app.model.stacking), so
-    that a node runs once for all of them rather than once per member: a single row's answer costs
-    a few node launches per architecture, not per member. The stacks, and any member whose graph
-    cannot be stacked (the projection's Loop), stand side by side in the graph, their names
-    prefixed "m<p>/", all reading the one input x. A plain bundle's graphs are its verified_graphs."""
+    """Per method, one graph that scores every member of an ensemble in one call and combines their
+    scores (app.bundle.ensemble.emit). Members of one graph structure (one architecture) are stacked
+    along a leading axis (app.model.stacking), so that a node runs once for all of them rather than
+    once per member: a single row's answer costs a few node launches per architecture, not per
+    member. The stacks, and any member whose graph cannot be stacked (the projection's Loop), stand
+    side by side in the graph, their names prefixed "m<p>/", all reading the one input x. A plain
+    bundle's graphs are its verified_graphs."""
     if not isinstance(bundle, EnsembleBundle):
         return {
-            method: MergedGraph(data, ({name: (name, None) for name in OUTPUTS},))
+            method: MergedGraph(data, OUTPUTS, ({name: (name, None) for name in OUTPUTS},))
             for method, data in verified_graphs(bundle).items()
         }
     # The loader has checked that every member has graphs of the same methods.
     verified = [verified_graphs(member) for member in bundle.members]
-    return {method: _merged([graphs[method] for graphs in verified], method) for method in verified[0]}
+    return {method: _merged(bundle, [g[method] for g in verified], method) for method in verified[0]}
 
 
-def _merged(graphs: list[bytes], method: str) -> MergedGraph:
+def _merged(bundle: EnsembleBundle, graphs: list[bytes], method: str) -> MergedGraph:
     models = []
     for data in graphs:
         model = onnx.ModelProto()
@@ -119,7 +126,9 @@ def _merged(graphs: list[bytes], method: str) -> MergedGraph:
         groups.setdefault(stacking.structure(model), []).append(i)
     parts: list[onnx.ModelProto] = []
     where: dict[int, tuple[int, int | None]] = {}
+    order: list[int] = []  # the members in the order of the parts' outputs
     for members in groups.values():
+        order += members
         try:
             parts.append(stacking.stack([models[i] for i in members]))
             where.update({i: (len(parts) - 1, j) for j, i in enumerate(members)})
@@ -129,20 +138,47 @@ def _merged(graphs: list[bytes], method: str) -> MergedGraph:
                 where[i] = (len(parts) - 1, None)
     for p, part in enumerate(parts):
         _prefix(part.graph, MEMBER_OUTPUT.format(index=p, name=""), keep="x")
+    combined = Graph()
+    stacks = {part for part, index in where.values() if index is not None}
+    stacked = {name: _member_major(combined, len(parts), stacks, name, order) for name in OUTPUTS}
+    outputs = ensemble.emit(
+        combined,
+        bundle.combination,
+        method,
+        stacked,
+        [bundle.members[i].calibration for i in range(len(models))],
+        [whitening_factors(member.relative_variance) for member in bundle.members],
+    )
+    for name, tensor in outputs.items():  # the combination's results under their own names
+        combined.nodes.append(onnx.helper.make_node("Identity", [tensor], [name]))
     first = parts[0]
     graph = onnx.helper.make_graph(
-        [node for part in parts for node in part.graph.node],
+        [node for part in parts for node in part.graph.node] + combined.nodes,
         f"ensemble-{method}",
         list(first.graph.input),
-        [output for part in parts for output in part.graph.output],
-        [tensor for part in parts for tensor in part.graph.initializer],
+        [output for part in parts for output in part.graph.output]
+        + [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.DOUBLE, None) for name in outputs],
+        [tensor for part in parts for tensor in part.graph.initializer] + combined.initializers,
     )
     merged = onnx.helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
     layout = tuple(
         {name: (MEMBER_OUTPUT.format(index=where[i][0], name=name), where[i][1]) for name in OUTPUTS}
         for i in range(len(models))
     )
-    return MergedGraph(merged.SerializeToString(), layout)
+    return MergedGraph(merged.SerializeToString(), tuple(outputs), layout, max(map(len, groups.values())))
+
+
+def _member_major(g: Graph, parts: int, stacks: set[int], name: str, order: list[int]) -> str:
+    """Output `name` of every member, (M, ...) in member order: the parts' outputs one after another
+    (a stack's (members, ...); a lone member's (...) given a leading axis), then put in member order
+    where the stacks grouped members out of it (`order`: the members in the parts' order)."""
+    pieces = [MEMBER_OUTPUT.format(index=p, name=name) for p in range(parts)]
+    pieces = [piece if p in stacks else g.unsqueeze(piece, 0) for p, piece in enumerate(pieces)]
+    joined = g.op("Concat", *pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    if order == sorted(order):
+        return joined
+    position = np.argsort(order)  # member i's position in the parts' order
+    return g.op("Gather", joined, g.const(position, np.int64), axis=0)
 
 
 def _prefix(graph: onnx.GraphProto, prefix: str, keep: str) -> None:

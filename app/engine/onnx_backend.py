@@ -13,10 +13,16 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.bundle.format import Bundle, BundleError, members_of
+from app.bundle.format import Bundle, BundleError, EnsembleBundle, members_of
 from app.bundle.graphs import MergedGraph, merged_graphs
 from app.engine.errors import ScoringFailed
-from app.engine.scorer import MEMBER_ROWS, ScoreOutput, assemble_members, method_or_default
+from app.engine.scorer import (
+    MEMBER_ROWS,
+    ScoreOutput,
+    assemble_combined,
+    assemble_members,
+    method_or_default,
+)
 
 # Fewer rows than this per block, and a block's fixed cost (a hundred-odd node launches) outweighs
 # what a second core saves.
@@ -45,28 +51,18 @@ def available_cores() -> int:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where a session's outputs hold each member's values, and how its calls are cut into blocks."""
+    """What a session's calls fetch, and how they are cut into blocks."""
 
-    members: tuple[dict[str, tuple[str, int | None]], ...]  # name -> (session output, stack index)
-    batch_axis: dict[str, int]  # per session output: its rows' axis (1 behind a stack's member axis)
     block_rows: int | None  # at most this many rows per call; None: no limit
-    # The session outputs to fetch without and with `explain`: each member's (rows, d) residual is
-    # most of what a call copies out, and only an explanation reads it.
+    # The session outputs to fetch without and with `explain`: a (rows, d) residual is most of what
+    # a call copies out, and only an explanation reads it.
     outputs: dict[bool, tuple[str, ...]]
 
 
-def _layout(session: ort.InferenceSession, graph: MergedGraph) -> _Layout:
-    names = [output.name for output in session.get_outputs()]
-    members = graph.members
-    stacked = [
-        (output, index) for member in members for output, index in member.values() if index is not None
-    ]
-    batch_axis = dict.fromkeys(names, 0) | {output: 1 for output, _ in stacked}
-    largest = max((index + 1 for _, index in stacked), default=1)
-    block_rows = max(MIN_BLOCK_ROWS, MEMBER_ROWS // largest) if largest > 1 else None
-    residuals = {output for member in members for name, (output, _) in member.items() if name == "residual"}
-    outputs = {True: tuple(names), False: tuple(n for n in names if n not in residuals)}
-    return _Layout(members, batch_axis, block_rows, outputs)
+def _layout(graph: MergedGraph) -> _Layout:
+    block_rows = max(MIN_BLOCK_ROWS, MEMBER_ROWS // graph.stack) if graph.stack > 1 else None
+    unexplained = tuple(name for name in graph.outputs if name != "residual")
+    return _Layout(block_rows, {True: graph.outputs, False: unexplained})
 
 
 class OnnxScorer:
@@ -97,9 +93,7 @@ class OnnxScorer:
             for method, graph in graphs.items()
         }
         self.methods = tuple(self.sessions)
-        self._layouts = {
-            session: _layout(session, graphs[method]) for method, session in self.sessions.items()
-        }
+        self._layouts = {session: _layout(graphs[method]) for method, session in self.sessions.items()}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -122,22 +116,9 @@ class OnnxScorer:
             raise ScoringFailed(
                 f"onnxruntime failed on the graph of {method!r}: {type(e).__name__}: {e}", {"method": method}
             ) from e
-        members = self._members(session, results)
-        return assemble_members(self.bundle, method, fpr, members, explain, x.shape[0], mismatch)
-
-    def _members(
-        self, session: ort.InferenceSession, results: dict[str, NDArray[np.floating]]
-    ) -> list[dict[str, NDArray[np.floating]]]:
-        """Each member's outputs, picked out of the session's (a stacked output holds several
-        members'); outputs only `explain` fetches are absent without it."""
-        return [
-            {
-                name: results[output] if index is None else results[output][index]
-                for name, (output, index) in member.items()
-                if output in results
-            }
-            for member in self._layouts[session].members
-        ]
+        if isinstance(self.bundle, EnsembleBundle):  # the graph has combined the members
+            return assemble_combined(self.bundle, method, fpr, results, explain, x.shape[0], mismatch)
+        return assemble_members(self.bundle, method, fpr, [results], explain, x.shape[0], mismatch)
 
     def _run(
         self, session: ort.InferenceSession, x: NDArray[np.float64], explain: bool
@@ -159,10 +140,8 @@ class OnnxScorer:
         # This thread scores the first lane itself rather than wait idle.
         done = [lane(0)] + [p.result() for p in pending]
         parts = [done[i % lanes][i // lanes] for i in range(blocks)]
-        return {
-            name: np.concatenate(column, axis=layout.batch_axis[name])
-            for name, column in zip(names, zip(*parts, strict=True), strict=True)
-        }
+        columns = zip(*parts, strict=True)
+        return {name: np.concatenate(column) for name, column in zip(names, columns, strict=True)}
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:  # two first calls at once must not each make a pool

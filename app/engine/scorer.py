@@ -111,13 +111,18 @@ def method_or_default(method: str | None, bundle: Bundle) -> str:
 
 
 def _check_shapes(
-    bundle: Bundle, method: str, parts: dict[str, NDArray[np.generic]], rows: int, what: str = ""
+    bundle: Bundle,
+    method: str,
+    parts: dict[str, NDArray[np.generic]],
+    rows: int,
+    what: str = "",
+    shape: tuple[int, ...] | None = None,
 ) -> None:
     """Every output has one entry per input row: an answer never pairs a score with the wrong row,
-    whatever the backend did."""
+    whatever the backend did. `shape`: what every part's shape must be, if not the output's own."""
     shapes = {"residual": (rows, len(bundle.features)), "constant_mismatch": (rows, len(bundle.constants))}
     for name, values in parts.items():
-        expected = shapes.get(name, (rows,))
+        expected = shape or shapes.get(name, (rows,))
         if values.shape != expected:
             raise ScoringFailed(
                 f"the scoring of {method!r}{what} returned {name} of shape {values.shape} for {rows} rows "
@@ -176,6 +181,23 @@ def assemble_members(
         constant_mismatch,
         member_scores,
     )
+
+
+def assemble_combined(
+    bundle: EnsembleBundle,
+    method: str,
+    fpr: float | None,
+    combined: dict[str, NDArray[np.floating]],
+    explain: bool,
+    rows: int,
+    constant_mismatch: NDArray[np.bool_],
+) -> ScoreOutput:
+    """assemble for outputs the members' combination has already made (app.bundle.ensemble.emit,
+    inside the onnx backend's graph): what assemble_members computes from the members' outputs."""
+    member_scores = np.asarray(combined["member_scores"], dtype=np.float64)
+    _check_shapes(bundle, method, {"member_scores": member_scores}, rows, shape=(rows, len(bundle.members)))
+    parts = {name: values for name, values in combined.items() if name != "member_scores"}
+    return assemble(bundle, method, fpr, parts, explain, rows, constant_mismatch, member_scores)
 
 
 def _whitened(member: Bundle, parts: dict[str, NDArray[np.floating]]) -> dict[str, NDArray[np.floating]]:

@@ -16,6 +16,7 @@ from app.bundle.ensemble import (
     term_scores,
     terms,
 )
+from app.model.methods import PARTS
 
 
 def test_ranks_are_the_weak_percentile_of_score():
@@ -170,3 +171,78 @@ def test_methods_without_a_factor_score_the_one_they_have():
     )
     with pytest.raises(ValueError, match="unknown ensemble combination 'max'"):
         terms("max", "likelihood")
+
+
+def _emitted(combination, method, stacked, references, whitening):
+    """Run ensemble.emit's nodes in onnxruntime on the stacked member outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from app.model.graph import OPSET, Graph, onnx_type
+
+    g = Graph()
+    outputs = ensemble.emit(g, combination, method, {n: n for n in stacked}, references, whitening)
+    graph = onnx.helper.make_graph(
+        g.nodes + [onnx.helper.make_node("Identity", [t], [f"out_{n}"]) for n, t in outputs.items()],
+        "emit",
+        [onnx.helper.make_tensor_value_info(n, onnx_type(v.dtype.type), v.shape) for n, v in stacked.items()],
+        [onnx.helper.make_tensor_value_info(f"out_{n}", onnx.TensorProto.DOUBLE, None) for n in outputs],
+        g.initializers,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, session.run([f"out_{n}" for n in outputs], stacked), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("combination", "method", "dtype"),
+    [
+        (FACTOR_FISHER, "likelihood", np.float32),
+        (FACTOR_FISHER, "latent", np.float32),
+        (FACTOR_FISHER, "reconstruction", np.float32),
+        (FACTOR_FISHER, "projected", np.float64),
+        (RANK_MEAN, "likelihood", np.float32),
+    ],
+)
+def test_the_graphs_combination_counts_as_searchsorted_does(combination, method, dtype):
+    """The onnx backend combines members inside its graph by a binary search over references padded
+    with +inf (ensemble.emit): the same counts as searchsorted, ties, infinities and NaN included,
+    for reference sets of 1, 7 (2^3 - 1: no padding), 8 and 300 values, so the same member scores
+    up to the logarithm's rounding; the means and the residual's root mean square as numpy's."""
+    rng = np.random.default_rng(11)
+    sizes, rows, d = (1, 7, 8, 300), 64, 5
+    members = len(sizes)
+    # Values on a coarse grid (exact in float32), the references drawn from the same grid: many ties.
+    grid = lambda *shape: (rng.integers(-40, 40, shape) / 4).astype(dtype)  # noqa: E731
+    stacked = {name: grid(members, rows) for name in ("log_prob", *PARTS, "reconstruction_error")}
+    stacked["log_volume"][:, :8] = 0  # a factor equal to -log_prior alone: ties with its references
+    stacked["residual"] = grid(members, rows, d)
+    stacked["log_prob"][:, 0] = stacked["log_prior"][:, 1] = stacked["log_residual"][:, 2] = np.inf
+    stacked["log_prob"][:, 3] = stacked["log_prior"][:, 4] = stacked["log_residual"][:, 5] = -np.inf
+    stacked["log_prob"][:, 6] = stacked["log_prior"][:, 7] = stacked["log_residual"][:, 8] = np.nan
+    values = ensemble.term_scores(combination, method, {k: v.astype(np.float64) for k, v in stacked.items()})
+    references = [
+        {t: np.sort(rng.choice(np.r_[v[m], rng.integers(-80, 80, n) / 4], n)) for t, v in values.items()}
+        for m, n in enumerate(sizes)
+    ]
+    for refs in references:  # a bundle's references are finite (checked at load)
+        for t in refs:
+            refs[t] = np.sort(np.where(np.isfinite(refs[t]), refs[t], 0.0))
+    whitening = [None, np.linspace(0.5, 2, d), None, np.full(d, 3.0)]
+    out = _emitted(combination, method, stacked, references, whitening)
+
+    expected = ensemble.stacked_member_scores(combination, references, values, ascending=True)
+    assert np.array_equal(np.isnan(out["member_scores"]), np.isnan(expected))
+    assert np.isnan(expected).any() and np.isinf(next(iter(values.values()))).any()
+    # log(n + 1) - Log(1 + count) against log(n + 1) - log1p(count): each logarithm of a value below
+    # log(301) within an ulp or two of it, summed over at most two terms.
+    atol = 8 * np.spacing(np.log(301.0))
+    np.testing.assert_allclose(out["member_scores"], expected, rtol=0, atol=atol)
+    np.testing.assert_allclose(out["score"], expected.mean(axis=1), rtol=0, atol=atol)
+    # Means of four float64 values: each sum rounds at most three times, by half an ulp of its size.
+    sums = {k: v.astype(np.float64) for k, v in stacked.items()}
+    for name in ("log_prob", *PARTS, "reconstruction_error"):
+        finite = np.isfinite(sums[name]).all(axis=0)
+        np.testing.assert_allclose(out[name][finite], sums[name].mean(axis=0)[finite], rtol=4e-16 * members)
+    whitened = sums["residual"] * np.stack([np.ones(d) if w is None else w for w in whitening])[:, None, :]
+    np.testing.assert_allclose(out["residual"], np.sqrt(np.mean(whitened**2, axis=0)), rtol=8e-16 * members)
