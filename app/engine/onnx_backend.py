@@ -1,5 +1,5 @@
 """The onnxruntime backend: the bundle's fused ONNX graphs on CPU, without PyTorch; an ensemble's
-members merged into one graph per method."""
+members merged into one graph per method, which also combines their scores."""
 
 from __future__ import annotations
 

@@ -18,11 +18,14 @@ Three paths, one set of rules:
   costs, so the time limit has nothing to bound; they take no permit, so one inline call may run
   beside the `concurrency` threaded ones (onnxruntime releases the GIL). The projection (float64,
   up to 100 iterations) always goes to a thread, and so does an ensemble's call: it runs every
-  member's graph and combines their factors, and one row of the six-member default cost 0.70 ms
-  against 0.13 ms for one row and 0.16 ms for 16 rows of the shipped single model (onnx, one
-  thread, AMD EPYC, 2026-12-03). On the event loop it would stop the parsing of other requests
-  for that long; in a thread the loop parses while onnxruntime scores on the other core (1 915
-  single-row requests/s at 16 connections against 1 434 inline, benchmarks/http_load.py).
+  member's graph, and one row of the six-member default cost 0.70 ms against 0.13 ms for one row
+  and 0.16 ms for 16 rows of the shipped single model (onnx, one thread, AMD EPYC, 2026-12-03).
+  On the event loop it would stop the parsing of other requests for that long; in a thread the
+  loop parses while onnxruntime scores on the other core (1 915 single-row requests/s at 16
+  connections against 1 434 inline, benchmarks/http_load.py). Since the members are combined
+  inside the graph (app.bundle.ensemble.emit) one row costs 0.21 ms, and inline against threaded
+  no longer differed beyond the machine's noise (2 049-2 647 requests/s threaded, 1 761-3 228
+  inline, three interleaved pairs, 2026-12-04): threaded it stays, so the loop never waits on it.
 """
 
 from __future__ import annotations
