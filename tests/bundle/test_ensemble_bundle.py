@@ -405,3 +405,52 @@ def test_loading_refuses_an_inconsistent_ensemble(ensemble_result, tmp_path):
     with pytest.raises(BundleError, match="shape"):
         load_bundle(root)
     assert manifest["ensemble"]["members"][1]["architecture"]["latent_dim"] == 2
+
+
+def test_members_stacked_out_of_their_order_keep_their_own_columns(ensemble_result, tmp_path):
+    """Members 0 and 2 share an architecture (latent 2) and member 1 does not: the merged graph
+    stacks 0 and 2 and puts 1 after them, so its combination must put the members back in their
+    order. Each column of member_scores and the explanation's residual are those of the member's
+    own graph, alone."""
+    bundle, reports = ensemble_result.bundle, ensemble_result.reports
+    order = [0, 2, 1]  # latent 2, 3, 2
+    shuffled = save_ensemble(
+        tmp_path / "shuffled",
+        models=[reports[i].fitted.model for i in order],
+        references=[reports[i].val_scores for i in order],
+        hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in order],
+        name="shuffled",
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=dict(bundle.calibration),
+        columns=bundle.columns,
+        constants=bundle.constants,
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+    assert [m.architecture.latent_dim for m in shuffled.members] == [2, 3, 2]
+    layout = merged_graphs(shuffled)["likelihood"].members
+    # (stack, index in it): 0 and 2 stack m0, 1 after them, alone in m1
+    assert [(m["log_prob"][0].split("/")[0], m["log_prob"][1]) for m in layout] == [
+        ("m0", 0),
+        ("m1", 0),
+        ("m0", 1),
+    ]
+    x = _rows()
+    out = OnnxScorer(shuffled).score(x, "likelihood", explain=True)
+    alone = [_alone(member, x, "likelihood") for member in shuffled.members]
+    expected = np.array(
+        [_member_score(m, a, "likelihood") for m, a in zip(shuffled.members, alone, strict=True)]
+    ).T
+    np.testing.assert_allclose(out.member_scores, expected, rtol=1e-14, atol=1e-14)
+    assert not np.allclose(expected[:, 1], expected[:, 2])  # a swap of columns would be seen
+    # The members' mean residual share: each whitened by its own noise variances.
+    whitened = [
+        a["residual"] ** 2 / np.asarray(m.relative_variance)
+        for m, a in zip(shuffled.members, alone, strict=True)
+    ]
+    squared = np.mean(whitened, axis=0)
+    rtol = float32_rtol(shuffled.members[0].architecture)
+    np.testing.assert_allclose(
+        out.residual_share, squared / squared.sum(axis=1, keepdims=True), rtol=rtol, atol=rtol
+    )
