@@ -199,10 +199,10 @@ def ranks(
     return np.where(np.isnan(s), np.nan, out)
 
 
-# What an ensemble's merged graph answers (app.bundle.graphs): the score, each member's score, the
-# members' means of their outputs and, for an explanation, the root mean square of their whitened
-# residuals (what assemble_members computes from the members' outputs).
-COMBINED_OUTPUTS = ("score", "member_scores", "log_prob", *PARTS, "reconstruction_error", "residual")
+# What an ensemble's merged graph answers (app.bundle.graphs): each member's score, the members'
+# means of their outputs and, for an explanation, the root mean square of their whitened residuals
+# (what assemble_members computes from the members' outputs).
+COMBINED_OUTPUTS = ("member_scores", "log_prob", *PARTS, "reconstruction_error", "residual")
 
 
 def emit(
@@ -217,8 +217,9 @@ def emit(
     OUTPUTS) stacked in member order: stacked[name] an (M, B) tensor, (M, B, d) for residual, float32
     or float64. references[m] are member m's sorted reference values of each term (a bundle's),
     whitening[m] its residual's whitening factors (None: isotropic). Returns each of COMBINED_OUTPUTS
-    and the tensor holding it: score (B,), member_scores (B, M), the means (B,), residual (B, d),
-    float64, as stacked_member_scores and assemble_members compute them.
+    and the tensor holding it, float64: member_scores (B, M), bit for bit stacked_member_scores';
+    the means (B,) and residual (B, d) as assemble_members computes them, to the rounding of a sum
+    of M values (onnxruntime may add them in another order).
 
     A reference set's count of values below (or at) a row's value is a branchless binary search:
     references padded with +inf to 2^K - 1 values, K halving steps of a gather and a comparison.
@@ -251,20 +252,27 @@ def emit(
         probe = g.add(below, g.const(np.array(2**k), np.int64))
         found = g.op(compare, g.op("GatherElements", table, probe, axis=1), v)
         below = g.where(found, probe, below)
-    counted = g.cast(below, F64)  # one less than the count
     if combination == RANK_MEAN:  # #{r <= v} / n, the +inf padding counted only for v = +inf
         n = g.const(counts, np.float64)
-        statistic = g.div(g.op("Min", g.add(counted, g.const(np.array(1.0), np.float64)), n), n)
-    else:  # log(n + 1) - log(1 + #{r >= v}), #{r >= v} = n - (counted + 1)
-        at_or_above_plus_one = g.sub(g.const(counts, np.float64), counted)
-        statistic = g.sub(g.const(np.log(counts + 1.0), np.float64), g.op("Log", at_or_above_plus_one))
+        counted = g.add(g.cast(below, F64), g.const(np.array(1.0), np.float64))
+        statistic = g.div(g.op("Min", counted, n), n)
+    else:
+        # Looked up, not computed: each set's surprisal of every count k = #{r >= v} in 0..n, by the
+        # numpy expression `surprisal` evaluates, so the graph's scores are numpy's to the bit. A
+        # logarithm of onnxruntime's differs in the last place from numpy's for about a fifth of the
+        # integers, and an ensemble score (a sum of a few such values) often equals a calibration
+        # score exactly: an ulp would decide its p-value and flag.
+        surprisals = np.zeros((len(sets), int(counts.max()) + 1))
+        for row, r in zip(surprisals, sets, strict=True):
+            row[: r.size + 1] = np.log(r.size + 1.0) - np.log1p(np.arange(r.size + 1))
+        at_or_above = g.sub(g.const(counts.astype(np.int64) - 1, np.int64), below)  # n - (below + 1)
+        statistic = g.op("GatherElements", g.const(surprisals, np.float64), at_or_above, axis=1)
     statistic = g.where(g.op("IsNaN", v), g.const(np.array(np.nan), np.float64), statistic)
+    # The sum of at most two terms, as numpy's; the members' mean is assemble_combined's, in numpy,
+    # as assemble_members takes it: the score is then the same to the bit.
     shape = g.const(np.array([len(names), members, -1]), np.int64)
     per_member = g.sum(g.op("Reshape", statistic, shape), 0)  # (M, B)
-    out = {
-        "score": g.op("ReduceMean", per_member, axes=[0], keepdims=0),
-        "member_scores": g.op("Transpose", per_member, perm=[1, 0]),
-    }
+    out = {"member_scores": g.op("Transpose", per_member, perm=[1, 0])}
     for name in ("log_prob", *PARTS, "reconstruction_error"):
         out[name] = g.op("ReduceMean", f64[name], axes=[0], keepdims=0)
     residual = f64["residual"]

@@ -85,15 +85,12 @@ MEMBER_OUTPUT = "m{index}/{name}"
 
 @dataclass(frozen=True)
 class MergedGraph:
-    """One method's graph that scores every member of a bundle in one call. outputs: what the scorer
-    fetches, OUTPUTS for one model, app.bundle.ensemble.COMBINED_OUTPUTS (the members combined) for
-    an ensemble. members[i] maps each of OUTPUTS to the graph output holding member i's values and,
-    for a stack of members, member i's index along its leading axis (None: the whole output is
-    member i's); stack: the most members in one stack (1: none stacked)."""
+    """One method's graph that scores every member of a bundle in one call. outputs: the graph's,
+    OUTPUTS for one model, app.bundle.ensemble.COMBINED_OUTPUTS (the members combined) for an
+    ensemble; stack: the most members in one stack (1: none stacked), whose tensors grow with it."""
 
     data: bytes
     outputs: tuple[str, ...]
-    members: tuple[dict[str, tuple[str, int | None]], ...]
     stack: int = 1
 
 
@@ -106,10 +103,7 @@ def merged_graphs(bundle: Bundle) -> dict[str, MergedGraph]:
     side by side in the graph, their names prefixed "m<p>/", all reading the one input x. A plain
     bundle's graphs are its verified_graphs."""
     if not isinstance(bundle, EnsembleBundle):
-        return {
-            method: MergedGraph(data, OUTPUTS, ({name: (name, None) for name in OUTPUTS},))
-            for method, data in verified_graphs(bundle).items()
-        }
+        return {method: MergedGraph(data, OUTPUTS) for method, data in verified_graphs(bundle).items()}
     # The loader has checked that every member has graphs of the same methods.
     verified = [verified_graphs(member) for member in bundle.members]
     return {method: _merged(bundle, [g[method] for g in verified], method) for method in verified[0]}
@@ -146,7 +140,7 @@ def _merged(bundle: EnsembleBundle, graphs: list[bytes], method: str) -> MergedG
         bundle.combination,
         method,
         stacked,
-        [bundle.members[i].calibration for i in range(len(models))],
+        [member.calibration for member in bundle.members],
         [whitening_factors(member.relative_variance) for member in bundle.members],
     )
     for name, tensor in outputs.items():  # the combination's results under their own names
@@ -156,16 +150,12 @@ def _merged(bundle: EnsembleBundle, graphs: list[bytes], method: str) -> MergedG
         [node for part in parts for node in part.graph.node] + combined.nodes,
         f"ensemble-{method}",
         list(first.graph.input),
-        [output for part in parts for output in part.graph.output]
-        + [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.DOUBLE, None) for name in outputs],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.DOUBLE, None) for name in outputs],
         [tensor for part in parts for tensor in part.graph.initializer] + combined.initializers,
     )
     merged = onnx.helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
-    layout = tuple(
-        {name: (MEMBER_OUTPUT.format(index=where[i][0], name=name), where[i][1]) for name in OUTPUTS}
-        for i in range(len(models))
-    )
-    return MergedGraph(merged.SerializeToString(), tuple(outputs), layout, max(map(len, groups.values())))
+    stack = max((index + 1 for _, index in where.values() if index is not None), default=1)
+    return MergedGraph(merged.SerializeToString(), tuple(outputs), stack)
 
 
 def _member_major(g: Graph, parts: int, stacks: set[int], name: str, order: list[int]) -> str:

@@ -193,10 +193,12 @@ def assemble_combined(
     constant_mismatch: NDArray[np.bool_],
 ) -> ScoreOutput:
     """assemble for outputs the members' combination has already made (app.bundle.ensemble.emit,
-    inside the onnx backend's graph): what assemble_members computes from the members' outputs."""
-    member_scores = np.asarray(combined["member_scores"], dtype=np.float64)
+    inside the onnx backend's graph): what assemble_members computes from the members' outputs, the
+    score the same to the bit (the mean of the same member scores, taken the same way)."""
+    member_scores = np.ascontiguousarray(combined["member_scores"], dtype=np.float64)
     _check_shapes(bundle, method, {"member_scores": member_scores}, rows, shape=(rows, len(bundle.members)))
     parts = {name: values for name, values in combined.items() if name != "member_scores"}
+    parts["score"] = member_scores.mean(axis=1)
     return assemble(bundle, method, fpr, parts, explain, rows, constant_mismatch, member_scores)
 
 
