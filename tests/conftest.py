@@ -126,10 +126,15 @@ def bundle_from(model: ManifoldModel, out: Path, x: np.ndarray, **options) -> Bu
 
 
 def first_combination(
-    result: TrainResult, out: Path, calibration: dict[str, np.ndarray], **options
+    result: TrainResult,
+    out: Path,
+    calibration: dict[str, np.ndarray],
+    combination: str = "rank_mean",
+    **options,
 ) -> EnsembleBundle:
-    """A trained ensemble's members as the first ensemble bundles combined them ("rank_mean"), with
-    `calibration` (its scores of calibration rows per method)."""
+    """A trained ensemble's members as earlier bundles combined them (the first ones "rank_mean",
+    those of sessions 11 to 17 "factor_fisher"), with `calibration` (its scores of calibration rows
+    per method)."""
     bundle, reports = result.bundle, result.reports
     return save_ensemble(
         out,
@@ -137,7 +142,7 @@ def first_combination(
         references=[r.val_scores for r in reports],
         hyper_parameters=[r.fitted.candidate.to_dict() for r in reports],
         name="first",
-        combination="rank_mean",
+        combination=combination,
         features=bundle.features,
         scaler=bundle.scaler,
         calibration_scores=calibration,

@@ -45,7 +45,12 @@ from app.model.methods import METHODS, PARTS
 
 RANK_MEAN = "rank_mean"
 FACTOR_FISHER = "factor_fisher"
-COMBINATIONS = (RANK_MEAN, FACTOR_FISHER)
+# FACTOR_FISHER with each factor's surprisal continued beyond its largest reference value (tail_scale):
+# what training writes since session 18.
+FISHER_TAIL = "factor_fisher_tail"
+COMBINATIONS = (RANK_MEAN, FACTOR_FISHER, FISHER_TAIL)
+# The share of a reference set whose mean excess over the next value sets the tail's scale.
+TAIL_SHARE = 10
 # The factors of each method's density (app.model.methods.PARTS): latent's has no volume or residual
 # term, reconstruction's no prior or volume term, so each has one factor.
 FACTORS: dict[str, tuple[str, ...]] = {
@@ -64,7 +69,8 @@ def _check(combination: str) -> None:
 
 def terms(combination: str, method: str) -> tuple[str, ...]:
     """The names of what `combination` ranks of a member's `method` scores: "likelihood" (its -log p(x))
-    under RANK_MEAN, "likelihood.manifold" and "likelihood.residual" under FACTOR_FISHER."""
+    under RANK_MEAN, "likelihood.manifold" and "likelihood.residual" under FACTOR_FISHER and
+    FISHER_TAIL."""
     _check(combination)
     if combination == RANK_MEAN:
         return (method,)
@@ -98,7 +104,8 @@ def member_scores(
     """(rows, members): each member's score of each row, whose mean over members is the ensemble's.
     RANK_MEAN: the sum over the terms (in a bundle, the one term) of the row's rank among the
     member's references of the term; FACTOR_FISHER: the sum over its terms of the row's surprisal
-    among the member's references of that term (Fisher's combination of the factors' p-values).
+    among the member's references of that term (Fisher's combination of the factors' p-values);
+    FISHER_TAIL: the same with each surprisal continued beyond the largest reference (tail_scale).
     references[m] and values[m] map each term to member m's reference values (sorted if
     `ascending`, as a bundle's are) and to its values of the rows (term_scores)."""
     if not values or any(member.keys() != values[0].keys() for member in values):
@@ -148,6 +155,10 @@ def _members_statistic(
         and all(v.ndim == 1 and v.shape == values[0].shape for v in values)
         and len(values) * values[0].size * n <= BROADCAST_COMPARISONS
     )
+    if combination == FISHER_TAIL:  # each reference set its own tail
+        return np.stack(
+            [surprisal(r, v, ascending, tail=True) for r, v in zip(references, values, strict=True)]
+        )
     if not broadcast:
         statistic = ranks if combination == RANK_MEAN else surprisal
         return np.stack([statistic(r, v, ascending) for r, v in zip(references, values, strict=True)])
@@ -175,16 +186,42 @@ def _ordered(reference: NDArray[np.float64], ascending: bool) -> NDArray[np.floa
 
 
 def surprisal(
-    reference: NDArray[np.float64], scores: NDArray[np.float64], ascending: bool = False
+    reference: NDArray[np.float64], scores: NDArray[np.float64], ascending: bool = False, tail: bool = False
 ) -> NDArray[np.float64]:
     """-log p(s) for each score, p(s) = (1 + #{r >= s}) / (n + 1) its conformal p-value among the
     reference scores: 0 below them all, log(n + 1) above the largest; NaN scores stay NaN.
+    `tail`: above the largest reference r_n, log(n + 1) + (s - r_n) / tail_scale instead.
     `ascending` as for ranks."""
     ordered = _ordered(reference, ascending)
     s = np.asarray(scores, dtype=np.float64)
     at_or_above = ordered.size - np.searchsorted(ordered, s, side="left")
     out = np.log(ordered.size + 1.0) - np.log1p(at_or_above)
+    if tail:
+        beyond = np.log(ordered.size + 1.0) + (s - ordered[-1]) / tail_scale(ordered)
+        out = np.where(s > ordered[-1], beyond, out)
     return np.where(np.isnan(s), np.nan, out)
+
+
+def tail_scale(ordered: NDArray[np.float64]) -> float:
+    """How fast a surprisal grows beyond the largest of n ascending reference values: the mean excess
+    of the largest k = max(1, n // TAIL_SHARE) over the next largest, or 1 where that is not positive
+    (n = 1, or the top values tied).
+
+    Why a tail at all: a conformal surprisal stops at log(n + 1), so a row twice as far off the
+    manifold as any reference and one a thousand times as far score alike, and a row whose other
+    factor is typical stays below a threshold that a sum of two factors' surprisals sets near the
+    calibration's top: on a 200-feature table with 600 references, a sixth of rows drawn far off the
+    manifold went unflagged at a false-positive rate of 0.01, reconstruction error flagging them all.
+    Why this slope: each factor is a negative log-density, whose upper tail falls by a factor e per
+    unit under the model (Gaussian noise, a Gaussian-mixture prior: gamma tails), a slope the top
+    decile's mean excess estimates without trusting the model; 1, the model's own, where it cannot.
+    The ensemble's flags and p-values come from its calibration rows' scores, so their false-positive
+    rate holds whatever this slope; the ten datasets' AUC did not move (0.773 -> 0.774 trained with
+    anomalies, 0.860 -> 0.859 clean, session 17's member scores combined both ways)."""
+    n = ordered.size
+    k = max(1, n // TAIL_SHARE)
+    scale = float(np.mean(ordered[n - k :]) - ordered[n - k - 1]) if n > k else 0.0
+    return scale if scale > 0 else 1.0
 
 
 def ranks(
@@ -267,6 +304,12 @@ def emit(
             row[: r.size + 1] = np.log(r.size + 1.0) - np.log1p(np.arange(r.size + 1))
         at_or_above = g.sub(g.const(counts.astype(np.int64) - 1, np.int64), below)  # n - (below + 1)
         statistic = g.op("GatherElements", g.const(surprisals, np.float64), at_or_above, axis=1)
+        if combination == FISHER_TAIL:  # beyond the largest reference: surprisal's expression
+            largest = g.const(np.array([[r[-1]] for r in sets]), np.float64)
+            scales = g.const(np.array([[tail_scale(r)] for r in sets]), np.float64)
+            log_n1 = g.const(np.array([[np.log(r.size + 1.0)] for r in sets]), np.float64)  # as numpy
+            beyond = g.add(log_n1, g.div(g.sub(v, largest), scales))
+            statistic = g.where(g.op("Greater", v, largest), beyond, statistic)
     statistic = g.where(g.op("IsNaN", v), g.const(np.array(np.nan), np.float64), statistic)
     # The sum of at most two terms, as numpy's; the members' mean is assemble_combined's, in numpy,
     # as assemble_members takes it: the score is then the same to the bit.

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from app.bundle import calibration as cal
-from app.bundle.ensemble import FACTOR_FISHER, every_term
+from app.bundle.ensemble import FISHER_TAIL, every_term
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
 from app.model.spec import Architecture, weight_shapes
@@ -68,8 +68,9 @@ LEADERBOARD = "leaderboard.csv"
 ONNX_FILE = "scoring-{method}.onnx"
 # An ensemble's: member i's tensors under MEMBER_PREFIX.format(i) in WEIGHTS, its sorted reference
 # values of each term its combination ranks (app.bundle.ensemble.terms) under "<term>.<i>" in
-# REFERENCES, its graphs in MEMBER_ONNX_FILE. Training writes FACTOR_FISHER; the first ensemble
-# bundles name RANK_MEAN and still load. An older build refuses a combination it does not know.
+# REFERENCES, its graphs in MEMBER_ONNX_FILE. Training writes FISHER_TAIL; bundles of sessions 11 to 17
+# name FACTOR_FISHER, the first ensemble bundles RANK_MEAN, and both still load. An older build
+# refuses a combination it does not know.
 REFERENCES = "references.safetensors"
 MEMBER_PREFIX = "members.{index}."
 MEMBER_ONNX_FILE = "scoring-{method}-m{index}.onnx"
@@ -546,7 +547,7 @@ def save_ensemble(
     references: Sequence[dict[str, NDArray[np.float64]]],
     hyper_parameters: Sequence[dict[str, Any]],
     name: str,
-    combination: str = FACTOR_FISHER,
+    combination: str = FISHER_TAIL,
     features: list[str],
     scaler: Scaler,
     calibration_scores: dict[str, NDArray[np.float64]],

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.bundle.calibration import DEFAULT_FPRS, check_fpr
-from app.bundle.ensemble import FACTOR_FISHER, every_term, member_scores, term_scores
+from app.bundle.ensemble import FISHER_TAIL, every_term, member_scores, term_scores
 from app.bundle.format import Bundle, save_bundle, save_ensemble
 from app.bundle.scaler import Scaler
 from app.model.methods import METHODS
@@ -331,9 +331,9 @@ def _save_ensemble(
     started: float,
 ) -> TrainResult:
     """Every candidate whose validation scores are finite becomes a member; its validation rows'
-    values of the terms FACTOR_FISHER ranks are its references, and the ensemble's scores of the
+    values of the terms FISHER_TAIL ranks are its references, and the ensemble's scores of the
     calibration rows its calibration."""
-    keys = every_term(FACTOR_FISHER)
+    keys = every_term(FISHER_TAIL)
     members = [i for i, r in enumerate(reports) if all(np.isfinite(r.val_scores[k]).all() for k in keys)]
     left_out = [i for i in range(len(reports)) if i not in members]
     if not members:
@@ -346,9 +346,9 @@ def _save_ensemble(
     references = [{k: reports[i].val_scores[k] for k in keys} for i in members]
     calibration_scores = {
         method: member_scores(
-            FACTOR_FISHER,
+            FISHER_TAIL,
             references,
-            [term_scores(FACTOR_FISHER, method, score_rows(model, x_cal, method)) for model in models],
+            [term_scores(FISHER_TAIL, method, score_rows(model, x_cal, method)) for model in models],
         ).mean(axis=1)
         for method in METHODS
     }
@@ -356,7 +356,8 @@ def _save_ensemble(
         "members": [reports[i].fitted.candidate.to_dict() for i in members],
         "fit": dict(vars(request.fit)),
         "selection": f"ensemble of {len(members)} candidates, each scoring a row by the surprisals of its "
-        "density's factors (on the manifold, off it) among its validation rows'; their scores averaged",
+        "density's factors (on the manifold, off it) among its validation rows', continued beyond the "
+        "largest; their scores averaged",
         "candidates": len(reports),
         "rows": rows,
         "labels": _labels_summary(labels),
@@ -371,7 +372,7 @@ def _save_ensemble(
         out_dir,
         models=models,
         references=references,
-        combination=FACTOR_FISHER,
+        combination=FISHER_TAIL,
         hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in members],
         calibration_scores=calibration_scores,
         **common,

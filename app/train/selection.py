@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import roc_auc_score
 
-from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, RANK_MEAN, term_scores, terms
+from app.bundle.ensemble import COMBINATIONS, FACTOR_FISHER, FISHER_TAIL, RANK_MEAN, term_scores, terms
 from app.model.methods import METHODS
 from app.train.fit import Fitted, fit_noise, score_rows
 from app.train.options import NoiseModel
@@ -53,14 +53,17 @@ class CandidateReport:
 
 # The rules evaluate compares: how each member's values of the terms are put on a scale, and which
 # terms. "likelihood" is what an ensemble bundle's `likelihood` is, the product's default
-# (FACTOR_FISHER: the density on the manifold, -(log_prior + log_volume), and the residual's, their
-# surprisals added); "likelihood summed" ranks -log p(x) whole (RANK_MEAN, the first ensembles');
+# (FISHER_TAIL: the density on the manifold, -(log_prior + log_volume), and the residual's, their
+# surprisals added, each continued beyond its largest reference); "likelihood, untailed" stops each
+# surprisal at log(n + 1) (FACTOR_FISHER, sessions 11 to 17); "likelihood summed" ranks -log p(x)
+# whole (RANK_MEAN, the first ensembles');
 # "likelihood, factor ranks" adds the factors' ranks instead. The others add each member's ranks
 # of the rule's terms, and average the members':
 # "manifold" is the first factor alone, blind to how far a row lies off the manifold;
 # "latent&reconstruction" ranks the prior term and the residual apart, without the volume.
 ENSEMBLES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "likelihood": (FACTOR_FISHER, terms(FACTOR_FISHER, "likelihood")),
+    "likelihood": (FISHER_TAIL, terms(FISHER_TAIL, "likelihood")),
+    "likelihood, untailed": (FACTOR_FISHER, terms(FACTOR_FISHER, "likelihood")),
     "likelihood summed": (RANK_MEAN, terms(RANK_MEAN, "likelihood")),
     "likelihood, factor ranks": (RANK_MEAN, terms(FACTOR_FISHER, "likelihood")),
     "manifold": (RANK_MEAN, ("likelihood.manifold",)),

@@ -27,7 +27,7 @@ def test_model_metadata_describes_the_members(served):
     client, bundle = served
     body = client.get("/model").json()
     assert body["architecture"] is None and body["noise"] is None
-    assert body["ensemble"]["combination"] == "factor_fisher"
+    assert body["ensemble"]["combination"] == "factor_fisher_tail"
     members = body["ensemble"]["members"]
     assert [m["architecture"]["latent_dim"] for m in members] == [2, 2, 3]
     assert [m["noise"]["sigma2"] for m in members] == [m.sigma2 for m in bundle.members]

@@ -9,6 +9,7 @@ from scipy.stats import percentileofscore
 from app.bundle import ensemble
 from app.bundle.ensemble import (
     FACTOR_FISHER,
+    FISHER_TAIL,
     RANK_MEAN,
     member_scores,
     ranks,
@@ -202,6 +203,8 @@ def _emitted(combination, method, stacked, references, whitening):
         (FACTOR_FISHER, "reconstruction", np.float32),
         (FACTOR_FISHER, "projected", np.float64),
         (RANK_MEAN, "likelihood", np.float32),
+        (FISHER_TAIL, "likelihood", np.float32),
+        (FISHER_TAIL, "projected", np.float64),
     ],
 )
 def test_the_graphs_combination_counts_as_searchsorted_does(combination, method, dtype):
@@ -243,3 +246,24 @@ def test_the_graphs_combination_counts_as_searchsorted_does(combination, method,
         np.testing.assert_allclose(out[name][finite], sums[name].mean(axis=0)[finite], rtol=4e-16 * members)
     whitened = sums["residual"] * np.stack([np.ones(d) if w is None else w for w in whitening])[:, None, :]
     np.testing.assert_allclose(out["residual"], np.sqrt(np.mean(whitened**2, axis=0)), rtol=8e-16 * members)
+
+
+def test_the_tail_continues_the_surprisal_beyond_the_largest_reference():
+    """factor_fisher_tail: the conformal surprisal up to the largest reference r_n, then log(n + 1) +
+    (v - r_n) / s, s the mean excess of the top tenth over the next value (by hand here), 1 where
+    that is not positive; NaN stays NaN."""
+    reference = np.arange(1.0, 31.0) ** 2  # 1, 4, ..., 900: the top three over 729 = 27^2
+    s = np.mean([784.0, 841.0, 900.0]) - 729.0
+    values = np.array([0.0, 900.0, 900.0 + s, 900.0 + 10 * s, np.nan, np.inf])
+    p = np.array([(1 + np.sum(reference >= v)) / 31 for v in values[:2]])
+    expected = np.r_[-np.log(p), np.log(31) + 1, np.log(31) + 10, np.nan, np.inf]
+    got = surprisal(reference, values, tail=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=1e-15)
+    # Continuous at the largest reference, where the conformal surprisal stops at log(n + 1) - log 2.
+    assert surprisal(reference, [np.nextafter(900.0, np.inf)], tail=True)[0] == pytest.approx(np.log(31))
+    # No positive excess (ties at the top; one value): the model's own slope, one per unit.
+    assert ensemble.tail_scale(np.array([1.0, 5.0, 5.0])) == 1.0 == ensemble.tail_scale(np.array([3.0]))
+    # member_scores applies it to every term of every member.
+    refs = [{t: reference for t in terms(FISHER_TAIL, "latent")}] * 2
+    rows = [{t: values[:4] for t in terms(FISHER_TAIL, "latent")}] * 2
+    np.testing.assert_allclose(member_scores(FISHER_TAIL, refs, rows), np.c_[expected[:4], expected[:4]])

@@ -74,12 +74,23 @@ def _at_or_above(references: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.array([np.sum(references >= v) for v in values])
 
 
+def _tail_surprisal(references: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """docs/bundle.md 11.2, factor_fisher_tail: -log((1 + #{r >= v}) / (n + 1)), and beyond the
+    largest reference log(n + 1) + (v - r_n) / s, s the mean excess of the top n // 10 (at least one)
+    over the next largest, 1 where that is not positive."""
+    r, n = np.sort(references), references.size
+    k = max(1, n // 10)
+    s = r[n - k :].sum() / k - r[n - k - 1] if n > k else 0.0
+    s = s if s > 0 else 1.0
+    inside = -np.log((1 + _at_or_above(r, values)) / (n + 1))
+    return np.where(values > r[-1], np.log(n + 1) + (values - r[-1]) / s, inside)
+
+
 def _member_score(member, parts, method: str) -> np.ndarray:
-    """A member's score of each row: the sum over its factors of -log p, p = (1 + #{r >= v}) / (n + 1)
-    counted among the member's reference values of that factor."""
+    """A member's score of each row: the sum over its factors of their tail surprisals among the
+    member's reference values of that factor."""
     return sum(
-        -np.log((1 + _at_or_above(member.calibration[term], values)) / (member.calibration[term].size + 1))
-        for term, values in _factors(parts, method).items()
+        _tail_surprisal(member.calibration[term], values) for term, values in _factors(parts, method).items()
     )
 
 
@@ -107,7 +118,7 @@ def test_training_writes_every_candidate_as_a_member(ensemble_result):
     # an ensemble whose members have one noise variance per feature: version 5, with the ensemble key
     assert bundle.manifest["schema_version"] == NOISE_SCHEMA and "ensemble" in bundle.manifest
     assert all(m.relative_variance is not None for m in bundle.members)
-    assert bundle.combination == "factor_fisher"
+    assert bundle.combination == "factor_fisher_tail"
     assert len(bundle.members) == 3 == len(ensemble_result.selected)
     assert [m.architecture.latent_dim for m in bundle.members] == [2, 2, 3]
     assert bundle.columns == CONSTANT_COLUMNS and bundle.constants == {"site": 0.1, "zero": 0.0}
@@ -223,9 +234,8 @@ def test_the_torch_backend_scores_the_members_as_the_onnx_graph_does(ensemble_re
             low, high = 0.0, 0.0
             for term, values in _factors(_alone(member, x, method), method).items():
                 refs, window = member.calibration[term], rtol * np.maximum(np.abs(values), scale)
-                log_n = np.log(refs.size + 1)
-                low = low + log_n - np.log1p(_at_or_above(refs, values - window))
-                high = high + log_n - np.log1p(_at_or_above(refs, values + window))
+                low = low + _tail_surprisal(refs, values - window)  # increasing in the value
+                high = high + _tail_surprisal(refs, values + window)
             score = b.member_scores[:, j]
             assert np.all((low - 1e-12 <= score) & (score <= high + 1e-12)), (method, j)
 

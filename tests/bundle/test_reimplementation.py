@@ -428,13 +428,24 @@ ENSEMBLE_TERMS = {
         f"{method}.{'manifold' if f == 'm' else 'residual'}" for f in FACTORS[method]
     ],
 }
+ENSEMBLE_TERMS["factor_fisher_tail"] = ENSEMBLE_TERMS["factor_fisher"]
 
 
 def member_statistic(combination, reference, values):
-    """rank_mean: the rank #{r <= v} / n; factor_fisher: the surprisal -log((1 + #{r >= v}) / (n + 1))."""
+    """rank_mean: the rank #{r <= v} / n; factor_fisher: the surprisal -log((1 + #{r >= v}) / (n + 1));
+    factor_fisher_tail: beyond the largest r_n, log(n + 1) + (v - r_n) / s instead, s the mean of the
+    largest k = max(1, n // 10) minus the next largest (1 where n <= k or s <= 0)."""
+    n = reference.size
     if combination == "rank_mean":
-        return (reference[None, :] <= values[:, None]).sum(1) / reference.size
-    return -np.log((1 + (reference[None, :] >= values[:, None]).sum(1)) / (reference.size + 1))
+        return (reference[None, :] <= values[:, None]).sum(1) / n
+    surprisal = -np.log((1 + (reference[None, :] >= values[:, None]).sum(1)) / (n + 1))
+    if combination == "factor_fisher":
+        return surprisal
+    r = np.sort(reference)
+    k = max(1, n // 10)
+    s = float(np.mean(r[n - k :]) - r[n - k - 1]) if n > k else 0.0
+    s = s if s > 0 else 1.0
+    return np.where(values > r[-1], np.log(n + 1) + (values - r[-1]) / s, surprisal)
 
 
 def term_values(key, prior, volume, residual):
@@ -461,25 +472,25 @@ def trained_ensemble(tmp_path_factory):
     return result, values, np.r_[synthetic_rows(40, seed=6), synthetic_rows(10, seed=7) + 3.0]
 
 
-@pytest.fixture(scope="module", params=["factor_fisher", "rank_mean"])
+@pytest.fixture(scope="module", params=["factor_fisher_tail", "factor_fisher", "rank_mean"])
 def ensemble(request, trained_ensemble, tmp_path_factory):
-    """The trained ensemble, and the same members as the first ensemble bundles combined them."""
+    """The trained ensemble, and the same members as earlier ensemble bundles combined them."""
     result, values, x = trained_ensemble
-    if request.param == "factor_fisher":
+    combination = request.param
+    if combination == result.bundle.combination:
         return result.bundle.path, x
     bundle, reports = result.bundle, result.reports
     x_cal = bundle.scaler.transform(values[split_rows(300, 0.2, 0.2, seed=0).calibration])
     calibration = {
         method: member_scores(
-            "rank_mean",
+            combination,
             [r.val_scores for r in reports],
-            [term_scores("rank_mean", method, score_rows(r.fitted.model, x_cal, method)) for r in reports],
+            [term_scores(combination, method, score_rows(r.fitted.model, x_cal, method)) for r in reports],
         ).mean(axis=1)
         for method in METHODS
     }
-    first = first_combination(
-        result, tmp_path_factory.mktemp("spec") / "first", calibration, fprs=(0.1, 0.05), default_fpr=0.05
-    )
+    out = tmp_path_factory.mktemp("spec") / combination
+    first = first_combination(result, out, calibration, combination, fprs=(0.1, 0.05), default_fpr=0.05)
     return first.path, x
 
 
@@ -496,7 +507,7 @@ def test_documented_ensemble_scores_match_the_product(ensemble, method):
     # parts' scale: a reference value that close to a row's could fall on either side, so each
     # member's score is bounded by the document's at the values moved that far down and up.
     rtol = FLOAT64_PROJECTION_RTOL if method == "projected" else 1e-10
-    low, high = [], []
+    low, high, beyond = [], [], []
     for reference, refs in members:
         parts = reference.score(x, method)
         window = rtol * np.maximum(1.0, sum(map(np.abs, parts)))
@@ -504,6 +515,9 @@ def test_documented_ensemble_scores_match_the_product(ensemble, method):
         values = {key: term_values(key, *parts) for key in keys}
         low.append(sum(member_statistic(combination, refs[k], values[k] - window) for k in keys))
         high.append(sum(member_statistic(combination, refs[k], values[k] + window) for k in keys))
+        beyond.append(any((values[k] > refs[k].max()).any() for k in keys))
+    if combination == "factor_fisher_tail":  # the rows reach the tail: its formula is checked
+        assert any(beyond)
     score = out.member_scores
     assert np.all((score >= np.array(low).T - 1e-12) & (score <= np.array(high).T + 1e-12))
     np.testing.assert_allclose(out.score, score.mean(axis=1), rtol=1e-15, atol=0)

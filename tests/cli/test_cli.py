@@ -117,7 +117,7 @@ def test_train_with_no_grid_option_writes_the_ensemble_and_select_one_model(trai
     assert isinstance(bundle, EnsembleBundle) and len(bundle.members) == 4
     assert main(["info", str(tmp_path / "ensemble")]) == 0
     info = capsys.readouterr().out
-    assert "ensemble of 4 members, scored by factor_fisher: latent 2/4" in info
+    assert "ensemble of 4 members, scored by factor_fisher_tail: latent 2/4" in info
     # With labels, the AUC on the calibration rows, which nothing else used: against scikit-learn's
     # on the scores the service gives those rows (float32 either way; a rounding tie could move the
     # AUC by one pair in anomalies x normals, and the table has no such near-tie at these scores).
