@@ -467,3 +467,37 @@ def test_members_stacked_out_of_their_order_keep_their_own_columns(ensemble_resu
     np.testing.assert_allclose(
         out.residual_share, squared / squared.sum(axis=1, keepdims=True), rtol=rtol, atol=rtol
     )
+
+
+def _far_off(n: int, seed: int, distance: float) -> np.ndarray:
+    """Rows on the manifold pushed `distance` raw units off it in a random direction."""
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal((n, 6))
+    return manifold_rows(n, seed + 1) + distance * direction / np.linalg.norm(
+        direction, axis=1, keepdims=True
+    )
+
+
+def test_rows_far_beyond_every_reference_score_by_how_far_and_are_flagged(ensemble_result, tmp_path):
+    """The tail (factor_fisher_tail): rows a hundred and a thousand times farther off the manifold
+    than the off-manifold rows lie beyond every member's references of the residual, and score higher
+    the farther they are, above every calibration score: flagged, p-value 1 / (n + 1). The same members
+    without the tail (factor_fisher, sessions 11 to 17) give the two sets the same residual
+    surprisal, log(n + 1), and no longer order them by distance."""
+    bundle = ensemble_result.bundle
+    near, far = with_constants(_far_off(100, 30, 300.0)), with_constants(_far_off(100, 30, 3000.0))
+    out_near, out_far = (OnnxScorer(bundle).score(x, "reconstruction") for x in (near, far))
+    assert np.all(out_far.score > out_near.score)
+    c = bundle.calibration["reconstruction"]
+    assert np.all(out_near.score > c.max()) and out_far.is_anomaly.all() and out_near.is_anomaly.all()
+    assert np.all(out_far.p_value == 1 / (c.size + 1))
+    untailed = first_combination(
+        ensemble_result,
+        tmp_path / "untailed",
+        dict(bundle.calibration),
+        "factor_fisher",
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+    a, b = (OnnxScorer(untailed).score(x, "reconstruction").member_scores for x in (near, far))
+    np.testing.assert_array_equal(a, b)  # every member: log(n + 1), the residual beyond its references
