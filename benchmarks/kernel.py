@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import torch
 
-from app.bundle.ensemble import FACTOR_FISHER, every_term
+from app.bundle.ensemble import FISHER_TAIL, every_term
 from app.bundle.format import save_bundle, save_ensemble
 from app.bundle.graphs import verified_graphs
 from app.bundle.scaler import Scaler
@@ -125,7 +125,7 @@ def members_figures(
         models=models,
         # Placeholder reference values of every term the default combination ranks: the ranking's
         # cost is the same whatever they are.
-        references=[{t: calibration[t.split(".")[0]] for t in every_term(FACTOR_FISHER)}] * len(models),
+        references=[{t: calibration[t.split(".")[0]] for t in every_term(FISHER_TAIL)}] * len(models),
         hyper_parameters=[{}] * len(models),
         name="bench-ensemble",
         features=[f"f{i}" for i in range(30)],

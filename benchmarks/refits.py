@@ -33,7 +33,7 @@ from scipy.stats import wilcoxon
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from app.bundle.ensemble import FACTOR_FISHER, member_scores
+from app.bundle.ensemble import FISHER_TAIL, member_scores
 from app.model.manifold import ManifoldModel
 from app.train.evaluate import (
     PROTOCOLS,
@@ -183,7 +183,7 @@ def ensemble_auc(kept: list[np.lib.npyio.NpzFile], residual: str) -> float:
         for i in sorted({int(k.split("/")[1]) for k in z.files if k.startswith("val/")}):
             references.append({"m": z[f"val/{i}/manifold"], "r": z[f"val/{i}/{residual}"]})
             values.append({"m": z[f"test/{i}/manifold"], "r": z[f"test/{i}/{residual}"]})
-    return auc(kept[0]["y_test"], member_scores(FACTOR_FISHER, references, values).mean(axis=1))
+    return auc(kept[0]["y_test"], member_scores(FISHER_TAIL, references, values).mean(axis=1))
 
 
 def report(out: Path, datasets: list[Dataset], seeds: list[int]) -> None:
