@@ -210,8 +210,8 @@ def tail_scale(ordered: NDArray[np.float64]) -> float:
     Why a tail at all: a conformal surprisal stops at log(n + 1), so a row twice as far off the
     manifold as any reference and one a thousand times as far score alike, and a row whose other
     factor is typical stays below a threshold that a sum of two factors' surprisals sets near the
-    calibration's top: on a 200-feature table with 600 references, a sixth of rows drawn far off the
-    manifold went unflagged at a false-positive rate of 0.01, reconstruction error flagging them all.
+    calibration's top: on a 200-feature table with 600 references, up to a third of rows drawn far
+    off the manifold went unflagged at a false-positive rate of 0.01 (benchmarks/far_rows.py).
     Why this slope: each factor is a negative log-density, whose upper tail falls by a factor e per
     unit under the model (Gaussian noise, a Gaussian-mixture prior: gamma tails), a slope the top
     decile's mean excess estimates without trusting the model; 1, the model's own, where it cannot.
