@@ -104,6 +104,26 @@ def _alone(member, x: np.ndarray, method: str) -> dict[str, np.ndarray]:
     }
 
 
+def _members_saved(result, order: list[int], out):
+    """The trained candidates `order` (in that order) saved as an ensemble of their own, with the
+    trained ensemble's calibration (what these tests read is the members' scores)."""
+    bundle, reports = result.bundle, result.reports
+    return save_ensemble(
+        out,
+        models=[reports[i].fitted.model for i in order],
+        references=[reports[i].val_scores for i in order],
+        hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in order],
+        name=out.name,
+        features=bundle.features,
+        scaler=bundle.scaler,
+        calibration_scores=dict(bundle.calibration),
+        columns=bundle.columns,
+        constants=bundle.constants,
+        fprs=(0.1,),
+        default_fpr=0.1,
+    )
+
+
 def _parts(merged) -> tuple[int, int]:
     """How many parts (stacks, or members alone) a merged graph's nodes come from; its largest stack."""
     model = onnx.ModelProto()
@@ -251,21 +271,7 @@ def test_the_ensemble_ranks_rows_off_the_manifold_higher_and_flags_rows_off_a_co
 
 
 def test_an_ensemble_of_one_member_scores_as_its_member(ensemble_result, tmp_path):
-    bundle, report = ensemble_result.bundle, ensemble_result.reports[0]
-    one = save_ensemble(
-        tmp_path / "one",
-        models=[report.fitted.model],
-        references=[report.val_scores],
-        hyper_parameters=[report.fitted.candidate.to_dict()],
-        name="one",
-        features=bundle.features,
-        scaler=bundle.scaler,
-        calibration_scores=dict(bundle.calibration),
-        columns=bundle.columns,
-        constants=bundle.constants,
-        fprs=(0.1,),
-        default_fpr=0.1,
-    )
+    one = _members_saved(ensemble_result, [0], tmp_path / "one")
     x = _rows()
     out = OnnxScorer(one).score(x, "likelihood", explain=True)
     alone = _alone(one.members[0], x, "likelihood")
@@ -431,22 +437,8 @@ def test_members_stacked_out_of_their_order_keep_their_own_columns(ensemble_resu
     stacks 0 and 2 and puts 1 after them, so its combination must put the members back in their
     order. Each column of member_scores and the explanation's residual are those of the member's
     own graph, alone."""
-    bundle, reports = ensemble_result.bundle, ensemble_result.reports
     order = [0, 2, 1]  # latent 2, 3, 2
-    shuffled = save_ensemble(
-        tmp_path / "shuffled",
-        models=[reports[i].fitted.model for i in order],
-        references=[reports[i].val_scores for i in order],
-        hyper_parameters=[reports[i].fitted.candidate.to_dict() for i in order],
-        name="shuffled",
-        features=bundle.features,
-        scaler=bundle.scaler,
-        calibration_scores=dict(bundle.calibration),
-        columns=bundle.columns,
-        constants=bundle.constants,
-        fprs=(0.1,),
-        default_fpr=0.1,
-    )
+    shuffled = _members_saved(ensemble_result, order, tmp_path / "shuffled")
     assert [m.architecture.latent_dim for m in shuffled.members] == [2, 3, 2]
     assert _parts(merged_graphs(shuffled)["likelihood"]) == (2, 2)  # members 0 and 2 one stack
     x = _rows()
