@@ -7,7 +7,9 @@ scaling and noise) are fitted once per seed: seed 0 with `evaluate`'s fitting se
 number, so it reproduces the committed ensembles.csv's `likelihood`), seed s with `split + 100 s`
 (benchmarks/refits.py). Each fit's ensemble test scores, and those of every seed's members pooled
 into one ensemble, go to OUT/<protocol>/<dataset>-<split>.npz (a file already there is reused).
-Prints the mean test AUC over the datasets per protocol: each seed, the pool, and Isolation Forest
+Combined as the product's default (factor_fisher_tail; files written before session 18 hold
+factor_fisher's scores and are reused as they are: pass a new --out to refit). Prints the mean test
+AUC over the datasets per protocol: each seed, the pool, and Isolation Forest
 and kNN on the same splits (kNN also on the networks' scaling), and each against seed 0 per
 dataset: whether a margin between the default and a baseline outlasts a refit.
 """
@@ -24,6 +26,7 @@ from numpy.typing import NDArray
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from app.bundle.ensemble import FISHER_TAIL
 from app.train.evaluate import Dataset
 from app.train.selection import auc
 from benchmarks.refits import compare, fit_default, fit_every_split, fits_parser
@@ -36,10 +39,10 @@ def fit_split(dataset: Dataset, split: int, protocol: str, seeds: list[int], pat
     for seed in seeds:
         fitted = fit_default(dataset, split, protocol, seed=seed)
         members = [_terms(model, fitted.held) for model in fitted.members]
-        arrays[f"seed{seed}/test"] = _ensemble(members, "test")
+        arrays[f"seed{seed}/test"] = _ensemble(members, "test", FISHER_TAIL)
         arrays |= fitted.arrays  # the same split, test labels and baselines for every seed
         pooled += members
-    arrays["pooled/test"] = _ensemble(pooled, "test")
+    arrays["pooled/test"] = _ensemble(pooled, "test", FISHER_TAIL)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
 

@@ -57,9 +57,12 @@ def _terms(model: ManifoldModel, rows: dict[str, NDArray[np.float64]]) -> dict[s
     return out
 
 
-def _ensemble(members: list[dict[str, Terms]], part: str) -> NDArray[np.float64]:
+def _ensemble(
+    members: list[dict[str, Terms]], part: str, combination: str = FACTOR_FISHER
+) -> NDArray[np.float64]:
+    """The members' scores of rows `part` combined; FACTOR_FISHER, the default of session 15's study."""
     references = [terms["val"] for terms in members]
-    return member_scores(FACTOR_FISHER, references, [terms[part] for terms in members]).mean(axis=1)
+    return member_scores(combination, references, [terms[part] for terms in members]).mean(axis=1)
 
 
 def fit_split(dataset: Dataset, split: int, protocol: str, path: Path) -> None:
