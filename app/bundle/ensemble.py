@@ -155,13 +155,12 @@ def _members_statistic(
         and all(v.ndim == 1 and v.shape == values[0].shape for v in values)
         and len(values) * values[0].size * n <= BROADCAST_COMPARISONS
     )
-    if combination == FISHER_TAIL:  # each reference set its own tail
-        return np.stack(
-            [surprisal(r, v, ascending, tail=True) for r, v in zip(references, values, strict=True)]
-        )
+    tail = combination == FISHER_TAIL
+    pairs = zip(references, values, strict=True)
+    if not broadcast and combination == RANK_MEAN:
+        return np.stack([ranks(r, v, ascending) for r, v in pairs])
     if not broadcast:
-        statistic = ranks if combination == RANK_MEAN else surprisal
-        return np.stack([statistic(r, v, ascending) for r, v in zip(references, values, strict=True)])
+        return np.stack([surprisal(r, v, ascending, tail) for r, v in pairs])
     # The counts searchsorted finds in sorted references, exactly: #{r <= v} and #{r >= v}.
     r = np.stack(references)[:, None, :]
     v = values if isinstance(values, np.ndarray) else np.stack(values)
@@ -169,6 +168,9 @@ def _members_statistic(
         out = (r <= v[:, :, None]).sum(axis=-1) / n
     else:
         out = np.log(n + 1.0) - np.log1p((r >= v[:, :, None]).sum(axis=-1))
+    if tail:  # surprisal's expression beyond each set's largest value
+        largest, scales = r[:, :, -1], np.array([[tail_scale(x)] for x in references])
+        out = np.where(v > largest, np.log(n + 1.0) + (v - largest) / scales, out)
     return np.where(np.isnan(v), np.nan, out)
 
 

@@ -267,3 +267,20 @@ def test_the_tail_continues_the_surprisal_beyond_the_largest_reference():
     refs = [{t: reference for t in terms(FISHER_TAIL, "latent")}] * 2
     rows = [{t: values[:4] for t in terms(FISHER_TAIL, "latent")}] * 2
     np.testing.assert_allclose(member_scores(FISHER_TAIL, refs, rows), np.c_[expected[:4], expected[:4]])
+
+
+def test_the_tail_of_small_batches_counted_by_one_comparison_equals_the_binary_search_exactly(monkeypatch):
+    """factor_fisher_tail on a bundle's small calls (one broadcast comparison, the tail applied to the
+    stacked counts) and on larger ones (searchsorted per member): the same bits, rows beyond the
+    largest reference, ties and NaN included."""
+    rng = np.random.default_rng(8)
+    names = terms(FISHER_TAIL, "likelihood")
+    refs = [{t: np.sort(rng.integers(0, 20, 63).astype(float)) for t in names} for _ in range(6)]
+    values = [{t: rng.integers(-2, 40, 9).astype(float) for t in names} for _ in range(6)]
+    for member in values:
+        member[names[0]][4] = np.nan
+    broadcast = member_scores(FISHER_TAIL, refs, values, ascending=True)
+    monkeypatch.setattr(ensemble, "BROADCAST_COMPARISONS", 0)
+    searched = member_scores(FISHER_TAIL, refs, values, ascending=True)
+    assert np.array_equal(broadcast, searched, equal_nan=True)
+    assert (broadcast[~np.isnan(broadcast)] > 2 * np.log(64)).any()  # some rows reach the tail
