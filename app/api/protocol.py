@@ -25,6 +25,11 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
   and was refused as malformed JSON. Codings that leave `chunked` out of the last place, or name
   it twice, leave the body's length unknown: httptools answers those 400 itself.
 
+Each refusal follows the answers owed on its connection: the requests before it are answered, in
+order, then the refusal (the pipelining bound's closes without one), then the connection closes. A
+request httptools cannot parse is answered 400 naming httptools' reason, the same way; where that
+fault lies mid-body of the request being answered, the app counts it, seeing the close.
+
 Each answer given here, and each 400 httptools gives a malformed request, is reported to the
 callable the app's lifespan puts in its state under REFUSED (status, reason): the service counts
 them in /metrics, which the app's own counters cannot, since the app never sees these requests.
@@ -34,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default large_client_header_buffers hold 4 x 8 KiB
@@ -60,9 +67,14 @@ REASONS = {
 class Refused(Exception):
     """Raised in a parser callback: httptools stops parsing and uvicorn calls send_400_response."""
 
-    def __init__(self, status: int, phrase: str, message: str, detail: dict[str, object]) -> None:
+    def __init__(
+        self, status: int, phrase: str, message: str, detail: dict[str, object], answered: bool = True
+    ) -> None:
         super().__init__(message)
         self.status, self.phrase, self.message, self.detail = status, phrase, message, detail
+        # False: the connection closes after the answers owed before it, leaving this request
+        # unanswered, never accepted, for the client to send again on a new connection.
+        self.answered = answered
 
 
 def _too_large() -> Refused:
@@ -83,6 +95,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.refusal: Refused | None = None
         self.finishing = False  # the queued requests are answered, nothing more is read
         self.codings: list[str] = []  # the request's transfer codings, over every such header
+        self.deferred: Refused | None = None  # sent once the answers owed before it are
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -164,6 +177,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                     "Service Unavailable",
                     f"more than {MAX_PIPELINED} pipelined requests queued on one connection",
                     {"limit": MAX_PIPELINED},
+                    answered=False,
                 )
             )
         super().on_headers_complete()
@@ -185,20 +199,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         refusal, self.refusal = self.refusal, None
         if refusal is None:
-            if self.cycle is not None and not self.cycle.response_complete:
-                # mid-body: the app answers this request, and counts it, once it sees the close
-                self.cycle.scope[MALFORMED] = msg  # type: ignore[literal-required]
-            else:
-                self._report(400)
-            super().send_400_response(msg)
-            return
+            # uvicorn calls this inside its handler of httptools' error, whose text names the fault.
+            error = sys.exception()
+            reason = str(error) if isinstance(error, httptools.HttpParserError) and str(error) else msg
+            refusal = Refused(400, "Bad Request", f"malformed HTTP request: {reason}", {})
+            if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
+                if not self.pipeline:
+                    # Mid-body of the request being answered: the app, reading that body, sees the
+                    # close and counts the 400 itself.
+                    self.cycle.scope[MALFORMED] = refusal.message  # type: ignore[literal-required]
+                    self._close_with(refusal)
+                    return
+                self.pipeline.popleft()  # queued mid-body, never started: refused in its place
         self._report(refusal.status)
-        self.finishing = True
-        self.flow.pause_reading()
-        if self.cycle is not None and not self.cycle.response_complete:
-            # Answers owed on this connection go first, in order: close after the newest.
-            self.cycle.keep_alive = False
+        if self._owes_answers():
+            # The requests before the refused one are answered first, in order; the refusal follows
+            # the last of them, then the close (on_response_complete). Nothing more is read.
+            self.finishing = True
+            self.flow.pause_reading()
+            if refusal.answered:
+                self.deferred = refusal
+            elif self.cycle is not None:
+                self.cycle.keep_alive = False  # the newest answer says so, and the close follows it
             return
+        self._close_with(refusal)
+
+    def _owes_answers(self) -> bool:
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        last = not self.pipeline
+        super().on_response_complete()
+        if last and self.deferred is not None and not self.transport.is_closing():
+            refusal, self.deferred = self.deferred, None
+            self._close_with(refusal)
+
+    def _close_with(self, refusal: Refused) -> None:
+        self.finishing = True
         body = json.dumps({"error": refusal.message, "detail": refusal.detail}).encode()
         head = (
             f"HTTP/1.1 {refusal.status} {refusal.phrase}\r\ncontent-type: application/json\r\n"
