@@ -107,7 +107,14 @@ def _header_and_binary(body: Body, header_length: str | None) -> tuple[Any, memo
             )
         split = int(header_length)
         json_part, binary = memoryview(body)[:split], memoryview(body)[split:]
-    doc = load_json(json_part, what="the inference request")
+    try:
+        doc = load_json(json_part, what="the inference request")
+    except BadRequest as e:
+        if header_length is not None:
+            raise
+        # A binary request sent without the header reads as JSON with bytes after it.
+        hint = "; a request with binary tensor data needs the Inference-Header-Content-Length header"
+        raise BadRequest(e.message + hint, e.detail, e.headers) from None
     reject_duplicate_keys(bytes(json_part) if isinstance(json_part, memoryview) else json_part, doc)
     return doc, binary
 

@@ -261,6 +261,15 @@ def load_json(body: Body, features: list[str] | None = None, what: str = "the bo
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as strict_error:
+        if "UTF-8" in str(strict_error):  # orjson names neither the byte nor where it is
+            try:
+                bytes(body).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadRequest(
+                    f"{what} is not valid UTF-8, which JSON must be: byte 0x{e.object[e.start]:02x} at "
+                    f"byte {e.start} ({e.reason})",
+                    {"position": e.start},
+                ) from None
         if len(body) > REPARSE_BYTES:
             raise _located(bytes(body), strict_error, features, what) from None
         # Python's parser also accepts what orjson rightly refuses, lone surrogates (a \\ud800

@@ -128,7 +128,16 @@ def test_duplicate_keys_and_deep_nesting_are_refused(client):
 
 def test_malformed_json_and_wrong_encoding_are_400(client):
     check(post(client, '{"instances": [[1,2'), 400, "not valid JSON")
-    check(post(client, b'{"instances": [[1,1,1,1,1,1]]}'.decode().encode("utf-16")), 400, "not valid JSON")
+    # Audit finding: orjson's "surrogates not allowed: line 1 column 1 (char 0)" named neither the
+    # byte nor where it was; the body's first byte that UTF-8 cannot start is named, with its offset.
+    utf16 = b'{"instances": [[1,1,1,1,1,1]]}'.decode().encode("utf-16")
+    check(post(client, utf16), 400, "not valid UTF-8, which JSON must be: byte 0xff at byte 0")
+    latin = b'{"instances": [[1,1,1,1,1,1]], "method": "\xe9"}'
+    response = post(client, latin)
+    check(response, 400, f"byte 0xe9 at byte {latin.index(0xE9)} (invalid continuation byte)")
+    assert response.json()["detail"] == {"position": latin.index(0xE9)}
+    large = b'{"instances": [' + b"[1,1,1,1,1,1]," * 10_000 + b'[1,1,1,1,1,1]], "ids": "\xff"}'
+    check(post(client, large), 400, f"byte 0xff at byte {large.index(0xFF)}")
 
 
 def test_limits_are_413(client):

@@ -322,6 +322,11 @@ def test_malformed_bodies_and_binary_framing_are_refused(v2):
     }
     body, headers = binary_body(request, ROWS.tobytes())
     check_error(v2.post(path, content=body + b"\x00", headers=headers), 400, "1 bytes after the binary data")
+    # Audit finding: sent without the header, the JSON and the tensor's bytes read as one malformed
+    # document, refused for "surrogates not allowed" at character 0, never pointing at the header.
+    response = v2.post(path, content=body)
+    check_error(response, 400, "not valid")
+    assert response.json()["error"].endswith("needs the Inference-Header-Content-Length header")
     check_error(v2.post(path, content=body[:-8], headers=headers), 400, f"promises {size} bytes")
     check_error(
         v2.post(path, content=body, headers={"Inference-Header-Content-Length": "x"}), 400, "byte count"
