@@ -179,6 +179,7 @@ async def reload(request: Request) -> Response:
     service = service_of(request)
     # The key before the body: an unauthenticated client gets nothing read or parsed.
     authorize_admin(request, service.settings)
+    check_query("application/json", request.query_params.multi_items())  # the path goes in the body
     limits = replace(service.body_limits, max_bytes=ADMIN_BODY_BYTES)
     async with read_body(request, limits, service.bodies) as body:
         if body.strip():

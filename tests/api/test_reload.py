@@ -88,6 +88,9 @@ def test_reload_swaps_the_model_and_refuses_a_corrupt_one(root, client):
     # (raised by is_dir, not by resolve), a misspelt field, a field given twice.
     check(client.post("/admin/reload", json={"path": "a" * 5000}, headers=ADMIN), 422, "not a usable path")
     check(client.post("/admin/reload", json={"paht": "a"}, headers=ADMIN), 422, "paht")
+    # Audit finding: the path given as a query parameter was ignored, and the current model reloaded
+    response = client.post("/admin/reload?path=a", headers=ADMIN)
+    check(response, 422, "unknown query parameters (JSON options go in the body) ['path']")
     duplicated = b'{"path": "a", "path": "b"}'
     response = client.post(
         "/admin/reload", content=duplicated, headers=ADMIN | {"content-type": "application/json"}
