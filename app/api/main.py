@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from app.api import v2
 from app.api.docs import TAGS, install_openapi, mount_docs
 from app.api.errors import register_error_handlers
+from app.api.head import HeadAsGet
 from app.api.logs import RequestLogMiddleware, configure_logging
 from app.api.protocol import REFUSED
 from app.api.routes import router
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = service
+    app.add_middleware(HeadAsGet)  # inside the log's middleware, which records the HEAD
     app.add_middleware(RequestLogMiddleware, metrics=service.metrics)
     register_error_handlers(app)
     app.include_router(router)

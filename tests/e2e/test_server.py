@@ -174,3 +174,30 @@ def test_sigterm_stops_the_serve_command_cleanly_with_exit_0(tiny_bundle, tmp_pa
     log = s.log.read_text()
     assert "Application shutdown complete" in log and "Finished server process" in log
     assert '"message": "request", "method": "POST", "path": "/score", "status": 200, "rows": 3' in log
+
+
+def test_head_is_answered_wherever_get_is_without_a_body(server):
+    """Audit finding: HEAD /healthz, /readyz and /model were 405 (RFC 9110 9.1: a server that
+    supports GET supports HEAD). Over a real connection: GET's status and headers, no body, and the
+    connection stays usable; a route without GET still answers 405."""
+
+    def counted() -> float:
+        text = httpx.get(f"{server.base}/metrics").text
+        labels = {"endpoint": "/model", "code": "200"}
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return next(
+            (s.value for s in samples if s.name == "anomaly_requests_total" and s.labels == labels), 0
+        )
+
+    before = counted()
+    with httpx.Client(base_url=server.base, timeout=10) as client:
+        for path in ("/healthz", "/readyz", "/model", "/metrics", "/v2/health/ready"):
+            get, head = client.get(path), client.head(path)
+            assert (head.status_code, head.content) == (get.status_code, b""), path
+            assert head.headers["content-type"] == get.headers["content-type"], path
+            if path != "/metrics":  # a scrape's text grows with the requests counted meanwhile
+                assert head.headers["content-length"] == str(len(get.content)), path
+        assert client.head("/score").status_code == 405
+        assert client.get("/healthz").json() == {"status": "ok"}  # the same connection, still in step
+    # the GET and the HEAD, under the route's label
+    assert counted() == before + 2
