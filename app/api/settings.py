@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     inline_rows: int = Field(
         16,
         ge=0,
-        description="onnx backend: a single model's requests of at most this many rows are scored on "
-        "the event loop (an ensemble's always in a thread)",
+        description="onnx backend: scoring calls of at most this many rows of a closed-form method "
+        "(a single model's or an ensemble's) run on the event loop; 0: always in a thread",
     )
     onnx_threads: int = Field(
         1,

@@ -13,19 +13,18 @@ Three paths, one set of rules:
   of the event loop), so a lone request waits for nothing; while one runs, requests gather and
   are scored together when it ends, or once the first has waited `coalesce_wait_s`, or once
   they hold `coalesce_max_rows` rows. Each request still answers within its own time limit;
-- inline: batches of at most `inline_rows` rows of a closed-form method of a single model are
-  scored on the event loop. They take about 0.1 ms, less than the two hand-offs of the GIL a thread
-  costs, so the time limit has nothing to bound; they take no permit, so one inline call may run
-  beside the `concurrency` threaded ones (onnxruntime releases the GIL). The projection (float64,
-  up to 100 iterations) always goes to a thread, and so does an ensemble's call: it runs every
-  member's graph, and one row of the six-member default cost 0.70 ms against 0.13 ms for one row
-  and 0.16 ms for 16 rows of the shipped single model (onnx, one thread, AMD EPYC, 2026-12-03).
-  On the event loop it would stop the parsing of other requests for that long; in a thread the
-  loop parses while onnxruntime scores on the other core (1 915 single-row requests/s at 16
-  connections against 1 434 inline, benchmarks/http_load.py). Since the members are combined
-  inside the graph (app.bundle.ensemble.emit) one row costs 0.21 ms, and inline against threaded
-  no longer differed beyond the machine's noise (2 049-2 647 requests/s threaded, 1 761-3 228
-  inline, three interleaved pairs, 2026-12-04): threaded it stays, so the loop never waits on it.
+- inline: batches of at most `inline_rows` rows of a closed-form method are scored on the event
+  loop, a single model's (0.13 ms for one row of the shipped model, 0.16 ms for 16) and an
+  ensemble's alike (about 0.3 ms for one row of the six-member default, 0.5 ms for 16: every
+  member's graph and their combination in one onnxruntime call). They take no permit, so one
+  inline call may run beside the `concurrency` threaded ones (onnxruntime releases the GIL), and
+  are too short for the time limit to bound. An ensemble's small calls went to a thread until
+  session 19, so that the loop could parse while onnxruntime scored on the other core; but a call's
+  fixed cost dominates at a few rows, so requests gathered behind each call and the loop waited for
+  its answer a quarter of the time (measured in-process, 16 clients: 24% of the wall time in the
+  selector), where inline it never waits: 1 940 -> 2 518 requests/s, p99 17.9 -> 13.0 ms (medians
+  of six interleaved pairs over HTTP, benchmarks/http_load.py's load, 2026-12-04). The projection
+  (float64, up to 100 iterations) always goes to a thread.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.concurrency import run_in_threadpool
 
-from app.bundle.format import EnsembleBundle
 from app.engine.errors import Overloaded
 from app.engine.events import Events, NoEvents
 from app.engine.scorer import ScoreOutput, Scorer
@@ -116,16 +114,12 @@ class Scheduler:
     ) -> ScoreOutput:
         if self.options.coalesce_max_rows is not None:
             return await self._within_limit(self._coalesced(scorer, x, method, fpr, explain))
-        if self._inline(scorer, x.shape[0], method):
+        if self._inline(x.shape[0], method):
             return scorer.score(x, method, fpr, explain)
         return await self._within_limit(self._threaded(scorer.score, x, method, fpr, explain))
 
-    def _inline(self, scorer: Scorer, rows: int, method: str) -> bool:
-        return (
-            rows <= self.options.inline_rows
-            and method not in FLOAT64_METHODS
-            and not isinstance(scorer.bundle, EnsembleBundle)
-        )
+    def _inline(self, rows: int, method: str) -> bool:
+        return rows <= self.options.inline_rows and method not in FLOAT64_METHODS
 
     async def _within_limit(self, work: Awaitable[T]) -> T:
         limit = self.options.timeout_s
@@ -203,7 +197,7 @@ class Scheduler:
         x = np.concatenate([item.x for item in group.items]) if len(group.items) > 1 else group.items[0].x
         args = (x, group.method, group.fpr, group.explain)
         try:
-            if self._inline(group.scorer, group.rows, group.method):
+            if self._inline(group.rows, group.method):
                 out = group.scorer.score(*args)
             else:
                 out = await self._threaded(group.scorer.score, *args)
