@@ -27,7 +27,14 @@ from email.message import Message
 
 from fastapi import Request
 
-from app.api.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from app.api.errors import (
+    BadRequest,
+    ClientClosed,
+    PayloadTooLarge,
+    RefusedMidBody,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from app.api.protocol import MALFORMED
 from app.engine.errors import Overloaded
 
@@ -156,10 +163,10 @@ async def _receive_into(body: bytearray, request: Request, limits: BodyLimits, b
             raise RequestTimeout(reason, detail, CLOSE) from None
         if message["type"] == "http.disconnect":
             if MALFORMED in request.scope:
-                raise BadRequest(
-                    f"the HTTP layer refused the request mid-body ({request.scope[MALFORMED]}) and closed "
-                    f"the connection after {len(body)} bytes",
-                    headers=CLOSE,
+                status, reason = request.scope[MALFORMED]
+                raise RefusedMidBody(
+                    status,
+                    f"the HTTP layer refused the request mid-body ({reason}) after {len(body)} bytes",
                 )
             raise ClientClosed(f"the client closed the connection after sending {len(body)} bytes")
         chunk = message.get("body", b"")

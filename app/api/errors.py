@@ -59,6 +59,18 @@ class ClientClosed(ServiceError):
     status, error = 499, "client closed the request"
 
 
+class RefusedMidBody(ServiceError):
+    """The HTTP layer (app.api.protocol) answered the request itself while its body was arriving and
+    told the app the connection was gone: raised to stop the app's work on it. Its answer is already
+    sent; the request log counts that answer's status."""
+
+    error = "refused mid-body by the HTTP layer"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # The ASGI scope key of the request's id (X-Request-ID: the client's, or one app.api.logs made).
 REQUEST_ID = "anomaly_scores.request_id"
 

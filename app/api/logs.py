@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import REQUEST_ID, ClientClosed
 from app.api.metrics import Metrics
+from app.api.protocol import MALFORMED
 
 access = logging.getLogger("anomaly_scores.access")
 # Probes and scrapes are not scoring traffic: neither counted nor timed.
@@ -108,6 +109,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
+            if MALFORMED in scope:  # the HTTP layer answered it mid-body, whatever the app then tried
+                status = scope[MALFORMED][0]
             path = scope["path"]
             if path not in UNCOUNTED:
                 endpoint = endpoint_of(path)

@@ -26,12 +26,16 @@ in front (deploy/nginx) bounds both; these bounds hold where it is not.
   it twice, leave the body's length unknown: httptools answers those 400 itself.
 
 Each refusal follows the answers owed on its connection: the requests before it are answered, in
-order, then the refusal (the pipelining bound's closes without one), then the connection closes. A
-request httptools cannot parse is answered 400 naming httptools' reason, the same way; where that
-fault lies mid-body of the request being answered, the app counts it, seeing the close.
+order, then the refusal (the pipelining bound's closes without one), then the connection closes,
+lingering: our side ends, and what the client still sends is read and dropped for up to LINGER_S
+(and LINGER_BYTES), so that the kernel does not reset the connection, and lose the refusal, over
+unread bytes. A request httptools cannot parse is answered 400 naming httptools' reason, the same
+way. A refusal
+mid-body of the request being answered (a malformed chunk, trailers beyond the head limit) is sent
+at once, and the app, told the connection is gone, counts the request with that status.
 
-Each answer given here, and each 400 httptools gives a malformed request, is reported to the
-callable the app's lifespan puts in its state under REFUSED (status, reason): the service counts
+Each answer given here, as it is sent, and each 400 httptools gives a malformed request, is reported
+to the callable the app's lifespan puts in its state under REFUSED (status, reason): the service counts
 them in /metrics, which the app's own counters cannot, since the app never sees these requests.
 """
 
@@ -48,10 +52,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default large_client_header_buffers hold 4 x 8 KiB
 MAX_PIPELINED = 32
-# Set in a request's ASGI scope when the HTTP layer answered it 400 itself (a malformed chunk size
-# mid-body, say): the app then sees the connection close, and must count a 400, not a client gone.
+# Set in a request's ASGI scope, to (status, message), when the HTTP layer answered it itself mid-body
+# (a malformed chunk size, say): the app then sees the connection close, and must count that answer,
+# not a client gone.
 MALFORMED = "anomaly_scores.malformed"
 HEAD_TIMEOUT_S = 10.0  # nginx's client_header_timeout is 60 s; a client sends its head in one go
+# After a refusal, how long the client's further bytes are read and dropped, and how many at most
+LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # nginx: 5 s, no byte bound
 # The lifespan state's key for the callable told of each request refused here: (status, reason).
 REFUSED = "anomaly_scores.refused"
 # Every reason passed to it, by status, so a counter can show each series from the start.
@@ -96,6 +103,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.finishing = False  # the queued requests are answered, nothing more is read
         self.codings: list[str] = []  # the request's transfer codings, over every such header
         self.deferred: Refused | None = None  # sent once the answers owed before it are
+        self.linger: asyncio.TimerHandle | None = None
+        self.dropped = 0  # bytes read and dropped after a refusal
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -103,6 +112,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
+        if self.linger is not None:
+            self.linger.cancel()
         super().connection_lost(exc)
 
     def _arm_head_deadline(self) -> None:
@@ -125,6 +136,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.finishing:  # the parser stopped in error; the close is on its way
+            self.dropped += len(data)
+            if self.linger is not None and self.dropped > LINGER_BYTES:
+                self.transport.close()  # a client still sending this much is not reading
             return
         if not self.in_head and (self.cycle is None or self.cycle.response_complete):
             # Bytes with no request in progress: blank lines before a request line (which httptools
@@ -203,26 +217,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             error = sys.exception()
             reason = str(error) if isinstance(error, httptools.HttpParserError) and str(error) else msg
             refusal = Refused(400, "Bad Request", f"malformed HTTP request: {reason}", {})
-            if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
-                if not self.pipeline:
-                    # Mid-body of the request being answered: the app, reading that body, sees the
-                    # close and counts the 400 itself.
-                    self.cycle.scope[MALFORMED] = refusal.message  # type: ignore[literal-required]
-                    self._close_with(refusal)
-                    return
-                self.pipeline.popleft()  # queued mid-body, never started: refused in its place
-        self._report(refusal.status)
+        self.finishing = True
+        self.flow.pause_reading()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            if not self.pipeline:
+                # Mid-body of the request being answered (a bad chunk, trailers beyond the limit):
+                # answered here; the app, reading that body or not, is told at once, and its request
+                # log counts this answer's status (app.api.logs).
+                cycle.scope[MALFORMED] = (refusal.status, refusal.message)  # type: ignore[literal-required]
+                self._answer(refusal)
+                cycle.disconnected = True
+                cycle.message_event.set()
+                return
+            self.pipeline.popleft()  # queued mid-body, never started: refused in its place
+        if not refusal.answered:
+            self._report(refusal.status)
+            if self._owes_answers() and cycle is not None:
+                cycle.keep_alive = False  # the newest answer says so, and the close follows it
+            else:
+                self.transport.close()
+            return
         if self._owes_answers():
             # The requests before the refused one are answered first, in order; the refusal follows
-            # the last of them, then the close (on_response_complete). Nothing more is read.
-            self.finishing = True
-            self.flow.pause_reading()
-            if refusal.answered:
-                self.deferred = refusal
-            elif self.cycle is not None:
-                self.cycle.keep_alive = False  # the newest answer says so, and the close follows it
+            # the last of them (on_response_complete). Nothing more is read.
+            self.deferred = refusal
             return
-        self._close_with(refusal)
+        self._report(refusal.status)
+        self._answer(refusal)
 
     def _owes_answers(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
@@ -230,16 +252,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         last = not self.pipeline
         super().on_response_complete()
-        if last and self.deferred is not None and not self.transport.is_closing():
+        if last and self.deferred is not None:
             refusal, self.deferred = self.deferred, None
-            self._close_with(refusal)
+            if not self.transport.is_closing():  # else the owed answer closed the connection
+                self._report(refusal.status)
+                self._answer(refusal)
 
-    def _close_with(self, refusal: Refused) -> None:
-        self.finishing = True
+    def _answer(self, refusal: Refused) -> None:
         body = json.dumps({"error": refusal.message, "detail": refusal.detail}).encode()
         head = (
             f"HTTP/1.1 {refusal.status} {refusal.phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode("ascii") + body)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close once the client can have read the answer, as nginx's lingering close does: closing
+        with its later bytes unread makes the kernel reset the connection, and a reset can discard
+        the answer before the client reads it (an audit lost a 431 that way behind a large answer).
+        So: end our side, read and drop what the client still sends until it closes its side (the
+        transport then closes), LINGER_S passes or LINGER_BYTES are dropped."""
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()  # data_received drops it: `finishing`
+        self.linger = self.loop.call_later(LINGER_S, self.transport.close)

@@ -529,3 +529,39 @@ def test_a_refused_request_pipelined_behind_good_ones_is_answered_after_them(tin
         wait_counted(s, "200", 4 * (1 + 3))
         assert metric(s.base, "anomaly_requests_total", endpoint="/score", code="499") == 0
         assert (refused(s, 400), refused(s, 431), refused(s, 501)) == (4, 2, 2)
+
+
+def test_refusals_mid_body_and_behind_large_answers_reach_the_client(tiny_bundle, tmp_path):
+    """Review findings on the deferred refusals: trailers beyond the head limit arrive mid-body, and
+    their 431 was held back behind the very request it refused (the client got a 408 two seconds
+    later); a refusal sent behind a large answer was lost to the reset that closing with the
+    client's bytes unread provokes; and a refusal the connection never carried was counted."""
+    rows = json.dumps({"instances": manifold_rows(1, seed=5).tolist()}).encode()
+    json_type = b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    chunked = json_type + b"Transfer-Encoding: chunked\r\n\r\n"
+    trailers = b"%x\r\n" % len(rows) + rows + b"\r\n0\r\nX-T: " + b"x" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n"
+    many = json.dumps({"instances": manifold_rows(3000, seed=6).tolist()}).encode()
+    large = json_type + f"Content-Length: {len(many)}\r\n\r\n".encode() + many
+    oversized = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"x" * (5 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+    with reliability_serving(tiny_bundle, tmp_path / "s.log") as s:
+        for before in (b"", large):  # alone, and queued behind another request
+            sock = connect(s)
+            started = time.monotonic()
+            sock.sendall(before + chunked + trailers)
+            got = answers(sock, timeout=10)
+            sock.close()
+            assert [status for status, _, _ in got] == [200] * bool(before) + [431], got
+            assert time.monotonic() - started < 1.5  # at once, not at the body's rate limit
+        wait_counted(s, "431", 1)  # the request the app began counts the answer it got
+        for _ in range(3):
+            sock = connect(s)
+            sock.sendall(large + oversized)
+            got = answers(sock, timeout=20)
+            sock.close()
+            assert [status for status, _, _ in got] == [200, 431], [status for status, _, _ in got]
+        assert refused(s, 431) == 1 + 3  # the queued trailers' and these, each once
+        sock = connect(s)  # the first request ends the connection: what follows is never refused
+        sock.sendall(large.replace(b"HTTP/1.1", b"HTTP/1.0", 1) + b"GARBAGE\r\n\r\n")
+        assert [status for status, _, _ in answers(sock, timeout=20)] == [200]
+        sock.close()
+        assert refused(s, 400) == 0
