@@ -110,9 +110,11 @@ def _header_and_binary(body: Body, header_length: str | None) -> tuple[Any, memo
     try:
         doc = load_json(json_part, what="the inference request")
     except BadRequest as e:
-        if header_length is not None:
+        # A binary request sent without the header reads as JSON with bytes after it: not UTF-8, or
+        # valid text after the document.
+        after = ("not valid UTF-8", "unexpected content after document")
+        if header_length is not None or not any(reason in e.message for reason in after):
             raise
-        # A binary request sent without the header reads as JSON with bytes after it.
         hint = "; a request with binary tensor data needs the Inference-Header-Content-Length header"
         raise BadRequest(e.message + hint, e.detail, e.headers) from None
     reject_duplicate_keys(bytes(json_part) if isinstance(json_part, memoryview) else json_part, doc)

@@ -268,7 +268,7 @@ def load_json(body: Body, features: list[str] | None = None, what: str = "the bo
                 raise BadRequest(
                     f"{what} is not valid UTF-8, which JSON must be: byte 0x{e.object[e.start]:02x} at "
                     f"byte {e.start} ({e.reason})",
-                    {"position": e.start},
+                    {"byte": e.start},
                 ) from None
         if len(body) > REPARSE_BYTES:
             raise _located(bytes(body), strict_error, features, what) from None

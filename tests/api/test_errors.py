@@ -135,7 +135,7 @@ def test_malformed_json_and_wrong_encoding_are_400(client):
     latin = b'{"instances": [[1,1,1,1,1,1]], "method": "\xe9"}'
     response = post(client, latin)
     check(response, 400, f"byte 0xe9 at byte {latin.index(0xE9)} (invalid continuation byte)")
-    assert response.json()["detail"] == {"position": latin.index(0xE9)}
+    assert response.json()["detail"] == {"byte": latin.index(0xE9)}  # a byte offset, not a character's
     large = b'{"instances": [' + b"[1,1,1,1,1,1]," * 10_000 + b'[1,1,1,1,1,1]], "ids": "\xff"}'
     check(post(client, large), 400, f"byte 0xff at byte {large.index(0xFF)}")
 

@@ -324,9 +324,13 @@ def test_malformed_bodies_and_binary_framing_are_refused(v2):
     check_error(v2.post(path, content=body + b"\x00", headers=headers), 400, "1 bytes after the binary data")
     # Audit finding: sent without the header, the JSON and the tensor's bytes read as one malformed
     # document, refused for "surrogates not allowed" at character 0, never pointing at the header.
-    response = v2.post(path, content=body)
-    check_error(response, 400, "not valid")
-    assert response.json()["error"].endswith("needs the Inference-Header-Content-Length header")
+    hint = "needs the Inference-Header-Content-Length header"
+    for binary_part in (ROWS.tobytes(), b" 1.5"):  # bytes that are no UTF-8, and text
+        response = v2.post(path, content=body[: len(body) - ROWS.nbytes] + binary_part)
+        check_error(response, 400, "not valid")
+        assert response.json()["error"].endswith(hint), response.json()
+    # a plain syntax error is not told about the binary extension
+    assert hint not in v2.post(path, content=b'{"inputs": [').json()["error"]
     check_error(v2.post(path, content=body[:-8], headers=headers), 400, f"promises {size} bytes")
     check_error(
         v2.post(path, content=body, headers={"Inference-Header-Content-Length": "x"}), 400, "byte count"
