@@ -61,21 +61,25 @@ def test_the_rank_mean_member_score_is_its_rank_and_no_member_dominates():
         member_scores(RANK_MEAN, [{"latent": small}, {"latent": huge}], [{"latent": rows[0]}])
 
 
-@pytest.mark.parametrize("combination", [RANK_MEAN, FACTOR_FISHER])
+@pytest.mark.parametrize("combination", [RANK_MEAN, FACTOR_FISHER, FISHER_TAIL])
 def test_small_batches_counted_by_one_comparison_equal_the_binary_search_exactly(combination, monkeypatch):
-    """A bundle's small calls count references by one broadcast comparison of all members, larger
-    ones by searchsorted per member: the same counts, so the same bits, ties and NaN included."""
+    """A bundle's small calls count references by one broadcast comparison of all members (the tail,
+    where there is one, applied to the stacked counts), larger ones by searchsorted per member: the
+    same counts, so the same bits, ties, rows beyond the largest reference and NaN included."""
     rng = np.random.default_rng(7)
     names = terms(combination, "likelihood")  # one term, or the two factors
-    # integers: many ties between values and references; one NaN row
+    # integers: many ties between values and references, values beyond them; one NaN row
     refs = [{t: np.sort(rng.integers(0, 20, 63).astype(float)) for t in names} for _ in range(6)]
-    values = [{t: rng.integers(-2, 23, 9).astype(float) for t in names} for _ in range(6)]
+    values = [{t: rng.integers(-2, 40, 9).astype(float) for t in names} for _ in range(6)]
     for member in values:
         member[names[0]][4] = np.nan
     broadcast = member_scores(combination, refs, values, ascending=True)
     monkeypatch.setattr(ensemble, "BROADCAST_COMPARISONS", 0)
     searched = member_scores(combination, refs, values, ascending=True)
     assert np.array_equal(broadcast, searched, equal_nan=True) and np.isnan(broadcast[4]).all()
+    if combination == FISHER_TAIL:  # its values beyond the references: test_the_tail_continues_*
+        assert (np.delete(broadcast, 4, axis=0) > 2 * np.log(64)).any()  # some rows reach the tail
+        return
 
     def brute(reference, v):  # the definitions, counted one value at a time
         if combination == RANK_MEAN:
@@ -267,20 +271,3 @@ def test_the_tail_continues_the_surprisal_beyond_the_largest_reference():
     refs = [{t: reference for t in terms(FISHER_TAIL, "latent")}] * 2
     rows = [{t: values[:4] for t in terms(FISHER_TAIL, "latent")}] * 2
     np.testing.assert_allclose(member_scores(FISHER_TAIL, refs, rows), np.c_[expected[:4], expected[:4]])
-
-
-def test_the_tail_of_small_batches_counted_by_one_comparison_equals_the_binary_search_exactly(monkeypatch):
-    """factor_fisher_tail on a bundle's small calls (one broadcast comparison, the tail applied to the
-    stacked counts) and on larger ones (searchsorted per member): the same bits, rows beyond the
-    largest reference, ties and NaN included."""
-    rng = np.random.default_rng(8)
-    names = terms(FISHER_TAIL, "likelihood")
-    refs = [{t: np.sort(rng.integers(0, 20, 63).astype(float)) for t in names} for _ in range(6)]
-    values = [{t: rng.integers(-2, 40, 9).astype(float) for t in names} for _ in range(6)]
-    for member in values:
-        member[names[0]][4] = np.nan
-    broadcast = member_scores(FISHER_TAIL, refs, values, ascending=True)
-    monkeypatch.setattr(ensemble, "BROADCAST_COMPARISONS", 0)
-    searched = member_scores(FISHER_TAIL, refs, values, ascending=True)
-    assert np.array_equal(broadcast, searched, equal_nan=True)
-    assert (broadcast[~np.isnan(broadcast)] > 2 * np.log(64)).any()  # some rows reach the tail
