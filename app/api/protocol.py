@@ -30,9 +30,9 @@ order, then the refusal (the pipelining bound's closes without one), then the co
 lingering: our side ends, and what the client still sends is read and dropped for up to LINGER_S
 (and LINGER_BYTES), so that the kernel does not reset the connection, and lose the refusal, over
 unread bytes. A request httptools cannot parse is answered 400 naming httptools' reason, the same
-way. A refusal
-mid-body of the request being answered (a malformed chunk, trailers beyond the head limit) is sent
-at once, and the app, told the connection is gone, counts the request with that status.
+way. A refusal mid-body of the request being answered (a malformed chunk, trailers beyond the head
+limit) is sent at once, and the app, told the connection is gone, counts the request with that
+status.
 
 Each answer given here, as it is sent, and each 400 httptools gives a malformed request, is reported
 to the callable the app's lifespan puts in its state under REFUSED (status, reason): the service counts
@@ -231,12 +231,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
                 return
             self.pipeline.popleft()  # queued mid-body, never started: refused in its place
-        if not refusal.answered:
+        if not refusal.answered:  # the pipelining bound: a full queue of requests is owed answers
+            assert cycle is not None
             self._report(refusal.status)
-            if self._owes_answers() and cycle is not None:
-                cycle.keep_alive = False  # the newest answer says so, and the close follows it
-            else:
-                self.transport.close()
+            cycle.keep_alive = False  # the newest answer says so, and the close follows it
             return
         if self._owes_answers():
             # The requests before the refused one are answered first, in order; the refusal follows
